@@ -419,6 +419,34 @@ def test_renyi_alpha_0_differs_once_the_plate_is_scaled(ppca):
     assert renyi_loss < iwae_loss
 
 
+def test_renyi_alpha_0_pools_the_batch_when_a_site_is_global():
+    """With one site outside the data plate, RenyiELBO sums the plate away: one log weight per
+    particle for the whole batch. IWAE_ELBO refuses rather than do that silently."""
+    def model(x):
+        shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(shift, 1.0), obs=x)
+
+    draws = []
+
+    def guide(x):
+        draws.append(pyro.sample("shift", dist.Normal(x.mean(), 0.5)))
+
+    x = torch.tensor([0.5, -0.2, 1.0])
+    renyi = pyro.infer.RenyiELBO(alpha=0, num_particles=20, vectorize_particles=True,
+                                 max_plate_nesting=1)
+    loss = renyi.loss(model, guide, x)
+    shift = draws[-1].reshape(-1)  # [K]
+    # one joint weight per particle: log mean_k p(x_1, ..., x_B, s_k) / q(s_k)
+    log_weights = (dist.Normal(0.0, 1.0).log_prob(shift)
+                   + dist.Normal(shift[:, None], 1.0).log_prob(x).sum(-1)
+                   - dist.Normal(x.mean(), 0.5).log_prob(shift))
+    pooled = torch.logsumexp(log_weights, 0) - math.log(20)
+    assert loss == pytest.approx(-pooled.item(), rel=1e-4)
+    with pytest.raises(ValueError, match="outside the data plate"):
+        IWAE_ELBO(20).loss(model, guide, x)
+
+
 def test_iwae_elbo_trains_with_svi(ppca):
     model, x = ppca
 
@@ -427,10 +455,10 @@ def test_iwae_elbo_trains_with_svi(ppca):
         with data_plate(x, idx, num_data):
             pyro.sample("z", dist.Normal(loc.expand(x.shape[0], Z_DIM), 1.0).to_event(1))
 
-    svi = pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.01}), IWAE_ELBO(4))
+    svi = pyro.infer.SVI(model.model, guide, pyro.optim.Adam({"lr": 0.03}), IWAE_ELBO(4))
     pyro.set_rng_seed(0)
     first = sum(svi.step(x) for _ in range(5))
-    for _ in range(200):
+    for _ in range(60):
         svi.step(x)
     last = sum(svi.step(x) for _ in range(5))
     assert last < first
