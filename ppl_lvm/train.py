@@ -16,7 +16,8 @@ import pyro
 import pyro.optim
 import pyro.poutine as poutine
 import torch
-from pyro.infer import SVI, Trace_ELBO
+import pyro.infer.util
+from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -165,6 +166,33 @@ def load_params(state, device=None):
             store._param_to_name[store._params[name]] = name
 
 
+def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, param_filter=None):
+    """One SVI step (what ``pyro.infer.SVI.step`` does), with two seams.
+
+    ``grad_hook(params)`` runs after the gradients are computed and before the update (e.g. an
+    all-reduce across ranks); ``param_filter(name) -> bool`` restricts which parameters are
+    updated (e.g. only the local φ_i, with θ held fixed). Returns the loss (a float).
+    """
+    kwargs = kwargs or {}
+    with poutine.trace(param_only=True) as param_capture:
+        value = loss.loss_and_grads(model, guide, *batch, **kwargs)
+    sites = param_capture.trace.nodes
+    params = {name: site["value"].unconstrained() for name, site in sites.items()}
+    if param_filter is not None:
+        frozen = [p for name, p in params.items() if not param_filter(name)]
+        params = {name: p for name, p in params.items() if param_filter(name)}
+        pyro.infer.util.zero_grads(frozen)
+    if grad_hook is not None:
+        grad_hook(params)
+    optim(params.values())
+    pyro.infer.util.zero_grads(params.values())
+    return torch_item(value)
+
+
+def torch_item(value):
+    return value.item() if torch.is_tensor(value) else float(value)
+
+
 def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs):
     """Held-out ELBO per datapoint (nats), one Monte Carlo sample of z per datapoint."""
     elbo = Trace_ELBO()
@@ -270,9 +298,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             for b in range(first, batches_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 batch = tuple(t[idx] for t in tensors)
-                svi = SVI(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
-                          optim, loss)
-                value = svi.step(*batch, **model_kwargs)
+                value = svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
+                                 optim, loss, batch, model_kwargs)
                 result.step += 1
                 value = value / num_data
                 if not math.isfinite(value):
