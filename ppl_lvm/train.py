@@ -86,6 +86,14 @@ def as_batch_tuple(data, device):
     return tuple(t.to(device) for t in tensors)
 
 
+def take_rows(tensors, idx, transform=None):
+    """The minibatch ``tuple(t[idx] for t in tensors)``, passed through ``transform`` if given."""
+    batch = tuple(t[idx] for t in tensors)
+    if transform is None:
+        return batch
+    return tuple(transform(*batch)) if len(batch) > 1 else (transform(*batch),)
+
+
 def _owners(*fns):
     """nn.Modules whose bound methods are ``fns`` (e.g. ``vae.model``): fit moves them to the device."""
     modules = []
@@ -159,7 +167,12 @@ def load_params(state, device=None):
     for name, value in state["params"].items():
         value = value.to(device) if device is not None else value
         if name in store:
-            store._params[name].data.copy_(value)
+            current = store._params[name]
+            if current.shape != value.shape:
+                raise ValueError(f"saved parameter {name!r} has shape {tuple(value.shape)} but the "
+                                 f"model's has {tuple(current.shape)}: was it saved from another "
+                                 "configuration?")
+            current.data.copy_(value)
         else:
             store._params[name] = value.detach().requires_grad_(True)
             store._constraints[name] = state["constraints"][name]
@@ -271,7 +284,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
         rows = torch.arange(min(2, num_data), device=device)
         register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
-                        tuple(t[rows] for t in tensors), loss)
+                        take_rows(tensors, rows, transform), loss)
         load_params(state, device)
         optim.set_state(state["optim"])
         _set_rng_state(state["rng"])
@@ -302,9 +315,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             for b in range(first, batches_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                batch = tuple(t[idx] for t in tensors)
-                if transform is not None:
-                    batch = tuple(transform(*batch)) if len(batch) > 1 else (transform(*batch),)
+                batch = take_rows(tensors, idx, transform)
                 value = svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
                                  optim, loss, batch, model_kwargs)
                 result.step += 1

@@ -26,9 +26,15 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert "K=3" in capsys.readouterr().out
 
     # resuming a finished run for more epochs continues from its checkpoint
-    more = [a if a != "2" else "3" for a in TINY]
+    more = list(TINY)
+    more[more.index("--epochs") + 1] = "3"
     assert main(["train", "vae", "--out", str(out), *more, "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3 * 6
+
+    # resuming with another architecture names the parameter that does not fit
+    wider = [a if a != "16" else "8" for a in more]
+    assert main(["train", "vae", "--out", str(out), *wider, "--resume"]) == 2
+    assert "has shape" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
