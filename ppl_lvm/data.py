@@ -137,12 +137,12 @@ def read_idx(file, magic=None):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"IDX file not found: {file}")
     with open(file, "rb") as handle:
-        is_gzip = handle.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open(file, "rb") if is_gzip else open(file, "rb")) as handle:
-            content = handle.read()
-    except (EOFError, OSError, zlib.error) as error:
-        raise ValueError(f"corrupt gzip file {file}: {error}") from error
+        content = handle.read()
+    if content[:2] == b"\x1f\x8b":
+        try:
+            content = gzip.decompress(content)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise ValueError(f"corrupt gzip file {file}: {error}") from error
 
     if len(content) < 4:
         raise ValueError(f"truncated IDX file {file}: expected at least 4 header bytes, got {len(content)}")
