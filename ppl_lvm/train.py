@@ -1,0 +1,347 @@
+"""fit(): stochastic variational inference for any Pyro model/guide pair over a "data" plate.
+
+Each step draws a minibatch of B rows, calls ``model(*batch, idx=idx, num_data=N)`` (and the guide
+alike) so local sites are scaled by N / B and per-datapoint guides can find their φ_i, and takes one
+optimiser step on -ELBO. Checkpoints hold everything needed to continue bit for bit: the param store,
+the optimiser's state, every RNG's state and the step.
+"""
+import dataclasses
+import inspect
+import math
+import os
+import time
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import pyro.poutine as poutine
+import torch
+import pyro.infer.util
+from pyro.infer import Trace_ELBO
+from tqdm.auto import tqdm
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class DivergenceError(RuntimeError):
+    """The loss (or a parameter) became non-finite; the last good checkpoint was kept."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What ``fit`` returns.
+
+    losses: per step, the minibatch loss per datapoint (-ELBO / N, nats; the minibatch estimate).
+    epoch_losses: per epoch, the mean of that epoch's step losses.
+    eval_epochs, eval_elbos: the epochs at which held-out data was evaluated and its ELBO per
+        datapoint (nats).
+    """
+
+    losses: list = dataclasses.field(default_factory=list)
+    epoch_losses: list = dataclasses.field(default_factory=list)
+    eval_epochs: list = dataclasses.field(default_factory=list)
+    eval_elbos: list = dataclasses.field(default_factory=list)
+    step: int = 0
+    wall_time: float = 0.0
+    checkpoint: str = None
+
+
+def accepts(fn, name):
+    """Whether callable ``fn`` takes keyword ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def bind_rows(fn, idx, num_data):
+    """``fn`` for one minibatch: given ``idx``/``num_data`` if it takes them, else scaled by N / B.
+
+    A model written for full batches (``pyro.plate("data", len(x))``, as in Pyro's examples) gets
+    ``poutine.scale(N / B)``, exact when all its sample sites are local (inside the data plate).
+    """
+    if accepts(fn, "idx") and accepts(fn, "num_data"):
+        return lambda *args, **kwargs: fn(*args, idx=idx, num_data=num_data, **kwargs)
+    return poutine.scale(fn, scale=num_data / len(idx))
+
+
+def as_batch_tuple(data, device):
+    """``data`` (a tensor [N, ...] or a tuple of them) as a tuple of tensors on ``device``."""
+    tensors = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    if not tensors or not all(torch.is_tensor(t) for t in tensors):
+        raise TypeError("data must be a tensor [N, ...] or a tuple of tensors sharing N")
+    num_data = tensors[0].shape[0]
+    for t in tensors:
+        if t.dim() == 0 or t.shape[0] != num_data:
+            raise ValueError(f"all data tensors must share their first dim N={num_data}; "
+                             f"got shapes {[tuple(t.shape) for t in tensors]}")
+    if num_data == 0:
+        raise ValueError("data is empty (N = 0)")
+    first = tensors[0]
+    if first.is_floating_point() and not torch.isfinite(first).all():
+        rows = (~torch.isfinite(first)).reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
+        raise ValueError(f"data contains NaN or inf (first bad rows: {rows}); mask missing "
+                         "values instead of passing them to the likelihood")
+    return tuple(t.to(device) for t in tensors)
+
+
+def take_rows(tensors, idx, transform=None):
+    """The minibatch ``tuple(t[idx] for t in tensors)``, passed through ``transform`` if given."""
+    batch = tuple(t[idx] for t in tensors)
+    if transform is None:
+        return batch
+    return tuple(transform(*batch)) if len(batch) > 1 else (transform(*batch),)
+
+
+def _owners(*fns):
+    """nn.Modules whose bound methods are ``fns`` (e.g. ``vae.model``): fit moves them to the device."""
+    modules = []
+    for fn in fns:
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module) and all(owner is not m for m in modules):
+            modules.append(owner)
+    return modules
+
+
+def _check_devices(device):
+    store = pyro.get_param_store()
+    for name in store.keys():
+        value = store.get_param(name)
+        if value.device.type != device.type:
+            raise RuntimeError(
+                f"device mismatch: parameter {name!r} lives on {value.device} but fit runs on "
+                f"{device}; create parameters on x.device (e.g. x.new_zeros(...)) or move the "
+                "module that owns it with .to(device)")
+
+
+def _params_finite():
+    store = pyro.get_param_store()
+    return all(torch.isfinite(store.get_param(n)).all() for n in store.keys())
+
+
+def _rng_state():
+    state = {"pyro": pyro.util.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    pyro.util.set_rng_state(state["pyro"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, optim, progress, result):
+    """Atomically write params, optimiser state, RNG state and progress to ``path``."""
+    state = {
+        "params": pyro.get_param_store().get_state(),
+        "optim": optim.get_state(),
+        "rng": _rng_state(),
+        "progress": progress,
+        "result": dataclasses.asdict(result),
+    }
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def register_params(model, guide, batch, loss=None):
+    """Run model and guide once so every parameter exists in the param store (no step taken)."""
+    loss = loss or Trace_ELBO()
+    with torch.no_grad():
+        loss.loss(model, guide, *batch)
+
+
+def load_params(state, device=None):
+    """Copy saved values into the param store, in place where a parameter already exists.
+
+    In place keeps nn.Module parameters registered by ``pyro.module`` tied to their modules, so
+    call ``register_params`` first. ``state``: a param store state (``get_state()``) or a
+    checkpoint dict holding one under "params".
+    """
+    state = state.get("params", state)
+    store = pyro.get_param_store()
+    for name, value in state["params"].items():
+        value = value.to(device) if device is not None else value
+        if name in store:
+            current = store._params[name]
+            if current.shape != value.shape:
+                raise ValueError(f"saved parameter {name!r} has shape {tuple(value.shape)} but the "
+                                 f"model's has {tuple(current.shape)}: was it saved from another "
+                                 "configuration?")
+            current.data.copy_(value)
+        else:
+            store._params[name] = value.detach().requires_grad_(True)
+            store._constraints[name] = state["constraints"][name]
+            store._param_to_name[store._params[name]] = name
+
+
+def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, param_filter=None):
+    """One SVI step (what ``pyro.infer.SVI.step`` does), with two seams.
+
+    ``grad_hook(params)`` runs after the gradients are computed and before the update (e.g. an
+    all-reduce across ranks); ``param_filter(name) -> bool`` restricts which parameters are
+    updated (e.g. only the local φ_i, with θ held fixed). Returns the loss (a float).
+    """
+    kwargs = kwargs or {}
+    with poutine.trace(param_only=True) as param_capture:
+        value = loss.loss_and_grads(model, guide, *batch, **kwargs)
+    sites = param_capture.trace.nodes
+    params = {name: site["value"].unconstrained() for name, site in sites.items()}
+    if param_filter is not None:
+        frozen = [p for name, p in params.items() if not param_filter(name)]
+        params = {name: p for name, p in params.items() if param_filter(name)}
+        pyro.infer.util.zero_grads(frozen)
+    if grad_hook is not None:
+        grad_hook(params)
+    optim(params.values())
+    pyro.infer.util.zero_grads(params.values())
+    return torch_item(value)
+
+
+def torch_item(value):
+    return value.item() if torch.is_tensor(value) else float(value)
+
+
+def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None):
+    """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
+    ``num_particles`` draws of z per datapoint; no step is taken."""
+    tensors = data if isinstance(data, (tuple, list)) else (data,)
+    elbo = Trace_ELBO(num_particles=num_particles)
+    total = 0.0
+    num_data = tensors[0].shape[0]
+    with torch.no_grad():
+        for start in range(0, num_data, batch_size):
+            batch = tuple(t[start:start + batch_size] for t in tensors)
+            total += elbo.loss(model, guide, *batch, **(model_kwargs or {}))
+    return -total / num_data
+
+
+def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
+        device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None):
+    """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
+
+    Args:
+        model, guide: Pyro callables taking the batch tensors positionally; all local sites in
+            ``pyro.plate("data")``. If they accept ``idx`` and ``num_data`` keywords they get the
+            rows' indices [B] and N (see ``ppl_lvm.data_plate``); otherwise they are scaled by N / B.
+        data: [N, ...] tensor, or a tuple of tensors sharing N (passed as ``model(*batch)``).
+        epochs: passes over the data; batch_size: B (the last batch of an epoch may be smaller).
+        lr: Adam's learning rate when ``optim`` is None; optim: any ``pyro.optim.PyroOptim``.
+        loss: any Pyro ELBO (default ``Trace_ELBO()``).
+        device: where data, modules (of bound ``model``/``guide`` methods) and params live.
+        seed: seeds Pyro, torch, numpy and the per-epoch shuffles.
+        progress: show a tqdm bar; eval_data: held-out data whose ELBO per datapoint is
+            computed every ``eval_every`` epochs.
+        checkpoint_dir: folder for ``checkpoint.pt``, written at each epoch's end and every
+            ``checkpoint_every`` steps; resume: continue from it exactly.
+        clear_params: start from an empty param store (so two fits in one process don't share
+            parameters that happen to have the same names).
+        model_kwargs: extra keywords for model and guide.
+        transform: optional callable taking a minibatch's tensors and returning them (a tensor
+            when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
+            torch's RNG (checkpoints restore it).
+
+    Returns:
+        FitResult. Raises DivergenceError when the loss becomes non-finite.
+    """
+    if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
+        raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
+                         f"{epochs}, {batch_size}, {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but CUDA is not available")
+    tensors = as_batch_tuple(data, device)
+    eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
+    num_data = tensors[0].shape[0]
+    model_kwargs = dict(model_kwargs or {})
+    for module in _owners(model, guide):
+        module.to(device)
+    if clear_params:
+        pyro.clear_param_store()
+    loss = loss or Trace_ELBO()
+    optim = optim or pyro.optim.Adam({"lr": lr})
+    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+
+    pyro.set_rng_seed(seed)
+    result, progress_state = FitResult(checkpoint=None if checkpoint is None else str(checkpoint)), None
+    batches_per_epoch = math.ceil(num_data / batch_size)
+    config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
+    if resume:
+        if not checkpoint.exists():
+            raise FileNotFoundError(f"resume=True but no checkpoint at {checkpoint}")
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        saved = {k: state["progress"][k] for k in config}
+        if saved != config:
+            raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
+        rows = torch.arange(min(2, num_data), device=device)
+        register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
+                        take_rows(tensors, rows, transform), loss)
+        load_params(state, device)
+        optim.set_state(state["optim"])
+        _set_rng_state(state["rng"])
+        result = FitResult(**state["result"])
+        progress_state = state["progress"]
+
+    start_epoch, start_batch = (0, 0) if progress_state is None else (
+        progress_state["epoch"], progress_state["batch"])
+    start_time = time.perf_counter() - result.wall_time
+    checked_devices = False
+    bar = tqdm(total=epochs * batches_per_epoch, initial=start_epoch * batches_per_epoch + start_batch,
+               disable=not progress, desc="fit", unit="step", leave=False)
+
+    def save(epoch, batch):
+        if checkpoint is None:
+            return
+        if not _params_finite():
+            raise DivergenceError(f"a parameter became non-finite by step {result.step}; "
+                                  f"the last good checkpoint stays at {checkpoint}")
+        result.wall_time = time.perf_counter() - start_time
+        save_checkpoint(checkpoint, optim, {**config, "epoch": epoch, "batch": batch}, result)
+
+    try:
+        for epoch in range(start_epoch, epochs):
+            shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(num_data, generator=shuffle).to(device)
+            first = start_batch if epoch == start_epoch else 0
+            epoch_losses = result.losses[len(result.losses) - first:] if first else []
+            for b in range(first, batches_per_epoch):
+                idx = order[b * batch_size:(b + 1) * batch_size]
+                batch = take_rows(tensors, idx, transform)
+                value = svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
+                                 optim, loss, batch, model_kwargs)
+                result.step += 1
+                value = value / num_data
+                if not math.isfinite(value):
+                    where = f"at step {result.step} (epoch {epoch + 1}, batch {b + 1})"
+                    kept = (f"the last good checkpoint stays at {checkpoint}" if checkpoint
+                            else "no checkpoint_dir was given")
+                    raise DivergenceError(f"loss became {value} {where}; {kept}")
+                if not checked_devices:
+                    _check_devices(device)
+                    checked_devices = True
+                result.losses.append(value)
+                epoch_losses.append(value)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
+                if checkpoint_every and result.step % checkpoint_every == 0 and b + 1 < batches_per_epoch:
+                    save(epoch, b + 1)
+            result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
+            if eval_tensors is not None and (epoch + 1) % eval_every == 0:
+                result.eval_epochs.append(epoch + 1)
+                result.eval_elbos.append(
+                    evaluate_elbo(model, guide, eval_tensors, model_kwargs=model_kwargs))
+            save(epoch + 1, 0)
+    finally:
+        bar.close()
+    result.wall_time = time.perf_counter() - start_time
+    return result
+
