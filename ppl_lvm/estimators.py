@@ -495,8 +495,10 @@ class IWAE_ELBO(ELBO):
     Usable wherever a Pyro ELBO is (``fit(..., loss=IWAE_ELBO(K))``, ``SVI``): ``loss``,
     ``differentiable_loss`` and ``loss_and_grads``. log w_{k,n} is built from each site's unscaled,
     masked log-prob summed over the plates other than the data plate; the log-mean-exp over K is
-    taken per datapoint and then multiplied by the data plate's scale s = N / B, so a minibatch loss
-    estimates the full-data loss (s log mean w, not log mean w^s).
+    taken per datapoint and then multiplied by the sites' common scale s = N / B (from the data
+    plate's subsampling or from ``fit``'s poutine.scale for models without ``num_data``), so a
+    minibatch loss estimates the full-data loss (s log mean w, not log mean w^s). Sites with
+    different scales (annealing) are refused.
 
     ``dreg=True`` uses the doubly-reparameterised gradient (Tucker et al. 2018) for the guide: the
     guide's distribution parameters are stopped in log q and the path gradient is weighted by the
@@ -548,9 +550,7 @@ class IWAE_ELBO(ELBO):
             if not site["fn"].has_rsample:
                 raise NotImplementedError(f"IWAE_ELBO needs reparameterised guide sites; site "
                                           f"{name!r} ({type(site['fn']).__name__}) is not")
-        frame = next(data_frame(site, self.plate_name)
-                     for site in sample_sites(model_trace).values())
-        scale = (frame.full_size or frame.size) / frame.size
+        scale = self._scale(guide_trace, model_trace)
         log_p = log_joint(model_trace, self.plate_name, nesting)
         log_q = log_joint(guide_trace, self.plate_name, nesting)
         size = log_p.shape[-1]
@@ -572,6 +572,17 @@ class IWAE_ELBO(ELBO):
         # encoder φ: Σ_k w̃_k² ∂ log w_k / ∂z ∂z/∂φ; decoder θ: Σ_k w̃_k ∇θ log p(x, z_k)
         surrogate = (weights**2 * path + (weights - weights**2) * log_p_fixed_z).sum(0)
         return bound, surrogate, scale
+
+    @staticmethod
+    def _scale(*traces):
+        """s: the one scale of every site (N / B from the data plate or from fit's poutine.scale)."""
+        scales = {name: float(site["scale"]) for trace in traces
+                  for name, site in sample_sites(trace).items()}
+        low, high = min(scales.values()), max(scales.values())
+        if high - low > 1e-6 * high:
+            raise ValueError(f"IWAE_ELBO needs the same scale at every site (N / B), got {scales}: "
+                             "annealing one term has no per-datapoint importance-weighted meaning")
+        return high
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """-Σ_n s · IWAE_K(x_n), differentiable (its gradient is DReG's when dreg=True)."""

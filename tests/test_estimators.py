@@ -464,6 +464,23 @@ def test_iwae_elbo_trains_with_svi(ppca):
     assert last < first
 
 
+def test_iwae_elbo_plugs_into_fit_with_or_without_num_data():
+    from ppl_lvm import VAE, fit
+
+    x = (torch.rand(64, 12, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    vae = VAE(12, z_dim=2, hidden_dim=16)
+    result = fit(vae.model, vae.guide, x, epochs=2, batch_size=16, lr=1e-2,
+                 loss=IWAE_ELBO(3), progress=False, seed=0)
+    assert len(result.losses) == 8 and all(math.isfinite(v) for v in result.losses)
+    # a model without idx / num_data is scaled by fit's poutine.scale: the same minibatch loss
+    pyro.set_rng_seed(0)
+    scaled = IWAE_ELBO(3).loss(vae.model, vae.guide, x[:16], idx=torch.arange(16), num_data=64)
+    pyro.set_rng_seed(0)
+    plain = IWAE_ELBO(3).loss(pyro.poutine.scale(vae.model, scale=4.0),
+                              pyro.poutine.scale(vae.guide, scale=4.0), x[:16])
+    assert scaled == pytest.approx(plain, rel=1e-5)
+
+
 def linear_gaussian():
     """z ~ N(0, 1), x | z ~ N(θ z, 1); q(z | x) = N(a x + b, exp(c)) with φ = (a, b, c)."""
     theta = torch.tensor(1.5, requires_grad=True)
