@@ -42,12 +42,17 @@ class LogMarginalEstimate:
     log_px: [N] the estimates (nats), on x's device.
     ess: [N] effective sample size of the importance weights, (Σ_k w_k)² / Σ_k w_k², in [1, K]
         (NaN for "exact", which draws no samples).
+    rows_per_call, particles_per_call: how the work was chunked (vectorised calls of that size).
+    vectorized: False when the model could not be vectorised and particles were looped.
     """
 
     log_px: torch.Tensor
     ess: torch.Tensor
     method: str
     num_samples: int
+    rows_per_call: int = None
+    particles_per_call: int = None
+    vectorized: bool = True
 
     @property
     def mean(self):
@@ -148,7 +153,8 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             totals.add(program.log_weights(rows, count))
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
-    return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples)
+    return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
+                               rows_per_call, particles_per_call, program.vectorized)
 
 
 # ----------------------------------------------------------------------------------------------
