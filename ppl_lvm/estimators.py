@@ -401,7 +401,7 @@ class _Program:
                           f"shape {shape}): {type(error).__name__}: {error}")
 
     def _probe(self):
-        rows = slice(0, min(self.x.shape[0], 8))
+        rows = slice(0, min(self.x.shape[0], 2))
         guide_trace, model_trace = self._traces(rows)
         traces = [t for t in (guide_trace, model_trace) if t is not None]
         check_data_plate(traces, self.plate_name)
