@@ -351,6 +351,16 @@ def test_clear_errors(ppca):
         log_marginal(global_latent, None, x, method="prior")
 
 
+def test_observed_values_outside_the_support_are_refused_in_every_chunk():
+    from ppl_lvm import VAE
+
+    vae = VAE(12, z_dim=2, hidden_dim=8)
+    x = (torch.rand(40, 12, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    x[30, 3] = 0.5  # past the probe's rows: caught by the per-chunk support check
+    with pytest.raises(ValueError, match="outside the support"):
+        log_marginal(vae.model, vae.guide, x, num_samples=2, chunk_size=8)
+
+
 def test_methods_listed():
     assert set(METHODS) == {"prior", "uniform", "is", "iwae", "elbo", "exact"}
 
