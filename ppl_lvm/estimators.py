@@ -8,7 +8,6 @@ name; they are vectorised over K, chunked over datapoints, and combined with log
 machinery gives ``IWAE_ELBO``, the importance-weighted training objective (optionally with DReG).
 """
 import dataclasses
-import inspect
 import math
 import warnings
 
@@ -20,6 +19,8 @@ from pyro.distributions.util import detach
 from pyro.infer import ELBO, config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
+
+from ppl_lvm.train import accepts
 
 METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact")
 GUIDE_METHODS = ("is", "iwae", "elbo")
@@ -232,15 +233,6 @@ class _RunningWeights:
 
 # ----------------------------------------------------------------------------------------------
 # traces -> per-datapoint log weights
-
-
-def accepts(fn, name):
-    """Whether callable ``fn`` takes keyword ``name`` (explicitly or through ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def sample_sites(trace):
