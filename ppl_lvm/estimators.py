@@ -479,6 +479,7 @@ class _Program:
             if self.vectorized:
                 log_weights = self._log_weights_vectorized(rows, num_particles)
                 check_observed_support(self._last_traces[1])
+                self._last_traces = None  # free this chunk's [K, n, D] tensors before the next
                 return log_weights
             weights = []
             for _ in range(num_particles):
