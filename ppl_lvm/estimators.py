@@ -533,7 +533,8 @@ class IWAE_ELBO(ELBO):
     in that plate (it only sums plates not shared by all sites), so without subsampling it is the
     same per-datapoint IWAE bound. But (1) it uses the *scaled* log-probs, so with N / B scaling
     (or poutine.scale annealing) it computes log mean_k w^s instead of s log mean_k w — a
-    different, Rényi-like objective — and (2) as soon as one site lies outside the data plate (a
+    different objective, larger by the power-mean inequality, so its minibatch loss is not an
+    estimate of the full-data IWAE loss — and (2) as soon as one site lies outside the data plate (a
     global latent) it sums the batch into one log weight per particle: a single bound over the
     whole minibatch. tests/test_estimators.py shows both.
     """
@@ -560,7 +561,7 @@ class IWAE_ELBO(ELBO):
             self.max_plate_nesting = plate_nesting(guide_trace, model_trace)
         return self.max_plate_nesting
 
-    def _surrogate(self, model, guide, args, kwargs):
+    def _surrogate(self, model, guide, args, kwargs, gradient=True):
         """(per-datapoint bound [B], surrogate whose gradient is the estimator's, scale s)."""
         nesting = self._nesting(model, guide, args, kwargs)
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
@@ -580,7 +581,7 @@ class IWAE_ELBO(ELBO):
         size = log_p.shape[-1]
         log_weights = (log_p - log_q).reshape(-1, size).expand(self.num_particles, size)
         bound = torch.logsumexp(log_weights, 0) - math.log(self.num_particles)  # [B]
-        if not self.dreg:
+        if not (self.dreg and gradient):
             return bound, bound, scale
         weights = torch.softmax(log_weights.detach(), 0)
         log_q_stopped = 0.0
@@ -618,7 +619,7 @@ class IWAE_ELBO(ELBO):
     def loss(self, model, guide, *args, **kwargs):
         """-Σ_n s · IWAE_K(x_n) as a float."""
         with torch.no_grad():
-            bound, _, scale = self._surrogate(model, guide, args, kwargs)
+            bound, _, scale = self._surrogate(model, guide, args, kwargs, gradient=False)
         return -scale * bound.sum().item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
