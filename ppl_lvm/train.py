@@ -207,7 +207,7 @@ def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs):
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None):
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, callback=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -227,6 +227,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
         model_kwargs: extra keywords for model and guide.
+        callback: optional ``callback(epoch, result) -> bool`` run after each epoch (1-based
+            ``epoch``, the ``FitResult`` so far); returning True stops training (e.g. a
+            relative-tolerance rule on ``result.epoch_losses``).
 
     Returns:
         FitResult. Raises DivergenceError when the loss becomes non-finite.
@@ -322,6 +325,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 result.eval_elbos.append(
                     _evaluate_elbo(model, guide, eval_tensors, 4 * batch_size, model_kwargs))
             save(epoch + 1, 0)
+            if callback is not None and callback(epoch + 1, result):
+                break
     finally:
         bar.close()
     result.wall_time = time.perf_counter() - start_time
