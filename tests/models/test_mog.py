@@ -268,3 +268,14 @@ def test_fit_on_cuda():
     result = fit_mixture(x, 3, "enum", max_epochs=10, device="cuda")
     assert result.mixture.loc.device.type == "cuda"
     assert result.mixture.predict_proba(x.cuda()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_estimators_exact_log_marginal_is_the_closed_form(covariance):
+    from ppl_lvm.estimators import log_marginal
+
+    mog = random_mixture(covariance)
+    x = torch.randn(15, 2) * 3
+    estimate = log_marginal(mog.model, enumeration_guide, x, method="exact")
+    with torch.no_grad():
+        assert torch.allclose(estimate, mog.log_prob(x), atol=1e-4)
