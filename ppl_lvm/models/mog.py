@@ -382,7 +382,8 @@ def fit_mixture(x, num_components, method="enum", covariance="diag", *, rtol=1e-
         covariance: "diag", "full" or "tied".
         rtol, window: stop when the mean loss over the last ``window`` epochs improves on the
             previous window's by less than ``rtol`` (relative); window defaults to 10 epochs for
-            "enum" (an exact, monotone loss) and 50 for the noisy score-function methods.
+            the exact losses ("enum", "amortized" with estimator "enum") and 50 for the noisy
+            score-function ones.
         max_epochs: upper bound on epochs; lr: Adam's step (for the means, in units of the data's
             standard deviation); lr_decay: per-step multiplicative decay (default: lr shrinks
             100-fold over ``max_epochs`` steps).
