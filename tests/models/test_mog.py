@@ -182,6 +182,7 @@ def test_guided_fits_run_and_keep_the_clusters(method):
     assert torch.cdist(means, fitted).min(-1).values.max() < 0.3
 
 
+@pytest.mark.slow
 def test_amortized_reinforce_estimator_runs():
     x, _, _ = mixture_data(200)
     result = fit_mixture(x, 3, "amortized", estimator="reinforce", max_epochs=5)
@@ -230,6 +231,7 @@ def test_local_guide_reads_its_rows():
         guide(x)
 
 
+@pytest.mark.slow
 def test_select_components_reports_held_out_ll_and_bic():
     x, _, _ = mixture_data(400)
     rows = select_components(x[:300], x[300:], [1, 3], max_epochs=100)
