@@ -92,6 +92,14 @@ def as_batch_tuple(data, device):
     return tuple(t.to(device) for t in tensors)
 
 
+def take_rows(tensors, idx, transform=None):
+    """The minibatch ``tuple(t[idx] for t in tensors)``, passed through ``transform`` if given."""
+    batch = tuple(t[idx] for t in tensors)
+    if transform is None:
+        return batch
+    return tuple(transform(*batch)) if len(batch) > 1 else (transform(*batch),)
+
+
 def _owners(*fns):
     """nn.Modules whose bound methods are ``fns`` (e.g. ``vae.model``): fit moves them to the device."""
     modules = []
@@ -165,7 +173,12 @@ def load_params(state, device=None):
     for name, value in state["params"].items():
         value = value.to(device) if device is not None else value
         if name in store:
-            store._params[name].data.copy_(value)
+            current = store._params[name]
+            if current.shape != value.shape:
+                raise ValueError(f"saved parameter {name!r} has shape {tuple(value.shape)} but the "
+                                 f"model's has {tuple(current.shape)}: was it saved from another "
+                                 "configuration?")
+            current.data.copy_(value)
         else:
             store._params[name] = value.detach().requires_grad_(True)
             store._constraints[name] = state["constraints"][name]
@@ -199,21 +212,23 @@ def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
-def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs):
-    """Held-out ELBO per datapoint (nats), one Monte Carlo sample of z per datapoint."""
-    elbo = Trace_ELBO()
+def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None):
+    """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
+    ``num_particles`` draws of z per datapoint; no step is taken."""
+    tensors = data if isinstance(data, (tuple, list)) else (data,)
+    elbo = Trace_ELBO(num_particles=num_particles)
     total = 0.0
     num_data = tensors[0].shape[0]
     with torch.no_grad():
         for start in range(0, num_data, batch_size):
             batch = tuple(t[start:start + batch_size] for t in tensors)
-            total += elbo.loss(model, guide, *batch, **model_kwargs)
+            total += elbo.loss(model, guide, *batch, **(model_kwargs or {}))
     return -total / num_data
 
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None):
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -235,6 +250,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
         model_kwargs: extra keywords for model and guide.
+        transform: optional callable taking a minibatch's tensors and returning them (a tensor
+            when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
+            torch's RNG (checkpoints restore it).
 
     Returns:
         FitResult. Raises DivergenceError when the loss becomes non-finite.
@@ -274,7 +292,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
         rows = torch.arange(min(2, num_data), device=device)
         register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
-                        tuple(t[rows] for t in tensors), loss)
+                        take_rows(tensors, rows, transform), loss)
         load_params(state, device)
         optim.set_state(state["optim"])
         _set_rng_state(state["rng"])
@@ -305,7 +323,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             for b in range(first, batches_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                batch = tuple(t[idx] for t in tensors)
+                batch = take_rows(tensors, idx, transform)
                 value = svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
                                  optim, loss, batch, model_kwargs)
                 result.step += 1
@@ -328,7 +346,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
                 result.eval_elbos.append(
-                    _evaluate_elbo(model, guide, eval_tensors, 4 * batch_size, model_kwargs))
+                    evaluate_elbo(model, guide, eval_tensors, model_kwargs=model_kwargs))
             save(epoch + 1, 0)
     finally:
         bar.close()
