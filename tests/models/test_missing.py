@@ -368,3 +368,27 @@ def test_imputation_scores_and_baselines():
     assert torch.allclose(imputed[0, 1], torch.tensor(0.5)) and imputed[0, 0] == 1.0
     knn = knn_imputation(train, train_mask, x, mask, n_neighbors=1)
     assert knn[0, 1] == 0.0 and knn[0, 3] == 1.0  # nearest on observed pixels: the first row
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI: `ppl-lvm complete RUN` (lives here to keep tests/test_cli.py free of merge churn)
+
+
+def test_cli_complete_writes_a_grid(tmp_path, capsys):
+    from ppl_lvm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(run), "--data", "digits", "--epochs", "1",
+                 "--z-dim", "2", "--hidden-dim", "16", "--batch-size", "256", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["complete", str(run), "--mask", "top_half", "--n", "5", "--samples", "3",
+                 "--num-particles", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and (run / "completions_top_half.png").is_file()
+    out = tmp_path / "mwg.png"
+    assert main(["complete", str(run), "--mask", "mcar", "--rate", "0.25", "--method", "mwg",
+                 "--num-steps", "3", "--n", "4", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["complete", str(tmp_path / "nothing")]) == 2
+    assert main(["complete", str(run), "--mask", "mcar", "--rate", "1.0"]) == 2
+    assert "rate" in capsys.readouterr().err
