@@ -228,7 +228,8 @@ def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwa
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None):
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
+        callback=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -253,6 +254,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         transform: optional callable taking a minibatch's tensors and returning them (a tensor
             when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
             torch's RNG (checkpoints restore it).
+        callback: optional ``callback(epoch, result) -> bool`` run after each epoch (1-based
+            ``epoch``, the ``FitResult`` so far); returning True stops training (e.g. a
+            relative-tolerance rule on ``result.epoch_losses``).
 
     Returns:
         FitResult. Raises DivergenceError when the loss becomes non-finite.
@@ -348,6 +352,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 result.eval_elbos.append(
                     evaluate_elbo(model, guide, eval_tensors, model_kwargs=model_kwargs))
             save(epoch + 1, 0)
+            if callback is not None and callback(epoch + 1, result):
+                break
     finally:
         bar.close()
     result.wall_time = time.perf_counter() - start_time

@@ -1,0 +1,484 @@
+"""The mixture of Gaussians, the shallow latent variable model of the lecture, as a Pyro program.
+
+z ~ Categorical(π),  x | z = k ~ N(μ_k, Σ_k);  clustering is the posterior p(z | x) (Bayes' rule).
+Three ways to fit it by SVI: z summed out exactly (enumeration: gradient ascent on log p(x)),
+a per-datapoint q(z_i) = Cat(φ_i) trained by REINFORCE, and an amortized encoder q(z | x) = Cat(φ(x)).
+"""
+import dataclasses
+import math
+import time
+
+import pyro
+import pyro.distributions as dist
+import pyro.optim
+import torch
+from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
+from torch import nn
+from torch.nn import functional as F
+
+from ppl_lvm.plate import data_plate
+from ppl_lvm.train import fit
+
+COVARIANCES = ("diag", "full", "tied")
+METHODS = ("enum", "reinforce", "amortized")
+
+
+def check_data(x, data_dim=None, name="x"):
+    """Raise a clear error unless ``x`` is a finite float tensor [N, D] (D = ``data_dim`` if given)."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch tensor [N, D], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape [N, D], got {tuple(x.shape)}")
+    if data_dim is not None and x.shape[1] != data_dim:
+        raise ValueError(f"{name} has {x.shape[1]} columns but the mixture has data_dim={data_dim}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        rows = (~torch.isfinite(x)).any(-1).nonzero()[:5, 0].tolist()
+        raise ValueError(f"{name} contains NaN or inf (first bad rows: {rows})")
+    return x
+
+
+def _tril_raw(scale_tril):
+    """Inverse of ``_tril``: unconstrained [..., D, D] whose diagonal is log of the diagonal."""
+    raw = torch.tril(scale_tril, -1)
+    return raw + torch.diag_embed(scale_tril.diagonal(dim1=-2, dim2=-1).log())
+
+
+def _tril(raw):
+    """Lower-triangular Cholesky factor with positive diagonal from an unconstrained [..., D, D]."""
+    return torch.tril(raw, -1) + torch.diag_embed(raw.diagonal(dim1=-2, dim2=-1).exp())
+
+
+class MixtureOfGaussians(nn.Module):
+    """p(z) = Cat(π), p(x | z = k) = N(μ_k, Σ_k), a Pyro model with sites "z" and "x" in plate "data".
+
+    Args:
+        num_components: K >= 1.
+        data_dim: D, the size of one datapoint.
+        covariance: "diag" (Σ_k = diag σ_k², σ_k = exp(log_scale_k)), "full" (Σ_k = L_k L_kᵀ, L_k
+            lower-triangular with positive diagonal) or "tied" (one L shared by all k).
+        device: where the parameters live.
+
+    Parameters (nn.Parameters, registered with ``pyro.module("mog", self)`` by ``model``):
+    ``logits`` [K] (π = softmax(logits), on the simplex), ``loc`` [K, D] (μ), and ``log_scale``
+    [K, D] (diag) or ``raw_scale_tril`` [K, D, D] (full) / [D, D] (tied).
+    """
+
+    def __init__(self, num_components, data_dim, covariance="diag", device=None):
+        super().__init__()
+        if int(num_components) != num_components or num_components < 1:
+            raise ValueError(f"num_components K must be an integer >= 1, got {num_components}")
+        if int(data_dim) != data_dim or data_dim < 1:
+            raise ValueError(f"data_dim D must be an integer >= 1, got {data_dim}")
+        if covariance not in COVARIANCES:
+            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        self.num_components, self.data_dim, self.covariance = int(num_components), int(data_dim), covariance
+        K, D = self.num_components, self.data_dim
+        self.logits = nn.Parameter(torch.zeros(K, device=device))
+        # distinct means so that an uninitialised mixture is not degenerate
+        self.loc = nn.Parameter(torch.randn(K, D, generator=torch.Generator().manual_seed(0)).to(device))
+        if covariance == "diag":
+            self.log_scale = nn.Parameter(torch.zeros(K, D, device=device))
+        elif covariance == "full":
+            self.raw_scale_tril = nn.Parameter(torch.zeros(K, D, D, device=device))
+        else:
+            self.raw_scale_tril = nn.Parameter(torch.zeros(D, D, device=device))
+
+    def config(self):
+        return dict(num_components=self.num_components, data_dim=self.data_dim,
+                    covariance=self.covariance)
+
+    # ---- parameters as the lecture writes them -------------------------------------------------
+    @property
+    def weights(self):
+        """π [K], on the simplex."""
+        return F.softmax(self.logits, -1)
+
+    @property
+    def scale_tril(self):
+        """L_k [K, D, D] with Σ_k = L_k L_kᵀ (diagonal for "diag")."""
+        if self.covariance == "diag":
+            return torch.diag_embed(self.log_scale.exp())
+        return _tril(self.raw_scale_tril).expand(self.num_components, self.data_dim, self.data_dim)
+
+    @property
+    def covariance_matrix(self):
+        """Σ_k [K, D, D], positive definite."""
+        tril = self.scale_tril
+        return tril @ tril.transpose(-1, -2)
+
+    def component(self, z=None):
+        """p(x | z): a distribution with event shape [D] and batch shape z.shape (or [K] if z is None)."""
+        index = slice(None) if z is None else z
+        if self.covariance == "diag":
+            return dist.Normal(self.loc[index], self.log_scale.exp()[index]).to_event(1)
+        tril = _tril(self.raw_scale_tril)
+        if self.covariance == "full":
+            tril = tril[index]
+        return dist.MultivariateNormal(self.loc[index], scale_tril=tril)
+
+    # ---- the Pyro model ---------------------------------------------------------------------------
+    def model(self, x, idx=None, num_data=None):
+        """z_i ~ Cat(π), x_i | z_i ~ N(μ_{z_i}, Σ_{z_i}) for the rows x [B, D] (plate "data", dim -1).
+
+        z is marked for parallel enumeration: ``TraceEnum_ELBO`` with an empty guide sums it out
+        exactly (the loss is then -log p(x)); a guide that samples "z" takes precedence.
+        """
+        pyro.module("mog", self)
+        with data_plate(x, idx, num_data):
+            z = pyro.sample("z", dist.Categorical(logits=self.logits), infer={"enumerate": "parallel"})
+            pyro.sample("x", self.component(z), obs=x)
+
+    # ---- exact inference --------------------------------------------------------------------------
+    def joint_log_prob(self, x):
+        """log p(x_i, z_i = k) = log π_k + log N(x_i | μ_k, Σ_k): x [N, D] -> [N, K]."""
+        check_data(x, self.data_dim)
+        return F.log_softmax(self.logits, -1) + self.component().log_prob(x.unsqueeze(-2))
+
+    def log_prob(self, x):
+        """Exact log p(x_i) = logsumexp_k log p(x_i, z_i = k): x [N, D] -> [N] (nats)."""
+        return self.joint_log_prob(x).logsumexp(-1)
+
+    def predict_proba(self, x):
+        """Responsibilities p(z_i = k | x_i) by Bayes' rule: x [N, D] -> [N, K], rows sum to 1."""
+        return F.softmax(self.joint_log_prob(x), -1)
+
+    def cluster(self, x):
+        """The MAP cluster argmax_k p(z_i = k | x_i): x [N, D] -> [N] long."""
+        return self.joint_log_prob(x).argmax(-1)
+
+    def sample(self, num_samples, generator=None, return_z=False):
+        """Ancestral sampling z ~ Cat(π), x ~ N(μ_z, Σ_z): returns x [n, D] (and z [n] if return_z)."""
+        with torch.no_grad():
+            z = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
+            noise = torch.randn(num_samples, self.data_dim, device=self.loc.device, generator=generator)
+            x = self.loc[z] + (self.scale_tril[z] @ noise.unsqueeze(-1)).squeeze(-1)
+        return (x, z) if return_z else x
+
+    def num_parameters(self):
+        """Free parameters: (K - 1) weights + K D means + covariance parameters (as scikit-learn)."""
+        K, D = self.num_components, self.data_dim
+        cov = {"diag": K * D, "full": K * D * (D + 1) // 2, "tied": D * (D + 1) // 2}[self.covariance]
+        return K - 1 + K * D + cov
+
+    def bic(self, x):
+        """Bayesian information criterion -2 Σ_i log p(x_i) + p log N (lower is better); x [N, D]."""
+        with torch.no_grad():
+            return (-2 * self.log_prob(x).sum() + self.num_parameters() * math.log(x.shape[0])).item()
+
+    # ---- initialisation ---------------------------------------------------------------------------
+    def init_kmeans_pp(self, x, seed=0, num_iters=20, reg_covar=1e-6):
+        """Set π, μ, Σ from k-means (k-means++ seeding, then Lloyd): the hard-assignment M-step.
+
+        x: [N, D]. Returns the cluster labels [N] (long). Deterministic given ``seed``.
+        """
+        check_data(x, self.data_dim)
+        params = kmeans_init(x, self.num_components, seed=seed, num_iters=num_iters,
+                             covariance=self.covariance, reg_covar=reg_covar)
+        self.set_parameters(params["weights"], params["means"], params["covariances"])
+        return params["labels"]
+
+    def set_parameters(self, weights, means, covariances):
+        """Set π [K], μ [K, D] and Σ ([K, D] variances for "diag", [K, D, D] for "full", [D, D] "tied")."""
+        with torch.no_grad():
+            device = self.loc.device
+            self.logits.copy_(weights.to(device).log())
+            self.loc.copy_(means.to(device))
+            if self.covariance == "diag":
+                self.log_scale.copy_(0.5 * covariances.to(device).log())
+            else:
+                self.raw_scale_tril.copy_(_tril_raw(torch.linalg.cholesky(covariances.to(device))))
+
+
+def kmeans_pp_centers(x, num_components, seed=0):
+    """k-means++ seeding: each new centre drawn with probability ∝ squared distance: x [N, D] -> [K, D]."""
+    generator = torch.Generator().manual_seed(seed)
+    num_data = x.shape[0]
+    first = torch.randint(num_data, (1,), generator=generator).item()
+    centers = [x[first]]
+    dist2 = ((x - x[first]) ** 2).sum(-1)
+    for _ in range(1, num_components):
+        probs = dist2.cpu().double()
+        probs = probs / probs.sum() if probs.sum() > 0 else torch.full_like(probs, 1 / num_data)
+        new = torch.multinomial(probs, 1, generator=generator).item()
+        centers.append(x[new])
+        dist2 = torch.minimum(dist2, ((x - x[new]) ** 2).sum(-1))
+    return torch.stack(centers)
+
+
+def kmeans_init(x, num_components, seed=0, num_iters=20, covariance="diag", reg_covar=1e-6):
+    """k-means++ then ``num_iters`` Lloyd steps, and the mixture they imply (hard responsibilities).
+
+    x: [N, D]. Returns a dict: ``labels`` [N], ``weights`` [K], ``means`` [K, D], ``covariances``
+    ([K, D] variances for "diag", [K, D, D] "full", [D, D] "tied"), each with ``reg_covar`` added
+    to the diagonal (as scikit-learn's GaussianMixture does). The same dict initialises the SVI fits
+    and scikit-learn's EM (``weights_init``, ``means_init``, ``precisions_init``).
+    """
+    check_data(x)
+    num_data, data_dim = x.shape
+    if num_components > num_data:
+        raise ValueError(f"num_components K={num_components} exceeds the number of datapoints N={num_data}")
+    centers = kmeans_pp_centers(x, num_components, seed)
+    for _ in range(num_iters):
+        labels = torch.cdist(x, centers).argmin(-1)
+        counts = torch.bincount(labels, minlength=num_components)
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        # an empty cluster keeps its old centre
+        new = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centers)
+        if torch.equal(new, centers):
+            break
+        centers = new
+    labels = torch.cdist(x, centers).argmin(-1)
+    resp = F.one_hot(labels, num_components).to(x.dtype)
+    counts = resp.sum(0) + 10 * torch.finfo(x.dtype).eps
+    means = resp.T @ x / counts[:, None]
+    diff = x.unsqueeze(1) - means                                                   # [N, K, D]
+    if covariance == "diag":
+        covariances = (resp.unsqueeze(-1) * diff ** 2).sum(0) / counts[:, None] + reg_covar
+        empty = resp.sum(0) == 0
+        covariances[empty] = x.var(0) + reg_covar
+    else:
+        eye = torch.eye(data_dim, dtype=x.dtype, device=x.device)
+        per_k = torch.einsum("nk,nkd,nke->kde", resp, diff, diff) / counts[:, None, None]
+        if covariance == "full":
+            covariances = per_k + reg_covar * eye
+        else:
+            covariances = (per_k * counts[:, None, None]).sum(0) / num_data + reg_covar * eye
+    return {"labels": labels, "weights": counts / counts.sum(), "means": means,
+            "covariances": covariances}
+
+
+# ---- guides ---------------------------------------------------------------------------------------
+def enumeration_guide(x, idx=None, num_data=None):
+    """The empty guide: with ``TraceEnum_ELBO`` the model's z is summed out exactly."""
+
+
+class LocalCategoricalGuide(nn.Module):
+    """q(z_i) = Cat(softmax(φ_i)), one row of logits per datapoint, trained by REINFORCE.
+
+    Args:
+        num_data: N, rows of the table (the guide reads rows ``idx``, or all N when idx is None).
+        num_components: K.
+        init_logits: optional [N, K] starting φ (e.g. the initial model's log responsibilities).
+        init_baseline: optional [N] starting per-datapoint baseline b_i (e.g. its ELBO_i).
+
+    The score-function gradient (ELBO_i - b_i) ∇ log q(z_i) uses a learned per-datapoint baseline
+    b_i (``baseline`` [N], fitted by squared error through Pyro's ``baseline_value``; needs
+    ``TraceGraph_ELBO``: ``Trace_ELBO`` takes no baselines). It works with minibatches.
+    """
+
+    def __init__(self, num_data, num_components, init_logits=None, init_baseline=None, device=None):
+        super().__init__()
+        logits = torch.zeros(num_data, num_components, device=device) if init_logits is None else init_logits
+        baseline = torch.zeros(num_data, device=device) if init_baseline is None else init_baseline
+        if logits.shape != (num_data, num_components) or baseline.shape != (num_data,):
+            raise ValueError(f"init_logits must be [{num_data}, {num_components}] and init_baseline "
+                             f"[{num_data}]; got {tuple(logits.shape)} and {tuple(baseline.shape)}")
+        self.logits = nn.Parameter(logits.detach().clone().to(device))
+        self.baseline = nn.Parameter(baseline.detach().clone().to(device))
+
+    def forward(self, x, idx=None, num_data=None):
+        pyro.module("local_guide", self)
+        rows = slice(None) if idx is None else idx
+        logits = self.logits[rows]
+        if logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the guide's table has {self.logits.shape[0]} rows but x has "
+                             f"{x.shape[0]}; pass idx (the rows' indices) for minibatches")
+        with data_plate(x, idx, num_data):
+            pyro.sample("z", dist.Categorical(logits=logits),
+                        infer={"baseline": {"baseline_value": self.baseline[rows]}})
+
+    guide = forward
+
+
+class CategoricalEncoder(nn.Module):
+    """φ(x): x [..., D] -> logits [..., K], an MLP on standardised inputs."""
+
+    def __init__(self, data_dim, num_components, hidden_dim=64, data_loc=None, data_scale=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(data_dim, hidden_dim), nn.Softplus(),
+                                 nn.Linear(hidden_dim, num_components))
+        self.register_buffer("data_loc", torch.zeros(data_dim) if data_loc is None else data_loc.clone())
+        self.register_buffer("data_scale", torch.ones(data_dim) if data_scale is None else data_scale.clone())
+
+    def forward(self, x):
+        return self.net((x - self.data_loc) / self.data_scale)
+
+
+class AmortizedCategoricalGuide(nn.Module):
+    """q(z | x) = Cat(softmax(φ(x))) with one encoder for all datapoints.
+
+    ``estimator="enum"`` marks z for enumeration in the guide (with ``TraceEnum_ELBO`` the ELBO's
+    expectation over q is then exact); "reinforce" samples it (score function, learned scalar
+    baseline; use ``TraceGraph_ELBO``).
+    """
+
+    def __init__(self, encoder, estimator="enum"):
+        super().__init__()
+        if estimator not in ("enum", "reinforce"):
+            raise ValueError(f"estimator must be 'enum' or 'reinforce', got {estimator!r}")
+        self.encoder, self.estimator = encoder, estimator
+        self.baseline = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, idx=None, num_data=None):
+        pyro.module("amortized_guide", self)
+        logits = self.encoder(x)
+        infer = ({"enumerate": "parallel"} if self.estimator == "enum" else
+                 {"baseline": {"baseline_value": self.baseline.expand(x.shape[0])}})
+        with data_plate(x, idx, num_data):
+            pyro.sample("z", dist.Categorical(logits=logits), infer=infer)
+
+    guide = forward
+
+
+# ---- fitting --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class MixtureFit:
+    """What ``fit_mixture`` returns.
+
+    mixture: the fitted ``MixtureOfGaussians``; guide: the guide it was trained with.
+    losses: training loss per epoch (-ELBO per datapoint, nats; exact -log p(x) / N for "enum").
+    log_likelihoods: exact mean log p(x_i) of the training data after each epoch (if tracked).
+    converged: whether the relative-tolerance rule stopped it before ``max_epochs``.
+    """
+
+    mixture: MixtureOfGaussians
+    guide: object
+    losses: list
+    log_likelihoods: list
+    epochs: int
+    converged: bool
+    wall_time: float
+    init_labels: torch.Tensor = None
+
+
+def relative_tolerance(rtol, window):
+    """A ``fit`` callback: stop when the mean loss of the last ``window`` epochs improves on the
+    previous window's by at most ``rtol`` times its magnitude (windows average out SGD noise)."""
+
+    def stop(epoch, result):
+        losses = result.epoch_losses
+        if len(losses) < 2 * window:
+            return False
+        last = sum(losses[-window:]) / window
+        previous = sum(losses[-2 * window:-window]) / window
+        return previous - last <= rtol * abs(last)
+
+    return stop
+
+
+def fit_mixture(x, num_components, method="enum", covariance="diag", *, rtol=1e-6, window=None,
+                max_epochs=3000, lr=0.05, lr_decay=None, batch_size=None, seed=0, device="cpu",
+                init_params=None, estimator="enum", hidden_dim=64, track_log_likelihood=False,
+                progress=False):
+    """Fit a K-component mixture of Gaussians to x [N, D] by SVI, from a seeded k-means++ start.
+
+    Args:
+        method: "enum" (``TraceEnum_ELBO``, empty guide: gradient ascent on exact log p(x)),
+            "reinforce" (``LocalCategoricalGuide`` trained by score-function gradients with a
+            per-datapoint baseline, ``TraceGraph_ELBO``) or "amortized" (``AmortizedCategoricalGuide``;
+            ``estimator`` "enum" sums z over q(z | x) exactly, "reinforce" samples it).
+        covariance: "diag", "full" or "tied".
+        rtol, window: stop when the mean loss over the last ``window`` epochs improves on the
+            previous window's by less than ``rtol`` (relative); window defaults to 10 epochs for
+            "enum" (an exact, monotone loss) and 50 for the noisy score-function methods.
+        max_epochs: upper bound on epochs; lr: Adam's step (for the means, in units of the data's
+            standard deviation); lr_decay: per-step multiplicative decay (default: lr shrinks
+            100-fold over ``max_epochs`` steps).
+        batch_size: rows per step (default N: full batch, the EM-grade setting).
+        init_params: a ``kmeans_init`` dict to start from (default: computed with ``seed``); guides
+            start at the initial model's posterior (the E-step of the k-means fit).
+        track_log_likelihood: record the exact training log-likelihood per epoch.
+
+    Returns:
+        MixtureFit.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    device = torch.device(device)
+    check_data(x)
+    x = x.to(device)
+    num_data, data_dim = x.shape
+    if not 1 <= num_components <= num_data:
+        raise ValueError(f"need 1 <= num_components <= N={num_data}, got {num_components}")
+    start = time.perf_counter()
+    pyro.set_rng_seed(seed)
+    mixture = MixtureOfGaussians(num_components, data_dim, covariance, device=device)
+    if init_params is None:
+        init_params = kmeans_init(x, num_components, seed=seed, covariance=covariance)
+    mixture.set_parameters(init_params["weights"], init_params["means"], init_params["covariances"])
+
+    with torch.no_grad():
+        init_log_resp = F.log_softmax(mixture.joint_log_prob(x), -1)
+        init_elbo = mixture.log_prob(x)  # = ELBO_i when q is the exact posterior
+    if method == "enum":
+        guide, loss = enumeration_guide, TraceEnum_ELBO(max_plate_nesting=1)
+    elif method == "reinforce":
+        guide = LocalCategoricalGuide(num_data, num_components, init_log_resp, init_elbo, device=device)
+        loss = TraceGraph_ELBO()
+    else:
+        encoder = CategoricalEncoder(data_dim, num_components, hidden_dim, x.mean(0), x.std(0) + 1e-6)
+        guide = AmortizedCategoricalGuide(encoder, estimator).to(device)
+        guide.baseline.data.fill_(init_elbo.mean().item())
+        _pretrain_encoder(encoder, x, init_log_resp, seed)
+        loss = TraceEnum_ELBO(max_plate_nesting=1) if estimator == "enum" else TraceGraph_ELBO()
+
+    loss_is_exact = isinstance(loss, TraceEnum_ELBO)
+    data_scale = x.std(0).mean().item()
+    lr_decay = lr_decay if lr_decay is not None else 0.01 ** (1 / max(max_epochs, 1))
+
+    def optim_args(name, param):
+        step = lr * data_scale if name.endswith("$$$loc") else lr
+        if name.endswith("baseline"):
+            step = lr * max(1.0, init_elbo.abs().mean().item()) * 0.1
+        return {"lr": step, "lrd": lr_decay, "clip_norm": 1e8}
+
+    log_likelihoods = []
+    stop = relative_tolerance(rtol, window or (10 if loss_is_exact else 50))
+
+    def callback(epoch, result):
+        if track_log_likelihood:
+            with torch.no_grad():
+                log_likelihoods.append(mixture.log_prob(x).mean().item())
+        return stop(epoch, result)
+
+    result = fit(mixture.model, guide, x, epochs=max_epochs, batch_size=batch_size or num_data,
+                 optim=pyro.optim.ClippedAdam(optim_args), loss=loss, device=device, seed=seed,
+                 progress=progress, callback=callback)
+    epochs = len(result.epoch_losses)
+    return MixtureFit(mixture=mixture, guide=guide, losses=result.epoch_losses,
+                      log_likelihoods=log_likelihoods, epochs=epochs, converged=epochs < max_epochs,
+                      wall_time=time.perf_counter() - start, init_labels=init_params["labels"])
+
+
+def _pretrain_encoder(encoder, x, log_resp, seed, steps=200, lr=1e-2):
+    """Fit φ(x) to the initial model's responsibilities (cross-entropy), so q starts at the E-step."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(encoder.parameters(), lr=lr)
+    target = log_resp.exp()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = -(target * F.log_softmax(encoder(x), -1)).sum(-1).mean()
+        loss.backward()
+        optimizer.step()
+
+
+def select_components(x_train, x_test, ks, covariance="diag", method="enum", seed=0, **fit_kwargs):
+    """Model selection over K: one fit per K, its held-out log-likelihood per point and BIC.
+
+    x_train [N, D], x_test [M, D]; ks: the K values to try. Returns a list of dicts with keys
+    ``k``, ``train_ll`` and ``test_ll`` (mean log p(x_i), nats), ``bic`` (on x_train), ``epochs``.
+    """
+    check_data(x_train)
+    check_data(x_test, x_train.shape[1], name="x_test")
+    rows = []
+    for k in ks:
+        result = fit_mixture(x_train, k, method, covariance, seed=seed, **fit_kwargs)
+        mixture = result.mixture
+        with torch.no_grad():
+            device = mixture.loc.device
+            rows.append({"k": k, "train_ll": mixture.log_prob(x_train.to(device)).mean().item(),
+                         "test_ll": mixture.log_prob(x_test.to(device)).mean().item(),
+                         "bic": mixture.bic(x_train.to(device)), "epochs": result.epochs})
+    return rows
