@@ -489,6 +489,44 @@ def mixture_conditional(weights, means, covs, x, mask, num_samples=0, generator=
     return MixtureConditional(responsibilities, component_means, mean, log_px, samples)
 
 
+def mixture_completion(mixture, x, mask, num_samples=0, generator=None):
+    """``mixture_conditional`` with the π, μ, Σ of a ``MixtureOfGaussians`` (ppl_lvm.models.mog).
+
+    x: [N, D] (NaN allowed where missing); mask: [N, D] bool. Returns ``MixtureConditional``.
+    """
+    with torch.no_grad():
+        covs = (mixture.log_scale.exp() ** 2 if mixture.covariance == "diag"
+                else mixture.covariance_matrix)
+        return mixture_conditional(mixture.weights, mixture.loc, covs, x, mask, num_samples,
+                                   generator)
+
+
+def masked_mixture_model(mixture):
+    """The model p(x_obs, z) of a diagonal ``MixtureOfGaussians``, for learning with missing pixels.
+
+    Returns ``model(x, mask, idx=None, num_data=None)``: z ~ Cat(π), x_d | z ~ N(μ_{z,d}, σ²_{z,d}) for
+    the observed d only. z is marked for enumeration: ``fit(model, guide, (x, mask),
+    loss=TraceEnum_ELBO())`` with an empty guide ascends the exact log p(x_obs), and
+    ``log_marginal(model, None, x, method="exact", mask=mask)`` computes it. Diagonal covariances
+    only: with full ones the observed marginal is not a per-pixel mask of the joint.
+    """
+    if mixture.covariance != "diag":
+        raise ValueError(f"masked_mixture_model needs covariance='diag', got "
+                         f"{mixture.covariance!r}; use mixture_completion for full covariances")
+
+    def model(x, mask, idx=None, num_data=None):
+        check_missing(x, mask)
+        pyro.module("mog", mixture)
+        x = fill_missing(x, mask)
+        with data_plate(x, idx, num_data):
+            z = pyro.sample("z", dist.Categorical(logits=mixture.logits),
+                            infer={"enumerate": "parallel"})
+            component = dist.Normal(mixture.loc[z], mixture.log_scale.exp()[z])
+            pyro.sample("x", component.mask(mask).to_event(1), obs=x)
+
+    return model
+
+
 def _diagonal_conditional(log_weights, means, variances, x, mask, num_samples, generator):
     scales = variances.sqrt()
     log_prob = dist.Normal(means, scales).log_prob(x[:, None, :])  # [N, C, D]

@@ -350,6 +350,34 @@ def test_mixture_conditional_diagonal_equals_full_and_samples_match():
     assert torch.equal(full.samples[:, mask], x[mask].expand(3, -1))
 
 
+def test_masked_mixture_learns_from_missing_pixels_and_matches_the_exact_conditional():
+    from pyro.infer import TraceEnum_ELBO
+
+    from ppl_lvm.estimators import log_marginal
+    from ppl_lvm.models.missing import masked_mixture_model, mixture_completion
+    from ppl_lvm.models.mog import MixtureOfGaussians
+
+    mixture = MixtureOfGaussians(3, 5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40, 5, generator=g) + 4, torch.randn(40, 5, generator=g) - 4])
+    mask = mcar(80, 5, 0.4, seed=0)
+    x_nan = torch.where(mask, x, float("nan"))
+    model = masked_mixture_model(mixture)
+    with torch.no_grad():
+        enumerated = log_marginal(model, None, fill_missing(x, mask), method="exact", mask=mask)
+    assert torch.allclose(enumerated, mixture_completion(mixture, x_nan, mask).log_px, atol=1e-5)
+    result = fit(model, lambda x, mask, idx=None, num_data=None: None, (x_nan, mask),
+                 loss=TraceEnum_ELBO(max_plate_nesting=1), epochs=40, batch_size=40, lr=0.1,
+                 progress=False)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    completion = mixture_completion(mixture, x_nan, mask)
+    # the two clusters are told apart from the observed pixels: completions on the right side
+    assert ((completion.mean[:40][~mask[:40]] > 0).float().mean() > 0.9)
+    assert ((completion.mean[40:][~mask[40:]] < 0).float().mean() > 0.9)
+    with pytest.raises(ValueError, match="diag"):
+        masked_mixture_model(MixtureOfGaussians(2, 5, covariance="full"))
+
+
 # ---------------------------------------------------------------------------------------------
 # imputation scores and baselines
 
