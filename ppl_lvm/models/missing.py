@@ -26,7 +26,7 @@ from ppl_lvm.plate import data_plate
 MASKS = ("top_half", "bottom_half", "left_half", "right_half", "mcar", "blocks")
 COMPLETION_METHODS = ("sir", "mwg")
 # rows × particles per traced call in ``complete``: bounds memory (≈ 4 · this · D floats)
-ROWS_PER_CALL = 1 << 15
+ROWS_PER_CALL = 1 << 17
 
 
 # ----------------------------------------------------------------------------------------------

@@ -366,6 +366,10 @@ def test_masked_mixture_learns_from_missing_pixels_and_matches_the_exact_conditi
     with torch.no_grad():
         enumerated = log_marginal(model, None, fill_missing(x, mask), method="exact", mask=mask)
     assert torch.allclose(enumerated, mixture_completion(mixture, x_nan, mask).log_px, atol=1e-5)
+    every = torch.ones_like(mask)
+    with torch.no_grad():  # all observed: the plain mixture's log p(x)
+        plain = log_marginal(model, None, x, method="exact", mask=every)
+        assert torch.allclose(plain, mixture.log_prob(x), atol=1e-5)
     result = fit(model, lambda x, mask, idx=None, num_data=None: None, (x_nan, mask),
                  loss=TraceEnum_ELBO(max_plate_nesting=1), epochs=40, batch_size=40, lr=0.1,
                  progress=False)
