@@ -243,11 +243,14 @@ class Completion:
     ess: [N] effective sample size of the importance weights (SIR), else None.
     acceptance: [N] the Metropolis acceptance rate of z moves (MwG), else None.
     log_weights: [K, N] the importance log weights log p(x_obs, z_k) - log q(z_k | x_obs) (SIR).
+    sample_means: [S, N, D] E[x | z_s] for the z_s behind each sample (the image a sample is a
+        noisy draw of: easier to look at, and as diverse as the posterior over z).
     """
 
     samples: torch.Tensor
     mean: torch.Tensor
     method: str
+    sample_means: torch.Tensor = None
     ess: torch.Tensor = None
     acceptance: torch.Tensor = None
     log_weights: torch.Tensor = None
@@ -302,7 +305,8 @@ def _sir(model, guide, x, mask, num_samples, num_particles, idx):
                          guide_kwargs=_guide_kwargs(guide, idx, num_samples))
     samples = x_fn.sample().reshape(num_samples, rows, dim)
     ess = 1.0 / (normalised**2).sum(0)
-    return samples, mean, dict(ess=ess, log_weights=log_weights)
+    return samples, mean, dict(ess=ess, log_weights=log_weights,
+                               sample_means=x_fn.mean.reshape(num_samples, rows, dim))
 
 
 def _mwg(model, guide, x, mask, num_samples, num_steps, proposal, idx):
@@ -335,13 +339,17 @@ def _mwg(model, guide, x, mask, num_samples, num_steps, proposal, idx):
                                    value) for name, value in state.items()}
         keep = accept[:, None]
         draw = torch.where(keep, fn_new.sample(), fn_old.sample())
+        state_mean = torch.where(keep, fn_new.mean, fn_old.mean)
         current = torch.where(mask_rep, x_rep, draw)
         if step >= num_steps // 2:
-            mean_sum += torch.where(keep, fn_new.mean, fn_old.mean)
+            mean_sum += state_mean
             mean_count += 1
-    mean = (mean_sum / max(mean_count, 1)).reshape(num_samples, rows, dim).mean(0)
+    if not num_steps:  # the starting draws
+        state_mean, mean_sum, mean_count = x_fn.mean, x_fn.mean, 1
+    mean = (mean_sum / mean_count).reshape(num_samples, rows, dim).mean(0)
     acceptance = (accepted / max(num_steps, 1)).reshape(num_samples, rows).mean(0)
-    return current.reshape(num_samples, rows, dim), mean, dict(acceptance=acceptance)
+    return current.reshape(num_samples, rows, dim), mean, dict(
+        acceptance=acceptance, sample_means=state_mean.reshape(num_samples, rows, dim))
 
 
 @torch.no_grad()
@@ -391,9 +399,11 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
                                     proposal, row_idx))
     samples = torch.cat([o[0] for o in outputs], 1)
     mean = torch.cat([o[1] for o in outputs], 0)
-    extras = {key: torch.cat([o[2][key] for o in outputs], -1) for key in outputs[0][2]}
+    extras = {key: torch.cat([o[2][key] for o in outputs], 1 if key == "sample_means" else -1)
+              for key in outputs[0][2]}
     samples = torch.where(mask, x, samples)
     mean = torch.where(mask, x, mean)
+    extras["sample_means"] = torch.where(mask, x, extras["sample_means"])
     return Completion(samples, mean, method, **extras)
 
 

@@ -290,9 +290,13 @@ def test_complete_keeps_observed_pixels_and_is_seeded():
         assert set(first.samples.unique().tolist()) <= {0.0, 1.0}
         assert ((first.mean >= 0) & (first.mean <= 1)).all()
         assert torch.equal(first.most_probable()[mask], x[mask])
+        assert first.sample_means.shape == (5, 6, 16)
+        assert torch.equal(first.sample_means[:, mask], x[mask].expand(5, -1))
     proposal = complete(vae.model, vae.guide, x, mask, method="mwg", proposal="completed",
                         num_samples=3, num_steps=5)
     assert proposal.acceptance.shape == (6,)
+    start = complete(vae.model, vae.guide, x, mask, method="mwg", num_samples=3, num_steps=0)
+    assert torch.allclose(start.mean, start.sample_means.mean(0))
     with pytest.raises(ValueError, match="method"):
         complete(vae.model, vae.guide, x, mask, method="gibbs")
 
@@ -424,3 +428,20 @@ def test_cli_complete_writes_a_grid(tmp_path, capsys):
     assert main(["complete", str(tmp_path / "nothing")]) == 2
     assert main(["complete", str(run), "--mask", "mcar", "--rate", "1.0"]) == 2
     assert "rate" in capsys.readouterr().err
+
+
+def test_complete_in_row_chunks(monkeypatch):
+    import ppl_lvm.models.missing as missing
+
+    monkeypatch.setattr(missing, "ROWS_PER_CALL", 40)  # 40 // 10 particles = 4 rows per call
+    ppca = make_ppca()
+    x = torch.randn(10, 6)
+    mask = mcar(10, 6, 0.5, seed=2)
+    for method in ("sir", "mwg"):
+        result = complete(ppca.model, ppca.guide, x, mask, num_samples=3, method=method,
+                          num_particles=10, num_steps=2, seed=0)
+        assert result.samples.shape == result.sample_means.shape == (3, 10, 6)
+        assert torch.equal(result.samples[:, mask], x[mask].expand(3, -1))
+    assert result.acceptance.shape == (10,)
+    sir = complete(ppca.model, ppca.guide, x, mask, num_particles=10, seed=0)
+    assert sir.log_weights.shape == (10, 10) and sir.ess.shape == (10,)
