@@ -9,6 +9,23 @@ of the posterior mean P(x_d = 1 | x_obs), and wall time, all in one run; ratios 
 
     python benchmarks/bench_imputation.py            # ~5 minutes on 2 (shared) CPU cores
     python benchmarks/bench_imputation.py --quick    # a smoke run
+
+Results of the full run (2 shared CPU cores, 1 torch thread; 2 min 30 s wall, 2.4 GB peak RSS):
+
+    trained: MaskedVAE 25 epochs in 32 s; mixture of 50 diagonal Gaussians (k-means++ then 30 EM steps) in 20 s; 4000 training digits, 500 test digits
+    | missing           | method                       | accuracy | cross-entropy | CE / KNN | error / KNN | time (s) |
+    |-------------------|------------------------------|----------|---------------|----------|-------------|----------|
+    | top half missing  | VAE + SIR (K=200)            |   0.9077 |        0.1998 |     0.60 |        1.11 |     11.7 |
+    | top half missing  | VAE MwG (4 chains × 30)      |   0.9088 |        0.1966 |     0.59 |        1.10 |     12.1 |
+    | top half missing  | mixture, exact conditional   |   0.9051 |        0.2158 |     0.64 |        1.14 |      0.8 |
+    | top half missing  | mean imputation              |   0.8780 |        0.2453 |     0.73 |        1.47 |      0.0 |
+    | top half missing  | KNNImputer (k=5)             |   0.9169 |        0.3357 |     1.00 |        1.00 |     22.4 |
+    | 50 % MCAR         | VAE + SIR (K=200)            |   0.9345 |        0.1448 |     0.65 |        1.15 |     10.3 |
+    | 50 % MCAR         | VAE MwG (4 chains × 30)      |   0.9318 |        0.1492 |     0.67 |        1.19 |      9.1 |
+    | 50 % MCAR         | mixture, exact conditional   |   0.9142 |        0.1843 |     0.82 |        1.50 |      0.9 |
+    | 50 % MCAR         | mean imputation              |   0.8717 |        0.2592 |     1.16 |        2.25 |      0.0 |
+    | 50 % MCAR         | KNNImputer (k=5)             |   0.9429 |        0.2238 |     1.00 |        1.00 |     20.5 |
+    accuracy and cross-entropy (nats) per missing pixel of the posterior mean P(x_d = 1 | x_obs); ratios < 1 beat KNNImputer. Times exclude training.
 """
 import argparse
 import time
@@ -67,7 +84,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     num_test, vae_epochs, mog_epochs, particles, chains, steps = (
-        (100, 2, 5, 50, 2, 6) if args.quick else (500, 12, 30, 200, 4, 30))
+        (100, 2, 5, 50, 2, 6) if args.quick else (500, 25, 30, 200, 4, 30))
     x_train = binarize(load_mnist(split="train")[0])
     x_test = binarize(load_mnist(split="test")[0])[:num_test]
     dim = x_test.shape[1]
