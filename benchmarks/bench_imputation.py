@@ -1,4 +1,4 @@
-"""Claim: missing pixels completed from the posterior p(x_miss | x_obs) beat mean and k-NN imputation.
+"""Claim: completions from the posterior p(x_miss | x_obs) are better calibrated than mean and k-NN imputation.
 
 On the bundled MNIST test digits (binarized at 1/2), with the top half missing and with 50 % of
 pixels missing completely at random: a VAE whose encoder sees the mask (MIWAE-style, trained on
@@ -6,8 +6,10 @@ the training digits with masks redrawn per minibatch) completed by sampling-impo
 and by Metropolis-within-Gibbs, a diagonal mixture of Gaussians completed by its exact conditional,
 mean imputation and scikit-learn's KNNImputer. Accuracy and cross-entropy (nats per missing pixel)
 of the posterior mean P(x_d = 1 | x_obs), and wall time, all in one run; ratios against KNNImputer.
+The posterior completions win on cross-entropy (0.59-0.67 × KNNImputer's); KNNImputer keeps the
+best accuracy (its error is 0.87-0.91 × theirs), with hard 0/1 guesses that cost it in cross-entropy.
 
-    python benchmarks/bench_imputation.py            # ~5 minutes on 2 (shared) CPU cores
+    python benchmarks/bench_imputation.py            # 2.5-5 minutes on 2 (shared) CPU cores
     python benchmarks/bench_imputation.py --quick    # a smoke run
 
 Results of the full run (2 shared CPU cores, 1 torch thread; 2 min 30 s wall, 2.4 GB peak RSS):
