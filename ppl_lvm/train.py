@@ -251,12 +251,12 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
         model_kwargs: extra keywords for model and guide.
-        transform: optional callable taking a minibatch's tensors and returning them (a tensor
-            when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
-            torch's RNG (checkpoints restore it).
         callback: optional ``callback(epoch, result) -> bool`` run after each epoch (1-based
             ``epoch``, the ``FitResult`` so far); returning True stops training (e.g. a
             relative-tolerance rule on ``result.epoch_losses``).
+        transform: optional callable taking a minibatch's tensors and returning them (a tensor
+            when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
+            torch's RNG (checkpoints restore it).
 
     Returns:
         FitResult. Raises DivergenceError when the loss becomes non-finite.

@@ -370,7 +370,7 @@ def relative_tolerance(rtol, window):
 
 def fit_mixture(x, num_components, method="enum", covariance="diag", *, rtol=1e-6, window=None,
                 max_epochs=3000, lr=0.05, lr_decay=None, batch_size=None, seed=0, device="cpu",
-                init_params=None, estimator="enum", hidden_dim=64, track_log_likelihood=False,
+                init_params=None, estimator="enum", hidden_dim=64, guide_lr=None, track_log_likelihood=False,
                 progress=False):
     """Fit a K-component mixture of Gaussians to x [N, D] by SVI, from a seeded k-means++ start.
 
@@ -382,10 +382,12 @@ def fit_mixture(x, num_components, method="enum", covariance="diag", *, rtol=1e-
         covariance: "diag", "full" or "tied".
         rtol, window: stop when the mean loss over the last ``window`` epochs improves on the
             previous window's by less than ``rtol`` (relative); window defaults to 10 epochs for
-            "enum" (an exact, monotone loss) and 50 for the noisy score-function methods.
+            the exact losses ("enum", "amortized" with estimator "enum") and 50 for the noisy
+            score-function ones.
         max_epochs: upper bound on epochs; lr: Adam's step (for the means, in units of the data's
             standard deviation); lr_decay: per-step multiplicative decay (default: lr shrinks
             100-fold over ``max_epochs`` steps).
+        guide_lr: Adam's step for the per-datapoint logits φ_i of "reinforce" (default 3 lr).
         batch_size: rows per step (default N: full batch, the EM-grade setting).
         init_params: a ``kmeans_init`` dict to start from (default: computed with ``seed``); guides
             start at the initial model's posterior (the E-step of the k-means fit).
@@ -428,9 +430,15 @@ def fit_mixture(x, num_components, method="enum", covariance="diag", *, rtol=1e-
     data_scale = x.std(0).mean().item()
     lr_decay = lr_decay if lr_decay is not None else 0.01 ** (1 / max(max_epochs, 1))
 
-    def optim_args(name, param):
-        step = lr * data_scale if name.endswith("$$$loc") else lr
-        if name.endswith("baseline"):
+    def optim_args(module_name, param_name):
+        # pyro.optim passes the module's name and the parameter's name within it
+        step = lr
+        if module_name == "mog" and param_name == "loc":
+            step = lr * data_scale
+        elif module_name == "local_guide" and param_name == "logits":
+            # noisy per-datapoint gradients: a larger step lets q(z_i) keep up with the model
+            step = 3 * lr if guide_lr is None else guide_lr
+        elif param_name == "baseline":
             step = lr * max(1.0, init_elbo.abs().mean().item()) * 0.1
         return {"lr": step, "lrd": lr_decay, "clip_norm": 1e8}
 

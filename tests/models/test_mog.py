@@ -182,6 +182,7 @@ def test_guided_fits_run_and_keep_the_clusters(method):
     assert torch.cdist(means, fitted).min(-1).values.max() < 0.3
 
 
+@pytest.mark.slow
 def test_amortized_reinforce_estimator_runs():
     x, _, _ = mixture_data(200)
     result = fit_mixture(x, 3, "amortized", estimator="reinforce", max_epochs=5)
@@ -230,6 +231,7 @@ def test_local_guide_reads_its_rows():
         guide(x)
 
 
+@pytest.mark.slow
 def test_select_components_reports_held_out_ll_and_bic():
     x, _, _ = mixture_data(400)
     rows = select_components(x[:300], x[300:], [1, 3], max_epochs=100)
@@ -268,3 +270,14 @@ def test_fit_on_cuda():
     result = fit_mixture(x, 3, "enum", max_epochs=10, device="cuda")
     assert result.mixture.loc.device.type == "cuda"
     assert result.mixture.predict_proba(x.cuda()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_estimators_exact_log_marginal_is_the_closed_form(covariance):
+    from ppl_lvm.estimators import log_marginal
+
+    mog = random_mixture(covariance)
+    x = torch.randn(15, 2) * 3
+    estimate = log_marginal(mog.model, enumeration_guide, x, method="exact")
+    with torch.no_grad():
+        assert torch.allclose(estimate, mog.log_prob(x), atol=1e-4)
