@@ -79,8 +79,14 @@ def as_batch_tuple(data, device):
     if num_data == 0:
         raise ValueError("data is empty (N = 0)")
     first = tensors[0]
-    if first.is_floating_point() and not torch.isfinite(first).all():
-        rows = (~torch.isfinite(first)).reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
+    bad = ~torch.isfinite(first) if first.is_floating_point() else None
+    if bad is not None and len(tensors) > 1 and tensors[1].dtype == torch.bool and (
+            tensors[1].shape == first.shape):
+        # (x, mask) with mask True = observed: NaN where a value is missing is how missing data
+        # arrives; the model must keep it out of the likelihood (ppl_lvm.models.missing)
+        bad = bad & tensors[1]
+    if bad is not None and bad.any():
+        rows = bad.reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
         raise ValueError(f"data contains NaN or inf (first bad rows: {rows}); mask missing "
                          "values instead of passing them to the likelihood")
     return tuple(t.to(device) for t in tensors)
@@ -231,6 +237,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             ``pyro.plate("data")``. If they accept ``idx`` and ``num_data`` keywords they get the
             rows' indices [B] and N (see ``ppl_lvm.data_plate``); otherwise they are scaled by N / B.
         data: [N, ...] tensor, or a tuple of tensors sharing N (passed as ``model(*batch)``).
+            In a pair (x, mask) with mask bool of x's shape (True = observed), x may hold NaN
+            where mask is False; the model must keep those entries out of its likelihood.
         epochs: passes over the data; batch_size: B (the last batch of an epoch may be smaller).
         lr: Adam's learning rate when ``optim`` is None; optim: any ``pyro.optim.PyroOptim``.
         loss: any Pyro ELBO (default ``Trace_ELBO()``).

@@ -188,3 +188,17 @@ def test_fit_on_cuda_keeps_everything_there():
 
     with pytest.raises(RuntimeError, match="cpu_param"):
         fit(model, vae.guide, x, epochs=1, device="cuda", progress=False)
+
+
+def test_nan_allowed_only_where_a_mask_says_missing():
+    from ppl_lvm.train import as_batch_tuple
+
+    x = torch.rand(4, 3)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="first bad rows: \\[1\\]"):
+        as_batch_tuple((x, mask), "cpu")
+    mask[1, 2] = False
+    assert torch.isnan(as_batch_tuple((x, mask), "cpu")[0][1, 2])
+    with pytest.raises(ValueError, match="NaN"):  # a float "mask" is just data
+        as_batch_tuple((x, mask.float()), "cpu")

@@ -1,0 +1,609 @@
+"""Missing pixels as latent variables: masks, a VAE that learns from partly observed images, completion.
+
+The lecture's example: when some pixels x_miss are unobserved, they are latent variables like z, the
+likelihood of a datapoint is p(x_obs) = Σ/∫ p(x_obs, x_miss) over the completions, and completions
+come from the posterior p(x_miss | x_obs) = ∫ p(x_miss | z) p(z | x_obs) dz. A mask [N, D] is
+True where a pixel is observed. Training counts observed pixels only (the Bernoulli / Gaussian factors
+of missing pixels are masked out of log p(x | z)); the amortized encoder sees the zero-filled image
+and the mask (MIWAE, Mattei & Frellsen 2019). ``complete`` draws x_miss by sampling-importance-
+resampling with the guide as proposal, or by Metropolis-within-Gibbs on (z, x_miss); for a mixture of
+Gaussians ``mixture_conditional`` gives the exact conditional.
+"""
+import contextlib
+import dataclasses
+import math
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+
+from ppl_lvm.estimators import accepts, log_joint, log_marginal, plate_nesting, sample_sites
+from ppl_lvm.models.vae import VAE, Encoder
+from ppl_lvm.plate import data_plate
+
+MASKS = ("top_half", "bottom_half", "left_half", "right_half", "mcar", "blocks")
+COMPLETION_METHODS = ("sir", "mwg")
+# rows × particles per traced call in ``complete``: bounds memory (≈ 4 · this · D floats)
+ROWS_PER_CALL = 1 << 17
+
+
+# ----------------------------------------------------------------------------------------------
+# masks: [N, D] bool, True = observed. Each name says which part is MISSING.
+
+
+def image_shape_of(data_dim, image_shape=None):
+    """(H, W) of a flattened image of ``data_dim`` pixels: given, or the square one (784 -> 28 × 28)."""
+    if image_shape is None:
+        side = math.isqrt(int(data_dim))
+        if side * side != data_dim:
+            raise ValueError(f"data_dim={data_dim} is not a square image; pass image_shape=(H, W)")
+        return side, side
+    height, width = (int(s) for s in image_shape)
+    if height * width != data_dim:
+        raise ValueError(f"image_shape {tuple(image_shape)} has {height * width} pixels, "
+                         f"not data_dim={data_dim}")
+    return height, width
+
+
+def _region_mask(num_rows, data_dim, image_shape, device, missing):
+    height, width = image_shape_of(data_dim, image_shape)
+    rows = torch.arange(height, device=device)[:, None].expand(height, width)
+    cols = torch.arange(width, device=device)[None, :].expand(height, width)
+    observed = ~missing(rows, cols, height, width)
+    return observed.reshape(1, -1).expand(num_rows, -1).clone()
+
+
+def top_half(num_rows, data_dim=784, image_shape=None, device=None):
+    """The top half of every image missing (the lecture's example): [N, D] bool, True = observed."""
+    return _region_mask(num_rows, data_dim, image_shape, device, lambda r, c, h, w: r < h // 2)
+
+
+def bottom_half(num_rows, data_dim=784, image_shape=None, device=None):
+    """The bottom half missing: [N, D] bool, True = observed."""
+    return _region_mask(num_rows, data_dim, image_shape, device, lambda r, c, h, w: r >= h // 2)
+
+
+def left_half(num_rows, data_dim=784, image_shape=None, device=None):
+    """The left half missing: [N, D] bool, True = observed."""
+    return _region_mask(num_rows, data_dim, image_shape, device, lambda r, c, h, w: c < w // 2)
+
+
+def right_half(num_rows, data_dim=784, image_shape=None, device=None):
+    """The right half missing: [N, D] bool, True = observed."""
+    return _region_mask(num_rows, data_dim, image_shape, device, lambda r, c, h, w: c >= w // 2)
+
+
+def mcar(num_rows, data_dim=784, rate=0.5, seed=0, device=None):
+    """Pixels missing completely at random: exactly round(rate · D) missing pixels per row.
+
+    Each row's missing set is uniform over the sets of that size, drawn from ``seed``. A rate that
+    would leave a row with no observed pixel is an error. Returns [N, D] bool, True = observed.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1) (a row needs an observed pixel), got {rate}")
+    num_missing = int(round(rate * data_dim))
+    if num_missing >= data_dim:
+        raise ValueError(f"rate={rate} leaves no observed pixel in a row of D={data_dim}")
+    generator = torch.Generator().manual_seed(int(seed))
+    ranks = torch.rand(num_rows, data_dim, generator=generator).argsort(-1).argsort(-1)
+    return (ranks >= num_missing).to(device)
+
+
+def random_blocks(num_rows, data_dim=784, block_size=14, num_blocks=1, image_shape=None, seed=0,
+                  device=None):
+    """``num_blocks`` square blocks of side ``block_size`` missing per image, at uniform positions.
+
+    Returns [N, D] bool, True = observed.
+    """
+    height, width = image_shape_of(data_dim, image_shape)
+    if not (1 <= block_size <= min(height, width)) or num_blocks < 1:
+        raise ValueError(f"need 1 <= block_size <= {min(height, width)} and num_blocks >= 1, got "
+                         f"{block_size} and {num_blocks}")
+    if block_size == height and block_size == width:
+        raise ValueError(f"a block of side {block_size} hides the whole {height}×{width} image")
+    generator = torch.Generator().manual_seed(int(seed))
+    tops = torch.randint(height - block_size + 1, (num_rows, num_blocks, 1, 1), generator=generator)
+    lefts = torch.randint(width - block_size + 1, (num_rows, num_blocks, 1, 1), generator=generator)
+    rows = torch.arange(height)[:, None]
+    cols = torch.arange(width)[None, :]
+    inside = ((rows >= tops) & (rows < tops + block_size) & (cols >= lefts)
+              & (cols < lefts + block_size))  # [N, blocks, H, W]
+    return (~inside.any(1)).reshape(num_rows, -1).to(device)
+
+
+def make_mask(name, num_rows, data_dim=784, *, rate=0.5, block_size=14, num_blocks=1,
+              image_shape=None, seed=0, device=None):
+    """A mask by name (one of ``MASKS``): [N, D] bool, True = observed (the CLI's ``--mask``)."""
+    if name in ("top_half", "bottom_half", "left_half", "right_half"):
+        return globals()[name](num_rows, data_dim, image_shape=image_shape, device=device)
+    if name == "mcar":
+        return mcar(num_rows, data_dim, rate=rate, seed=seed, device=device)
+    if name == "blocks":
+        return random_blocks(num_rows, data_dim, block_size, num_blocks, image_shape, seed, device)
+    raise ValueError(f"unknown mask {name!r}; choose one of {MASKS}")
+
+
+def check_missing(x, mask):
+    """Validate a batch with missing values; raise a clear ValueError on anything wrong.
+
+    x: [N, D] float (NaN allowed where mask is False); mask: [N, D] bool, True = observed. Every row
+    must have an observed pixel and the observed pixels must be finite.
+    """
+    if not torch.is_tensor(x) or not torch.is_tensor(mask):
+        raise ValueError(f"x and mask must be tensors, got {type(x).__name__} and "
+                         f"{type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = observed), got dtype {mask.dtype}; "
+                         "use mask.bool() if 1 means observed")
+    if mask.shape != x.shape or x.dim() != 2:
+        raise ValueError(f"mask must have the shape of x, [N, D]; got x {tuple(x.shape)} and mask "
+                         f"{tuple(mask.shape)}")
+    empty = ~mask.any(-1)
+    if empty.any():
+        rows = empty.nonzero()[:5, 0].tolist()
+        raise ValueError(f"{int(empty.sum())} rows have no observed pixel (first: {rows}); "
+                         "p(x_obs) of an empty observation is 1 and carries nothing to learn: drop them")
+    bad = mask & ~torch.isfinite(x)
+    if bad.any():
+        rows = bad.any(-1).nonzero()[:5, 0].tolist()
+        raise ValueError(f"x has NaN or inf in observed pixels (first bad rows: {rows}); set "
+                         "mask=False where a value is missing")
+
+
+def fill_missing(x, mask, value=0.0):
+    """x with missing entries (mask False) replaced by ``value``: NaN there never reaches a loss.
+
+    ``torch.where`` rather than ``x * mask``: 0 · NaN is NaN.
+    """
+    return torch.where(mask, x, torch.as_tensor(value, dtype=x.dtype, device=x.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# the VAE with missing pixels
+
+
+class MaskedVAE(VAE):
+    """A VAE whose datapoints are partly observed: ``model(x, mask)`` and ``guide(x, mask)``.
+
+    p_θ(x_obs, z) = p(z) Π_{d observed} p_θ(x_d | z): missing pixels are latent and integrated out,
+    which for a factorised decoder means their factors are simply left out (masked). The guide
+    q_φ(z | x_obs) is the encoder fed cat([x filled with 0, mask]) (input_dim = 2D, as in MIWAE);
+    with ``encoder_sees_mask=False`` it is a plain VAE's encoder fed the zero-filled image, so a
+    VAE trained on complete data (same parameter names) can complete images too.
+
+    Args: as ``VAE``, plus ``encoder_sees_mask``.
+    Sites: "z" [B, Z] and "x" [B, D] (event dim 1, masked per pixel), in plate "data".
+    """
+
+    def __init__(self, data_dim, z_dim=20, hidden_dim=400, likelihood="bernoulli",
+                 encoder_sees_mask=True):
+        super().__init__(data_dim, z_dim, hidden_dim, likelihood)
+        self.encoder_sees_mask = encoder_sees_mask
+        if encoder_sees_mask:
+            self.encoder = Encoder(data_dim, z_dim, hidden_dim, input_dim=2 * data_dim)
+
+    def config(self):
+        return dict(super().config(), encoder_sees_mask=self.encoder_sees_mask)
+
+    def encoder_input(self, x, mask):
+        """[B, D] or [B, 2D]: the zero-filled image (and the mask as a second channel)."""
+        x = fill_missing(x, mask)
+        return torch.cat([x, mask.to(x.dtype)], -1) if self.encoder_sees_mask else x
+
+    def model(self, x, mask, idx=None, num_data=None):
+        """p_θ(x_obs, z).  x: [B, D] (anything, even NaN, where mask is False); mask: [B, D] bool."""
+        check_missing(x, mask)
+        pyro.module("decoder", self.decoder)
+        x = fill_missing(x, mask)
+        with data_plate(x, idx, num_data):
+            z_loc = x.new_zeros(x.shape[0], self.z_dim)
+            z = pyro.sample("z", dist.Normal(z_loc, 1.0).to_event(1))
+            # .mask before .to_event: a per-pixel mask, and log p(x | z) stays one number per row
+            pyro.sample("x", self.decoder(z).mask(mask).to_event(1), obs=x)
+
+    def guide(self, x, mask, idx=None, num_data=None):
+        """q_φ(z | x_obs) = N(μ_φ(x̃, m), diag σ²_φ(x̃, m)), x̃ the zero-filled image, m the mask."""
+        check_missing(x, mask)
+        pyro.module("encoder", self.encoder)
+        with data_plate(x, idx, num_data):
+            loc, scale = self.encoder(self.encoder_input(x, mask))
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    @torch.no_grad()
+    def reconstruct(self, x, mask=None):
+        """E[x | z = μ_φ(x_obs)]: x [B, D] -> [B, D] (mask defaults to all observed)."""
+        mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
+        loc, _ = self.encoder(self.encoder_input(x, mask))
+        return self.decoder(loc).mean
+
+
+def log_marginal_observed(model, guide, x, mask, **kwargs):
+    """log p(x_obs) per datapoint by importance weighting with the guide (IWAE by default).
+
+    The estimator of ``ppl_lvm.estimators.log_marginal`` applied to the masked model: weights
+    p(x_obs, z_k) / q(z_k | x_obs). x: [N, D] (NaN allowed where missing); mask: [N, D] bool.
+    Returns [N] (nats). ``kwargs`` go to ``log_marginal`` (method, num_samples, seed, ...).
+    """
+    check_missing(x, mask)
+    return log_marginal(model, guide, fill_missing(x, mask), mask=mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# completion: samples of x_miss from p(x_miss | x_obs)
+
+
+@dataclasses.dataclass
+class Completion:
+    """What ``complete`` returns. Observed pixels are copied from x in ``samples`` and ``mean``.
+
+    samples: [S, N, D] completions x ~ p(x_miss | x_obs) (one per posterior draw).
+    mean: [N, D] the posterior mean E[x | x_obs] (for Bernoulli pixels: P(x_d = 1 | x_obs)).
+    ess: [N] effective sample size of the importance weights (SIR), else None.
+    acceptance: [N] the Metropolis acceptance rate of z moves (MwG), else None.
+    log_weights: [K, N] the importance log weights log p(x_obs, z_k) - log q(z_k | x_obs) (SIR).
+    sample_means: [S, N, D] E[x | z_s] for the z_s behind each sample (the image a sample is a
+        noisy draw of: easier to look at, and as diverse as the posterior over z).
+    """
+
+    samples: torch.Tensor
+    mean: torch.Tensor
+    method: str
+    sample_means: torch.Tensor = None
+    ess: torch.Tensor = None
+    acceptance: torch.Tensor = None
+    log_weights: torch.Tensor = None
+
+    def most_probable(self):
+        """Per-pixel most probable completion of binary pixels: 1{P(x_d = 1 | x_obs) > 1/2}, [N, D]."""
+        return (self.mean > 0.5).to(self.mean.dtype)
+
+
+def _traces(model, guide, x, mask, guide_x, guide_mask, values=None, guide_kwargs=None):
+    """One particle per row: guide trace (conditioned on ``values`` if given) and replayed model.
+
+    Returns log w [R] = log p(x, z) - log q(z | guide input), the latent values and p(x | z).
+    """
+    guide_fn = guide if values is None else poutine.condition(guide, data=values)
+    guide_trace = poutine.trace(guide_fn).get_trace(guide_x, guide_mask, **(guide_kwargs or {}))
+    model_fn = (poutine.replay(model, trace=guide_trace) if values is None
+                else poutine.condition(model, data=values))  # replay needs sampled, not observed, z
+    model_trace = poutine.trace(model_fn).get_trace(x, mask)
+    nesting = plate_nesting(guide_trace, model_trace)
+    log_weights = (log_joint(model_trace, "data", nesting)
+                   - log_joint(guide_trace, "data", nesting)).reshape(-1)
+    latents = {name: site["value"] for name, site in sample_sites(guide_trace).items()}
+    return log_weights, latents, model_trace.nodes["x"]["fn"]
+
+
+def _chunks(num_rows, copies, data_dim):
+    rows = max(1, ROWS_PER_CALL // max(copies, 1) // max(1, data_dim // 64))
+    return [slice(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
+
+
+def _guide_kwargs(guide, idx, copies):
+    return {} if idx is None or not accepts(guide, "idx") else {"idx": idx.repeat(copies)}
+
+
+def _sir(model, guide, x, mask, num_samples, num_particles, idx):
+    """Sampling-importance-resampling: z_k ~ q(z | x_obs), resample by w_k, x_miss ~ p(x_miss | z)."""
+    rows, dim = x.shape
+    reps = lambda t, k: t.repeat(k, *([1] * (t.dim() - 1)))  # [n, ...] -> [k·n, ...], k-major
+    log_weights, latents, x_fn = _traces(model, guide, reps(x, num_particles),
+                                         reps(mask, num_particles), reps(x, num_particles),
+                                         reps(mask, num_particles),
+                                         guide_kwargs=_guide_kwargs(guide, idx, num_particles))
+    log_weights = log_weights.reshape(num_particles, rows)
+    normalised = torch.softmax(log_weights, 0)  # [K, n]
+    mean = (normalised[..., None] * x_fn.mean.reshape(num_particles, rows, dim)).sum(0)
+    chosen = torch.distributions.Categorical(probs=normalised.T).sample((num_samples,))  # [S, n]
+    flat = (chosen * rows + torch.arange(rows, device=x.device)).reshape(-1)  # rows of the K·n batch
+    values = {name: value[flat] for name, value in latents.items()}
+    _, _, x_fn = _traces(model, guide, reps(x, num_samples), reps(mask, num_samples),
+                         reps(x, num_samples), reps(mask, num_samples), values=values,
+                         guide_kwargs=_guide_kwargs(guide, idx, num_samples))
+    samples = x_fn.sample().reshape(num_samples, rows, dim)
+    ess = 1.0 / (normalised**2).sum(0)
+    return samples, mean, dict(ess=ess, log_weights=log_weights,
+                               sample_means=x_fn.mean.reshape(num_samples, rows, dim))
+
+
+def _mwg(model, guide, x, mask, num_samples, num_steps, proposal, idx):
+    """Metropolis-within-Gibbs on (z, x_miss), S chains per row.
+
+    z-step: independence proposal z' ~ q(z | x_obs) ("observed") or q(z | x_obs, x_miss) with the
+    current completion and an all-observed mask ("completed", Mattei & Frellsen 2018), accepted with
+    probability min(1, [p(x, z') q(z | ·)] / [p(x, z) q(z' | ·)]) where x = (x_obs, x_miss);
+    x-step: x_miss ~ p(x_miss | z) exactly. The mean averages E[x | z] over the second half of the run.
+    """
+    rows, dim = x.shape
+    x_rep, mask_rep = x.repeat(num_samples, 1), mask.repeat(num_samples, 1)
+    every = torch.ones_like(mask_rep)
+    guide_kwargs = _guide_kwargs(guide, idx, num_samples)
+    # start: z ~ q(z | x_obs), x_miss ~ p(x_miss | z)
+    _, state, x_fn = _traces(model, guide, x_rep, mask_rep, x_rep, mask_rep,
+                             guide_kwargs=guide_kwargs)
+    current = torch.where(mask_rep, x_rep, x_fn.sample())
+    accepted = torch.zeros(rows * num_samples, device=x.device)
+    mean_sum, mean_count = torch.zeros_like(x_rep), 0
+    for step in range(num_steps):
+        guide_x, guide_mask = (x_rep, mask_rep) if proposal == "observed" else (current, every)
+        log_w_new, proposed, fn_new = _traces(model, guide, current, every, guide_x, guide_mask,
+                                              guide_kwargs=guide_kwargs)
+        log_w_old, _, fn_old = _traces(model, guide, current, every, guide_x, guide_mask,
+                                       values=state, guide_kwargs=guide_kwargs)
+        accept = torch.rand_like(log_w_new).log() < log_w_new - log_w_old
+        accepted += accept
+        state = {name: torch.where(accept.reshape(-1, *[1] * (value.dim() - 1)), proposed[name],
+                                   value) for name, value in state.items()}
+        keep = accept[:, None]
+        draw = torch.where(keep, fn_new.sample(), fn_old.sample())
+        state_mean = torch.where(keep, fn_new.mean, fn_old.mean)
+        current = torch.where(mask_rep, x_rep, draw)
+        if step >= num_steps // 2:
+            mean_sum += state_mean
+            mean_count += 1
+    if not num_steps:  # the starting draws
+        state_mean, mean_sum, mean_count = x_fn.mean, x_fn.mean, 1
+    mean = (mean_sum / mean_count).reshape(num_samples, rows, dim).mean(0)
+    acceptance = (accepted / max(num_steps, 1)).reshape(num_samples, rows).mean(0)
+    return current.reshape(num_samples, rows, dim), mean, dict(
+        acceptance=acceptance, sample_means=state_mean.reshape(num_samples, rows, dim))
+
+
+@torch.no_grad()
+def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particles=1000,
+             num_steps=200, proposal="observed", idx=None, seed=None):
+    """Samples of the missing pixels from the posterior p(x_miss | x_obs), and its mean.
+
+    Args:
+        model, guide: a masked pair, ``model(x, mask)`` / ``guide(x, mask)`` (e.g. ``MaskedVAE``),
+            whose observed site "x" [B, D] has the per-pixel mask applied and sample sites in the
+            plate "data".
+        x: [N, D] images (NaN allowed where mask is False); mask: [N, D] bool, True = observed.
+        num_samples: S completions per image.
+        method: "sir": sampling-importance-resampling, z_k ~ q(z | x_obs) for k ≤ K
+            (``num_particles``), w_k = p(x_obs, z_k) / q(z_k | x_obs), S indices resampled by w,
+            then x_miss ~ p(x_miss | z); the mean is the self-normalised Σ_k w̃_k E[x | z_k].
+            "mwg": Metropolis-within-Gibbs, S chains of ``num_steps`` steps (see ``proposal``).
+        proposal: for "mwg": "observed" (q(z | x_obs), an independence sampler) or "completed"
+            (the encoder fed the current completion as if fully observed).
+        idx: optional [N] row indices for a per-datapoint guide.
+        seed: optional int; the same seed gives the same completions.
+
+    Returns:
+        ``Completion`` (samples [S, N, D], mean [N, D], ESS or acceptance).
+    """
+    check_missing(x, mask)
+    if method not in COMPLETION_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {COMPLETION_METHODS}")
+    if proposal not in ("observed", "completed"):
+        raise ValueError(f"proposal must be 'observed' or 'completed', got {proposal!r}")
+    if min(num_samples, num_particles) < 1 or num_steps < 0:
+        raise ValueError("num_samples and num_particles must be >= 1 and num_steps >= 0")
+    x = fill_missing(x, mask)
+    rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
+    outputs = []
+    with rng:
+        if seed is not None:
+            pyro.set_rng_seed(seed)
+        copies = num_particles if method == "sir" else 2 * num_samples
+        for rows in _chunks(x.shape[0], copies, x.shape[1]):
+            row_idx = None if idx is None else idx[rows]
+            if method == "sir":
+                outputs.append(_sir(model, guide, x[rows], mask[rows], num_samples, num_particles,
+                                    row_idx))
+            else:
+                outputs.append(_mwg(model, guide, x[rows], mask[rows], num_samples, num_steps,
+                                    proposal, row_idx))
+    samples = torch.cat([o[0] for o in outputs], 1)
+    mean = torch.cat([o[1] for o in outputs], 0)
+    extras = {key: torch.cat([o[2][key] for o in outputs], 1 if key == "sample_means" else -1)
+              for key in outputs[0][2]}
+    samples = torch.where(mask, x, samples)
+    mean = torch.where(mask, x, mean)
+    extras["sample_means"] = torch.where(mask, x, extras["sample_means"])
+    return Completion(samples, mean, method, **extras)
+
+
+# ----------------------------------------------------------------------------------------------
+# mixture of Gaussians: the exact conditional
+
+
+@dataclasses.dataclass
+class MixtureConditional:
+    """p(x_miss | x_obs) of a mixture of Gaussians, per row: a mixture of Gaussian conditionals.
+
+    responsibilities: [N, C] p(c | x_obs) ∝ π_c N(x_obs; μ_c,obs, Σ_c,obs,obs).
+    component_means: [N, C, D] E[x | x_obs, c] (observed entries = x).
+    mean: [N, D] E[x | x_obs] = Σ_c p(c | x_obs) E[x | x_obs, c].
+    log_px: [N] log p(x_obs), exact.
+    samples: [S, N, D] draws of x from p(x_miss | x_obs) (observed entries = x), or None.
+    """
+
+    responsibilities: torch.Tensor
+    component_means: torch.Tensor
+    mean: torch.Tensor
+    log_px: torch.Tensor
+    samples: torch.Tensor = None
+
+
+def mixture_conditional(weights, means, covs, x, mask, num_samples=0, generator=None):
+    """The exact completion of a mixture of Gaussians given the observed dims of each row.
+
+    With c ~ Cat(π), x | c ~ N(μ_c, Σ_c): p(c | x_o) ∝ π_c N(x_o; μ_{c,o}, Σ_{c,oo}) and
+    x_m | x_o, c ~ N(μ_{c,m} + Σ_{c,mo} Σ_{c,oo}⁻¹ (x_o - μ_{c,o}), Σ_{c,mm} - Σ_{c,mo} Σ_{c,oo}⁻¹ Σ_{c,om}).
+    With diagonal covariances the missing dims are independent of the observed ones given c: the
+    conditional of component c is just its marginal on the missing dims.
+
+    Args:
+        weights: [C] mixture weights π (summing to 1).
+        means: [C, D] μ_c.
+        covs: [C, D, D] full covariances Σ_c, or [C, D] diagonal variances.
+        x: [N, D] (NaN allowed where mask is False); mask: [N, D] bool, True = observed.
+        num_samples: S ≥ 0 draws of the completion.
+        generator: optional torch.Generator for the draws.
+
+    Returns:
+        ``MixtureConditional``. Full covariances are solved once per distinct mask pattern.
+    """
+    check_missing(x, mask)
+    num_rows, dim = x.shape
+    num_components = weights.shape[0]
+    if means.shape != (num_components, dim) or covs.shape not in (
+            (num_components, dim), (num_components, dim, dim)):
+        raise ValueError(f"need means [C, D] and covs [C, D] or [C, D, D] with C={num_components}, "
+                         f"D={dim}; got {tuple(means.shape)} and {tuple(covs.shape)}")
+    x = fill_missing(x, mask)
+    log_weights = weights.log()
+    if covs.dim() == 2:
+        return _diagonal_conditional(log_weights, means, covs, x, mask, num_samples, generator)
+    log_joint_c = x.new_empty(num_rows, num_components)
+    component_means = x.new_empty(num_rows, num_components, dim)
+    patterns, which = torch.unique(mask, dim=0, return_inverse=True)
+    factors = []  # per pattern: (rows, missing dims, [C, m, m] Cholesky of the conditional cov)
+    for p, pattern in enumerate(patterns):
+        rows = (which == p).nonzero().flatten()
+        obs, miss = pattern.nonzero().flatten(), (~pattern).nonzero().flatten()
+        cov_oo = covs[:, obs][:, :, obs]  # [C, o, o]
+        cov_mo = covs[:, miss][:, :, obs]  # [C, m, o]
+        chol = torch.linalg.cholesky(cov_oo)
+        resid = x[rows][:, obs][:, None, :] - means[:, obs]  # [n, C, o]
+        log_joint_c[rows] = log_weights + dist.MultivariateNormal(
+            means[:, obs], scale_tril=chol).log_prob(resid + means[:, obs])
+        # Σ_oo⁻¹ (x_o - μ_o) via the Cholesky factor: [C, o, n]
+        solved = torch.cholesky_solve(resid.permute(1, 2, 0), chol)
+        cond_mean = means[:, miss][:, :, None] + cov_mo @ solved  # [C, m, n]
+        block = x[rows][:, None, :].expand(-1, num_components, -1).clone()
+        block[:, :, miss] = cond_mean.permute(2, 0, 1)
+        component_means[rows] = block
+        if num_samples and miss.numel():
+            cond_cov = covs[:, miss][:, :, miss] - cov_mo @ torch.cholesky_solve(
+                cov_mo.transpose(1, 2), chol)
+            cond_cov = (cond_cov + cond_cov.transpose(1, 2)) / 2
+            factors.append((rows, miss, torch.linalg.cholesky(cond_cov)))
+    log_px = log_joint_c.logsumexp(-1)
+    responsibilities = (log_joint_c - log_px[:, None]).exp()
+    mean = (responsibilities[..., None] * component_means).sum(1)
+    samples = None
+    if num_samples:
+        c = torch.multinomial(responsibilities, num_samples, replacement=True,
+                              generator=generator).T  # [S, N]
+        samples = component_means[torch.arange(num_rows), c]  # [S, N, D]
+        for rows, miss, cond_chol in factors:
+            noise = torch.randn(num_samples, rows.numel(), miss.numel(), 1, generator=generator,
+                                dtype=x.dtype).to(x.device)
+            draws = (cond_chol[c[:, rows]] @ noise).squeeze(-1)  # [S, n, m]
+            samples[:, rows[:, None], miss] += draws
+    return MixtureConditional(responsibilities, component_means, mean, log_px, samples)
+
+
+def mixture_completion(mixture, x, mask, num_samples=0, generator=None):
+    """``mixture_conditional`` with the π, μ, Σ of a ``MixtureOfGaussians`` (ppl_lvm.models.mog).
+
+    x: [N, D] (NaN allowed where missing); mask: [N, D] bool. Returns ``MixtureConditional``.
+    """
+    with torch.no_grad():
+        covs = (mixture.log_scale.exp() ** 2 if mixture.covariance == "diag"
+                else mixture.covariance_matrix)
+        return mixture_conditional(mixture.weights, mixture.loc, covs, x, mask, num_samples,
+                                   generator)
+
+
+def masked_mixture_model(mixture):
+    """The model p(x_obs, z) of a diagonal ``MixtureOfGaussians``, for learning with missing pixels.
+
+    Returns ``model(x, mask, idx=None, num_data=None)``: z ~ Cat(π), x_d | z ~ N(μ_{z,d}, σ²_{z,d}) for
+    the observed d only. z is marked for enumeration: ``fit(model, guide, (x, mask),
+    loss=TraceEnum_ELBO())`` with an empty guide ascends the exact log p(x_obs), and
+    ``log_marginal(model, None, x, method="exact", mask=mask)`` computes it. Diagonal covariances
+    only: with full ones the observed marginal is not a per-pixel mask of the joint.
+    """
+    if mixture.covariance != "diag":
+        raise ValueError(f"masked_mixture_model needs covariance='diag', got "
+                         f"{mixture.covariance!r}; use mixture_completion for full covariances")
+
+    def model(x, mask, idx=None, num_data=None):
+        check_missing(x, mask)
+        pyro.module("mog", mixture)
+        x = fill_missing(x, mask)
+        with data_plate(x, idx, num_data):
+            z = pyro.sample("z", dist.Categorical(logits=mixture.logits),
+                            infer={"enumerate": "parallel"})
+            component = dist.Normal(mixture.loc[z], mixture.log_scale.exp()[z])
+            pyro.sample("x", component.mask(mask).to_event(1), obs=x)
+
+    return model
+
+
+def _diagonal_conditional(log_weights, means, variances, x, mask, num_samples, generator):
+    scales = variances.sqrt()
+    log_prob = dist.Normal(means, scales).log_prob(x[:, None, :])  # [N, C, D]
+    log_joint_c = log_weights + torch.where(mask[:, None, :], log_prob, 0.0).sum(-1)
+    log_px = log_joint_c.logsumexp(-1)
+    responsibilities = (log_joint_c - log_px[:, None]).exp()
+    component_means = torch.where(mask[:, None, :], x[:, None, :], means)
+    mean = (responsibilities[..., None] * component_means).sum(1)
+    samples = None
+    if num_samples:
+        c = torch.multinomial(responsibilities, num_samples, replacement=True,
+                              generator=generator).T  # [S, N]
+        noise = torch.randn((num_samples,) + x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        samples = torch.where(mask, x, means[c] + scales[c] * noise)
+    return MixtureConditional(responsibilities, component_means, mean, log_px, samples)
+
+
+# ----------------------------------------------------------------------------------------------
+# imputation quality and the baselines
+
+
+def imputation_scores(x, mask, imputed, binary=True, eps=1e-6):
+    """How well ``imputed`` predicts the missing pixels of ``x`` (missing pixels only).
+
+    x: [N, D] true values; mask: [N, D] bool (True = observed, so scored where False); imputed:
+    [N, D] predictions: P(x_d = 1) for binary pixels, values otherwise. Returns a dict: "mse"
+    always; for binary pixels also "accuracy" of 1{imputed > 1/2} and "cross_entropy" (nats per
+    missing pixel, predictions clipped to [eps, 1 - eps]).
+    """
+    missing = ~mask
+    if not missing.any():
+        raise ValueError("no missing pixels to score")
+    truth, guess = x[missing].double(), imputed[missing].double()
+    scores = {"mse": ((truth - guess) ** 2).mean().item()}
+    if binary:
+        prob = guess.clamp(eps, 1 - eps)
+        scores["accuracy"] = ((prob > 0.5).double() == truth).double().mean().item()
+        scores["cross_entropy"] = -(truth * prob.log() + (1 - truth) * (1 - prob).log()).mean().item()
+    return scores
+
+
+def mean_imputation(x_train, mask_train, x, mask):
+    """Each missing pixel filled with its observed mean over the training rows: [N, D].
+
+    x_train: [M, D]; mask_train: [M, D] bool or None (all observed). Pixels never observed in
+    training get the overall observed mean.
+    """
+    mask_train = torch.ones_like(x_train, dtype=torch.bool) if mask_train is None else mask_train
+    filled = fill_missing(x_train, mask_train)
+    counts = mask_train.sum(0)
+    overall = filled.sum() / mask_train.sum()
+    pixel_mean = torch.where(counts > 0, filled.sum(0) / counts.clamp(min=1), overall)
+    return torch.where(mask, fill_missing(x, mask), pixel_mean)
+
+
+def knn_imputation(x_train, mask_train, x, mask, n_neighbors=5):
+    """scikit-learn's ``KNNImputer``: each missing pixel the mean of its k nearest training rows.
+
+    Neighbours are found by the NaN-aware Euclidean distance on the pixels both rows observe.
+    x_train: [M, D]; mask_train: [M, D] bool or None; returns [N, D] on x's device.
+    """
+    from sklearn.impute import KNNImputer
+
+    mask_train = torch.ones_like(x_train, dtype=torch.bool) if mask_train is None else mask_train
+    train = torch.where(mask_train, x_train, float("nan")).double().cpu().numpy()
+    test = torch.where(mask, x, float("nan")).double().cpu().numpy()
+    # keep_empty_features: a pixel never observed in training must keep its column (filled with 0)
+    imputer = KNNImputer(n_neighbors=n_neighbors, keep_empty_features=True).fit(train)
+    imputed = torch.as_tensor(np.asarray(imputer.transform(test)), dtype=x.dtype, device=x.device)
+    return torch.where(mask, fill_missing(x, mask), imputed)
