@@ -21,6 +21,8 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# per-datapoint φ_i tables (ppl_lvm.guides.LocalGuide) live in the param store under this prefix
+LOCAL_PREFIX = "local$$$"
 
 
 class DivergenceError(RuntimeError):
@@ -35,6 +37,8 @@ class FitResult:
     epoch_losses: per epoch, the mean of that epoch's step losses.
     eval_epochs, eval_elbos: the epochs at which held-out data was evaluated and its ELBO per
         datapoint (nats).
+    inner_gains: with ``inner_steps`` > 0, per step, how much the inner loop over the batch's φ_i
+        raised its ELBO per datapoint (the θ step's loss minus the first inner step's; nats).
     """
 
     losses: list = dataclasses.field(default_factory=list)
@@ -44,6 +48,7 @@ class FitResult:
     step: int = 0
     wall_time: float = 0.0
     checkpoint: str = None
+    inner_gains: list = dataclasses.field(default_factory=list)
 
 
 def accepts(fn, name):
@@ -189,6 +194,32 @@ def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, para
     return torch_item(value)
 
 
+def is_local_param(name):
+    """Whether param store entry ``name`` is a per-datapoint φ table (not a global θ)."""
+    return name.startswith(LOCAL_PREFIX)
+
+
+def _adam_or_sparse_adam(params, lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+    (param,) = params
+    if LOCAL_PREFIX in (pyro.get_param_store().param_name(param) or ""):
+        lr = local_lr
+    if param.grad is not None and param.grad.is_sparse:
+        # lazy Adam: moments and values change only in the rows of this batch
+        return torch.optim.SparseAdam([param], lr=lr, betas=betas, eps=eps)
+    return torch.optim.Adam([param], lr=lr, betas=betas, eps=eps)
+
+
+def adam(lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+    """fit's default optimiser: Adam for θ, lazy (sparse) Adam at ``local_lr`` for local φ tables.
+
+    A per-datapoint table [N, ...] gets sparse gradients (only the batch's rows), and
+    ``torch.optim.SparseAdam`` updates only those rows, so a step costs the same for any N and
+    rows outside the batch never drift. Returns a ``pyro.optim.PyroOptim`` (state per param name).
+    """
+    return pyro.optim.PyroOptim(_adam_or_sparse_adam,
+                                {"lr": lr, "local_lr": local_lr, "betas": betas, "eps": eps})
+
+
 def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
@@ -207,7 +238,8 @@ def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs):
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None):
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, inner_steps=0,
+        local_lr=1e-2):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -227,6 +259,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
         model_kwargs: extra keywords for model and guide.
+        inner_steps: S. 0: joint SVI, one step on θ and φ together. S > 0: the lecture's
+            two-step procedure: per minibatch, S steps on the batch's local φ_i (θ fixed), then
+            one step on θ (φ fixed). Local params are those named with ``LOCAL_PREFIX``.
+        local_lr: the default optimiser's step size for local φ tables (see ``adam``).
 
     Returns:
         FitResult. Raises DivergenceError when the loss becomes non-finite.
@@ -234,6 +270,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
                          f"{epochs}, {batch_size}, {checkpoint_every}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     device = torch.device(device)
@@ -248,7 +286,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if clear_params:
         pyro.clear_param_store()
     loss = loss or Trace_ELBO()
-    optim = optim or pyro.optim.Adam({"lr": lr})
+    optim = optim or adam(lr, local_lr)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -298,8 +336,17 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             for b in range(first, batches_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 batch = tuple(t[idx] for t in tensors)
-                value = svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
-                                 optim, loss, batch, model_kwargs)
+                step_model, step_guide = bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data)
+                if inner_steps:
+                    before = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                     param_filter=is_local_param)
+                    for _ in range(inner_steps - 1):
+                        svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                 param_filter=is_local_param)
+                value = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                 param_filter=(lambda n: not is_local_param(n)) if inner_steps else None)
+                if inner_steps:
+                    result.inner_gains.append((before - value) / num_data)
                 result.step += 1
                 value = value / num_data
                 if not math.isfinite(value):
