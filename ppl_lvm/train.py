@@ -38,7 +38,7 @@ class FitResult:
     eval_epochs, eval_elbos: the epochs at which held-out data was evaluated and its ELBO per
         datapoint (nats).
     inner_gains: with ``inner_steps`` > 0, per step, how much the inner loop over the batch's φ_i
-        raised its ELBO per datapoint (the θ step's loss minus the first inner step's; nats).
+        raised its ELBO per datapoint (the first inner step's loss minus the θ step's; nats).
     """
 
     losses: list = dataclasses.field(default_factory=list)
@@ -89,6 +89,14 @@ def as_batch_tuple(data, device):
         raise ValueError(f"data contains NaN or inf (first bad rows: {rows}); mask missing "
                          "values instead of passing them to the likelihood")
     return tuple(t.to(device) for t in tensors)
+
+
+def take_rows(tensors, idx, transform=None):
+    """The minibatch ``tuple(t[idx] for t in tensors)``, passed through ``transform`` if given."""
+    batch = tuple(t[idx] for t in tensors)
+    if transform is None:
+        return batch
+    return tuple(transform(*batch)) if len(batch) > 1 else (transform(*batch),)
 
 
 def _owners(*fns):
@@ -164,7 +172,12 @@ def load_params(state, device=None):
     for name, value in state["params"].items():
         value = value.to(device) if device is not None else value
         if name in store:
-            store._params[name].data.copy_(value)
+            current = store._params[name]
+            if current.shape != value.shape:
+                raise ValueError(f"saved parameter {name!r} has shape {tuple(value.shape)} but the "
+                                 f"model's has {tuple(current.shape)}: was it saved from another "
+                                 "configuration?")
+            current.data.copy_(value)
         else:
             store._params[name] = value.detach().requires_grad_(True)
             store._constraints[name] = state["constraints"][name]
@@ -224,22 +237,24 @@ def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
-def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs):
-    """Held-out ELBO per datapoint (nats), one Monte Carlo sample of z per datapoint."""
-    elbo = Trace_ELBO()
+def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None):
+    """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
+    ``num_particles`` draws of z per datapoint; no step is taken."""
+    tensors = data if isinstance(data, (tuple, list)) else (data,)
+    elbo = Trace_ELBO(num_particles=num_particles)
     total = 0.0
     num_data = tensors[0].shape[0]
     with torch.no_grad():
         for start in range(0, num_data, batch_size):
             batch = tuple(t[start:start + batch_size] for t in tensors)
-            total += elbo.loss(model, guide, *batch, **model_kwargs)
+            total += elbo.loss(model, guide, *batch, **(model_kwargs or {}))
     return -total / num_data
 
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, inner_steps=0,
-        local_lr=1e-2):
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
+        inner_steps=0, local_lr=1e-2):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -263,6 +278,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             two-step procedure: per minibatch, S steps on the batch's local φ_i (θ fixed), then
             one step on θ (φ fixed). Local params are those named with ``LOCAL_PREFIX``.
         local_lr: the default optimiser's step size for local φ tables (see ``adam``).
+        transform: optional callable taking a minibatch's tensors and returning them (a tensor
+            when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
+            torch's RNG (checkpoints restore it).
 
     Returns:
         FitResult. Raises DivergenceError when the loss becomes non-finite.
@@ -304,7 +322,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
         rows = torch.arange(min(2, num_data), device=device)
         register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
-                        tuple(t[rows] for t in tensors), loss)
+                        take_rows(tensors, rows, transform), loss)
         load_params(state, device)
         optim.set_state(state["optim"])
         _set_rng_state(state["rng"])
@@ -335,7 +353,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             for b in range(first, batches_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
-                batch = tuple(t[idx] for t in tensors)
+                batch = take_rows(tensors, idx, transform)
                 step_model, step_guide = bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data)
                 if inner_steps:
                     before = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
@@ -367,7 +385,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
                 result.eval_elbos.append(
-                    _evaluate_elbo(model, guide, eval_tensors, 4 * batch_size, model_kwargs))
+                    evaluate_elbo(model, guide, eval_tensors, model_kwargs=model_kwargs))
             save(epoch + 1, 0)
     finally:
         bar.close()
