@@ -194,41 +194,44 @@ def log_joint(model, values, x, idx=None, num_data=None, **kwargs):
     return total
 
 
-def refine(model, x, loc, scale, *, steps=10, lr=0.05, site="z", idx=None, num_data=None,
-           unroll=False, **kwargs):
-    """Raise ELBO(μ, σ) = E_q[log p(x, z)] + H[q] per datapoint by ``steps`` Adam steps on (μ, log σ).
+def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z", idx=None,
+           num_data=None, unroll=False, **kwargs):
+    """Raise ELBO(μ, σ) = E_q[log p(x, z)] + H[q] per datapoint by ``steps`` SGD steps on (μ, log σ).
 
-    loc, scale: [B, *shape] the starting φ (e.g. an encoder's output). Each step uses one
-    reparameterised sample z = μ + σ ε per row and the exact Normal entropy. ``unroll=False``: the
-    result carries gradients to loc/scale as if the refinement were the identity (first order);
-    ``unroll=True``: gradients flow through the unrolled steps (Kim et al. 2018; costs a
-    second-order backward). Returns (loc, scale) [B, *shape].
+    loc, scale: [B, *shape] the starting φ (e.g. an encoder's output). Each step averages
+    ``num_particles`` reparameterised samples z = μ + σ ε per row (the model sees the rows
+    repeated) and uses the exact Normal entropy; the step size decays from lr to lr / 100 along a
+    cosine so the last φ is not jittered by gradient noise. ``unroll=False``: the result carries
+    gradients to loc/scale as if the refinement were the identity (first order); ``unroll=True``:
+    gradients flow through the unrolled steps (Kim et al. 2018; a second-order backward).
+    Returns (loc, scale) [B, *shape].
     """
     event_dims = tuple(range(1, loc.dim()))
+    batch_size = x.shape[0]
+    repeated_x = x.repeat(num_particles, *([1] * (x.dim() - 1)))
+    repeated_idx = None if idx is None else idx.repeat(num_particles)
     with torch.enable_grad():
         start_loc, start_log_scale = loc, scale.log()
         if unroll:
             params = [start_loc, start_log_scale]
         else:
             params = [start_loc.detach().requires_grad_(), start_log_scale.detach().requires_grad_()]
-        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        for t in range(1, steps + 1):
-            z = params[0] + params[1].exp() * torch.randn_like(params[0])
-            objective = (log_joint(model, {site: z}, x, idx, num_data, **kwargs).sum()
-                         + params[1].sum(event_dims).sum())
-            grads = torch.autograd.grad(objective, params, create_graph=unroll)
-            new_params, new_moments = [], []
-            for p, g, (m, v) in zip(params, grads, moments):
-                m = beta1 * m + (1 - beta1) * g
-                v = beta2 * v + (1 - beta2) * g * g
-                step = lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
-                new_params.append(p + step)
-                new_moments.append((m, v))
-            params, moments = new_params, new_moments
+        for t in range(steps):
+            loc_t, log_scale_t = params
+            noise = torch.randn((num_particles,) + loc_t.shape, dtype=loc.dtype, device=loc.device)
+            z = (loc_t + log_scale_t.exp() * noise).reshape(num_particles * batch_size, *loc.shape[1:])
+            log_p = log_joint(model, {site: z}, repeated_x, repeated_idx, num_data, **kwargs)
+            objective = log_p.sum() / num_particles + log_scale_t.sum(event_dims).sum()
+            grad_loc, grad_log_scale = torch.autograd.grad(objective, params, create_graph=unroll)
+            step_size = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps)))
+            # natural gradient of a Normal (Fisher: 1/σ² for μ, 2 for log σ); clipped so a far too
+            # wide start cannot overshoot: μ moves at most 2σ, log σ at most 1 per step
+            variance = (2 * log_scale_t).exp().detach()
+            loc_step = (step_size * variance * grad_loc).clamp(-2 * variance.sqrt(), 2 * variance.sqrt())
+            log_scale_step = (step_size * grad_log_scale / 2).clamp(-1.0, 1.0)
+            params = [loc_t + loc_step, log_scale_t + log_scale_step]
             if not unroll:
                 params = [p.detach().requires_grad_() for p in params]
-                moments = [(m.detach(), v.detach()) for m, v in moments]
     if unroll:
         return params[0], params[1].exp()
     loc_out = start_loc + (params[0] - start_loc).detach()
@@ -246,14 +249,17 @@ class SemiAmortizedGuide:
     Args:
         model: the Pyro model whose log p(x, z) the refinement climbs (all its latent sites must be
             ``site``). encoder: x -> (loc, scale). steps: S. lr: the refinement's Adam step size.
-        unroll: backpropagate through the refinement into the encoder (see ``refine``).
+        num_particles: samples per refinement step (single-sample steps are too noisy to help
+            much). unroll: backpropagate through the
+            refinement into the encoder (see ``refine``).
     """
 
-    def __init__(self, model, encoder, steps=10, lr=0.05, site="z", event_dim=1, unroll=False,
-                 name="encoder"):
+    def __init__(self, model, encoder, steps=10, lr=0.2, num_particles=8, site="z", event_dim=1,
+                 unroll=False, name="encoder"):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.model, self.encoder, self.steps, self.lr = model, encoder, steps, lr
+        self.num_particles = num_particles
         self.site, self.event_dim, self.unroll, self.name = site, event_dim, unroll, name
 
     def __call__(self, x, idx=None, num_data=None, **kwargs):
@@ -261,7 +267,7 @@ class SemiAmortizedGuide:
         loc, scale = self.encoder(x)
         if self.steps:
             loc, scale = refine(self.model, x, loc, scale, steps=self.steps, lr=self.lr,
-                                site=self.site, idx=idx, num_data=num_data, unroll=self.unroll,
+                                num_particles=self.num_particles, site=self.site, idx=idx, num_data=num_data, unroll=self.unroll,
                                 **kwargs)
         with data_plate(x, idx, num_data):
             pyro.sample(self.site, dist.Normal(loc, scale).to_event(self.event_dim))
@@ -274,7 +280,7 @@ def _site_shapes_of(encoder, x, site):
 
 
 def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2, batch_size=None,
-                num_particles=1, name="new", seed=0, progress=False, **model_kwargs):
+                num_particles=1, loss=None, name="new", seed=0, **model_kwargs):
     """Fit per-datapoint φ_i for rows ``x`` with θ fixed: q*(z_i) = argmax ELBO_i (the decoder frozen).
 
     A ``LocalGuide`` fitted on training rows has no φ for new rows; this fits them. Every parameter
@@ -285,9 +291,11 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
         x: [M, ...] the new rows. site_shapes: {site: shape}; inferred from ``encoder`` if omitted.
         encoder: optional x -> (loc, scale): rows start at the encoder's output (recommended: then
             q* is at least as good as the amortized q up to optimisation noise).
-        steps: Adam steps per row; lr: their step size; batch_size: rows per step (default all).
-        num_particles: samples per ELBO gradient; name: the new table's name (any old table of
-            that name is replaced).
+        steps: Adam steps per row; lr: their step size, decayed to lr / 100 along a cosine so the
+            final φ is not jittered by gradient noise; batch_size: rows per step (default all).
+        num_particles: samples per ELBO gradient (or give ``loss``, any Pyro ELBO, e.g. one with
+            ``vectorize_particles=True``); name: the new table's name (any old table of that name
+            is replaced).
 
     Returns:
         LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once).
@@ -309,7 +317,7 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
                 guide.initialize(loc, scale, rows=slice(start, start + 1024))
     batch_size = batch_size or num_rows
     optim = adam(local_lr=lr)
-    elbo = pyro.infer.Trace_ELBO(num_particles=num_particles)
+    elbo = loss or pyro.infer.Trace_ELBO(num_particles=num_particles)
     only_this_table = lambda param_name: param_name == guide.param_name  # noqa: E731
     # θ needs no gradients here: switch them off so each step only pays for φ's
     frozen = [store._params[n] for n in store.keys()
@@ -324,7 +332,10 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
         try:
             for p in frozen + module_params:
                 p.requires_grad_(False)
-            for _ in range(steps):
+            for step in range(steps):
+                for optimizer in optim.optim_objs.values():
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):
                     idx = order[start:start + batch_size]
