@@ -322,3 +322,22 @@ def test_baseline_lowers_the_variance_of_score_function_gradients():
     assert (baseline.var(0) < plain.var(0) / 20).all()
     with pytest.raises(ValueError, match="unknown baseline"):
         score_function_infer("average")
+
+
+@pytest.mark.slow
+def test_gaps_command(tmp_path, capsys):
+    import json
+
+    from ppl_lvm.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), "--data", "digits", "--epochs", "2",
+                 "--z-dim", "2", "--hidden-dim", "16", "--batch-size", "256", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["gaps", str(out), "-K", "50", "--n", "20", "--elbo-samples", "10",
+                 "--local-steps", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "amortization gap" in printed and "approximation gap" in printed
+    summary = json.loads((out / "gaps.json").read_text())
+    assert summary["num_data"] == 20 and summary["num_samples"] == 50
+    assert main(["gaps", str(tmp_path / "missing")]) == 2
