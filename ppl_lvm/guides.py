@@ -333,9 +333,7 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
             for p in frozen + module_params:
                 p.requires_grad_(False)
             for step in range(steps):
-                for optimizer in optim.optim_objs.values():
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+                optim.set_lr_factor(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):
                     idx = order[start:start + batch_size]

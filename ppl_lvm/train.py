@@ -212,25 +212,95 @@ def is_local_param(name):
     return name.startswith(LOCAL_PREFIX)
 
 
-def _adam_or_sparse_adam(params, lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
-    (param,) = params
-    if LOCAL_PREFIX in (pyro.get_param_store().param_name(param) or ""):
-        lr = local_lr
-    if param.grad is not None and param.grad.is_sparse:
-        # lazy Adam: moments and values change only in the rows of this batch
-        return torch.optim.SparseAdam([param], lr=lr, betas=betas, eps=eps)
-    return torch.optim.Adam([param], lr=lr, betas=betas, eps=eps)
+class LazyAdam:
+    """fit's default optimiser: Adam for θ, lazy (sparse) Adam at ``local_lr`` for local φ tables.
+
+    Called like a ``pyro.optim.PyroOptim`` (``optim(params)`` steps exactly the params given, e.g.
+    only φ or only θ) with the same per-parameter-name ``get_state``/``set_state`` for checkpoints.
+    Dense parameters share one multi-tensor ``torch.optim.Adam`` (one call per step, not one per
+    parameter); a parameter with sparse gradients (a per-datapoint table [N, ...]) gets
+    ``torch.optim.SparseAdam``, which reads and writes only the rows in the batch: a step costs
+    the same for any N and rows outside the batch never drift, momentum included.
+    """
+
+    def __init__(self, lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.local_lr, self.betas, self.eps = lr, local_lr, tuple(betas), eps
+        self._dense = {}    # lr -> torch.optim.Adam over every dense param with that lr
+        self._sparse = {}   # param -> torch.optim.SparseAdam
+        self._known = set()
+        self._waiting = {}  # param name -> saved state, consumed when the param first shows up
+
+    def _add(self, param):
+        name = pyro.get_param_store().param_name(param) or ""
+        lr = self.local_lr if name.startswith(LOCAL_PREFIX) else self.lr
+        saved = self._waiting.pop(name, None)
+        if param.grad is not None and param.grad.is_sparse:
+            optimizer = self._sparse[param] = torch.optim.SparseAdam(
+                [param], lr=lr, betas=self.betas, eps=self.eps)
+        else:
+            if lr not in self._dense:
+                self._dense[lr] = torch.optim.Adam([param], lr=lr, betas=self.betas, eps=self.eps,
+                                                   foreach=True)
+            else:
+                self._dense[lr].param_groups[0]["params"].append(param)
+            optimizer = self._dense[lr]
+        if saved is not None:
+            optimizer.state[param] = {key: value.clone() if torch.is_tensor(value) else value
+                                      for key, value in saved.items()}
+        self._known.add(param)
+
+    def __call__(self, params):
+        params = [p for p in params if p.grad is not None]
+        for param in params:
+            if param not in self._known:
+                self._add(param)
+        given = set(params)
+        for param, optimizer in self._sparse.items():
+            if param in given:
+                optimizer.step()
+        for optimizer in self._dense.values():
+            group = optimizer.param_groups[0]["params"]
+            # params not given this step are held fixed: Adam skips those without a gradient
+            held = [(p, p.grad) for p in group if p not in given and p.grad is not None]
+            for p, _ in held:
+                p.grad = None
+            if len(held) < len(group):
+                optimizer.step()
+            for p, grad in held:
+                p.grad = grad
+
+    def set_lr_factor(self, factor):
+        """Multiply every step size by ``factor`` (relative to the initial lr), e.g. for a decay."""
+        for optimizer in self._optimizers():
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+
+    def _optimizers(self):
+        yield from self._dense.values()
+        yield from self._sparse.values()
+
+    def get_state(self):
+        """{param name: its Adam state (step, exp_avg, exp_avg_sq)}, like ``PyroOptim.get_state``."""
+        store = pyro.get_param_store()
+        state = dict(self._waiting)
+        for optimizer in self._optimizers():
+            for param, param_state in optimizer.state.items():
+                name = store.param_name(param)
+                if name is not None and param_state:
+                    state[name] = {key: value.clone() if torch.is_tensor(value) else value
+                                   for key, value in param_state.items()}
+        return state
+
+    def set_state(self, state):
+        """Load ``get_state()``'s dict; each entry is used when its parameter is first stepped."""
+        self._waiting.update(state)
 
 
 def adam(lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
-    """fit's default optimiser: Adam for θ, lazy (sparse) Adam at ``local_lr`` for local φ tables.
-
-    A per-datapoint table [N, ...] gets sparse gradients (only the batch's rows), and
-    ``torch.optim.SparseAdam`` updates only those rows, so a step costs the same for any N and
-    rows outside the batch never drift. Returns a ``pyro.optim.PyroOptim`` (state per param name).
-    """
-    return pyro.optim.PyroOptim(_adam_or_sparse_adam,
-                                {"lr": lr, "local_lr": local_lr, "betas": betas, "eps": eps})
+    """fit's default optimiser (a ``LazyAdam``): Adam at ``lr`` for θ, lazy Adam at ``local_lr``
+    for per-datapoint φ tables (params named with ``LOCAL_PREFIX``)."""
+    return LazyAdam(lr, local_lr, betas, eps)
 
 
 def torch_item(value):
