@@ -6,6 +6,7 @@ optimiser step on -ELBO. Checkpoints hold everything needed to continue bit for 
 the optimiser's state, every RNG's state and the step.
 """
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -53,6 +54,19 @@ class FitResult:
 
 def accepts(fn, name):
     """Whether callable ``fn`` takes keyword ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        return _accepts_cached(fn, name)
+    except TypeError:  # an unhashable callable
+        return _accepts(fn, name)
+
+
+# fit asks every step, and inspect.signature costs about a millisecond
+@functools.lru_cache(maxsize=256)
+def _accepts_cached(fn, name):
+    return _accepts(fn, name)
+
+
+def _accepts(fn, name):
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -199,12 +213,19 @@ def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, para
     if param_filter is not None:
         frozen = [p for name, p in params.items() if not param_filter(name)]
         params = {name: p for name, p in params.items() if param_filter(name)}
-        pyro.infer.util.zero_grads(frozen)
+        _clear_grads(frozen)
     if grad_hook is not None:
         grad_hook(params)
     optim(params.values())
-    pyro.infer.util.zero_grads(params.values())
+    _clear_grads(params.values())
     return torch_item(value)
+
+
+def _clear_grads(params):
+    # None rather than zeros (pyro.infer.util.zero_grads): no allocation, and the next backward
+    # starts a fresh gradient either way
+    for param in params:
+        param.grad = None
 
 
 def is_local_param(name):
