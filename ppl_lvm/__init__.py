@@ -1,9 +1,12 @@
 """ppl_lvm: latent-variable models as Pyro programs, trained by SVI and measured by importance weighting."""
 from ppl_lvm.data import binarize, load_digits, load_mnist, train_test_split
+from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, amortization_gaps,
+                            infer_local)
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.plate import data_plate
 from ppl_lvm.train import DivergenceError, FitResult, fit
 
-__all__ = ["VAE", "DivergenceError", "FitResult", "binarize", "data_plate", "fit", "load_digits",
+__all__ = ["AmortizedGuide", "LocalGuide", "SemiAmortizedGuide", "amortization_gaps", "infer_local",
+           "VAE", "DivergenceError", "FitResult", "binarize", "data_plate", "fit", "load_digits",
            "load_mnist", "train_test_split"]
 __version__ = "0.1.0"

@@ -354,7 +354,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             rows' indices [B] and N (see ``ppl_lvm.data_plate``); otherwise they are scaled by N / B.
         data: [N, ...] tensor, or a tuple of tensors sharing N (passed as ``model(*batch)``).
         epochs: passes over the data; batch_size: B (the last batch of an epoch may be smaller).
-        lr: Adam's learning rate when ``optim`` is None; optim: any ``pyro.optim.PyroOptim``.
+        lr: Adam's learning rate for θ when ``optim`` is None (the default is ``LazyAdam``, which
+            also handles per-datapoint φ tables); optim: any ``pyro.optim.PyroOptim`` or
+            ``LazyAdam`` (plain Pyro optimisers reject the sparse gradients of a ``LocalGuide``).
         loss: any Pyro ELBO (default ``Trace_ELBO()``).
         device: where data, modules (of bound ``model``/``guide`` methods) and params live.
         seed: seeds Pyro, torch, numpy and the per-epoch shuffles.
