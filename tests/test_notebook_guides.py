@@ -24,7 +24,4 @@ def test_amortized_vs_local_notebook_runs_small(monkeypatch, tmp_path):
     assert "held-out images, nats per image" in text
     for label in ("amortized (encoder)", "non-amortized (local", "semi-amortized"):
         assert label in text
-    images = sum("image/png" in output.get("data", {}) for cell in notebook.cells
-                 if cell.cell_type == "code" for output in cell.outputs)
-    assert images == 3
     assert re.search(r"semi \{'epoch': \d+", text)
