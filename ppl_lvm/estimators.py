@@ -8,7 +8,6 @@ name; they are vectorised over K, chunked over datapoints, and combined with log
 machinery gives ``IWAE_ELBO``, the importance-weighted training objective (optionally with DReG).
 """
 import dataclasses
-import inspect
 import math
 import warnings
 
@@ -17,9 +16,11 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import detach
-from pyro.infer import config_enumerate
+from pyro.infer import ELBO, config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
+
+from ppl_lvm.train import accepts
 
 METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact")
 GUIDE_METHODS = ("is", "iwae", "elbo")
@@ -42,12 +43,17 @@ class LogMarginalEstimate:
     log_px: [N] the estimates (nats), on x's device.
     ess: [N] effective sample size of the importance weights, (Σ_k w_k)² / Σ_k w_k², in [1, K]
         (NaN for "exact", which draws no samples).
+    rows_per_call, particles_per_call: how the work was chunked (vectorised calls of that size).
+    vectorized: False when the model could not be vectorised and particles were looped.
     """
 
     log_px: torch.Tensor
     ess: torch.Tensor
     method: str
     num_samples: int
+    rows_per_call: int = None
+    particles_per_call: int = None
+    vectorized: bool = True
 
     @property
     def mean(self):
@@ -115,6 +121,17 @@ def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, p
         idx = torch.arange(num_rows, device=device)
     idx = idx.to(device)
     memory_bytes = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+    if seed is not None:  # a seeded call leaves the global RNG as it found it
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed,
+                             idx, memory_bytes, model_kwargs)
+    return _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
+                     memory_bytes, model_kwargs)
+
+
+def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
+              memory_bytes, model_kwargs):
+    num_rows, device = x.shape[0], x.device
     program = _Program(model, guide, x, method, plate_name, idx, model_kwargs)
     if method == "exact":
         rows_per_call = chunk_size or max(1, memory_bytes // max(program.bytes_per_unit, 1))
@@ -133,11 +150,12 @@ def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, p
         totals = _RunningWeights()
         for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
             count = min(particles_per_call, num_samples - first)
-            with _seeded(seed, block, particle_block, device):
-                totals.add(program.log_weights(rows, count))
+            _seed_block(seed, block, particle_block)
+            totals.add(program.log_weights(rows, count))
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
-    return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples)
+    return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
+                               rows_per_call, particles_per_call, program.vectorized)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,24 +196,11 @@ def _plan(num_rows, num_samples, chunk_size, seed, memory_bytes, bytes_per_unit)
     return rows, particles
 
 
-class _seeded:
-    """Run a block under its own RNG stream, derived from (seed, row block, particle block)."""
-
-    def __init__(self, seed, block, particle_block, device):
-        self.seed, self.key, self.device = seed, (block, particle_block), device
-
-    def __enter__(self):
-        if self.seed is None:
-            return
-        devices = [self.device] if self.device.type == "cuda" else []
-        self.fork = torch.random.fork_rng(devices=devices)
-        self.fork.__enter__()
-        state = np.random.SeedSequence([int(self.seed), *self.key]).generate_state(2, np.uint32)
+def _seed_block(seed, block, particle_block):
+    """Seed torch's RNG for one block from (seed, row block, particle block) (a no-op without seed)."""
+    if seed is not None:
+        state = np.random.SeedSequence([int(seed), block, particle_block]).generate_state(2)
         torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-    def __exit__(self, *exc):
-        if self.seed is not None:
-            self.fork.__exit__(*exc)
 
 
 class _RunningWeights:
@@ -228,15 +233,6 @@ class _RunningWeights:
 
 # ----------------------------------------------------------------------------------------------
 # traces -> per-datapoint log weights
-
-
-def accepts(fn, name):
-    """Whether callable ``fn`` takes keyword ``name`` (explicitly or through ``**kwargs``)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def sample_sites(trace):
@@ -322,6 +318,19 @@ def log_joint(trace, plate_name, nesting, observed_only=False):
     return total
 
 
+def check_observed_support(trace):
+    """Observed values must lie in their distribution's support (e.g. binary pixels for a Bernoulli)."""
+    for name, site in sample_sites(trace).items():
+        if site["is_observed"]:
+            support = site["fn"].support
+            inside = support.check(site["value"])
+            if not bool(inside.all()):
+                bad = (~inside).sum().item()
+                raise ValueError(f"observed site {name!r}: {bad} values of x lie outside the support "
+                                 f"of {type(site['fn']).__name__} ({support}); e.g. binarize x "
+                                 "for a Bernoulli likelihood")
+
+
 def vectorize(fn, num_particles, nesting, device):
     """``fn`` run under a plate of K particles at dim -(nesting + 1), as Pyro's vectorised ELBOs do."""
     def vectorized(*args, **kwargs):
@@ -397,7 +406,7 @@ class _Program:
                           f"shape {shape}): {type(error).__name__}: {error}")
 
     def _probe(self):
-        rows = slice(0, min(self.x.shape[0], 8))
+        rows = slice(0, min(self.x.shape[0], 2))
         guide_trace, model_trace = self._traces(rows)
         traces = [t for t in (guide_trace, model_trace) if t is not None]
         check_data_plate(traces, self.plate_name)
@@ -460,11 +469,24 @@ class _Program:
         return log_weights.reshape(-1, num_rows).expand(num_particles, num_rows)
 
     def log_weights(self, rows, num_particles):
-        """log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n) for the chunk: [K, n]."""
-        if self.vectorized:
-            return self._log_weights_vectorized(rows, num_particles)
-        return torch.stack([self._weights_from_traces(*self._traces(rows)).reshape(-1)
-                            for _ in range(num_particles)])
+        """log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n) for the chunk: [K, n].
+
+        The probe ran with the user's validation setting; here the distributions' argument checks
+        (a pass over every [K, n, D] parameter tensor, ~10% of the time) are off, and only what
+        they would catch about the data is checked: observed values inside their support.
+        """
+        with pyro.validation_enabled(False):
+            if self.vectorized:
+                log_weights = self._log_weights_vectorized(rows, num_particles)
+                check_observed_support(self._last_traces[1])
+                self._last_traces = None  # free this chunk's [K, n, D] tensors before the next
+                return log_weights
+            weights = []
+            for _ in range(num_particles):
+                guide_trace, model_trace = self._traces(rows)
+                check_observed_support(model_trace)
+                weights.append(self._weights_from_traces(guide_trace, model_trace).reshape(-1))
+            return torch.stack(weights)
 
     def exact(self, rows):
         """log Σ_z p(x_n, z) by parallel enumeration of every latent site: [n]."""
@@ -491,14 +513,16 @@ class _Program:
 # the IWAE training objective
 
 
-class IWAE_ELBO:
+class IWAE_ELBO(ELBO):
     """The importance-weighted bound as a training loss, per datapoint: -Σ_n s log (1/K) Σ_k w_{k,n}.
 
     Usable wherever a Pyro ELBO is (``fit(..., loss=IWAE_ELBO(K))``, ``SVI``): ``loss``,
     ``differentiable_loss`` and ``loss_and_grads``. log w_{k,n} is built from each site's unscaled,
     masked log-prob summed over the plates other than the data plate; the log-mean-exp over K is
-    taken per datapoint and then multiplied by the data plate's scale s = N / B, so a minibatch loss
-    estimates the full-data loss (s log mean w, not log mean w^s).
+    taken per datapoint and then multiplied by the sites' common scale s = N / B (from the data
+    plate's subsampling or from ``fit``'s poutine.scale for models without ``num_data``), so a
+    minibatch loss estimates the full-data loss (s log mean w, not log mean w^s). Sites with
+    different scales (annealing) are refused.
 
     ``dreg=True`` uses the doubly-reparameterised gradient (Tucker et al. 2018) for the guide: the
     guide's distribution parameters are stopped in log q and the path gradient is weighted by the
@@ -509,7 +533,8 @@ class IWAE_ELBO:
     in that plate (it only sums plates not shared by all sites), so without subsampling it is the
     same per-datapoint IWAE bound. But (1) it uses the *scaled* log-probs, so with N / B scaling
     (or poutine.scale annealing) it computes log mean_k w^s instead of s log mean_k w — a
-    different, Rényi-like objective — and (2) as soon as one site lies outside the data plate (a
+    different objective, larger by the power-mean inequality, so its minibatch loss is not an
+    estimate of the full-data IWAE loss — and (2) as soon as one site lies outside the data plate (a
     global latent) it sums the batch into one log weight per particle: a single bound over the
     whole minibatch. tests/test_estimators.py shows both.
     """
@@ -517,14 +542,18 @@ class IWAE_ELBO:
     def __init__(self, num_particles=10, dreg=False, plate_name="data", max_plate_nesting=None):
         if int(num_particles) != num_particles or num_particles < 1:
             raise ValueError(f"num_particles (K) must be an integer ≥ 1, got {num_particles!r}")
-        self.num_particles = int(num_particles)
+        super().__init__(num_particles=int(num_particles))
         self.dreg = dreg
         self.plate_name = plate_name
         self.max_plate_nesting = max_plate_nesting
 
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("IWAE_ELBO draws its K particles in one vectorised trace")
+
     def _nesting(self, model, guide, args, kwargs):
         if self.max_plate_nesting is None:
-            with poutine.block(), torch.no_grad():
+            devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda][:1]
+            with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=devices):
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                     *args, **kwargs)
@@ -532,7 +561,7 @@ class IWAE_ELBO:
             self.max_plate_nesting = plate_nesting(guide_trace, model_trace)
         return self.max_plate_nesting
 
-    def _surrogate(self, model, guide, args, kwargs):
+    def _surrogate(self, model, guide, args, kwargs, gradient=True):
         """(per-datapoint bound [B], surrogate whose gradient is the estimator's, scale s)."""
         nesting = self._nesting(model, guide, args, kwargs)
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
@@ -546,15 +575,13 @@ class IWAE_ELBO:
             if not site["fn"].has_rsample:
                 raise NotImplementedError(f"IWAE_ELBO needs reparameterised guide sites; site "
                                           f"{name!r} ({type(site['fn']).__name__}) is not")
-        frame = next(data_frame(site, self.plate_name)
-                     for site in sample_sites(model_trace).values())
-        scale = (frame.full_size or frame.size) / frame.size
+        scale = self._scale(guide_trace, model_trace)
         log_p = log_joint(model_trace, self.plate_name, nesting)
         log_q = log_joint(guide_trace, self.plate_name, nesting)
         size = log_p.shape[-1]
         log_weights = (log_p - log_q).reshape(-1, size).expand(self.num_particles, size)
         bound = torch.logsumexp(log_weights, 0) - math.log(self.num_particles)  # [B]
-        if not self.dreg:
+        if not (self.dreg and gradient):
             return bound, bound, scale
         weights = torch.softmax(log_weights.detach(), 0)
         log_q_stopped = 0.0
@@ -571,6 +598,17 @@ class IWAE_ELBO:
         surrogate = (weights**2 * path + (weights - weights**2) * log_p_fixed_z).sum(0)
         return bound, surrogate, scale
 
+    @staticmethod
+    def _scale(*traces):
+        """s: the one scale of every site (N / B from the data plate or from fit's poutine.scale)."""
+        scales = {name: float(site["scale"]) for trace in traces
+                  for name, site in sample_sites(trace).items()}
+        low, high = min(scales.values()), max(scales.values())
+        if high - low > 1e-6 * high:
+            raise ValueError(f"IWAE_ELBO needs the same scale at every site (N / B), got {scales}: "
+                             "annealing one term has no per-datapoint importance-weighted meaning")
+        return high
+
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """-Σ_n s · IWAE_K(x_n), differentiable (its gradient is DReG's when dreg=True)."""
         bound, surrogate, scale = self._surrogate(model, guide, args, kwargs)
@@ -581,7 +619,7 @@ class IWAE_ELBO:
     def loss(self, model, guide, *args, **kwargs):
         """-Σ_n s · IWAE_K(x_n) as a float."""
         with torch.no_grad():
-            bound, _, scale = self._surrogate(model, guide, args, kwargs)
+            bound, _, scale = self._surrogate(model, guide, args, kwargs, gradient=False)
         return -scale * bound.sum().item()
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
