@@ -6,6 +6,7 @@ optimiser step on -ELBO. Checkpoints hold everything needed to continue bit for 
 the optimiser's state, every RNG's state and the step.
 """
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -21,6 +22,8 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# per-datapoint φ_i tables (ppl_lvm.guides.LocalGuide) live in the param store under this prefix
+LOCAL_PREFIX = "local$$$"
 
 
 class DivergenceError(RuntimeError):
@@ -35,6 +38,8 @@ class FitResult:
     epoch_losses: per epoch, the mean of that epoch's step losses.
     eval_epochs, eval_elbos: the epochs at which held-out data was evaluated and its ELBO per
         datapoint (nats).
+    inner_gains: with ``inner_steps`` > 0, per step, how much the inner loop over the batch's φ_i
+        raised its ELBO per datapoint (the first inner step's loss minus the θ step's; nats).
     """
 
     losses: list = dataclasses.field(default_factory=list)
@@ -44,10 +49,24 @@ class FitResult:
     step: int = 0
     wall_time: float = 0.0
     checkpoint: str = None
+    inner_gains: list = dataclasses.field(default_factory=list)
 
 
 def accepts(fn, name):
     """Whether callable ``fn`` takes keyword ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        return _accepts_cached(fn, name)
+    except TypeError:  # an unhashable callable
+        return _accepts(fn, name)
+
+
+# fit asks every step, and inspect.signature costs about a millisecond
+@functools.lru_cache(maxsize=256)
+def _accepts_cached(fn, name):
+    return _accepts(fn, name)
+
+
+def _accepts(fn, name):
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -200,12 +219,115 @@ def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, para
     if param_filter is not None:
         frozen = [p for name, p in params.items() if not param_filter(name)]
         params = {name: p for name, p in params.items() if param_filter(name)}
-        pyro.infer.util.zero_grads(frozen)
+        _clear_grads(frozen)
     if grad_hook is not None:
         grad_hook(params)
     optim(params.values())
-    pyro.infer.util.zero_grads(params.values())
+    _clear_grads(params.values())
     return torch_item(value)
+
+
+def _clear_grads(params):
+    # None rather than zeros (pyro.infer.util.zero_grads): no allocation, and the next backward
+    # starts a fresh gradient either way
+    for param in params:
+        param.grad = None
+
+
+def is_local_param(name):
+    """Whether param store entry ``name`` is a per-datapoint φ table (not a global θ)."""
+    return name.startswith(LOCAL_PREFIX)
+
+
+class LazyAdam:
+    """fit's default optimiser: Adam for θ, lazy (sparse) Adam at ``local_lr`` for local φ tables.
+
+    Called like a ``pyro.optim.PyroOptim`` (``optim(params)`` steps exactly the params given, e.g.
+    only φ or only θ) with the same per-parameter-name ``get_state``/``set_state`` for checkpoints.
+    Dense parameters share one multi-tensor ``torch.optim.Adam`` (one call per step, not one per
+    parameter); a parameter with sparse gradients (a per-datapoint table [N, ...]) gets
+    ``torch.optim.SparseAdam``, which reads and writes only the rows in the batch: a step costs
+    the same for any N and rows outside the batch never drift, momentum included.
+    """
+
+    def __init__(self, lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+        self.lr, self.local_lr, self.betas, self.eps = lr, local_lr, tuple(betas), eps
+        self._dense = {}    # lr -> torch.optim.Adam over every dense param with that lr
+        self._sparse = {}   # param -> torch.optim.SparseAdam
+        self._known = set()
+        self._waiting = {}  # param name -> saved state, consumed when the param first shows up
+
+    def _add(self, param):
+        name = pyro.get_param_store().param_name(param) or ""
+        lr = self.local_lr if name.startswith(LOCAL_PREFIX) else self.lr
+        saved = self._waiting.pop(name, None)
+        if param.grad is not None and param.grad.is_sparse:
+            optimizer = self._sparse[param] = torch.optim.SparseAdam(
+                [param], lr=lr, betas=self.betas, eps=self.eps)
+        else:
+            if lr not in self._dense:
+                self._dense[lr] = torch.optim.Adam([param], lr=lr, betas=self.betas, eps=self.eps,
+                                                   foreach=True)
+            else:
+                self._dense[lr].param_groups[0]["params"].append(param)
+            optimizer = self._dense[lr]
+        if saved is not None:
+            optimizer.state[param] = {key: value.clone() if torch.is_tensor(value) else value
+                                      for key, value in saved.items()}
+        self._known.add(param)
+
+    def __call__(self, params):
+        params = [p for p in params if p.grad is not None]
+        for param in params:
+            if param not in self._known:
+                self._add(param)
+        given = set(params)
+        for param, optimizer in self._sparse.items():
+            if param in given:
+                optimizer.step()
+        for optimizer in self._dense.values():
+            group = optimizer.param_groups[0]["params"]
+            # params not given this step are held fixed: Adam skips those without a gradient
+            held = [(p, p.grad) for p in group if p not in given and p.grad is not None]
+            for p, _ in held:
+                p.grad = None
+            if len(held) < len(group):
+                optimizer.step()
+            for p, grad in held:
+                p.grad = grad
+
+    def set_lr_factor(self, factor):
+        """Multiply every step size by ``factor`` (relative to the initial lr), e.g. for a decay."""
+        for optimizer in self._optimizers():
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = group["initial_lr"] * factor
+
+    def _optimizers(self):
+        yield from self._dense.values()
+        yield from self._sparse.values()
+
+    def get_state(self):
+        """{param name: its Adam state (step, exp_avg, exp_avg_sq)}, like ``PyroOptim.get_state``."""
+        store = pyro.get_param_store()
+        state = dict(self._waiting)
+        for optimizer in self._optimizers():
+            for param, param_state in optimizer.state.items():
+                name = store.param_name(param)
+                if name is not None and param_state:
+                    state[name] = {key: value.clone() if torch.is_tensor(value) else value
+                                   for key, value in param_state.items()}
+        return state
+
+    def set_state(self, state):
+        """Load ``get_state()``'s dict; each entry is used when its parameter is first stepped."""
+        self._waiting.update(state)
+
+
+def adam(lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+    """fit's default optimiser (a ``LazyAdam``): Adam at ``lr`` for θ, lazy Adam at ``local_lr``
+    for per-datapoint φ tables (params named with ``LOCAL_PREFIX``)."""
+    return LazyAdam(lr, local_lr, betas, eps)
 
 
 def torch_item(value):
@@ -229,7 +351,7 @@ def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwa
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
-        callback=None):
+        callback=None, inner_steps=0, local_lr=1e-2):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -240,7 +362,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             In a pair (x, mask) with mask bool of x's shape (True = observed), x may hold NaN
             where mask is False; the model must keep those entries out of its likelihood.
         epochs: passes over the data; batch_size: B (the last batch of an epoch may be smaller).
-        lr: Adam's learning rate when ``optim`` is None; optim: any ``pyro.optim.PyroOptim``.
+        lr: Adam's learning rate for θ when ``optim`` is None (the default is ``LazyAdam``, which
+            also handles per-datapoint φ tables); optim: any ``pyro.optim.PyroOptim`` or
+            ``LazyAdam`` (plain Pyro optimisers reject the sparse gradients of a ``LocalGuide``).
         loss: any Pyro ELBO (default ``Trace_ELBO()``).
         device: where data, modules (of bound ``model``/``guide`` methods) and params live.
         seed: seeds Pyro, torch, numpy and the per-epoch shuffles.
@@ -254,6 +378,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         callback: optional ``callback(epoch, result) -> bool`` run after each epoch (1-based
             ``epoch``, the ``FitResult`` so far); returning True stops training (e.g. a
             relative-tolerance rule on ``result.epoch_losses``).
+        inner_steps: S. 0: joint SVI, one step on θ and φ together. S > 0: the lecture's
+            two-step procedure: per minibatch, S steps on the batch's local φ_i (θ fixed), then
+            one step on θ (φ fixed). Local params are those named with ``LOCAL_PREFIX``.
+        local_lr: the default optimiser's step size for local φ tables (see ``adam``).
         transform: optional callable taking a minibatch's tensors and returning them (a tensor
             when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
             torch's RNG (checkpoints restore it).
@@ -264,6 +392,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
                          f"{epochs}, {batch_size}, {checkpoint_every}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     device = torch.device(device)
@@ -278,7 +408,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if clear_params:
         pyro.clear_param_store()
     loss = loss or Trace_ELBO()
-    optim = optim or pyro.optim.Adam({"lr": lr})
+    optim = optim or adam(lr, local_lr)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -328,8 +458,17 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             for b in range(first, batches_per_epoch):
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 batch = take_rows(tensors, idx, transform)
-                value = svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
-                                 optim, loss, batch, model_kwargs)
+                step_model, step_guide = bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data)
+                if inner_steps:
+                    before = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                     param_filter=is_local_param)
+                    for _ in range(inner_steps - 1):
+                        svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                 param_filter=is_local_param)
+                value = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                 param_filter=(lambda n: not is_local_param(n)) if inner_steps else None)
+                if inner_steps:
+                    result.inner_gains.append((before - value) / num_data)
                 result.step += 1
                 value = value / num_data
                 if not math.isfinite(value):

@@ -1,0 +1,202 @@
+"""Benchmark: the cost of one SVI step (batch 128) for amortized, local and semi-amortized guides.
+
+Claims checked (the script exits 1 when one fails):
+  1. an amortized step through ppl_lvm (Pyro model/guide, fit's svi_step and LazyAdam, Pyro's
+     argument/support validation on as by default) costs at most 1.15x
+     a hand-written PyTorch step of the same VAE and the same loss (one-sample -ELBO, scaled N / B);
+  2. a local (per-datapoint φ_i) step does not grow with N: N = 600,000 costs at most 1.2x N = 5,000
+     (sparse rows + lazy Adam, never a dense pass over the table).
+The same step with ``pyro.enable_validation(False)`` is shown for reference (Pyro checks every
+distribution's arguments and every observed value's support when validation is on).
+Timings are medians of interleaved repeats (each method timed in turn, round after round) so that
+load from other processes hits all of them alike.
+
+    python benchmarks/bench_svi_step.py            # full: 784-400-20 VAE, 200 steps per method
+    python benchmarks/bench_svi_step.py --quick    # a smoke run
+"""
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import Trace_ELBO
+from torch.nn import functional as F
+
+from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide
+from ppl_lvm.models.vae import VAE
+from ppl_lvm.train import adam, bind_rows, svi_step
+
+LOCAL_SIZES = (5_000, 60_000, 600_000)
+
+
+class HandWritten:
+    """The same VAE step written in plain PyTorch: z = μ + σ ε, loss = -(N/B) Σ_i [log p(x_i|z_i)
+    + log p(z_i) - log q(z_i|x_i)], Adam on encoder and decoder."""
+
+    def __init__(self, vae, lr):
+        self.vae = vae
+        self.optim = torch.optim.Adam(vae.parameters(), lr=lr)
+
+    def step(self, x, num_data):
+        loc, scale = self.vae.encoder(x)
+        z = loc + scale * torch.randn_like(loc)
+        logits = self.vae.decoder.net(z)
+        log_px = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+        log_pz = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_qz = dist.Normal(loc, scale).log_prob(z).sum(-1)
+        loss = -(num_data / x.shape[0]) * (log_px + log_pz - log_qz).sum()
+        self.optim.zero_grad()
+        loss.backward()
+        self.optim.step()
+        return loss.item()
+
+
+class HandWrittenLocal:
+    """A local step in plain PyTorch: a sparse nn.Embedding table of (μ_i, log σ_i) + SparseAdam."""
+
+    def __init__(self, vae, num_data, lr):
+        self.vae, self.num_data = vae, num_data
+        self.table = torch.nn.Embedding(num_data, 2 * vae.z_dim, sparse=True)
+        torch.nn.init.zeros_(self.table.weight)
+        self.optim_table = torch.optim.SparseAdam(self.table.parameters(), lr=1e-2)
+        self.optim = torch.optim.Adam(vae.decoder.parameters(), lr=lr)
+
+    def step(self, x, idx):
+        loc, log_scale = self.table(idx).chunk(2, dim=-1)
+        scale = log_scale.exp()
+        z = loc + scale * torch.randn_like(loc)
+        logits = self.vae.decoder.net(z)
+        log_px = -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+        log_pz = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        log_qz = dist.Normal(loc, scale).log_prob(z).sum(-1)
+        loss = -(self.num_data / x.shape[0]) * (log_px + log_pz - log_qz).sum()
+        self.optim.zero_grad()
+        self.optim_table.zero_grad()
+        loss.backward()
+        self.optim.step()
+        self.optim_table.step()
+        return loss.item()
+
+
+def make_pyro_step(model, guide, num_data, pool, batch_size, optim):
+    loss = Trace_ELBO()
+    gen = torch.Generator().manual_seed(1)
+
+    def step():
+        idx = torch.randint(num_data, (batch_size,), generator=gen)
+        x = pool[idx % len(pool)]
+        return svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data), optim,
+                        loss, (x,))
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, small pool (a smoke run)")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per method")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--semi-steps", type=int, default=5, help="refinement steps S")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-check", action="store_true", help="print only; exit 0")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = 20 if args.quick else args.steps
+    device = torch.device(args.device)
+    data_dim, z_dim, hidden, batch = 784, 20, 400, args.batch_size
+    gen = torch.Generator().manual_seed(0)
+    pool = (torch.rand(4096, data_dim, generator=gen) < 0.3).float().to(device)
+    pyro.clear_param_store()
+
+    methods = {}
+    torch.manual_seed(0)
+    hand_vae = VAE(data_dim, z_dim, hidden).to(device)
+    hand = HandWritten(hand_vae, 1e-3)
+    hand_gen = torch.Generator().manual_seed(1)
+
+    def hand_step(num_data=60_000):
+        idx = torch.randint(num_data, (batch,), generator=hand_gen)
+        return hand.step(pool[idx % len(pool)], num_data)
+    methods["hand-written PyTorch (amortized)"] = hand_step
+
+    torch.manual_seed(0)
+    vae = VAE(data_dim, z_dim, hidden).to(device)
+    methods["amortized (ppl_lvm)"] = make_pyro_step(vae.model, vae.guide, 60_000, pool, batch, adam())
+    torch.manual_seed(0)
+    quiet_vae = VAE(data_dim, z_dim, hidden).to(device)
+    quiet_step = make_pyro_step(quiet_vae.model, quiet_vae.guide, 60_000, pool, batch, adam())
+
+    def unvalidated_step():
+        pyro.enable_validation(False)
+        try:
+            return quiet_step()
+        finally:
+            pyro.enable_validation(True)
+    methods["amortized, Pyro validation off (ppl_lvm)"] = unvalidated_step
+
+    for num_data in LOCAL_SIZES:
+        torch.manual_seed(0)
+        local_vae = VAE(data_dim, z_dim, hidden).to(device)
+        guide = LocalGuide(num_data, {"z": z_dim}, name=f"bench{num_data}")
+        guide.table(device)
+        methods[f"local N={num_data:,} (ppl_lvm)"] = make_pyro_step(
+            local_vae.model, guide, num_data, pool, batch, adam())
+
+    torch.manual_seed(0)
+    hand_local_vae = VAE(data_dim, z_dim, hidden).to(device)
+    hand_local = HandWrittenLocal(hand_local_vae, LOCAL_SIZES[-1], 1e-3)
+    hand_local_gen = torch.Generator().manual_seed(1)
+
+    def hand_local_step():
+        idx = torch.randint(LOCAL_SIZES[-1], (batch,), generator=hand_local_gen).to(device)
+        return hand_local.step(pool[idx % len(pool)], idx)
+    methods[f"hand-written PyTorch local N={LOCAL_SIZES[-1]:,}"] = hand_local_step
+
+    torch.manual_seed(0)
+    semi_vae = VAE(data_dim, z_dim, hidden).to(device)
+    semi = SemiAmortizedGuide(semi_vae.model, semi_vae.encoder, steps=args.semi_steps,
+                              num_particles=1)
+    methods[f"semi-amortized S={args.semi_steps}, 1 particle (ppl_lvm)"] = make_pyro_step(
+        semi_vae.model, semi, 60_000, pool, batch, adam())
+
+    for step in methods.values():  # warm up: optimiser states, first-call costs
+        for _ in range(3):
+            step()
+    times = {name: [] for name in methods}
+    for _ in range(steps):
+        for name, step in methods.items():
+            start = time.perf_counter()
+            value = step()
+            times[name].append(time.perf_counter() - start)
+            if not math.isfinite(value):
+                raise RuntimeError(f"{name}: loss became {value}")
+
+    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    base = median["hand-written PyTorch (amortized)"]
+    local_small = median[f"local N={LOCAL_SIZES[0]:,} (ppl_lvm)"]
+    print(f"one SVI step, batch {batch}, VAE {data_dim}-{hidden}-{z_dim} (Bernoulli), "
+          f"{args.threads} thread(s), {device}, median of {steps} interleaved steps")
+    print(f"{'method':<46} {'ms/step':>9} {'vs hand-written':>16} {'vs local N=5,000':>17}")
+    for name, ms in median.items():
+        vs_local = f"{ms / local_small:.2f}x" if name.startswith("local") or "local N" in name else ""
+        print(f"{name:<46} {ms:9.2f} {ms / base:15.2f}x {vs_local:>17}")
+
+    checks = [
+        ("amortized <= 1.15x hand-written", median["amortized (ppl_lvm)"] / base, 1.15),
+        (f"local N={LOCAL_SIZES[-1]:,} <= 1.2x local N={LOCAL_SIZES[0]:,}",
+         median[f"local N={LOCAL_SIZES[-1]:,} (ppl_lvm)"] / local_small, 1.2),
+    ]
+    failed = False
+    for label, ratio, limit in checks:
+        ok = ratio <= limit
+        failed |= not ok
+        print(f"{'PASS' if ok else 'FAIL'}: {label} (ratio {ratio:.3f})")
+    return 1 if failed and not args.no_check and not args.quick else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
