@@ -1,7 +1,9 @@
 """ppl_lvm: latent-variable models as Pyro programs, trained by SVI and measured by importance weighting."""
+from ppl_lvm.data import binarize, load_digits, load_mnist, train_test_split
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.plate import data_plate
 from ppl_lvm.train import DivergenceError, FitResult, fit
 
-__all__ = ["VAE", "DivergenceError", "FitResult", "data_plate", "fit"]
+__all__ = ["VAE", "DivergenceError", "FitResult", "binarize", "data_plate", "fit", "load_digits",
+           "load_mnist", "train_test_split"]
 __version__ = "0.1.0"

@@ -89,6 +89,14 @@ def as_batch_tuple(data, device):
     return tuple(t.to(device) for t in tensors)
 
 
+def take_rows(tensors, idx, transform=None):
+    """The minibatch ``tuple(t[idx] for t in tensors)``, passed through ``transform`` if given."""
+    batch = tuple(t[idx] for t in tensors)
+    if transform is None:
+        return batch
+    return tuple(transform(*batch)) if len(batch) > 1 else (transform(*batch),)
+
+
 def _owners(*fns):
     """nn.Modules whose bound methods are ``fns`` (e.g. ``vae.model``): fit moves them to the device."""
     modules = []
@@ -171,7 +179,12 @@ def load_params(state, device=None):
     for name, value in state["params"].items():
         value = value.to(device) if device is not None else value
         if name in store:
-            store._params[name].data.copy_(value)
+            current = store._params[name]
+            if current.shape != value.shape:
+                raise ValueError(f"saved parameter {name!r} has shape {tuple(value.shape)} but the "
+                                 f"model's has {tuple(current.shape)}: was it saved from another "
+                                 "configuration?")
+            current.data.copy_(value)
         else:
             store._params[name] = value.detach().requires_grad_(True)
             store._constraints[name] = state["constraints"][name]
@@ -205,12 +218,15 @@ def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
-def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs, distributed=False):
-    """Held-out ELBO per datapoint (nats), one Monte Carlo sample of z per datapoint.
+def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None,
+                  distributed=False):
+    """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
+    ``num_particles`` draws of z per datapoint; no step is taken.
 
-    Distributed: each rank takes a contiguous block of the rows and the sums are all-reduced.
+    distributed: each rank takes a contiguous block of the rows and the sums are all-reduced.
     """
-    elbo = Trace_ELBO()
+    tensors = data if isinstance(data, (tuple, list)) else (data,)
+    elbo = Trace_ELBO(num_particles=num_particles)
     total = 0.0
     num_data = tensors[0].shape[0]
     rows = torch.tensor_split(torch.arange(num_data), ddp.world_size())[ddp.rank()] if distributed \
@@ -219,7 +235,7 @@ def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs, distributed=
     with torch.no_grad():
         for start in range(first, stop, batch_size):
             batch = tuple(t[start:min(start + batch_size, stop)] for t in tensors)
-            total += elbo.loss(model, guide, *batch, **model_kwargs)
+            total += elbo.loss(model, guide, *batch, **(model_kwargs or {}))
     if distributed:
         total = ddp.allreduce_mean(total, 1.0, tensors[0].device)
     return -total / num_data
@@ -227,7 +243,7 @@ def _evaluate_elbo(model, guide, tensors, batch_size, model_kwargs, distributed=
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None,
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
         distributed=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
@@ -248,6 +264,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
         model_kwargs: extra keywords for model and guide.
+        transform: optional callable taking a minibatch's tensors and returning them (a tensor
+            when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
+            torch's RNG (checkpoints restore it).
         distributed: data-parallel SVI over the ranks of torch.distributed (see
             ``ppl_lvm.distributed``): None (default) turns it on when a process group with more
             than one rank is running (e.g. under torchrun after ``ppl_lvm.distributed.init()``);
@@ -302,7 +321,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         # every rank creates every param, then takes rank 0's values
         rows = owned[:2]
         register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
-                        tuple(t[rows] for t in tensors), loss)
+                        take_rows(tensors, rows, transform), loss)
         ddp.broadcast_params()
     if resume:
         if not checkpoint.exists():
@@ -319,7 +338,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
         rows = owned[:2]
         register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
-                        tuple(t[rows] for t in tensors), loss)
+                        take_rows(tensors, rows, transform), loss)
         load_params(state, device)
         optim_state = state["optim"]
         if distributed:
@@ -373,7 +392,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             for b in range(first, batches_per_epoch):
                 idx, weight = batches[b]
                 idx = idx.to(device)
-                batch = tuple(t[idx] for t in tensors)
+                batch = take_rows(tensors, idx, transform)
                 if hook is not None:
                     hook.weight = weight
                 if len(idx):
@@ -402,8 +421,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
-                result.eval_elbos.append(_evaluate_elbo(model, guide, eval_tensors, 4 * batch_size,
-                                                        model_kwargs, distributed))
+                result.eval_elbos.append(evaluate_elbo(model, guide, eval_tensors,
+                                                       model_kwargs=model_kwargs,
+                                                       distributed=distributed))
             save(epoch + 1, 0)
     finally:
         bar.close()

