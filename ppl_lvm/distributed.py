@@ -217,11 +217,16 @@ class GradAllReduce:
     def __init__(self, weight=None):
         self.weight = weight
 
-    def __call__(self, params):
+    def scale_local(self, params):
+        """The hook for steps on local φ only (``fit(inner_steps=S)``): no communication."""
         weight = 1.0 / world_size() if self.weight is None else self.weight
         for name, p in params.items():
             if is_local(name) and p.grad is not None:
-                p.grad.mul_(weight)
+                p.grad = p.grad * weight
+
+    def __call__(self, params):
+        weight = 1.0 / world_size() if self.weight is None else self.weight
+        self.scale_local(params)
         everything = global_params()
         grads = []
         for name, p in everything.items():

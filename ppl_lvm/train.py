@@ -24,6 +24,8 @@ from ppl_lvm import distributed as ddp
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARD_NAME = "local-rank{rank}-of-{world}.pt"
+# per-datapoint φ_i tables (ppl_lvm.guides.LocalGuide) live in the param store under this prefix
+LOCAL_PREFIX = ddp.LOCAL_PREFIX
 
 
 class DivergenceError(RuntimeError):
@@ -38,6 +40,8 @@ class FitResult:
     epoch_losses: per epoch, the mean of that epoch's step losses.
     eval_epochs, eval_elbos: the epochs at which held-out data was evaluated and its ELBO per
         datapoint (nats).
+    inner_gains: with ``inner_steps`` > 0, per step, how much the inner loop over the batch's φ_i
+        raised its ELBO per datapoint (the first inner step's loss minus the θ step's; nats).
     """
 
     losses: list = dataclasses.field(default_factory=list)
@@ -47,6 +51,7 @@ class FitResult:
     step: int = 0
     wall_time: float = 0.0
     checkpoint: str = None
+    inner_gains: list = dataclasses.field(default_factory=list)
 
 
 def accepts(fn, name):
@@ -214,6 +219,32 @@ def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, para
     return torch_item(value)
 
 
+def is_local_param(name):
+    """Whether param store entry ``name`` is a per-datapoint φ table (not a global θ)."""
+    return name.startswith(LOCAL_PREFIX)
+
+
+def _adam_or_sparse_adam(params, lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+    (param,) = params
+    if LOCAL_PREFIX in (pyro.get_param_store().param_name(param) or ""):
+        lr = local_lr
+    if param.grad is not None and param.grad.is_sparse:
+        # lazy Adam: moments and values change only in the rows of this batch
+        return torch.optim.SparseAdam([param], lr=lr, betas=betas, eps=eps)
+    return torch.optim.Adam([param], lr=lr, betas=betas, eps=eps)
+
+
+def adam(lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
+    """fit's default optimiser: Adam for θ, lazy (sparse) Adam at ``local_lr`` for local φ tables.
+
+    A per-datapoint table [N, ...] gets sparse gradients (only the batch's rows), and
+    ``torch.optim.SparseAdam`` updates only those rows, so a step costs the same for any N and
+    rows outside the batch never drift. Returns a ``pyro.optim.PyroOptim`` (state per param name).
+    """
+    return pyro.optim.PyroOptim(_adam_or_sparse_adam,
+                                {"lr": lr, "local_lr": local_lr, "betas": betas, "eps": eps})
+
+
 def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
@@ -244,7 +275,7 @@ def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwa
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
-        distributed=None):
+        inner_steps=0, local_lr=1e-2, distributed=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -264,6 +295,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
         model_kwargs: extra keywords for model and guide.
+        inner_steps: S. 0: joint SVI, one step on θ and φ together. S > 0: the lecture's
+            two-step procedure: per minibatch, S steps on the batch's local φ_i (θ fixed), then
+            one step on θ (φ fixed). Local params are those named with ``LOCAL_PREFIX``.
+        local_lr: the default optimiser's step size for local φ tables (see ``adam``).
         transform: optional callable taking a minibatch's tensors and returning them (a tensor
             when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
             torch's RNG (checkpoints restore it).
@@ -282,6 +317,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
                          f"{epochs}, {batch_size}, {checkpoint_every}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
     device = torch.device(device)
@@ -303,7 +340,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if clear_params:
         pyro.clear_param_store()
     loss = loss or Trace_ELBO()
-    optim = optim or pyro.optim.Adam({"lr": lr})
+    optim = optim or adam(lr, local_lr)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
     shard_file = None if checkpoint is None or not distributed else (
         checkpoint.parent / SHARD_NAME.format(rank=rank, world=world))
@@ -393,15 +430,28 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 idx, weight = batches[b]
                 idx = idx.to(device)
                 batch = take_rows(tensors, idx, transform)
+                step_model, step_guide = bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data)
                 if hook is not None:
                     hook.weight = weight
-                if len(idx):
-                    value = svi_step(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
-                                     optim, loss, batch, model_kwargs, grad_hook=hook)
-                else:  # an empty last batch on a small shard: still join the all-reduce
-                    value = ddp.empty_step(optim, hook)
+                if not len(idx):  # an empty last batch on a small shard: still join the all-reduce
+                    value = before = ddp.empty_step(optim, hook)
+                else:
+                    if inner_steps:
+                        local_hook = None if hook is None else hook.scale_local
+                        before = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                          param_filter=is_local_param, grad_hook=local_hook)
+                        for _ in range(inner_steps - 1):
+                            svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                     param_filter=is_local_param, grad_hook=local_hook)
+                    value = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                     param_filter=(lambda n: not is_local_param(n)) if inner_steps
+                                     else None, grad_hook=hook)
                 if distributed:
                     value = ddp.allreduce_mean(value, weight, device)
+                    if inner_steps:
+                        before = ddp.allreduce_mean(before, weight, device)
+                if inner_steps:
+                    result.inner_gains.append((before - value) / num_data)
                 result.step += 1
                 value = value / num_data
                 if not math.isfinite(value):
