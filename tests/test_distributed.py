@@ -16,6 +16,7 @@ import torch.multiprocessing
 from torch import nn
 
 from ppl_lvm import distributed as ddp
+from ppl_lvm.guides import LocalGuide
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.plate import data_plate
 from ppl_lvm.train import bind_rows, fit, svi_step
@@ -88,7 +89,7 @@ class LinearGaussian:
     def model(self, x):
         with pyro.plate("data", len(x)):
             z = pyro.sample("z", dist.Normal(x.new_zeros(len(x)), 1.0))
-            pyro.sample("x", dist.Normal(z[:, None] * self.w + self.b, self.sigma).to_event(1), obs=x)
+            pyro.sample("x", dist.Normal(z[..., None] * self.w + self.b, self.sigma).to_event(1), obs=x)
 
     def guide(self, x):
         precision = 1 + (self.w @ self.w) / self.sigma ** 2
@@ -154,6 +155,23 @@ def _scenarios(rank, out_dir):
     seen["resumed_params"] = snapshot()
     seen["gathered"] = ddp.gather_local_params(21)
 
+    # a LocalGuide (sparse φ rows, lazy Adam) with inner steps, checkpointed and resumed
+    x = binary_data(30)
+    kwargs = dict(batch_size=4, seed=SEED, progress=False, inner_steps=2, lr=1e-2)
+    torch.manual_seed(0)
+    vae = VAE(8, z_dim=2, hidden_dim=8)
+    local = LocalGuide(30, {"z": 2})
+    straight = fit(vae.model, local, x, epochs=2, **kwargs)
+    seen["local_straight"], seen["local_params"] = straight.losses, snapshot()
+    seen["local_gains"] = straight.inner_gains
+    checkpoints = os.path.join(out_dir, "local_checkpoints")
+    torch.manual_seed(0)
+    vae = VAE(8, z_dim=2, hidden_dim=8)
+    fit(vae.model, local, x, epochs=1, checkpoint_dir=checkpoints, checkpoint_every=3, **kwargs)
+    seen["local_resumed"] = fit(vae.model, local, x, epochs=2, checkpoint_dir=checkpoints,
+                                resume=True, **kwargs).losses
+    seen["local_resumed_params"] = snapshot()
+
     # distributed evaluation: rows split over ranks, gathered in the original order
     try:
         import ppl_lvm.estimators  # noqa: F401
@@ -207,7 +225,7 @@ def test_shards_are_disjoint_and_reshuffled():
 
 def test_global_params_identical_on_both_ranks(ranks):
     (first, second), _ = ranks
-    for key in ("one_step", "replay", "vae", "resumed_params"):
+    for key in ("one_step", "replay", "vae", "resumed_params", "local_params"):
         globals_ = [n for n in first[key] if not ddp.is_local(n)]
         assert globals_
         for name in globals_:
@@ -256,6 +274,20 @@ def test_local_rows_never_change_on_the_other_rank(ranks):
         mine, theirs = ddp.owned_rows(33, r, WORLD), ddp.owned_rows(33, 1 - r, WORLD)
         assert torch.equal(table[theirs], init[theirs])
         assert (table[mine] != init[mine]).all(-1).all()
+
+
+def test_local_guide_with_inner_steps_and_sparse_adam(ranks):
+    (first, second), _ = ranks
+    for seen, r in ((first, 0), (second, 1)):
+        assert seen["local_resumed"] == pytest.approx(seen["local_straight"], rel=1e-6, abs=1e-6)
+        for name, value in seen["local_params"].items():
+            torch.testing.assert_close(seen["local_resumed_params"][name], value, msg=name)
+        table = seen["local_params"]["local$$$phi"]
+        mine, theirs = ddp.owned_rows(30, r, WORLD), ddp.owned_rows(30, 1 - r, WORLD)
+        assert torch.equal(table[theirs], torch.zeros_like(table[theirs]))  # the initial φ
+        assert (table[mine] != 0).any(-1).all()
+    assert first["local_gains"] == second["local_gains"]
+    assert len(first["local_gains"]) == 2 * 4  # 15 rows a rank, B = 4: 4 steps an epoch
 
 
 def test_resume_continues_exactly_and_needs_the_same_world_size(ranks):
