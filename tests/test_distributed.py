@@ -331,3 +331,28 @@ def test_distributed_true_without_torchrun_is_a_clear_error(monkeypatch):
     tiny = Tiny()
     with pytest.raises(RuntimeError, match="torchrun"):
         fit(tiny.model, tiny.guide, gaussian_data(8), epochs=1, progress=False, distributed=True)
+
+
+@pytest.mark.slow
+def test_cli_train_and_evaluate_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+              f"--master_port={_free_port()}", "-m", "ppl_lvm"]
+    out = tmp_path / "run"
+    train = subprocess.run(launch + ["train", "vae", "--data", "digits", "--epochs", "1",
+                                     "--hidden-dim", "16", "--out", str(out), "--quiet"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    assert train.stdout.count("held-out ELBO") == 1  # rank 0 alone prints
+    assert (out / "local-rank1-of-2.pt").exists() and (out / "model.pt").exists()
+    resumed = subprocess.run([sys.executable, "-m", "ppl_lvm", "train", "vae", "--data", "digits",
+                              "--epochs", "2", "--hidden-dim", "16", "--out", str(out), "--resume",
+                              "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 2 and "nproc_per_node=2" in resumed.stderr
+    evaluate = subprocess.run(launch + ["evaluate", str(out), "-K", "2"], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert evaluate.stdout.count("held-out ELBO") == 1
