@@ -231,7 +231,8 @@ class GradAllReduce:
         grads = []
         for name, p in everything.items():
             params.setdefault(name, p)
-            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            grads.append(grad.to_dense() if grad.is_sparse else grad)
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads]) * weight
