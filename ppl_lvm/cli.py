@@ -1,4 +1,4 @@
-"""The command line: `ppl-lvm train | evaluate | demo` (also `python -m ppl_lvm ...`).
+"""The command line: `ppl-lvm train | evaluate | gaps | demo` (also `python -m ppl_lvm ...`).
 
 Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback.
 """
@@ -121,6 +121,44 @@ def evaluate(args):
     return {"heldout_elbo": elbo}
 
 
+def gaps(args):
+    """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
+    import json
+
+    from ppl_lvm.guides import amortization_gaps
+
+    vae, config = load_run(args.run, args.device)
+    _, x_test = run_data(config["data"], args.device)
+    x_test = x_test[:args.n]
+    print(f"gaps of {args.run} on {len(x_test)} held-out images: q* by {args.local_steps} steps "
+          f"per image, log p(x) by IWAE with K={args.num_samples}")
+    start = time.perf_counter()
+    result = amortization_gaps(vae.model, vae.guide, x_test, num_samples=args.num_samples,
+                               elbo_samples=args.elbo_samples, local_steps=args.local_steps,
+                               local_lr=args.local_lr, seed=args.seed)
+    summary = {**result.summary(), "local_steps": args.local_steps,
+               "wall_time_s": time.perf_counter() - start}
+    (Path(args.run) / "gaps.json").write_text(json.dumps(summary, indent=2))
+    print(result)
+    print(f"wrote {Path(args.run) / 'gaps.json'}")
+    return summary
+
+
+def add_gaps_parser(commands):
+    p = commands.add_parser("gaps", help="approximation and amortization gaps of a trained run")
+    p.add_argument("run", help="a folder written by `ppl-lvm train`")
+    p.add_argument("-K", "--num-samples", type=positive_int, default=5000,
+                   help="importance samples for log p(x) (IWAE)")
+    p.add_argument("--n", type=positive_int, default=200, help="the first n held-out images")
+    p.add_argument("--elbo-samples", type=positive_int, default=100)
+    p.add_argument("--local-steps", type=positive_int, default=300,
+                   help="optimisation steps of each image's own q* (decoder frozen)")
+    p.add_argument("--local-lr", type=positive_float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=gaps)
+
+
 def demo(args):
     """Train the VAE on the bundled MNIST for a few minutes and write its numbers and pictures."""
     args.model, args.data, args.data_path = "vae", "mnist", None
@@ -154,6 +192,8 @@ def build_parser():
     p.add_argument("--n", type=positive_int, default=None, help="only the first n held-out images")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=evaluate)
+
+    add_gaps_parser(commands)
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
     p.add_argument("--out", default="runs/demo")

@@ -9,12 +9,14 @@
 """
 import dataclasses
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import site_is_subsample
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
@@ -179,7 +181,7 @@ def log_joint(model, values, x, idx=None, num_data=None, **kwargs):
     batch_size = x.shape[0]
     total = x.new_zeros(batch_size)
     for name, site in trace.nodes.items():
-        if site["type"] != "sample":
+        if site["type"] != "sample" or site_is_subsample(site):
             continue
         if not site["is_observed"]:
             raise ValueError(f"model has latent site {name!r} that the guide does not cover "
@@ -192,41 +194,44 @@ def log_joint(model, values, x, idx=None, num_data=None, **kwargs):
     return total
 
 
-def refine(model, x, loc, scale, *, steps=10, lr=0.05, site="z", idx=None, num_data=None,
-           unroll=False, **kwargs):
-    """Raise ELBO(μ, σ) = E_q[log p(x, z)] + H[q] per datapoint by ``steps`` Adam steps on (μ, log σ).
+def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z", idx=None,
+           num_data=None, unroll=False, **kwargs):
+    """Raise ELBO(μ, σ) = E_q[log p(x, z)] + H[q] per datapoint by ``steps`` SGD steps on (μ, log σ).
 
-    loc, scale: [B, *shape] the starting φ (e.g. an encoder's output). Each step uses one
-    reparameterised sample z = μ + σ ε per row and the exact Normal entropy. ``unroll=False``: the
-    result carries gradients to loc/scale as if the refinement were the identity (first order);
-    ``unroll=True``: gradients flow through the unrolled steps (Kim et al. 2018; costs a
-    second-order backward). Returns (loc, scale) [B, *shape].
+    loc, scale: [B, *shape] the starting φ (e.g. an encoder's output). Each step averages
+    ``num_particles`` reparameterised samples z = μ + σ ε per row (the model sees the rows
+    repeated) and uses the exact Normal entropy; the step size decays from lr to lr / 100 along a
+    cosine so the last φ is not jittered by gradient noise. ``unroll=False``: the result carries
+    gradients to loc/scale as if the refinement were the identity (first order); ``unroll=True``:
+    gradients flow through the unrolled steps (Kim et al. 2018; a second-order backward).
+    Returns (loc, scale) [B, *shape].
     """
     event_dims = tuple(range(1, loc.dim()))
+    batch_size = x.shape[0]
+    repeated_x = x.repeat(num_particles, *([1] * (x.dim() - 1)))
+    repeated_idx = None if idx is None else idx.repeat(num_particles)
     with torch.enable_grad():
         start_loc, start_log_scale = loc, scale.log()
         if unroll:
             params = [start_loc, start_log_scale]
         else:
             params = [start_loc.detach().requires_grad_(), start_log_scale.detach().requires_grad_()]
-        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-        beta1, beta2, eps = 0.9, 0.999, 1e-8
-        for t in range(1, steps + 1):
-            z = params[0] + params[1].exp() * torch.randn_like(params[0])
-            objective = (log_joint(model, {site: z}, x, idx, num_data, **kwargs).sum()
-                         + params[1].sum(event_dims).sum())
-            grads = torch.autograd.grad(objective, params, create_graph=unroll)
-            new_params, new_moments = [], []
-            for p, g, (m, v) in zip(params, grads, moments):
-                m = beta1 * m + (1 - beta1) * g
-                v = beta2 * v + (1 - beta2) * g * g
-                step = lr * (m / (1 - beta1 ** t)) / ((v / (1 - beta2 ** t)).sqrt() + eps)
-                new_params.append(p + step)
-                new_moments.append((m, v))
-            params, moments = new_params, new_moments
+        for t in range(steps):
+            loc_t, log_scale_t = params
+            noise = torch.randn((num_particles,) + loc_t.shape, dtype=loc.dtype, device=loc.device)
+            z = (loc_t + log_scale_t.exp() * noise).reshape(num_particles * batch_size, *loc.shape[1:])
+            log_p = log_joint(model, {site: z}, repeated_x, repeated_idx, num_data, **kwargs)
+            objective = log_p.sum() / num_particles + log_scale_t.sum(event_dims).sum()
+            grad_loc, grad_log_scale = torch.autograd.grad(objective, params, create_graph=unroll)
+            step_size = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps)))
+            # natural gradient of a Normal (Fisher: 1/σ² for μ, 2 for log σ); clipped so a far too
+            # wide start cannot overshoot: μ moves at most 2σ, log σ at most 1 per step
+            variance = (2 * log_scale_t).exp().detach()
+            loc_step = (step_size * variance * grad_loc).clamp(-2 * variance.sqrt(), 2 * variance.sqrt())
+            log_scale_step = (step_size * grad_log_scale / 2).clamp(-1.0, 1.0)
+            params = [loc_t + loc_step, log_scale_t + log_scale_step]
             if not unroll:
                 params = [p.detach().requires_grad_() for p in params]
-                moments = [(m.detach(), v.detach()) for m, v in moments]
     if unroll:
         return params[0], params[1].exp()
     loc_out = start_loc + (params[0] - start_loc).detach()
@@ -244,14 +249,17 @@ class SemiAmortizedGuide:
     Args:
         model: the Pyro model whose log p(x, z) the refinement climbs (all its latent sites must be
             ``site``). encoder: x -> (loc, scale). steps: S. lr: the refinement's Adam step size.
-        unroll: backpropagate through the refinement into the encoder (see ``refine``).
+        num_particles: samples per refinement step (single-sample steps are too noisy to help
+            much). unroll: backpropagate through the
+            refinement into the encoder (see ``refine``).
     """
 
-    def __init__(self, model, encoder, steps=10, lr=0.05, site="z", event_dim=1, unroll=False,
-                 name="encoder"):
+    def __init__(self, model, encoder, steps=10, lr=0.2, num_particles=8, site="z", event_dim=1,
+                 unroll=False, name="encoder"):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.model, self.encoder, self.steps, self.lr = model, encoder, steps, lr
+        self.num_particles = num_particles
         self.site, self.event_dim, self.unroll, self.name = site, event_dim, unroll, name
 
     def __call__(self, x, idx=None, num_data=None, **kwargs):
@@ -259,7 +267,7 @@ class SemiAmortizedGuide:
         loc, scale = self.encoder(x)
         if self.steps:
             loc, scale = refine(self.model, x, loc, scale, steps=self.steps, lr=self.lr,
-                                site=self.site, idx=idx, num_data=num_data, unroll=self.unroll,
+                                num_particles=self.num_particles, site=self.site, idx=idx, num_data=num_data, unroll=self.unroll,
                                 **kwargs)
         with data_plate(x, idx, num_data):
             pyro.sample(self.site, dist.Normal(loc, scale).to_event(self.event_dim))
@@ -272,7 +280,7 @@ def _site_shapes_of(encoder, x, site):
 
 
 def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2, batch_size=None,
-                num_particles=1, name="new", seed=0, progress=False, **model_kwargs):
+                num_particles=1, loss=None, name="new", seed=0, **model_kwargs):
     """Fit per-datapoint φ_i for rows ``x`` with θ fixed: q*(z_i) = argmax ELBO_i (the decoder frozen).
 
     A ``LocalGuide`` fitted on training rows has no φ for new rows; this fits them. Every parameter
@@ -283,9 +291,11 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
         x: [M, ...] the new rows. site_shapes: {site: shape}; inferred from ``encoder`` if omitted.
         encoder: optional x -> (loc, scale): rows start at the encoder's output (recommended: then
             q* is at least as good as the amortized q up to optimisation noise).
-        steps: Adam steps per row; lr: their step size; batch_size: rows per step (default all).
-        num_particles: samples per ELBO gradient; name: the new table's name (any old table of
-            that name is replaced).
+        steps: Adam steps per row; lr: their step size, decayed to lr / 100 along a cosine so the
+            final φ is not jittered by gradient noise; batch_size: rows per step (default all).
+        num_particles: samples per ELBO gradient (or give ``loss``, any Pyro ELBO, e.g. one with
+            ``vectorize_particles=True``); name: the new table's name (any old table of that name
+            is replaced).
 
     Returns:
         LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once).
@@ -307,7 +317,7 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
                 guide.initialize(loc, scale, rows=slice(start, start + 1024))
     batch_size = batch_size or num_rows
     optim = adam(local_lr=lr)
-    elbo = pyro.infer.Trace_ELBO(num_particles=num_particles)
+    elbo = loss or pyro.infer.Trace_ELBO(num_particles=num_particles)
     only_this_table = lambda param_name: param_name == guide.param_name  # noqa: E731
     # θ needs no gradients here: switch them off so each step only pays for φ's
     frozen = [store._params[n] for n in store.keys()
@@ -316,16 +326,166 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
     module_params = [p for m in modules for p in m.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
-    try:
-        for p in frozen + module_params:
-            p.requires_grad_(False)
-        for _ in range(steps):
-            order = torch.randperm(num_rows, generator=generator).to(x.device)
-            for start in range(0, num_rows, batch_size):
-                idx = order[start:start + batch_size]
-                svi_step(bind_rows(model, idx, num_rows), bind_rows(guide, idx, num_rows), optim,
-                         elbo, (x[idx],), model_kwargs, param_filter=only_this_table)
-    finally:
-        for p in frozen + module_params:
-            p.requires_grad_(True)
+    with warnings.catch_warnings():
+        # pyro.module warns about the parameters frozen here
+        warnings.filterwarnings("ignore", message=".*not registered in the param store")
+        try:
+            for p in frozen + module_params:
+                p.requires_grad_(False)
+            for step in range(steps):
+                for optimizer in optim.optim_objs.values():
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+                order = torch.randperm(num_rows, generator=generator).to(x.device)
+                for start in range(0, num_rows, batch_size):
+                    idx = order[start:start + batch_size]
+                    svi_step(bind_rows(model, idx, num_rows), bind_rows(guide, idx, num_rows),
+                             optim, elbo, (x[idx],), model_kwargs, param_filter=only_this_table)
+        finally:
+            for p in frozen + module_params:
+                p.requires_grad_(True)
     return guide
+
+
+@dataclasses.dataclass
+class Gaps:
+    """The decomposition of Cremer, Li & Duvenaud (2018), per datapoint (nats).
+
+    log p(x) - ELBO(q_amortized) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_amortized)]
+                                 = approximation gap     + amortization gap.
+    log_px, elbo_optimal, elbo_amortized: [N]; num_samples: K of the IWAE estimate of log p(x).
+    """
+
+    log_px: torch.Tensor
+    elbo_optimal: torch.Tensor
+    elbo_amortized: torch.Tensor
+    num_samples: int
+
+    @property
+    def approximation_gap(self):
+        """mean over datapoints of log p(x) - ELBO(q*) (a float, nats)."""
+        return (self.log_px - self.elbo_optimal).mean().item()
+
+    @property
+    def amortization_gap(self):
+        """mean over datapoints of ELBO(q*) - ELBO(q_amortized) (a float, nats)."""
+        return (self.elbo_optimal - self.elbo_amortized).mean().item()
+
+    @property
+    def inference_gap(self):
+        """mean of log p(x) - ELBO(q_amortized): the sum of the two gaps."""
+        return (self.log_px - self.elbo_amortized).mean().item()
+
+    def stderr(self, values):
+        return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else 0.0
+
+    def summary(self):
+        """A dict of floats: the three means, the two gaps and their standard errors."""
+        return {"num_data": self.log_px.numel(), "num_samples": self.num_samples,
+                "log_px": self.log_px.mean().item(),
+                "elbo_optimal": self.elbo_optimal.mean().item(),
+                "elbo_amortized": self.elbo_amortized.mean().item(),
+                "approximation_gap": self.approximation_gap,
+                "approximation_gap_stderr": self.stderr(self.log_px - self.elbo_optimal),
+                "amortization_gap": self.amortization_gap,
+                "amortization_gap_stderr": self.stderr(self.elbo_optimal - self.elbo_amortized),
+                "inference_gap": self.inference_gap}
+
+    def __str__(self):
+        s = self.summary()
+        return "\n".join([
+            f"{s['num_data']} datapoints, log p(x) by IWAE with K={s['num_samples']}",
+            f"  log p(x)                 {s['log_px']:10.2f} nats",
+            f"  ELBO(q*)                 {s['elbo_optimal']:10.2f}",
+            f"  ELBO(q amortized)        {s['elbo_amortized']:10.2f}",
+            f"  approximation gap        {s['approximation_gap']:10.2f} ± {s['approximation_gap_stderr']:.2f}",
+            f"  amortization gap         {s['amortization_gap']:10.2f} ± {s['amortization_gap_stderr']:.2f}",
+        ])
+
+
+def _encoder_of(guide):
+    encoder = getattr(guide, "encoder", None)
+    if encoder is None:
+        encoder = getattr(getattr(guide, "__self__", None), "encoder", None)
+    return encoder
+
+
+def amortization_gaps(model, guide, x, *, encoder=None, site_shapes=None, num_samples=5000,
+                      elbo_samples=100, local_steps=300, local_lr=1e-2, proposal="best",
+                      seed=0):
+    """Approximation and amortization gaps of a trained model on (held-out) rows x.
+
+    Args:
+        model: the trained model p_θ(x, z) (frozen here). guide: its amortized q(z | x) (e.g.
+            ``vae.guide``, an ``AmortizedGuide`` or a ``SemiAmortizedGuide``).
+        x: [N, D] rows (held-out data).
+        encoder: x -> (loc, scale) to start q* from (default: ``guide.encoder`` or the encoder of
+            the module a bound ``guide`` belongs to); site_shapes: needed without an encoder.
+        num_samples: K for the IWAE estimate of log p(x) (large: 5000 in Cremer et al.).
+        elbo_samples: samples per datapoint for the two ELBO estimates.
+        local_steps, local_lr: the optimisation of q* = per-datapoint φ_i (``infer_local``).
+        proposal: "best": log p(x) per datapoint is the larger of the IWAE estimates with q* and
+            with q_amortized as proposals (both are lower bounds in expectation); "optimal" or
+            "amortized": only that one.
+        seed: seeds q*'s optimisation and the estimators.
+
+    Returns:
+        ``Gaps`` (per datapoint values; ``summary()``, ``approximation_gap``, ``amortization_gap``).
+    """
+    from ppl_lvm.estimators import log_marginal
+
+    if proposal not in ("best", "optimal", "amortized"):
+        raise ValueError(f"proposal must be 'best', 'optimal' or 'amortized', got {proposal!r}")
+    encoder = encoder if encoder is not None else _encoder_of(guide)
+    optimal = infer_local(model, x, site_shapes=site_shapes, encoder=encoder, steps=local_steps,
+                          lr=local_lr, name="gaps", seed=seed)
+    rows = torch.arange(x.shape[0], device=x.device)
+    elbo_optimal = log_marginal(model, optimal, x, method="elbo", num_samples=elbo_samples,
+                                seed=seed, idx=rows)
+    elbo_amortized = log_marginal(model, guide, x, method="elbo", num_samples=elbo_samples,
+                                  seed=seed + 1)
+    estimates = []
+    if proposal in ("best", "optimal"):
+        estimates.append(log_marginal(model, optimal, x, method="iwae", num_samples=num_samples,
+                                      seed=seed + 2, idx=rows))
+    if proposal in ("best", "amortized"):
+        estimates.append(log_marginal(model, guide, x, method="iwae", num_samples=num_samples,
+                                      seed=seed + 3))
+    log_px = torch.stack(estimates).max(0).values
+    return Gaps(log_px, elbo_optimal, elbo_amortized, num_samples)
+
+
+def score_function_infer(baseline="decaying_average", beta=0.9, value=None, module=None,
+                         module_input=None):
+    """The ``infer=`` dict of a non-reparameterisable (discrete) guide site for REINFORCE.
+
+    Score-function gradients, ∇φ E_q[f(z)] = E_q[f(z) ∇φ log q_φ(z)], are what Pyro's
+    ``TraceGraph_ELBO`` uses at sites whose distribution has no rsample (Categorical,
+    Bernoulli). Their variance falls when a baseline b is subtracted from f (the expectation is
+    unchanged since E_q[∇φ log q_φ(z)] = 0):
+        "decaying_average": b = exponential moving average of f with factor ``beta``;
+        "value": b = ``value`` (a tensor shaped like the site's batch, e.g. from your own net);
+        "module": b = ``module(module_input)``, an nn.Module fitted to f by the ELBO's extra
+            squared loss (Pyro's nn_baseline);
+        None: plain REINFORCE.
+
+    Example: ``pyro.sample("c", dist.Categorical(weights), infer=score_function_infer())`` in the
+    guide, and ``fit(..., loss=TraceGraph_ELBO())``. Pyro keeps the decaying average per position
+    in the minibatch, so use a batch size that divides N (every batch then has the same shape).
+    """
+    if baseline is None or baseline == "none":
+        return {}
+    if baseline == "decaying_average":
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        return {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": beta}}
+    if baseline == "value":
+        if value is None:
+            raise ValueError("baseline='value' needs value=")
+        return {"baseline": {"baseline_value": value}}
+    if baseline == "module":
+        if module is None or module_input is None:
+            raise ValueError("baseline='module' needs module= and module_input=")
+        return {"baseline": {"nn_baseline": module, "nn_baseline_input": module_input}}
+    raise ValueError(f"unknown baseline {baseline!r}; choose 'decaying_average', 'value', "
+                     "'module' or None")

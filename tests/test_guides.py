@@ -1,0 +1,343 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
+
+from ppl_lvm.data import binarize, load_digits
+from ppl_lvm.estimators import log_marginal
+from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, amortization_gaps,
+                            infer_local, log_joint, refine, score_function_infer)
+from ppl_lvm.models.vae import VAE, Encoder
+from ppl_lvm.plate import data_plate
+from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, fit, svi_step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def binary_data(num_data=60, data_dim=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.linspace(0.1, 0.9, data_dim)
+    return (torch.rand(num_data, data_dim, generator=gen) < probs).float()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, _ = load_digits()
+    return binarize(x, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_vae(digits):
+    torch.manual_seed(0)
+    vae = VAE(digits.shape[1], z_dim=4, hidden_dim=64)
+    fit(vae.model, vae.guide, digits[:1200], epochs=15, batch_size=100, lr=1e-2, progress=False)
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------
+# the local (per-datapoint) guide
+
+
+def test_local_guide_rows_are_isolated_even_with_adam_momentum():
+    x = binary_data(num_data=50)
+    torch.manual_seed(0)
+    vae = VAE(12, z_dim=3, hidden_dim=8)
+    guide = LocalGuide(50, {"z": 3})
+    pyro.clear_param_store()
+    optim, loss = adam(local_lr=0.1), Trace_ELBO()
+    for start in range(0, 50, 10):  # every row gets Adam moments
+        idx = torch.arange(start, start + 10)
+        svi_step(bind_rows(vae.model, idx, 50), bind_rows(guide, idx, 50), optim, loss, (x[idx],))
+    table = pyro.param(guide.param_name)
+    assert table.grad is None or table.grad.is_sparse
+    before = table.detach().clone()
+    idx = torch.tensor([3, 17, 41])
+    svi_step(bind_rows(vae.model, idx, 50), bind_rows(guide, idx, 50), optim, loss, (x[idx],))
+    after = pyro.param(guide.param_name).detach()
+    others = torch.ones(50, dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(after[others], before[others])
+    assert (after[idx] != before[idx]).all(-1).all()
+    sparse = [o for o in optim.optim_objs.values() if isinstance(o, torch.optim.SparseAdam)]
+    assert len(sparse) == 1
+
+
+def test_local_guide_reads_rows_and_samples_every_site():
+    guide = LocalGuide(10, {"z": 2, "w": (2, 3)}, init_loc=0.5, init_scale=0.1)
+    pyro.clear_param_store()
+    x = torch.zeros(4, 5)
+    trace = pyro.poutine.trace(guide).get_trace(x, idx=torch.tensor([0, 2, 4, 9]), num_data=10)
+    assert trace.nodes["z"]["value"].shape == (4, 2)
+    assert trace.nodes["w"]["value"].shape == (4, 2, 3)
+    assert trace.nodes["w"]["fn"].event_shape == (2, 3)
+    assert trace.nodes["z"]["scale"] == pytest.approx(10 / 4)
+    assert guide.loc("w").shape == (10, 2, 3)
+    assert torch.allclose(guide.scale("z"), torch.full((10, 2), 0.1))
+    assert LOCAL_PREFIX in guide.param_name
+    guide.initialize(torch.ones(2, 2), torch.full((2, 2), 2.0), site="z", rows=torch.tensor([1, 3]))
+    assert torch.allclose(guide.loc("z")[[1, 3]], torch.ones(2, 2))
+    assert torch.allclose(guide.scale("z")[[1, 3]], torch.full((2, 2), 2.0))
+    assert torch.allclose(guide.loc("z")[0], torch.full((2,), 0.5))
+
+
+def test_local_guide_refuses_new_rows():
+    guide = LocalGuide(10, {"z": 2})
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="infer_local"):
+        guide(torch.zeros(4, 3))
+    with pytest.raises(IndexError, match="fitted on 10 rows.*infer_local"):
+        guide(torch.zeros(2, 3), idx=torch.tensor([3, 10]))
+    with pytest.raises(ValueError, match="num_data=20"):
+        guide(torch.zeros(2, 3), idx=torch.tensor([3, 4]), num_data=20)
+    with pytest.raises(ValueError, match="site_shapes"):
+        LocalGuide(10, {})
+
+
+def linear_gaussian(weight, bias, noise):
+    """z ~ N(0, I), x | z ~ N(W z + b, σ² I): the exact posterior is Gaussian."""
+    def model(x, idx=None, num_data=None):
+        with data_plate(x, idx, num_data):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], weight.shape[1]), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ weight.T + bias, noise).to_event(1), obs=x)
+    return model
+
+
+def test_local_guide_reaches_the_closed_form_mean_field_optimum():
+    # for a Gaussian posterior N(m, Λ⁻¹) the best diagonal Gaussian has mean m and variances
+    # 1 / Λ_jj: Λ = I + WᵀW / σ², m_i = Λ⁻¹ Wᵀ (x_i - b) / σ²
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 2, generator=gen)
+    bias, noise = torch.tensor([0.5, -1.0, 0.0]), 0.7
+    x = torch.randn(40, 3, generator=gen) * 2
+    precision = torch.eye(2) + weight.T @ weight / noise ** 2
+    mean = torch.linalg.solve(precision, weight.T @ (x - bias).T / noise ** 2).T
+    scale = precision.diagonal().rsqrt()
+    model = linear_gaussian(weight, bias, noise)
+    pyro.clear_param_store()
+    loss = Trace_ELBO(num_particles=32, vectorize_particles=True, max_plate_nesting=1)
+    guide = infer_local(model, x, site_shapes={"z": 2}, steps=250, lr=0.05, loss=loss)
+    assert torch.allclose(guide.loc(), mean, atol=0.03)
+    assert torch.allclose(guide.scale(), scale.expand(40, 2), rtol=0.05)
+    # joint SVI through fit, on minibatches, gets there too (here θ is empty)
+    guide = LocalGuide(40, {"z": 2})
+    fit(model, guide, x, epochs=150, batch_size=10, local_lr=0.03, progress=False, loss=loss)
+    assert torch.allclose(guide.loc(), mean, atol=0.1)
+    assert torch.allclose(guide.scale(), scale.expand(40, 2), rtol=0.15)
+
+
+def test_inner_loop_raises_each_batch_elbo_before_the_theta_step(digits):
+    torch.manual_seed(0)
+    x = digits[:300]
+    vae = VAE(x.shape[1], z_dim=2, hidden_dim=32)
+    guide = LocalGuide(300, {"z": 2})
+    result = fit(vae.model, guide, x, epochs=2, batch_size=50, lr=1e-2, local_lr=0.1,
+                 inner_steps=8, progress=False, loss=Trace_ELBO(num_particles=4))
+    gains = torch.tensor(result.inner_gains)
+    assert len(gains) == result.step == 12
+    assert (gains > 0).float().mean() > 0.8
+    assert gains.mean() > 0.1
+
+
+def test_inner_steps_hold_theta_fixed_and_theta_step_holds_phi_fixed():
+    x = binary_data(num_data=20)
+    torch.manual_seed(0)
+    vae = VAE(12, z_dim=2, hidden_dim=8)
+    guide = LocalGuide(20, {"z": 2})
+    decoder_before = [p.detach().clone() for p in vae.decoder.parameters()]
+    fit(vae.model, guide, x, epochs=1, batch_size=20, inner_steps=3, progress=False, lr=0.0)
+    # lr = 0 freezes θ: only the three inner steps moved φ
+    assert all(torch.equal(a, b) for a, b in zip(decoder_before, vae.decoder.parameters()))
+    assert not torch.equal(guide.loc(), torch.zeros(20, 2))
+    with pytest.raises(ValueError, match="inner_steps"):
+        fit(vae.model, guide, x, epochs=1, inner_steps=-1, progress=False)
+
+
+def test_local_tables_save_and_resume_exactly(tmp_path):
+    x = binary_data(num_data=40)
+
+    def run(epochs, resume=False):
+        torch.manual_seed(0)
+        vae = VAE(12, z_dim=2, hidden_dim=8)
+        guide = LocalGuide(40, {"z": 2})
+        fit(vae.model, guide, x, epochs=epochs, batch_size=16, lr=1e-2, progress=False,
+            inner_steps=2, checkpoint_dir=tmp_path / ("b" if resume or epochs == 1 else "a"),
+            resume=resume)
+        return guide.loc().clone(), guide.scale().clone(), [p.detach().clone() for p in vae.parameters()]
+
+    loc, scale, params = run(3)
+    run(1)
+    loc2, scale2, params2 = run(3, resume=True)
+    assert torch.equal(loc, loc2) and torch.equal(scale, scale2)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert any(name.startswith(LOCAL_PREFIX) for name in state["optim"])
+
+
+# ---------------------------------------------------------------------------------------------
+# amortized and semi-amortized guides
+
+
+def test_amortized_guide_takes_any_encoder():
+    x = binary_data(num_data=40)
+    torch.manual_seed(0)
+    vae = VAE(12, z_dim=2, hidden_dim=8)
+    encoder = Encoder(12, z_dim=2, hidden_dim=(16, 16))
+    guide = AmortizedGuide(encoder, name="my_encoder")
+    pyro.clear_param_store()
+    trace = pyro.poutine.trace(guide).get_trace(x[:5])
+    assert trace.nodes["z"]["value"].shape == (5, 2)
+    assert "my_encoder$$$net.0.weight" in trace.nodes
+    result = fit(vae.model, guide, x, epochs=20, batch_size=20, lr=1e-2, progress=False)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+
+
+def test_log_joint_is_the_model_density_per_datapoint():
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(3, 2, generator=gen), torch.zeros(3)
+    model = linear_gaussian(weight, bias, 0.5)
+    x, z = torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen)
+    expected = (dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+                + dist.Normal(z @ weight.T + bias, 0.5).log_prob(x).sum(-1))
+    assert torch.allclose(log_joint(model, {"z": z}, x, idx=torch.arange(4), num_data=100), expected)
+    with pytest.raises(ValueError, match="latent site 'z'"):
+        log_joint(model, {}, x)
+
+
+def test_refine_climbs_the_elbo_and_can_backpropagate_to_the_encoder(trained_vae, digits):
+    vae = trained_vae
+    x = digits[1200:1300]
+    loc, scale = vae.encoder(x)
+    refined_loc, refined_scale = refine(vae.model, x, loc, scale, steps=5, lr=0.05, unroll=True)
+    refined_loc.sum().backward()
+    assert vae.encoder.net[0].weight.grad.abs().sum() > 0
+    vae.encoder.zero_grad()
+    loc, scale = vae.encoder(x)
+    first_order, _ = refine(vae.model, x, loc, scale, steps=5, lr=0.05)
+    first_order.sum().backward()  # straight through: d loc_S / d loc_0 = I
+    assert vae.encoder.net[0].weight.grad.abs().sum() > 0
+    vae.encoder.zero_grad()
+
+
+def test_semi_amortized_elbo_is_at_least_the_amortized_one(trained_vae, digits):
+    vae = trained_vae
+    x = digits[1200:1400]
+    amortized = log_marginal(vae.model, vae.guide, x, method="elbo", num_samples=200, seed=0)
+    semi = SemiAmortizedGuide(vae.model, vae.encoder, steps=10, lr=0.2, num_particles=8)
+    pyro.set_rng_seed(0)
+    refined = log_marginal(vae.model, semi, x, method="elbo", num_samples=200, seed=0)
+    gain = refined - amortized
+    assert gain.mean() > 3 * gain.std() / math.sqrt(len(gain))
+    assert gain.mean() > 0.05
+
+
+def test_semi_amortized_guide_trains_a_vae(digits):
+    torch.manual_seed(0)
+    x = digits[:400]
+    vae = VAE(x.shape[1], z_dim=2, hidden_dim=32)
+    guide = SemiAmortizedGuide(vae.model, vae.encoder, steps=3, num_particles=2)
+    result = fit(vae.model, guide, x, epochs=4, batch_size=100, lr=1e-2, progress=False)
+    assert result.epoch_losses[-1] < result.epoch_losses[0] - 2
+
+
+# ---------------------------------------------------------------------------------------------
+# new rows, gaps
+
+
+def test_infer_local_fits_new_rows_with_theta_fixed(trained_vae, digits):
+    vae = trained_vae
+    x_new = digits[1300:1350]
+    before = [p.detach().clone() for p in vae.parameters()]
+    guide = infer_local(vae.model, x_new, encoder=vae.encoder, steps=100, lr=0.03)
+    assert all(torch.equal(a, b) for a, b in zip(before, vae.parameters()))
+    assert all(p.requires_grad for p in vae.parameters())
+    assert guide.num_data == 50 and guide.loc().shape == (50, 4)
+    rows = torch.arange(50)
+    local = log_marginal(vae.model, guide, x_new, method="elbo", num_samples=100, seed=0, idx=rows)
+    amortized = log_marginal(vae.model, vae.guide, x_new, method="elbo", num_samples=100, seed=0)
+    assert local.mean() > amortized.mean()
+    with pytest.raises(ValueError, match="site_shapes"):
+        infer_local(vae.model, x_new)
+
+
+def test_gaps_are_nonnegative_up_to_monte_carlo_error(trained_vae, digits):
+    vae = trained_vae
+    x = digits[1400:1500]
+    gaps = amortization_gaps(vae.model, vae.guide, x, num_samples=300, elbo_samples=100,
+                             local_steps=150, local_lr=0.03)
+    summary = gaps.summary()
+    assert summary["approximation_gap"] > -3 * summary["approximation_gap_stderr"]
+    assert summary["amortization_gap"] > -3 * summary["amortization_gap_stderr"]
+    assert summary["log_px"] >= summary["elbo_optimal"] - 0.05
+    assert gaps.inference_gap == pytest.approx(gaps.approximation_gap + gaps.amortization_gap)
+    assert "amortization gap" in str(gaps)
+    with pytest.raises(ValueError, match="proposal"):
+        amortization_gaps(vae.model, vae.guide, x, proposal="prior")
+
+
+# ---------------------------------------------------------------------------------------------
+# discrete latents: score-function gradients
+
+
+def test_baseline_lowers_the_variance_of_score_function_gradients():
+    # z ~ Bernoulli(0.5), x | z ~ N(3 z + 20, 1): log p(x, z) is about -200, a large offset the
+    # score function multiplies; a baseline removes it without changing the expectation
+    x = torch.tensor([21.0, 23.0, 20.5, 22.0])
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(3 * z + 20.0, 1.0), obs=x)
+
+    def make_guide(infer):
+        def guide(x):
+            logits = pyro.param("logits", torch.zeros(len(x)))
+            with pyro.plate("data", len(x)):
+                pyro.sample("z", dist.Bernoulli(logits=logits), infer=infer)
+        return guide
+
+    def gradients(infer, num=150):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide, elbo, grads = make_guide(infer), TraceGraph_ELBO(), []
+        for _ in range(num):
+            elbo.loss_and_grads(model, guide, x)
+            logits = pyro.param("logits").unconstrained()
+            grads.append(logits.grad.clone())
+            logits.grad = None
+        return torch.stack(grads[30:])  # after the moving average has warmed up
+
+    plain = gradients(score_function_infer(None))
+    baseline = gradients(score_function_infer("decaying_average", beta=0.9))
+    assert score_function_infer(None) == {}
+    assert torch.allclose(plain.mean(0), baseline.mean(0), atol=4 * plain.std(0).max() / math.sqrt(120))
+    assert (baseline.var(0) < plain.var(0) / 20).all()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        score_function_infer("average")
+
+
+def test_gaps_command(tmp_path, capsys):
+    import json
+
+    from ppl_lvm.cli import main
+    from ppl_lvm.runs import save_run
+
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    data = {"name": "digits", "path": None, "test_fraction": 0.2, "split_seed": 0, "binarize": True}
+    save_run(out, "vae", VAE(64, z_dim=2, hidden_dim=16), {"data": data})
+    assert main(["gaps", str(out), "-K", "50", "--n", "20", "--elbo-samples", "10",
+                 "--local-steps", "20"]) == 0
+    printed = capsys.readouterr().out
+    assert "amortization gap" in printed and "approximation gap" in printed
+    summary = json.loads((out / "gaps.json").read_text())
+    assert summary["num_data"] == 20 and summary["num_samples"] == 50
+    assert main(["gaps", str(tmp_path / "missing")]) == 2
