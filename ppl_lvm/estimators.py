@@ -17,7 +17,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import detach
-from pyro.infer import config_enumerate
+from pyro.infer import ELBO, config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
@@ -42,12 +42,17 @@ class LogMarginalEstimate:
     log_px: [N] the estimates (nats), on x's device.
     ess: [N] effective sample size of the importance weights, (Σ_k w_k)² / Σ_k w_k², in [1, K]
         (NaN for "exact", which draws no samples).
+    rows_per_call, particles_per_call: how the work was chunked (vectorised calls of that size).
+    vectorized: False when the model could not be vectorised and particles were looped.
     """
 
     log_px: torch.Tensor
     ess: torch.Tensor
     method: str
     num_samples: int
+    rows_per_call: int = None
+    particles_per_call: int = None
+    vectorized: bool = True
 
     @property
     def mean(self):
@@ -115,6 +120,17 @@ def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, p
         idx = torch.arange(num_rows, device=device)
     idx = idx.to(device)
     memory_bytes = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+    if seed is not None:  # a seeded call leaves the global RNG as it found it
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed,
+                             idx, memory_bytes, model_kwargs)
+    return _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
+                     memory_bytes, model_kwargs)
+
+
+def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
+              memory_bytes, model_kwargs):
+    num_rows, device = x.shape[0], x.device
     program = _Program(model, guide, x, method, plate_name, idx, model_kwargs)
     if method == "exact":
         rows_per_call = chunk_size or max(1, memory_bytes // max(program.bytes_per_unit, 1))
@@ -133,11 +149,12 @@ def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, p
         totals = _RunningWeights()
         for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
             count = min(particles_per_call, num_samples - first)
-            with _seeded(seed, block, particle_block, device):
-                totals.add(program.log_weights(rows, count))
+            _seed_block(seed, block, particle_block)
+            totals.add(program.log_weights(rows, count))
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
-    return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples)
+    return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
+                               rows_per_call, particles_per_call, program.vectorized)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,24 +195,11 @@ def _plan(num_rows, num_samples, chunk_size, seed, memory_bytes, bytes_per_unit)
     return rows, particles
 
 
-class _seeded:
-    """Run a block under its own RNG stream, derived from (seed, row block, particle block)."""
-
-    def __init__(self, seed, block, particle_block, device):
-        self.seed, self.key, self.device = seed, (block, particle_block), device
-
-    def __enter__(self):
-        if self.seed is None:
-            return
-        devices = [self.device] if self.device.type == "cuda" else []
-        self.fork = torch.random.fork_rng(devices=devices)
-        self.fork.__enter__()
-        state = np.random.SeedSequence([int(self.seed), *self.key]).generate_state(2, np.uint32)
+def _seed_block(seed, block, particle_block):
+    """Seed torch's RNG for one block from (seed, row block, particle block) (a no-op without seed)."""
+    if seed is not None:
+        state = np.random.SeedSequence([int(seed), block, particle_block]).generate_state(2)
         torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-    def __exit__(self, *exc):
-        if self.seed is not None:
-            self.fork.__exit__(*exc)
 
 
 class _RunningWeights:
@@ -397,7 +401,7 @@ class _Program:
                           f"shape {shape}): {type(error).__name__}: {error}")
 
     def _probe(self):
-        rows = slice(0, min(self.x.shape[0], 8))
+        rows = slice(0, min(self.x.shape[0], 2))
         guide_trace, model_trace = self._traces(rows)
         traces = [t for t in (guide_trace, model_trace) if t is not None]
         check_data_plate(traces, self.plate_name)
@@ -491,14 +495,16 @@ class _Program:
 # the IWAE training objective
 
 
-class IWAE_ELBO:
+class IWAE_ELBO(ELBO):
     """The importance-weighted bound as a training loss, per datapoint: -Σ_n s log (1/K) Σ_k w_{k,n}.
 
     Usable wherever a Pyro ELBO is (``fit(..., loss=IWAE_ELBO(K))``, ``SVI``): ``loss``,
     ``differentiable_loss`` and ``loss_and_grads``. log w_{k,n} is built from each site's unscaled,
     masked log-prob summed over the plates other than the data plate; the log-mean-exp over K is
-    taken per datapoint and then multiplied by the data plate's scale s = N / B, so a minibatch loss
-    estimates the full-data loss (s log mean w, not log mean w^s).
+    taken per datapoint and then multiplied by the sites' common scale s = N / B (from the data
+    plate's subsampling or from ``fit``'s poutine.scale for models without ``num_data``), so a
+    minibatch loss estimates the full-data loss (s log mean w, not log mean w^s). Sites with
+    different scales (annealing) are refused.
 
     ``dreg=True`` uses the doubly-reparameterised gradient (Tucker et al. 2018) for the guide: the
     guide's distribution parameters are stopped in log q and the path gradient is weighted by the
@@ -517,14 +523,18 @@ class IWAE_ELBO:
     def __init__(self, num_particles=10, dreg=False, plate_name="data", max_plate_nesting=None):
         if int(num_particles) != num_particles or num_particles < 1:
             raise ValueError(f"num_particles (K) must be an integer ≥ 1, got {num_particles!r}")
-        self.num_particles = int(num_particles)
+        super().__init__(num_particles=int(num_particles))
         self.dreg = dreg
         self.plate_name = plate_name
         self.max_plate_nesting = max_plate_nesting
 
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("IWAE_ELBO draws its K particles in one vectorised trace")
+
     def _nesting(self, model, guide, args, kwargs):
         if self.max_plate_nesting is None:
-            with poutine.block(), torch.no_grad():
+            devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda][:1]
+            with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=devices):
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                     *args, **kwargs)
@@ -546,9 +556,7 @@ class IWAE_ELBO:
             if not site["fn"].has_rsample:
                 raise NotImplementedError(f"IWAE_ELBO needs reparameterised guide sites; site "
                                           f"{name!r} ({type(site['fn']).__name__}) is not")
-        frame = next(data_frame(site, self.plate_name)
-                     for site in sample_sites(model_trace).values())
-        scale = (frame.full_size or frame.size) / frame.size
+        scale = self._scale(guide_trace, model_trace)
         log_p = log_joint(model_trace, self.plate_name, nesting)
         log_q = log_joint(guide_trace, self.plate_name, nesting)
         size = log_p.shape[-1]
@@ -570,6 +578,17 @@ class IWAE_ELBO:
         # encoder φ: Σ_k w̃_k² ∂ log w_k / ∂z ∂z/∂φ; decoder θ: Σ_k w̃_k ∇θ log p(x, z_k)
         surrogate = (weights**2 * path + (weights - weights**2) * log_p_fixed_z).sum(0)
         return bound, surrogate, scale
+
+    @staticmethod
+    def _scale(*traces):
+        """s: the one scale of every site (N / B from the data plate or from fit's poutine.scale)."""
+        scales = {name: float(site["scale"]) for trace in traces
+                  for name, site in sample_sites(trace).items()}
+        low, high = min(scales.values()), max(scales.values())
+        if high - low > 1e-6 * high:
+            raise ValueError(f"IWAE_ELBO needs the same scale at every site (N / B), got {scales}: "
+                             "annealing one term has no per-datapoint importance-weighted meaning")
+        return high
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """-Σ_n s · IWAE_K(x_n), differentiable (its gradient is DReG's when dreg=True)."""
