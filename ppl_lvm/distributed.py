@@ -161,7 +161,8 @@ def is_local(name):
 def global_params():
     """{name: unconstrained tensor} of every global (non-local) param in the store, sorted by name."""
     store = pyro.get_param_store()
-    return dict(sorted((n, p) for n, p in store.named_parameters() if not is_local(n)))
+    return dict(sorted(((n, p) for n, p in store.named_parameters() if not is_local(n)),
+                       key=lambda item: item[0]))
 
 
 def broadcast_params(src=0):
