@@ -3,6 +3,7 @@
 Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ppl_lvm import data as datasets
+from ppl_lvm import distributed as ddp
 from ppl_lvm import plots
 from ppl_lvm.runs import MODELS, load_run, run_data, save_run
 from ppl_lvm.train import DivergenceError, evaluate_elbo, fit
@@ -71,7 +73,7 @@ def train(args):
     vae = MODELS[args.model](x_train.shape[1], z_dim=args.z_dim, hidden_dim=args.hidden_dim,
                              likelihood=args.likelihood)
     binarize = (lambda x: torch.bernoulli(x)) if data_config["binarize"] else None
-    say = (lambda *a: None) if args.quiet else print
+    say = (lambda *a: None) if args.quiet or not ddp.is_main() else print
     say(f"training {args.model} on {args.data}: {len(x_train)} train / {len(x_test)} held-out "
         f"images of {x_train.shape[1]} pixels, {args.epochs} epochs on {args.device}")
     start = time.perf_counter()
@@ -79,11 +81,13 @@ def train(args):
                  lr=args.lr, device=args.device, seed=args.seed, progress=not args.quiet,
                  eval_data=x_test, eval_every=args.eval_every, checkpoint_dir=out,
                  resume=args.resume, transform=binarize)
-    elbo = evaluate_elbo(vae.model, vae.guide, x_test, num_particles=10)
+    elbo = evaluate_elbo(vae.model, vae.guide, x_test, num_particles=10, distributed=ddp.active())
     metrics = {"heldout_elbo": elbo, "train_loss": result.epoch_losses[-1] if result.epoch_losses else None,
                "epochs": args.epochs, "steps": result.step, "wall_time_s": time.perf_counter() - start,
                "eval_epochs": result.eval_epochs, "eval_elbos": result.eval_elbos,
                "epoch_losses": result.epoch_losses}
+    if not ddp.is_main():  # the global params are the same on every rank: rank 0 writes them
+        return metrics
     save_run(out, args.model, vae, {"data": data_config, "train": {
         k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed")}}, metrics)
     write_pictures(vae, x_test, result, out)
@@ -110,8 +114,10 @@ def evaluate(args):
     _, x_test = run_data(config["data"], args.device)
     if args.n is not None:
         x_test = x_test[:args.n]
-    elbo = evaluate_elbo(vae.model, vae.guide, x_test, num_particles=args.num_samples)
-    print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, K={args.num_samples})")
+    elbo = evaluate_elbo(vae.model, vae.guide, x_test, num_particles=args.num_samples,
+                         distributed=ddp.active())
+    if ddp.is_main():
+        print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, K={args.num_samples})")
     return {"heldout_elbo": elbo}
 
 
@@ -216,6 +222,17 @@ def add_complete_parser(commands):
     p.set_defaults(func=complete)
 
 
+def join_torchrun(args):
+    """Under ``torchrun --nproc_per_node=P -m ppl_lvm ...``: join the process group (gloo on the
+    CPU, NCCL with --device cuda, one GPU per rank); ``fit`` and the evaluation then split the
+    data over the ranks, and rank 0 alone prints and writes the run folder."""
+    if not ddp.launched() or int(os.environ["WORLD_SIZE"]) < 2:
+        return
+    ddp.init(device=getattr(args, "device", "cpu"))
+    if getattr(args, "device", "cpu") == "cuda":
+        args.device = str(ddp.local_device())
+
+
 def build_parser():
     parser = Parser(prog="ppl-lvm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -250,12 +267,17 @@ def main(argv=None):
         args = parser.parse_args(argv)
         if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise CLIError("--device cuda was asked for but CUDA is not available on this machine")
+        join_torchrun(args)
         args.func(args)
     except (CLIError, ValueError, FileNotFoundError, DivergenceError, RuntimeError) as error:
-        print(f"ppl-lvm: error: {error}", file=sys.stderr)
+        where = f" (rank {ddp.rank()})" if ddp.active() else ""
+        print(f"ppl-lvm: error{where}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ppl-lvm: interrupted; rerun with --resume to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        if ddp.active():
+            ddp.dist.destroy_process_group()
     return 0

@@ -21,9 +21,12 @@ import pyro.infer.util
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from ppl_lvm import distributed as ddp
+
 CHECKPOINT_NAME = "checkpoint.pt"
+SHARD_NAME = "local-rank{rank}-of-{world}.pt"
 # per-datapoint φ_i tables (ppl_lvm.guides.LocalGuide) live in the param store under this prefix
-LOCAL_PREFIX = "local$$$"
+LOCAL_PREFIX = ddp.LOCAL_PREFIX
 
 
 class DivergenceError(RuntimeError):
@@ -158,11 +161,20 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, optim, progress, result):
-    """Atomically write params, optimiser state, RNG state and progress to ``path``."""
+def save_checkpoint(path, optim, progress, result, keep=None):
+    """Atomically write params, optimiser state, RNG state and progress to ``path``.
+
+    keep(name) -> bool: only these params (and their optimiser state) are written (distributed
+    runs keep the global ones here and write local shards per rank).
+    """
+    params = pyro.get_param_store().get_state()
+    optim_state = optim.get_state()
+    if keep is not None:
+        params = {part: {n: v for n, v in values.items() if keep(n)} for part, values in params.items()}
+        optim_state = {n: v for n, v in optim_state.items() if keep(n)}
     state = {
-        "params": pyro.get_param_store().get_state(),
-        "optim": optim.get_state(),
+        "params": params,
+        "optim": optim_state,
         "rng": _rng_state(),
         "progress": progress,
         "result": dataclasses.asdict(result),
@@ -334,24 +346,33 @@ def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
-def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None):
+def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None,
+                  distributed=False):
     """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
-    ``num_particles`` draws of z per datapoint; no step is taken."""
+    ``num_particles`` draws of z per datapoint; no step is taken.
+
+    distributed: each rank takes a contiguous block of the rows and the sums are all-reduced.
+    """
     tensors = data if isinstance(data, (tuple, list)) else (data,)
     elbo = Trace_ELBO(num_particles=num_particles)
     total = 0.0
     num_data = tensors[0].shape[0]
+    rows = torch.tensor_split(torch.arange(num_data), ddp.world_size())[ddp.rank()] if distributed \
+        else torch.arange(num_data)
+    first, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
     with torch.no_grad():
-        for start in range(0, num_data, batch_size):
-            batch = tuple(t[start:start + batch_size] for t in tensors)
+        for start in range(first, stop, batch_size):
+            batch = tuple(t[start:min(start + batch_size, stop)] for t in tensors)
             total += elbo.loss(model, guide, *batch, **(model_kwargs or {}))
+    if distributed:
+        total = ddp.allreduce_mean(total, 1.0, tensors[0].device)
     return -total / num_data
 
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
-        callback=None, inner_steps=0, local_lr=1e-2):
+        callback=None, inner_steps=0, local_lr=1e-2, distributed=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -385,9 +406,17 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         transform: optional callable taking a minibatch's tensors and returning them (a tensor
             when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
             torch's RNG (checkpoints restore it).
+        distributed: data-parallel SVI over the ranks of torch.distributed (see
+            ``ppl_lvm.distributed``): None (default) turns it on when a process group with more
+            than one rank is running (e.g. under torchrun after ``ppl_lvm.distributed.init()``);
+            True also joins torchrun's group; False never. Each rank steps on B rows of its own
+            shard (P·B rows a step in all), global params are averaged, local φ tables
+            (``local$$$`` names) stay on the rank owning their rows. Rank 0 alone shows progress
+            and writes ``checkpoint.pt`` (global params); each rank writes
+            ``local-rank{r}-of-{P}.pt`` (its φ rows, its RNG state). Resume needs the same P.
 
     Returns:
-        FitResult. Raises DivergenceError when the loss becomes non-finite.
+        FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
     """
     if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
@@ -399,9 +428,16 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but CUDA is not available")
+    if distributed:
+        ddp.init(device=device)
+    distributed = ddp.active() if distributed in (None, True) else False
+    rank, world = (ddp.rank(), ddp.world_size()) if distributed else (0, 1)
+    if distributed and device.type == "cuda" and device.index is None:
+        device = ddp.local_device()
     tensors = as_batch_tuple(data, device)
     eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
     num_data = tensors[0].shape[0]
+    owned = ddp.owned_rows(num_data, rank, world).to(device)
     model_kwargs = dict(model_kwargs or {})
     for module in _owners(model, guide):
         module.to(device)
@@ -410,25 +446,50 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     loss = loss or Trace_ELBO()
     optim = optim or adam(lr, local_lr)
     checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    if checkpoint is not None:
+    shard_file = None if checkpoint is None or not distributed else (
+        checkpoint.parent / SHARD_NAME.format(rank=rank, world=world))
+    if checkpoint is not None and rank == 0:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if distributed:
+        ddp.barrier()
 
-    pyro.set_rng_seed(seed)
+    # a different stream of z per rank; the shuffles come from their own generators
+    pyro.set_rng_seed(seed + 100_003 * rank)
     result, progress_state = FitResult(checkpoint=None if checkpoint is None else str(checkpoint)), None
-    batches_per_epoch = math.ceil(num_data / batch_size)
+    batches_per_epoch = ddp.steps_per_epoch(num_data, batch_size, world)
     config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
+    if distributed:
+        # every rank creates every param, then takes rank 0's values
+        rows = owned[:2]
+        register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
+                        take_rows(tensors, rows, transform), loss)
+        ddp.broadcast_params()
     if resume:
         if not checkpoint.exists():
             raise FileNotFoundError(f"resume=True but no checkpoint at {checkpoint}")
         state = torch.load(checkpoint, map_location=device, weights_only=False)
+        saved_world = state["progress"].get("world_size", 1)
+        if saved_world != world:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written by {saved_world} process(es) but this run has "
+                f"{world}: local tables are sharded by rank, so resume with the same number "
+                f"(torchrun --nproc_per_node={saved_world})")
         saved = {k: state["progress"][k] for k in config}
         if saved != config:
             raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
-        rows = torch.arange(min(2, num_data), device=device)
+        rows = owned[:2]
         register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
                         take_rows(tensors, rows, transform), loss)
         load_params(state, device)
-        optim.set_state(state["optim"])
+        optim_state = state["optim"]
+        if distributed:
+            shard = ddp.load_shard(shard_file, num_data, device)
+            if shard["progress"] != state["progress"]:
+                raise ValueError(f"{shard_file} (at {shard['progress']}) does not match {checkpoint} "
+                                 f"(at {state['progress']}); the run died while checkpointing")
+            optim_state = {**optim_state, **shard["optim"]}
+            state["rng"] = shard["rng"]
+        optim.set_state(optim_state)
         _set_rng_state(state["rng"])
         result = FitResult(**state["result"])
         progress_state = state["progress"]
@@ -438,35 +499,61 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     start_time = time.perf_counter() - result.wall_time
     checked_devices = False
     bar = tqdm(total=epochs * batches_per_epoch, initial=start_epoch * batches_per_epoch + start_batch,
-               disable=not progress, desc="fit", unit="step", leave=False)
+               disable=not progress or rank != 0, desc="fit", unit="step", leave=False)
+    hook = ddp.GradAllReduce() if distributed else None
+    if distributed:
+        config["world_size"] = world
 
     def save(epoch, batch):
         if checkpoint is None:
             return
-        if not _params_finite():
+        finite = _params_finite()
+        if distributed:
+            finite = ddp.all_true(finite, device)
+        if not finite:
             raise DivergenceError(f"a parameter became non-finite by step {result.step}; "
                                   f"the last good checkpoint stays at {checkpoint}")
         result.wall_time = time.perf_counter() - start_time
-        save_checkpoint(checkpoint, optim, {**config, "epoch": epoch, "batch": batch}, result)
+        position = {**config, "epoch": epoch, "batch": batch}
+        if not distributed:
+            save_checkpoint(checkpoint, optim, position, result)
+            return
+        ddp.save_shard(shard_file, optim, position, owned, _rng_state())
+        ddp.barrier()
+        if rank == 0:
+            save_checkpoint(checkpoint, optim, position, result,
+                            keep=lambda name: not ddp.is_local(name))
+        ddp.barrier()
 
     try:
         for epoch in range(start_epoch, epochs):
-            shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(num_data, generator=shuffle).to(device)
+            batches = ddp.rank_batches(num_data, epoch, seed, rank, world, batch_size)
             first = start_batch if epoch == start_epoch else 0
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             for b in range(first, batches_per_epoch):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+                idx, weight = batches[b]
+                idx = idx.to(device)
                 batch = take_rows(tensors, idx, transform)
                 step_model, step_guide = bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data)
-                if inner_steps:
-                    before = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
-                                     param_filter=is_local_param)
-                    for _ in range(inner_steps - 1):
-                        svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
-                                 param_filter=is_local_param)
-                value = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
-                                 param_filter=(lambda n: not is_local_param(n)) if inner_steps else None)
+                if hook is not None:
+                    hook.weight = weight
+                if not len(idx):  # an empty last batch on a small shard: still join the all-reduce
+                    value = before = ddp.empty_step(optim, hook)
+                else:
+                    if inner_steps:
+                        local_hook = None if hook is None else hook.scale_local
+                        before = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                          param_filter=is_local_param, grad_hook=local_hook)
+                        for _ in range(inner_steps - 1):
+                            svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                     param_filter=is_local_param, grad_hook=local_hook)
+                    value = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                                     param_filter=(lambda n: not is_local_param(n)) if inner_steps
+                                     else None, grad_hook=hook)
+                if distributed:
+                    value = ddp.allreduce_mean(value, weight, device)
+                    if inner_steps:
+                        before = ddp.allreduce_mean(before, weight, device)
                 if inner_steps:
                     result.inner_gains.append((before - value) / num_data)
                 result.step += 1
@@ -488,8 +575,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
-                result.eval_elbos.append(
-                    evaluate_elbo(model, guide, eval_tensors, model_kwargs=model_kwargs))
+                result.eval_elbos.append(evaluate_elbo(model, guide, eval_tensors,
+                                                       model_kwargs=model_kwargs,
+                                                       distributed=distributed))
             save(epoch + 1, 0)
             if callback is not None and callback(epoch + 1, result):
                 break
@@ -497,4 +585,3 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         bar.close()
     result.wall_time = time.perf_counter() - start_time
     return result
-
