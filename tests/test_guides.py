@@ -340,3 +340,17 @@ def test_gaps_command(tmp_path, capsys):
     summary = json.loads((out / "gaps.json").read_text())
     assert summary["num_data"] == 20 and summary["num_samples"] == 50
     assert main(["gaps", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.cuda
+def test_local_guide_on_cuda():
+    x = binary_data(num_data=40).cuda()
+    torch.manual_seed(0)
+    vae = VAE(12, z_dim=2, hidden_dim=8)
+    guide = LocalGuide(40, {"z": 2})
+    result = fit(vae.model, guide, x, epochs=3, batch_size=16, inner_steps=2, device="cuda",
+                 progress=False)
+    assert pyro.param(guide.param_name).device.type == "cuda"
+    assert len(result.inner_gains) == result.step
+    new = infer_local(vae.model, x[:5], site_shapes={"z": 2}, steps=5)
+    assert new.loc().device.type == "cuda"
