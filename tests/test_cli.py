@@ -22,8 +22,15 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert metrics["steps"] == 2 * 6  # 1,437 training digits in batches of 256
     assert -100 < metrics["heldout_elbo"] < 0
 
-    assert main(["evaluate", str(out), "-K", "3", "--n", "50"]) == 0
-    assert "K=3" in capsys.readouterr().out
+    assert main(["evaluate", str(out), "--method", "elbo", "-K", "3", "--n", "50"]) == 0
+    assert "by elbo, K=3" in capsys.readouterr().out
+    assert main(["evaluate", str(out), "--method", "iwae", "-K", "200", "--n", "50"]) == 0
+    assert "by iwae, K=200" in capsys.readouterr().out
+    elbo = json.loads((out / "evaluate_elbo_K3.json").read_text())
+    iwae = json.loads((out / "evaluate_iwae_K200.json").read_text())
+    assert elbo["num_images"] == iwae["num_images"] == 50
+    assert iwae["mean"] > elbo["mean"] - 3 * elbo["stderr"]  # the IWAE bound is the tighter one
+    assert 1 <= iwae["median_ess"] <= 200
 
     # resuming a finished run for more epochs continues from its checkpoint
     more = list(TINY)
