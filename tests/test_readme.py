@@ -1,16 +1,27 @@
 import re
 from pathlib import Path
 
+import pyro
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def readme_commands():
-    return re.findall(r"```bash\n(pip install torch==2\.13\.0 && .*?)\n```", (ROOT / "README.md").read_text())
+README = (ROOT / "README.md").read_text()
 
 
 def test_readme_gives_setup_and_test_commands_and_ci_runs_the_test_one():
-    setup, test = readme_commands()[:2]
+    setup, test = re.findall(r"```bash\n(pip install torch==2\.13\.0 && .*?)\n```", README)[:2]
     assert setup.endswith("ppl-lvm demo")
     assert "pytest" in test
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci_lines, "the README's test command must be what .ci/run runs"
+
+
+def test_readme_example_model_trains():
+    example = re.search(r"```python\n(import pyro.*?)```", README, re.S).group(1)
+    assert "fit(model, guide" in example
+    example = example.replace("epochs=5", "epochs=1").replace("x, _ = load_mnist()",
+                                                              "x, _ = load_mnist(); x = x[:256]")
+    namespace = {}
+    pyro.clear_param_store()
+    exec(compile(example, "README.md", "exec"), namespace)
+    losses = namespace["result"].losses
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
