@@ -273,7 +273,7 @@ def build_parser():
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
-    add_train_options(p, epochs=100)
+    add_train_options(p, epochs=200)
     p.set_defaults(func=demo)
 
     add_complete_parser(commands)
