@@ -202,3 +202,29 @@ def test_nan_allowed_only_where_a_mask_says_missing():
     assert torch.isnan(as_batch_tuple((x, mask), "cpu")[0][1, 2])
     with pytest.raises(ValueError, match="NaN"):  # a float "mask" is just data
         as_batch_tuple((x, mask.float()), "cpu")
+
+
+@pytest.mark.parametrize("validate, expected", [("first_epoch", [True, False, False]),
+                                                 (True, [True, True, True]),
+                                                 (False, [False, False, False])])
+def test_validation_runs_while_every_row_is_seen_once(validate, expected):
+    x = binary_data(num_data=40)
+    vae = small_vae()
+    seen = []
+
+    def model(x, idx=None, num_data=None):
+        seen.append(pyro.infer.util.is_validation_enabled())
+        vae.model(x, idx, num_data)
+
+    fit(model, vae.guide, x, epochs=3, batch_size=20, validate=validate, progress=False)
+    assert seen == [flag for flag in expected for _ in range(2)]  # two batches an epoch
+    assert pyro.infer.util.is_validation_enabled()  # restored afterwards
+
+
+def test_first_epoch_validation_catches_non_binary_pixels():
+    x = binary_data(num_data=40)
+    x[37, 0] = 0.5  # one bad pixel, in whichever batch of epoch 1 holds row 37
+    vae = small_vae()
+    with pytest.raises(ValueError, match="support"):
+        fit(vae.model, vae.guide, x, epochs=2, batch_size=20, progress=False)
+    assert pyro.infer.util.is_validation_enabled()
