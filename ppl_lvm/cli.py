@@ -1,4 +1,4 @@
-"""The command line: `ppl-lvm train | evaluate | gaps | demo` (also `python -m ppl_lvm ...`).
+"""The command line: `ppl-lvm train | evaluate | gaps | complete | demo` (or `python -m ppl_lvm`).
 
 Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback.
 """
@@ -184,11 +184,14 @@ def complete(args):
     """Complete held-out images of a trained run from the posterior p(x_miss | x_obs); write a PNG grid.
 
     Rows: the originals, the observed pixels (missing ones grey), then ``--samples`` completions.
-    A plain VAE's encoder is fed the zero-filled image (``MaskedVAE(encoder_sees_mask=False)``).
+    A plain VAE's encoder never saw missing pixels: q(z | zero-filled x) is a poor proposal, so its
+    Metropolis-within-Gibbs chains propose z from q(z | x_obs and the current completion), a full
+    image like those it was trained on (Rezende et al. 2014); a MaskedVAE proposes from q(z | x_obs).
     """
     from ppl_lvm.models import missing
 
     module, config = load_run(args.run, args.device)
+    proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
     if not isinstance(module, missing.MaskedVAE):
         plain = module
         module = missing.MaskedVAE(**plain.config(), encoder_sees_mask=False).to(args.device)
@@ -200,7 +203,7 @@ def complete(args):
                              block_size=args.block_size, seed=args.seed, device=x.device)
     result = missing.complete(module.model, module.guide, x, mask, num_samples=args.samples,
                               method=args.method, num_particles=args.num_particles,
-                              num_steps=args.num_steps, seed=args.seed)
+                              num_steps=args.num_steps, proposal=proposal, seed=args.seed)
     # each completion drawn as E[x_miss | z_s] beside the observed pixels: smoother to read than
     # the Bernoulli draws themselves (result.samples), which carry the same z_s
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
@@ -227,7 +230,7 @@ def add_complete_parser(commands):
     p.add_argument("--mask", default="top_half", choices=MASKS, help="which pixels are missing")
     p.add_argument("--n", type=positive_int, default=16, help="the first n held-out images")
     p.add_argument("--samples", type=positive_int, default=4, help="completions per image")
-    p.add_argument("--method", default="sir", choices=COMPLETION_METHODS,
+    p.add_argument("--method", default="mwg", choices=COMPLETION_METHODS,
                    help="sampling-importance-resampling or Metropolis-within-Gibbs")
     p.add_argument("--num-particles", type=positive_int, default=1000, help="K for SIR")
     p.add_argument("--num-steps", type=positive_int, default=200, help="MwG steps")
