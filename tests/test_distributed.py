@@ -355,4 +355,4 @@ def test_cli_train_and_evaluate_under_torchrun(tmp_path):
     evaluate = subprocess.run(launch + ["evaluate", str(out), "-K", "2"], env=env,
                               capture_output=True, text=True, timeout=300)
     assert evaluate.returncode == 0, evaluate.stderr
-    assert evaluate.stdout.count("held-out ELBO") == 1
+    assert evaluate.stdout.count("held-out log p(x)") == 1
