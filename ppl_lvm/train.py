@@ -16,8 +16,8 @@ from pathlib import Path
 import pyro
 import pyro.optim
 import pyro.poutine as poutine
-import torch
 import pyro.infer.util
+import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
@@ -464,11 +464,15 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     result, progress_state = FitResult(checkpoint=None if checkpoint is None else str(checkpoint)), None
     batches_per_epoch = ddp.steps_per_epoch(num_data, batch_size, world)
     config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
-    if distributed:
-        # every rank creates every param, then takes rank 0's values
+
+    def register_own_rows():
         rows = owned[:2]
         register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
                         take_rows(tensors, rows, transform), loss)
+
+    if distributed:
+        # every rank creates every param, then takes rank 0's values
+        register_own_rows()
         ddp.broadcast_params()
     if resume:
         if not checkpoint.exists():
@@ -483,9 +487,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         saved = {k: state["progress"][k] for k in config}
         if saved != config:
             raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
-        rows = owned[:2]
-        register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
-                        take_rows(tensors, rows, transform), loss)
+        register_own_rows()
         load_params(state, device)
         optim_state = state["optim"]
         if distributed:
@@ -551,11 +553,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 else:
                     if inner_steps:
                         local_hook = None if hook is None else hook.scale_local
-                        before = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
+                        inner = [svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
                                           param_filter=is_local_param, grad_hook=local_hook)
-                        for _ in range(inner_steps - 1):
-                            svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
-                                     param_filter=is_local_param, grad_hook=local_hook)
+                                 for _ in range(inner_steps)]
+                        before = inner[0]
                     value = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
                                      param_filter=(lambda n: not is_local_param(n)) if inner_steps
                                      else None, grad_hook=hook)
