@@ -8,8 +8,6 @@ the optimiser's state, every RNG's state and the step.
 import dataclasses
 import functools
 import inspect
-import math
-import os
 import time
 from pathlib import Path
 
@@ -22,15 +20,14 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from ppl_lvm import distributed as ddp
+from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
+    DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, load_checkpoint,
+    load_params, params_finite, save_checkpoint)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARD_NAME = "local-rank{rank}-of-{world}.pt"
 # per-datapoint φ_i tables (ppl_lvm.guides.LocalGuide) live in the param store under this prefix
 LOCAL_PREFIX = ddp.LOCAL_PREFIX
-
-
-class DivergenceError(RuntimeError):
-    """The loss (or a parameter) became non-finite; the last good checkpoint was kept."""
 
 
 @dataclasses.dataclass
@@ -143,77 +140,11 @@ def _check_devices(device):
                 "module that owns it with .to(device)")
 
 
-def _params_finite():
-    store = pyro.get_param_store()
-    return all(torch.isfinite(store.get_param(n)).all() for n in store.keys())
-
-
-def _rng_state():
-    state = {"pyro": pyro.util.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    pyro.util.set_rng_state(state["pyro"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, optim, progress, result, keep=None):
-    """Atomically write params, optimiser state, RNG state and progress to ``path``.
-
-    keep(name) -> bool: only these params (and their optimiser state) are written (distributed
-    runs keep the global ones here and write local shards per rank).
-    """
-    params = pyro.get_param_store().get_state()
-    optim_state = optim.get_state()
-    if keep is not None:
-        params = {part: {n: v for n, v in values.items() if keep(n)} for part, values in params.items()}
-        optim_state = {n: v for n, v in optim_state.items() if keep(n)}
-    state = {
-        "params": params,
-        "optim": optim_state,
-        "rng": _rng_state(),
-        "progress": progress,
-        "result": dataclasses.asdict(result),
-    }
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def register_params(model, guide, batch, loss=None):
     """Run model and guide once so every parameter exists in the param store (no step taken)."""
     loss = loss or Trace_ELBO()
     with torch.no_grad():
         loss.loss(model, guide, *batch)
-
-
-def load_params(state, device=None):
-    """Copy saved values into the param store, in place where a parameter already exists.
-
-    In place keeps nn.Module parameters registered by ``pyro.module`` tied to their modules, so
-    call ``register_params`` first. ``state``: a param store state (``get_state()``) or a
-    checkpoint dict holding one under "params".
-    """
-    state = state.get("params", state)
-    store = pyro.get_param_store()
-    for name, value in state["params"].items():
-        value = value.to(device) if device is not None else value
-        if name in store:
-            current = store._params[name]
-            if current.shape != value.shape:
-                raise ValueError(f"saved parameter {name!r} has shape {tuple(value.shape)} but the "
-                                 f"model's has {tuple(current.shape)}: was it saved from another "
-                                 "configuration?")
-            current.data.copy_(value)
-        else:
-            store._params[name] = value.detach().requires_grad_(True)
-            store._constraints[name] = state["constraints"][name]
-            store._param_to_name[store._params[name]] = name
 
 
 def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, param_filter=None):
@@ -477,16 +408,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if resume:
         if not checkpoint.exists():
             raise FileNotFoundError(f"resume=True but no checkpoint at {checkpoint}")
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        saved_world = state["progress"].get("world_size", 1)
-        if saved_world != world:
-            raise ValueError(
-                f"checkpoint {checkpoint} was written by {saved_world} process(es) but this run has "
-                f"{world}: local tables are sharded by rank, so resume with the same number "
-                f"(torchrun --nproc_per_node={saved_world})")
-        saved = {k: state["progress"][k] for k in config}
-        if saved != config:
-            raise ValueError(f"checkpoint {checkpoint} was written with {saved}, not {config}")
+        state = load_checkpoint(checkpoint, device)
+        check_resumable(state, checkpoint, config, world)
         register_own_rows()
         load_params(state, device)
         optim_state = state["optim"]
@@ -515,12 +438,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     def save(epoch, batch):
         if checkpoint is None:
             return
-        finite = _params_finite()
-        if distributed:
-            finite = ddp.all_true(finite, device)
-        if not finite:
-            raise DivergenceError(f"a parameter became non-finite by step {result.step}; "
-                                  f"the last good checkpoint stays at {checkpoint}")
+        guard.check_state(optim, result.step,
+                          all_ranks=(lambda ok: ddp.all_true(ok, device)) if distributed else None)
         result.wall_time = time.perf_counter() - start_time
         position = {**config, "epoch": epoch, "batch": batch}
         if not distributed:
@@ -534,6 +453,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         ddp.barrier()
 
     validating = pyro.infer.util.is_validation_enabled()
+    guard = DivergenceGuard(checkpoint)
     try:
         for epoch in range(start_epoch, epochs):
             batches = ddp.rank_batches(num_data, epoch, seed, rank, world, batch_size)
@@ -568,11 +488,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                     result.inner_gains.append((before - value) / num_data)
                 result.step += 1
                 value = value / num_data
-                if not math.isfinite(value):
-                    where = f"at step {result.step} (epoch {epoch + 1}, batch {b + 1})"
-                    kept = (f"the last good checkpoint stays at {checkpoint}" if checkpoint
-                            else "no checkpoint_dir was given")
-                    raise DivergenceError(f"loss became {value} {where}; {kept}")
+                guard.check_loss(value, result.step, epoch + 1, b + 1)
                 if not checked_devices:
                     _check_devices(device)
                     checked_devices = True
