@@ -42,6 +42,20 @@ class DivergenceGuard:
             raise DivergenceError(f"a parameter became non-finite by step {step}; {self.kept()}")
 
 
+    def check_error(self, error, step, epoch, batch):
+        """A step that raised (Pyro's validation dumps a NaN tensor): if the parameters went bad,
+        say so as for a NaN loss, naming the step."""
+        if not params_finite() or "nan" in str(error).lower():
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise DivergenceError(f"the step became non-finite at step {step} (epoch {epoch}, "
+                                  f"batch {batch}): {first}; {self.kept()}") from error
+
+    def check_final(self, optim, step):
+        """At the end of ``fit``: never return a NaN parameter, checkpoint or not."""
+        if not params_finite():
+            raise DivergenceError(f"a parameter is non-finite after step {step}; {self.kept()}")
+
+
 def params_finite():
     store = pyro.get_param_store()
     return all(torch.isfinite(store.get_param(n)).all() for n in store.keys())

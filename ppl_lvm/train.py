@@ -6,8 +6,6 @@ optimiser step on -ELBO. Checkpoints hold everything needed to continue bit for 
 the optimiser's state, every RNG's state and the step.
 """
 import dataclasses
-import functools
-import inspect
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from ppl_lvm import distributed as ddp
+from ppl_lvm import program
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
     DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, load_checkpoint,
     load_params, params_finite, save_checkpoint)
@@ -53,36 +52,19 @@ class FitResult:
 
 
 def accepts(fn, name):
-    """Whether callable ``fn`` takes keyword ``name`` (explicitly or through ``**kwargs``)."""
-    try:
-        return _accepts_cached(fn, name)
-    except TypeError:  # an unhashable callable
-        return _accepts(fn, name)
+    """Whether callable ``fn`` names keyword ``name`` explicitly (``**kwargs`` does not count:
+    an autoguide that forwards its keywords to the model must not be given ``idx``)."""
+    return program.names_keywords(fn, name)
 
 
-# fit asks every step, and inspect.signature costs about a millisecond
-@functools.lru_cache(maxsize=256)
-def _accepts_cached(fn, name):
-    return _accepts(fn, name)
+def bind_rows(fn, idx, num_data, plate_name=None):
+    """``fn`` for one minibatch: given ``idx``/``num_data`` if it names them, else its sites in the
+    data plate (``plate_name``; by default the plate as long as the minibatch) scaled by N / B.
 
-
-def _accepts(fn, name):
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def bind_rows(fn, idx, num_data):
-    """``fn`` for one minibatch: given ``idx``/``num_data`` if it takes them, else scaled by N / B.
-
-    A model written for full batches (``pyro.plate("data", len(x))``, as in Pyro's examples) gets
-    ``poutine.scale(N / B)``, exact when all its sample sites are local (inside the data plate).
+    Global sites (outside the data plate) are never scaled, so the minibatch loss estimates the
+    full-data loss without bias for any program (see ``ppl_lvm.program.bind``).
     """
-    if accepts(fn, "idx") and accepts(fn, "num_data"):
-        return lambda *args, **kwargs: fn(*args, idx=idx, num_data=num_data, **kwargs)
-    return poutine.scale(fn, scale=num_data / len(idx))
+    return program.bind(fn, idx, num_data, plate_name)
 
 
 def as_batch_tuple(data, device):
@@ -140,11 +122,11 @@ def _check_devices(device):
                 "module that owns it with .to(device)")
 
 
-def register_params(model, guide, batch, loss=None):
+def register_params(model, guide, batch, loss=None, kwargs=None):
     """Run model and guide once so every parameter exists in the param store (no step taken)."""
     loss = loss or Trace_ELBO()
     with torch.no_grad():
-        loss.loss(model, guide, *batch)
+        loss.loss(model, guide, *batch, **(kwargs or {}))
 
 
 def svi_step(model, guide, optim, loss, batch, kwargs=None, grad_hook=None, param_filter=None):
@@ -278,10 +260,12 @@ def torch_item(value):
 
 
 def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None,
-                  distributed=False):
+                  distributed=False, plate_name=None):
     """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
     ``num_particles`` draws of z per datapoint; no step is taken.
 
+    The rows are taken in chunks; each chunk's sites in the data plate are scaled by N / n (global
+    sites are not) and the chunks are averaged with weights n / N, so global latents count once.
     distributed: each rank takes a contiguous block of the rows and the sums are all-reduced.
     """
     tensors = data if isinstance(data, (tuple, list)) else (data,)
@@ -294,16 +278,226 @@ def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwa
     with torch.no_grad():
         for start in range(first, stop, batch_size):
             batch = tuple(t[start:min(start + batch_size, stop)] for t in tensors)
-            total += elbo.loss(model, guide, *batch, **(model_kwargs or {}))
+            share = len(batch[0]) / num_data
+            scaled = [program.scale_rows(fn, 1 / share, plate_name, len(batch[0]))
+                      for fn in (model, guide)]
+            total += share * elbo.loss(*scaled, *batch, **(model_kwargs or {}))
     if distributed:
         total = ddp.allreduce_mean(total, 1.0, tensors[0].device)
     return -total / num_data
 
 
+class FitValidationError(ValueError):
+    """A distribution's parameter or an observed value left its support (named by site and epoch)."""
+
+
+def check_program_values(model, guide, batch, kwargs, epoch):
+    """Trace model and guide on one batch and check every site's distribution parameters and
+    observed values against their constraints (what Pyro's validation checks, site by site).
+
+    ``fit`` runs this at every epoch end, so a run whose validation is off after the first epoch
+    still stops, naming the site, when e.g. a probability built in the model leaves [0, 1].
+    """
+    with torch.no_grad(), pyro.validation_enabled(False), program.sandbox(batch[0].device):
+        guide_trace = poutine.trace(guide).get_trace(*batch, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *batch, **kwargs)
+    for role, trace in (("guide", guide_trace), ("model", model_trace)):
+        for name, site in program.sample_sites(trace).items():
+            problem = program.invalid_values(site)
+            if problem:
+                raise FitValidationError(f"after epoch {epoch}, {role} site {name!r}: {problem}")
+
+
+class _SingleProcess:
+    """How ``fit`` spreads its work: on one process every hook of the strategy does nothing."""
+
+    active, rank, world = False, 0, 1
+    grad_hook = local_hook = None
+
+    def __init__(self, device):
+        self.device = device
+
+    def batches(self, num_data, epoch, seed, batch_size):
+        return ddp.rank_batches(num_data, epoch, seed, 0, 1, batch_size)
+
+    def owned(self, num_data):
+        return torch.arange(num_data, device=self.device)
+
+    def set_weight(self, weight):
+        pass
+
+    def mean(self, value, weight):
+        return value
+
+    def all_true(self, flag):
+        return flag
+
+    def barrier(self):
+        pass
+
+    def start(self, register):
+        pass
+
+
+class _DataParallel(_SingleProcess):
+    """Data-parallel SVI over torch.distributed's ranks (see ``ppl_lvm.distributed``)."""
+
+    active = True
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.rank, self.world = ddp.rank(), ddp.world_size()
+        self.grad_hook = ddp.GradAllReduce()
+        self.local_hook = self.grad_hook.scale_local
+
+    def batches(self, num_data, epoch, seed, batch_size):
+        return ddp.rank_batches(num_data, epoch, seed, self.rank, self.world, batch_size)
+
+    def owned(self, num_data):
+        return ddp.owned_rows(num_data, self.rank, self.world).to(self.device)
+
+    def set_weight(self, weight):
+        self.grad_hook.weight = weight
+
+    def mean(self, value, weight):
+        return ddp.allreduce_mean(value, weight, self.device)
+
+    def all_true(self, flag):
+        return ddp.all_true(flag, self.device)
+
+    def barrier(self):
+        ddp.barrier()
+
+    def start(self, register):
+        # every rank creates every param, then takes rank 0's values
+        register()
+        ddp.broadcast_params()
+
+
+class _Checkpointer:
+    """Writes and reads a run's checkpoint: ``checkpoint.pt`` (rank 0: global params, optimiser
+    state, RNG, progress) and, on several ranks, one shard of local rows per rank."""
+
+    def __init__(self, folder, optim, strategy, config, guard):
+        self.path = None if folder is None else Path(folder) / CHECKPOINT_NAME
+        self.optim, self.strategy, self.config, self.guard = optim, strategy, config, guard
+        self.shard = None if self.path is None or not strategy.active else (
+            self.path.parent / SHARD_NAME.format(rank=strategy.rank, world=strategy.world))
+        if self.path is not None and strategy.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        strategy.barrier()
+
+    def resume(self, register, device):
+        """Load the checkpoint into the param store and optimiser; returns (result, epoch, batch)."""
+        if self.path is None or not self.path.exists():
+            raise FileNotFoundError(f"resume=True but no checkpoint at {self.path}")
+        state = load_checkpoint(self.path, device)
+        check_resumable(state, self.path, self.config, self.strategy.world)
+        register()
+        load_params(state, device)
+        optim_state = state["optim"]
+        if self.shard is not None:
+            shard = ddp.load_shard(self.shard, self.config["num_data"], device)
+            if shard["progress"] != state["progress"]:
+                raise ValueError(f"{self.shard} (at {shard['progress']}) does not match "
+                                 f"{self.path} (at {state['progress']}); the run died while "
+                                 "checkpointing")
+            optim_state = {**optim_state, **shard["optim"]}
+            state["rng"] = shard["rng"]
+        self.optim.set_state(optim_state)
+        _set_rng_state(state["rng"])
+        progress = state["progress"]
+        return FitResult(**state["result"]), progress["epoch"], progress["batch"]
+
+    def save(self, epoch, batch, result):
+        if self.path is None:
+            return
+        self.guard.check_state(self.optim, result.step, all_ranks=(
+            self.strategy.all_true if self.strategy.active else None))
+        position = {**self.config, "epoch": epoch, "batch": batch}
+        if self.strategy.world > 1:
+            position["world_size"] = self.strategy.world
+        if not self.strategy.active:
+            save_checkpoint(self.path, self.optim, position, result)
+            return
+        ddp.save_shard(self.shard, self.optim, position, self.strategy.owned(
+            self.config["num_data"]), _rng_state())
+        ddp.barrier()
+        if self.strategy.rank == 0:
+            save_checkpoint(self.path, self.optim, position, result,
+                            keep=lambda name: not ddp.is_local(name))
+        ddp.barrier()
+
+
+def take_step(model, guide, optim, loss, batch, kwargs, inner_steps, strategy, weight):
+    """One minibatch of SVI: a joint step on θ and φ, or (``inner_steps`` = S > 0) the lecture's
+    two-step procedure, S steps on the batch's local φ_i with θ fixed, then one step on θ.
+
+    Returns (loss, loss before the inner steps) of the global batch, -ELBO in nats (not per datapoint).
+    """
+    strategy.set_weight(weight)
+    if not len(batch[0]):  # an empty last batch on a small shard: still join the all-reduce
+        value = ddp.empty_step(optim, strategy.grad_hook)
+        return strategy.mean(value, weight), None
+    before = None
+    if inner_steps:
+        for s in range(inner_steps):
+            inner = svi_step(model, guide, optim, loss, batch, kwargs, param_filter=is_local_param,
+                             grad_hook=strategy.local_hook)
+            before = inner if s == 0 else before
+        before = strategy.mean(before, weight)
+    value = svi_step(model, guide, optim, loss, batch, kwargs, grad_hook=strategy.grad_hook,
+                     param_filter=(lambda n: not is_local_param(n)) if inner_steps else None)
+    return strategy.mean(value, weight), before
+
+
+def _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
+                    checkpoint_dir, eval_every):
+    if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
+        raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
+                         f"{epochs}, {batch_size}, {checkpoint_every}")
+    if inner_steps < 0:
+        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    if not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
+    if validate not in (True, False, "first_epoch"):
+        raise ValueError(f"validate must be True, False or 'first_epoch', got {validate!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+
+
+def check_autoguide_rows(guide, structure, probe, batch_size, num_data):
+    """Refuse minibatches for an autoguide that holds per-row parameters of local latent sites.
+
+    Such a guide (``AutoNormal`` on ``pyro.plate("data", len(x))``) makes one parameter per row of
+    the first batch it sees and has no way to know which rows a minibatch holds.
+    """
+    from pyro.infer.autoguide import AutoGuide, AutoGuideList
+
+    if batch_size >= num_data or not structure.local_latents:
+        return
+    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
+    for part in parts:
+        if not isinstance(part, AutoGuide) or program.takes_rows(part):
+            continue
+        args, kwargs = probe
+        covered = program.sample_sites(program.trace_of(part.model, *args, **kwargs))
+        local = [n for n in structure.local_latents if n in covered]
+        if local:
+            raise ValueError(
+                f"the guide {type(part).__name__} holds per-row parameters for the local latent "
+                f"sites {local} of the data plate {structure.plate_name!r}, so it cannot follow "
+                f"minibatches (batch_size={batch_size} < N={num_data}): train with "
+                f"batch_size={num_data} (full batch), or use an amortized guide or "
+                "ppl_lvm.LocalGuide for the local sites")
+
+
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
-        callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch"):
+        callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
+        plate_name=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -353,28 +547,22 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     Returns:
         FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
     """
-    if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
-        raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
-                         f"{epochs}, {batch_size}, {checkpoint_every}")
-    if inner_steps < 0:
-        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-    if validate not in (True, False, "first_epoch"):
-        raise ValueError(f"validate must be True, False or 'first_epoch', got {validate!r}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
+    _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
+                    checkpoint_dir, eval_every)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but CUDA is not available")
     if distributed:
         ddp.init(device=device)
-    distributed = ddp.active() if distributed in (None, True) else False
-    rank, world = (ddp.rank(), ddp.world_size()) if distributed else (0, 1)
-    if distributed and device.type == "cuda" and device.index is None:
-        device = ddp.local_device()
+    if (ddp.active() if distributed in (None, True) else False):
+        if device.type == "cuda" and device.index is None:
+            device = ddp.local_device()
+        strategy = _DataParallel(device)
+    else:
+        strategy = _SingleProcess(device)
     tensors = as_batch_tuple(data, device)
     eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
     num_data = tensors[0].shape[0]
-    owned = ddp.owned_rows(num_data, rank, world).to(device)
     model_kwargs = dict(model_kwargs or {})
     for module in _owners(model, guide):
         module.to(device)
@@ -382,133 +570,85 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         pyro.clear_param_store()
     loss = loss or Trace_ELBO()
     optim = optim or adam(lr, local_lr)
-    checkpoint = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
-    shard_file = None if checkpoint is None or not distributed else (
-        checkpoint.parent / SHARD_NAME.format(rank=rank, world=world))
-    if checkpoint is not None and rank == 0:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    if distributed:
-        ddp.barrier()
 
+    # the program's structure, read once from its traces on a few (transformed) rows
+    probe_rows = torch.arange(min(num_data, 3), device=device)
+    probe = (take_rows(tensors, probe_rows, transform), model_kwargs)
+    structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
+    check_autoguide_rows(guide, structure, probe, batch_size, num_data)
+
+    def bound(idx):
+        return (bind_rows(model, idx, num_data, structure.plate_name),
+                bind_rows(guide, idx, num_data, structure.plate_name))
+
+    owned = strategy.owned(num_data)
+
+    def register():
+        register_params(*bound(owned[:2]), take_rows(tensors, owned[:2], transform), loss,
+                        model_kwargs)
+
+    guard = DivergenceGuard(None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME)
+    checkpointer = _Checkpointer(checkpoint_dir, optim, strategy,
+                                 {"num_data": num_data, "batch_size": batch_size, "seed": seed}, guard)
     # a different stream of z per rank; the shuffles come from their own generators
-    pyro.set_rng_seed(seed + 100_003 * rank)
-    result, progress_state = FitResult(checkpoint=None if checkpoint is None else str(checkpoint)), None
-    batches_per_epoch = ddp.steps_per_epoch(num_data, batch_size, world)
-    config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
-
-    def register_own_rows():
-        rows = owned[:2]
-        register_params(bind_rows(model, rows, num_data), bind_rows(guide, rows, num_data),
-                        take_rows(tensors, rows, transform), loss)
-
-    if distributed:
-        # every rank creates every param, then takes rank 0's values
-        register_own_rows()
-        ddp.broadcast_params()
+    pyro.set_rng_seed(seed + 100_003 * strategy.rank)
+    strategy.start(register)
+    result, start_epoch, start_batch = FitResult(checkpoint=None if checkpointer.path is None
+                                                 else str(checkpointer.path)), 0, 0
     if resume:
-        if not checkpoint.exists():
-            raise FileNotFoundError(f"resume=True but no checkpoint at {checkpoint}")
-        state = load_checkpoint(checkpoint, device)
-        check_resumable(state, checkpoint, config, world)
-        register_own_rows()
-        load_params(state, device)
-        optim_state = state["optim"]
-        if distributed:
-            shard = ddp.load_shard(shard_file, num_data, device)
-            if shard["progress"] != state["progress"]:
-                raise ValueError(f"{shard_file} (at {shard['progress']}) does not match {checkpoint} "
-                                 f"(at {state['progress']}); the run died while checkpointing")
-            optim_state = {**optim_state, **shard["optim"]}
-            state["rng"] = shard["rng"]
-        optim.set_state(optim_state)
-        _set_rng_state(state["rng"])
-        result = FitResult(**state["result"])
-        progress_state = state["progress"]
+        result, start_epoch, start_batch = checkpointer.resume(register, device)
 
-    start_epoch, start_batch = (0, 0) if progress_state is None else (
-        progress_state["epoch"], progress_state["batch"])
+    steps_per_epoch = ddp.steps_per_epoch(num_data, batch_size, strategy.world)
     start_time = time.perf_counter() - result.wall_time
-    checked_devices = False
-    bar = tqdm(total=epochs * batches_per_epoch, initial=start_epoch * batches_per_epoch + start_batch,
-               disable=not progress or rank != 0, desc="fit", unit="step", leave=False)
-    hook = ddp.GradAllReduce() if distributed else None
-    if distributed:
-        config["world_size"] = world
-
-    def save(epoch, batch):
-        if checkpoint is None:
-            return
-        guard.check_state(optim, result.step,
-                          all_ranks=(lambda ok: ddp.all_true(ok, device)) if distributed else None)
-        result.wall_time = time.perf_counter() - start_time
-        position = {**config, "epoch": epoch, "batch": batch}
-        if not distributed:
-            save_checkpoint(checkpoint, optim, position, result)
-            return
-        ddp.save_shard(shard_file, optim, position, owned, _rng_state())
-        ddp.barrier()
-        if rank == 0:
-            save_checkpoint(checkpoint, optim, position, result,
-                            keep=lambda name: not ddp.is_local(name))
-        ddp.barrier()
-
+    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_batch,
+               disable=not progress or strategy.rank != 0, desc="fit", unit="step", leave=False,
+               mininterval=1.0)
     validating = pyro.infer.util.is_validation_enabled()
-    guard = DivergenceGuard(checkpoint)
     try:
         for epoch in range(start_epoch, epochs):
-            batches = ddp.rank_batches(num_data, epoch, seed, rank, world, batch_size)
+            batches = strategy.batches(num_data, epoch, seed, batch_size)
             first = start_batch if epoch == start_epoch else 0
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             pyro.enable_validation(validating and (validate is True or (
                 validate == "first_epoch" and epoch == 0)))
-            for b in range(first, batches_per_epoch):
+            for b in range(first, steps_per_epoch):
                 idx, weight = batches[b]
                 idx = idx.to(device)
                 batch = take_rows(tensors, idx, transform)
-                step_model, step_guide = bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data)
-                if hook is not None:
-                    hook.weight = weight
-                if not len(idx):  # an empty last batch on a small shard: still join the all-reduce
-                    value = before = ddp.empty_step(optim, hook)
-                else:
-                    if inner_steps:
-                        local_hook = None if hook is None else hook.scale_local
-                        inner = [svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
-                                          param_filter=is_local_param, grad_hook=local_hook)
-                                 for _ in range(inner_steps)]
-                        before = inner[0]
-                    value = svi_step(step_model, step_guide, optim, loss, batch, model_kwargs,
-                                     param_filter=(lambda n: not is_local_param(n)) if inner_steps
-                                     else None, grad_hook=hook)
-                if distributed:
-                    value = ddp.allreduce_mean(value, weight, device)
-                    if inner_steps:
-                        before = ddp.allreduce_mean(before, weight, device)
-                if inner_steps:
-                    result.inner_gains.append((before - value) / num_data)
+                try:
+                    value, before = take_step(*bound(idx), optim, loss, batch, model_kwargs,
+                                              inner_steps, strategy, weight)
+                except ValueError as error:
+                    guard.check_error(error, result.step + 1, epoch + 1, b + 1)
+                    raise
                 result.step += 1
+                if before is not None:
+                    result.inner_gains.append((before - value) / num_data)
                 value = value / num_data
                 guard.check_loss(value, result.step, epoch + 1, b + 1)
-                if not checked_devices:
+                if result.step == 1:
                     _check_devices(device)
-                    checked_devices = True
                 result.losses.append(value)
                 epoch_losses.append(value)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
-                if checkpoint_every and result.step % checkpoint_every == 0 and b + 1 < batches_per_epoch:
-                    save(epoch, b + 1)
+                if checkpoint_every and result.step % checkpoint_every == 0 and b + 1 < steps_per_epoch:
+                    checkpointer.save(epoch, b + 1, result)
             result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{result.epoch_losses[-1]:.3f}", refresh=False)
+            if len(idx):
+                check_program_values(*bound(idx), batch, model_kwargs, epoch + 1)
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
-                result.eval_elbos.append(evaluate_elbo(model, guide, eval_tensors,
-                                                       model_kwargs=model_kwargs,
-                                                       distributed=distributed))
-            save(epoch + 1, 0)
+                result.eval_elbos.append(evaluate_elbo(
+                    model, guide, eval_tensors, model_kwargs=model_kwargs,
+                    distributed=strategy.active, plate_name=structure.plate_name))
+            result.wall_time = time.perf_counter() - start_time
+            checkpointer.save(epoch + 1, 0, result)
             if callback is not None and callback(epoch + 1, result):
                 break
     finally:
         pyro.enable_validation(validating)
         bar.close()
+    guard.check_final(optim, result.step)
     result.wall_time = time.perf_counter() - start_time
     return result

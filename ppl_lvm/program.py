@@ -1,0 +1,375 @@
+"""What a Pyro program is, read from its traces: the one place where ppl_lvm learns a user's model.
+
+Every tool of the package (``fit``, the guides, the estimators, completion) asks this module
+instead of assuming conventions: which plate runs over the rows of the data (the *data plate*, any
+name, any dim), which sample sites are local (inside it) and which global, which are observed, which
+arguments are per-row, and how to call the function (with ``idx``/``num_data`` only when it names
+them). Probing is free of side effects: RNG state and the param store are left as they were.
+This module imports nothing of the package.
+"""
+import contextlib
+import dataclasses
+import functools
+import inspect
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.util import site_is_subsample
+from pyro.poutine.messenger import Messenger
+
+ROW_KEYWORDS = ("idx", "num_data")
+
+
+# ----------------------------------------------------------------------------------------------
+# calling convention
+
+
+def names_keywords(fn, *names):
+    """Whether ``fn``'s signature names every keyword in ``names`` explicitly (not via ``**kwargs``).
+
+    A function that only forwards ``**kwargs`` (a Pyro autoguide, a model that ignores them) is not
+    given ``idx``/``num_data``: it would pass them on to a model that does not take them.
+    """
+    try:
+        return _names_keywords_cached(fn, names)
+    except TypeError:  # an unhashable callable
+        return _names_keywords(fn, names)
+
+
+@functools.lru_cache(maxsize=512)
+def _names_keywords_cached(fn, names):
+    return _names_keywords(fn, names)
+
+
+def _names_keywords(fn, names):
+    if isinstance(fn, torch.nn.Module):  # its __call__ is (*args, **kwargs); forward says what it takes
+        fn = fn.forward
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params and params[name].kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) for name in names)
+
+
+def takes_rows(fn):
+    """Whether ``fn`` takes ``idx`` [B] and ``num_data`` N (``ppl_lvm.data_plate``'s convention)."""
+    return names_keywords(fn, *ROW_KEYWORDS)
+
+
+class ScaleDataPlate(Messenger):
+    """Multiplies the log-density of every sample site inside the data plate by ``scale`` (N / B).
+
+    Sites outside it (global latents, their priors) keep scale 1, so a minibatch loss is an
+    unbiased estimate of the full-data loss. ``plate_name`` None: the plate whose size equals the
+    minibatch's row count ``batch_size`` (used only where the structure was not read first).
+    """
+
+    def __init__(self, scale, plate_name=None, batch_size=None):
+        super().__init__()
+        self.scale, self.plate_name, self.batch_size = scale, plate_name, batch_size
+
+    def _in_data_plate(self, msg):
+        for frame in msg["cond_indep_stack"]:
+            if self.plate_name is not None:
+                if frame.name == self.plate_name:
+                    return True
+            elif frame.vectorized and frame.size == self.batch_size:
+                return True
+        return False
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and self._in_data_plate(msg):
+            msg["scale"] = self.scale * msg["scale"]
+
+
+def bind(fn, idx, num_data, plate_name=None):
+    """``fn`` for one minibatch of rows ``idx`` [B] out of N = ``num_data``.
+
+    A function that names ``idx`` and ``num_data`` gets them (its ``data_plate`` subsamples and
+    scales by N / B); any other (``pyro.plate("data", len(x))`` as in Pyro's examples, an
+    autoguide) runs under ``ScaleDataPlate``: only its sites inside the data plate are scaled.
+    """
+    if takes_rows(fn):
+        return functools.partial(_call_with_rows, fn, idx, num_data)
+    batch_size = len(idx)
+    if int(num_data) == batch_size or batch_size == 0:
+        return fn
+    return ScaleDataPlate(num_data / batch_size, plate_name, batch_size)(fn)
+
+
+def scale_rows(fn, scale, plate_name=None, batch_size=None):
+    """``fn`` with its data-plate sites scaled by ``scale`` and no ``idx``/``num_data`` passed
+    (evaluation in chunks of new rows); a no-op for ``scale`` 1."""
+    return fn if scale == 1 else ScaleDataPlate(scale, plate_name, batch_size)(fn)
+
+
+def _call_with_rows(fn, idx, num_data, *args, **kwargs):
+    return fn(*args, idx=idx, num_data=num_data, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# side-effect-free probing
+
+
+@contextlib.contextmanager
+def sandbox(*devices):
+    """Run a probe with no lasting effect: RNG forked, enclosing handlers blocked, and every
+    param that the probe creates removed from the param store again."""
+    store = pyro.get_param_store()
+    before = set(store.keys())
+    cuda = [d for d in devices if isinstance(d, torch.device) and d.type == "cuda"]
+    with torch.random.fork_rng(devices=cuda), poutine.block():
+        try:
+            yield
+        finally:
+            for name in set(store.keys()) - before:
+                del store[name]
+
+
+def trace_of(fn, *args, **kwargs):
+    """``poutine.trace(fn).get_trace(*args, **kwargs)`` inside ``sandbox``, with no gradients."""
+    devices = [a.device for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
+    with sandbox(*devices[:1]), torch.no_grad():
+        return poutine.trace(fn).get_trace(*args, **kwargs)
+
+
+def sample_sites(trace):
+    """The trace's sample sites that are random variables (not a plate's subsample site)."""
+    return {name: site for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)}
+
+
+def _unwrap(fn):
+    """The distribution and those it wraps (Independent, masked, expanded), outermost first."""
+    while fn is not None:
+        yield fn
+        fn = getattr(fn, "base_dist", None)
+
+
+def user_disabled_validation(fn):
+    """Whether the program built this distribution with ``validate_args=False`` on purpose."""
+    return any(d.__dict__.get("_validate_args") is False for d in _unwrap(fn)
+               if isinstance(d, torch.distributions.Distribution))
+
+
+def invalid_values(site):
+    """What is wrong with a sample site's distribution parameters or observed value, or None.
+
+    The checks of torch's ``validate_args`` (each parameter in its ``arg_constraints``, an
+    observed value in the ``support``), done after the fact so the message names the site;
+    skipped where the program asked for ``validate_args=False``.
+    """
+    fn = site["fn"]
+    if user_disabled_validation(fn):
+        return None
+    for d in _unwrap(fn):
+        for param, constraint in getattr(d, "arg_constraints", {}).items():
+            value = d.__dict__.get(param)
+            if not torch.is_tensor(value) or constraint is None:
+                continue
+            try:
+                ok = constraint.check(value)
+            except (NotImplementedError, RuntimeError):
+                continue
+            if not bool(ok.all()):
+                bad = value[~ok] if ok.shape == value.shape else value
+                return (f"{type(d).__name__} parameter {param!r} left {constraint} "
+                        f"({int((~ok).sum())} bad values, e.g. {bad.flatten()[:3].tolist()})")
+    if site["is_observed"]:
+        ok = fn.support.check(site["value"])
+        if not bool(ok.all()):
+            return (f"{int((~ok).sum())} observed values lie outside the support {fn.support} "
+                    f"of {type(fn).__name__}")
+    return None
+
+
+def plate_nesting(*traces):
+    """max_plate_nesting: how many batch dims the programs' plates use (as Pyro's ELBOs infer it)."""
+    dims = [frame.dim for trace in traces for site in sample_sites(trace).values()
+            for frame in site["cond_indep_stack"] if frame.vectorized]
+    return -min(dims) if dims else 0
+
+
+def frame_of(site, plate_name):
+    """The site's frame of the plate named ``plate_name`` (None when the site is outside it)."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name == plate_name:
+            return frame
+    return None
+
+
+def plates_of(trace):
+    """{plate name: its frame} for every vectorised plate that some sample site sits in."""
+    return {frame.name: frame for site in sample_sites(trace).values()
+            for frame in site["cond_indep_stack"] if frame.vectorized}
+
+
+# ----------------------------------------------------------------------------------------------
+# per-row arguments
+
+
+def num_rows_of(args):
+    """N: the leading size of the first tensor argument (the data's rows)."""
+    for value in args:
+        if torch.is_tensor(value) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("the program's arguments hold no tensor [N, ...] of rows")
+
+
+def is_per_row(value, num_rows):
+    """Whether an argument is per-row: a tensor whose first dim is N (sliced with the rows)."""
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows
+
+
+def take(args, kwargs, rows, num_rows):
+    """The positional and keyword arguments restricted to ``rows`` (per-row ones only)."""
+    def pick(value):
+        return value[rows] if is_per_row(value, num_rows) else value
+    return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# the structure
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """A program's structure, read from its traces.
+
+    plate_name, plate_dim: the plate over the rows of the data and its dim (e.g. "data", -1).
+    nesting: how many batch dims its plates use (Pyro's max_plate_nesting).
+    local_sites, global_sites: sample sites inside / outside the data plate.
+    observed_sites, latent_sites: sample sites with / without ``obs``.
+    event_shapes: {latent local site: the shape of one row's value, [*inner plates, *event]}.
+    takes_rows: the function names ``idx`` and ``num_data`` (``ppl_lvm.data_plate``).
+    """
+
+    plate_name: str
+    plate_dim: int
+    nesting: int
+    local_sites: tuple
+    global_sites: tuple
+    observed_sites: tuple
+    latent_sites: tuple
+    event_shapes: dict
+    takes_rows: bool
+
+    @property
+    def local_latents(self):
+        return tuple(n for n in self.latent_sites if n in self.local_sites)
+
+    @property
+    def global_latents(self):
+        return tuple(n for n in self.latent_sites if n in self.global_sites)
+
+
+def _call_rows(fn, args, kwargs, rows, num_rows, full_size=None):
+    args, kwargs = take(args, kwargs, rows, num_rows)
+    if takes_rows(fn):
+        idx = torch.arange(num_rows)[rows]
+        device = next((a.device for a in args if torch.is_tensor(a)), None)
+        kwargs = dict(kwargs, idx=idx.to(device) if device is not None else idx,
+                      num_data=num_rows if full_size is None else full_size)
+    return trace_of(fn, *args, **kwargs)
+
+
+def _row_plates(trace, size):
+    """Names of the plates whose batch length equals ``size`` (the rows passed)."""
+    return {name for name, frame in plates_of(trace).items() if frame.size == size}
+
+
+def inspect_program(fn, *args, plate_name=None, **kwargs):
+    """Read ``fn``'s structure by tracing it on a few rows of its arguments (no side effects).
+
+    Args:
+        fn: a Pyro model (or guide), called as ``fn(*args, **kwargs)``; ``idx``/``num_data`` are
+            passed only if it names them.
+        *args, **kwargs: its arguments as for the full data: tensors whose first dim is N (the first
+            tensor's) are per-row and are sliced.
+        plate_name: the data plate's name, if known; by default it is the plate whose size follows
+            the number of rows passed (probed with 2 and 3 rows).
+
+    Returns:
+        ``Structure``. Raises ValueError naming the plates found when no (or no unique) plate runs
+        over the rows.
+    """
+    num_rows = num_rows_of(args)
+    sizes = sorted({min(num_rows, 2), min(num_rows, 3)})
+    traces = [_call_rows(fn, args, kwargs, slice(0, size), num_rows) for size in sizes]
+    trace = traces[-1]
+    found = plates_of(trace)
+    if plate_name is None:
+        candidates = set.intersection(*[_row_plates(t, s) for t, s in zip(traces, sizes)])
+        if len(candidates) > 1:
+            # a plate that every observed site sits in is the one over the data's rows
+            observed = [s for s in sample_sites(trace).values() if s["is_observed"]]
+            shared = {c for c in candidates if observed and all(frame_of(s, c) for s in observed)}
+            candidates = shared if len(shared) == 1 else candidates
+        if len(candidates) > 1 and "data" in candidates:
+            candidates = {"data"}
+        if len(candidates) != 1:
+            listing = ", ".join(f"{n!r} (dim {f.dim}, size {f.size})" for n, f in found.items())
+            what = "several plates" if candidates else "no plate"
+            raise ValueError(
+                f"{_name(fn)}: {what} run over the rows of the data ({sizes[-1]} rows passed); "
+                f"plates found: {listing or 'none'}. Put the per-datapoint sites in "
+                "pyro.plate('data', len(x)) or pass plate_name=")
+        plate_name = candidates.pop()
+    elif plate_name not in found:
+        listing = ", ".join(repr(n) for n in found) or "none"
+        raise ValueError(f"{_name(fn)}: no plate named {plate_name!r}; plates found: {listing}")
+    return structure_of(trace, plate_name, takes_rows(fn))
+
+
+def structure_of(trace, plate_name, rows_keywords=False):
+    """``Structure`` of one trace whose data plate is named ``plate_name``."""
+    sites = sample_sites(trace)
+    local, global_, observed, latent, shapes = [], [], [], [], {}
+    plate_dim = None
+    for name, site in sites.items():
+        frame = frame_of(site, plate_name)
+        (local if frame is not None else global_).append(name)
+        (observed if site["is_observed"] else latent).append(name)
+        if frame is not None:
+            plate_dim = frame.dim
+            if not site["is_observed"]:
+                value = site["value"]
+                shapes[name] = tuple(value.shape[value.dim() + frame.dim + 1:]) if (
+                    value.dim() >= -frame.dim) else tuple(value.shape)
+    if plate_dim is None:
+        plate_dim = plates_of(trace)[plate_name].dim
+    return Structure(plate_name, plate_dim, plate_nesting(trace), tuple(local), tuple(global_),
+                     tuple(observed), tuple(latent), shapes, rows_keywords)
+
+
+def check_pair(model_structure, guide_trace, fn_names=("model", "guide")):
+    """The guide must cover the model's latent sites and put them in the same data plate, at the
+    same dim. Returns the guide's ``Structure``."""
+    model_name, guide_name = fn_names
+    guide_latents = {n for n, s in sample_sites(guide_trace).items() if not s["is_observed"]}
+    model_latents = set(model_structure.latent_sites)
+    if guide_latents != model_latents:
+        raise ValueError(
+            f"the guide's sites do not match the model's latent sites: missing from the guide "
+            f"{sorted(model_latents - guide_latents)}, in the guide but not latent in the model "
+            f"{sorted(guide_latents - model_latents)}")
+    plate = model_structure.plate_name
+    for name in model_structure.local_latents:
+        frame = frame_of(guide_trace.nodes[name], plate)
+        if frame is None:
+            plates = [f.name for f in guide_trace.nodes[name]["cond_indep_stack"]]
+            raise ValueError(f"site {name!r} is in the data plate {plate!r} of the {model_name} "
+                             f"but not in the {guide_name} (its plates there: {plates})")
+        if frame.dim != model_structure.plate_dim:
+            raise ValueError(
+                f"the data plate {plate!r} is at dim {model_structure.plate_dim} in the "
+                f"{model_name} but at dim {frame.dim} in the {guide_name} (site {name!r}): the two "
+                "would broadcast against each other; give the plate the same dim= in both")
+    return structure_of(guide_trace, plate)
+
+
+def _name(fn):
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{name}()"
