@@ -1,5 +1,6 @@
 """ppl_lvm: latent-variable models as Pyro programs, trained by SVI and measured by importance weighting."""
-from ppl_lvm.estimators import IWAE_ELBO, LogMarginalEstimate, estimate_log_marginal, log_marginal
+from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal, log_marginal, log_weights
+from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.data import binarize, load_digits, load_mnist, train_test_split
 from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, amortization_gaps,
                             infer_local)
@@ -12,7 +13,7 @@ from ppl_lvm.train import DivergenceError, FitResult, fit
 __all__ = ["AmortizedGuide", "LocalGuide", "SemiAmortizedGuide", "amortization_gaps", "infer_local",
            "VAE", "DivergenceError", "FitResult", "IWAE_ELBO", "LogMarginalEstimate", "binarize",
            "data_plate", "estimate_log_marginal", "fit", "load_digits", "load_mnist",
-           "log_marginal", "train_test_split", "MixtureOfGaussians", "fit_mixture",
+           "log_marginal", "log_weights", "train_test_split", "MixtureOfGaussians", "fit_mixture",
            "select_components"]
 __all__ += ["MaskedVAE", "complete"]
 __version__ = "0.1.0"

@@ -3,9 +3,9 @@
 The lecture's ladder: naive Monte Carlo from the prior (log mean_k p(x | z_k)), importance sampling
 with a proposal q(z | x) (log (1/K) Σ_k p(x, z_k) / q(z_k | x), the IWAE bound), the ELBO
 ((1/K) Σ_k log p(x, z_k) / q(z_k | x)), and the exact marginal when every latent is discrete.
-Log weights w_{k,n} are read off the traces site by site, so the estimators never know a model by
-name; they are vectorised over K, chunked over datapoints, and combined with log-sum-exp. The same
-machinery gives ``IWAE_ELBO``, the importance-weighted training objective (optionally with DReG).
+All of them read off one matrix, ``log_weights`` [K, N]: IWAE is its log-mean-exp over K, the ELBO
+its mean. The weights are built site by site from the traces (``ppl_lvm.program`` says which plate
+runs over the rows and which sites are local), vectorised over K, chunked over datapoints.
 """
 import dataclasses
 import math
@@ -15,15 +15,16 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import detach
-from pyro.infer import ELBO, config_enumerate
+from pyro.infer import config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm.train import accepts
+from ppl_lvm import program
+from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
 
 METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact")
 GUIDE_METHODS = ("is", "iwae", "elbo")
+GLOBALS = (None, "median", "sample")
 # With a seed, rows are drawn in fixed blocks of SEED_BLOCK_ROWS rows and SEED_BLOCK_PARTICLES
 # particles, each from its own RNG stream seeded by (seed, row block, particle block): the
 # answer then cannot depend on chunk_size (it would if a stream covered a whole user chunk).
@@ -36,6 +37,11 @@ _PARTICLE_PLATE = "_num_particles_vectorized"
 _MODEL_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 
 
+def accepts(fn, name):
+    """Whether ``fn`` names keyword ``name`` explicitly (see ``ppl_lvm.program.names_keywords``)."""
+    return program.names_keywords(fn, name)
+
+
 @dataclasses.dataclass
 class LogMarginalEstimate:
     """Per-datapoint estimates of log p(x) and how much to trust them.
@@ -45,6 +51,8 @@ class LogMarginalEstimate:
         (NaN for "exact", which draws no samples).
     rows_per_call, particles_per_call: how the work was chunked (vectorised calls of that size).
     vectorized: False when the model could not be vectorised and particles were looped.
+    globals: how global latents were handled: None (the model has none), "median" (fixed at the
+        guide's median: log p(x_n | globals)) or "sample:S" (log (1/S) Σ_s p(x_n | g_s), g_s ~ q).
     """
 
     log_px: torch.Tensor
@@ -54,6 +62,7 @@ class LogMarginalEstimate:
     rows_per_call: int = None
     particles_per_call: int = None
     vectorized: bool = True
+    globals: str = None
 
     @property
     def mean(self):
@@ -67,21 +76,23 @@ class LogMarginalEstimate:
         return self.log_px.std().item() / math.sqrt(n) if n > 1 else 0.0
 
     def __repr__(self):
+        given = "" if self.globals is None else f", globals={self.globals!r}"
         return (f"LogMarginalEstimate(method={self.method!r}, K={self.num_samples}, "
                 f"N={self.log_px.numel()}, mean={self.mean:.4f} ± {self.stderr:.4f}, "
-                f"median ESS={self.ess.median().item():.1f})")
+                f"median ESS={self.ess.median().item():.1f}{given})")
 
 
-def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name="data",
-                 chunk_size=None, seed=None, idx=None, memory_bytes=None, **model_kwargs):
+def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name=None,
+                 chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
+                 num_global_samples=10, **model_kwargs):
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
-        model, guide: Pyro programs called as ``model(x, **model_kwargs)``; every sample site lives
-            in ``pyro.plate(plate_name)`` over the rows of x. The guide also gets ``idx`` (the rows'
-            indices) when it accepts it, so per-datapoint guides read their own φ_n; ``num_data`` is
-            never passed (no N / B scaling at evaluation). ``guide`` may be None for "prior",
-            "uniform" and "exact".
+        model, guide: Pyro programs called as ``model(x, **model_kwargs)``. The plate over the rows
+            of x (any name, any dim) is read from the model's trace; every site inside it is local
+            to a datapoint. The guide also gets ``idx`` (the rows' indices) when it names it, so
+            per-datapoint guides read their own φ_n; ``num_data`` is never passed (no N / B
+            scaling at evaluation). ``guide`` may be None for "prior", "uniform" and "exact".
         x: [N, ...] the data; the estimates follow its device.
         method: one of ``METHODS``:
             "prior": log (1/K) Σ_k p(x | z_k), z_k ~ p(z) (naive Monte Carlo);
@@ -90,7 +101,7 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
             "elbo": (1/K) Σ_k log p(x, z_k) / q(z_k | x);
             "exact": log Σ_z p(x, z) by enumerating discrete latents (K is ignored).
         num_samples: K ≥ 1.
-        plate_name: the plate over datapoints.
+        plate_name: the data plate's name, when the model has several plates as long as x.
         chunk_size: rows per vectorised call; None picks it from ``memory_bytes``. With a seed
             the rows are drawn in fixed blocks (``SEED_BLOCK_ROWS``) whatever chunk_size is, so the
             answer does not depend on it.
@@ -99,6 +110,10 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
         idx: optional [N] long, the rows' indices for a per-datapoint guide (default arange(N)).
         memory_bytes: rough budget per vectorised call (default 1 GiB); K is chunked too when K
             alone exceeds it.
+        globals: latent sites outside the data plate (mixture weights, a shared scale) have no
+            per-datapoint log p(x_n); by default they are refused. "median": fix them at the
+            guide's ``median()`` and estimate log p(x_n | globals); "sample": average
+            p(x_n | g_s) over ``num_global_samples`` draws g_s from the guide.
         **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.
 
     Returns:
@@ -106,73 +121,120 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
     """
     return estimate_log_marginal(
         model, guide, x, method=method, num_samples=num_samples, plate_name=plate_name,
-        chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, **model_kwargs
-    ).log_px
+        chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
+        num_global_samples=num_global_samples, **model_kwargs).log_px
 
 
 @torch.no_grad()
-def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name="data",
-                          chunk_size=None, seed=None, idx=None, memory_bytes=None, **model_kwargs):
+def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name=None,
+                          chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
+                          num_global_samples=10, **model_kwargs):
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr, ESS)."""
-    num_samples = _check_inputs(guide, x, method, num_samples, chunk_size, idx)
-    num_rows = x.shape[0]
+    num_samples = _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals,
+                                num_global_samples)
     device = x.device
-    if idx is None:
-        idx = torch.arange(num_rows, device=device)
-    idx = idx.to(device)
+    idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
     memory_bytes = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+    args = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
+            model_kwargs, globals, num_global_samples)
     if seed is not None:  # a seeded call leaves the global RNG as it found it
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed,
-                             idx, memory_bytes, model_kwargs)
-    return _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
-                     memory_bytes, model_kwargs)
+            return _estimate(*args)
+    return _estimate(*args)
+
+
+def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
+                memory_bytes=None, globals=None, **kwargs):
+    """The importance log weights log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n): [K, N].
+
+    z_k ~ q(z | x_n) (the guide; ``guide=None``: the prior, so w = p(x_n | z_k)). Every estimator of
+    the lecture is one reduction of this matrix: IWAE_K = logmeanexp(w, 0), ELBO = w.mean(0).
+    ``args``: the model's positional arguments, the first a tensor [N, ...] of rows; tensors whose
+    first dim is N among ``args`` and ``kwargs`` are per-row. Other keywords as ``log_marginal``.
+    """
+    x, rest = args[0], args[1:]
+    method = "prior" if guide is None else "iwae"
+    num_samples = _check_inputs(guide, x, method, num_samples, None, idx, globals, 1)
+    idx = torch.arange(x.shape[0], device=x.device) if idx is None else idx.to(x.device)
+    with torch.no_grad(), torch.random.fork_rng(
+            devices=[x.device] if x.device.type == "cuda" and seed is not None else []):
+        prog = _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest)
+        memory = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+        rows_per_call, particles_per_call = _plan(x.shape[0], num_samples, None, seed, memory,
+                                                  prog.bytes_per_unit, prog.row_bound)
+        blocks = []
+        for block, start in enumerate(range(0, x.shape[0], rows_per_call)):
+            rows = slice(start, min(start + rows_per_call, x.shape[0]))
+            parts = []
+            for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
+                _seed_block(seed, block, particle_block)
+                parts.append(prog.log_weights(rows, min(particles_per_call, num_samples - first)))
+            blocks.append(torch.cat(parts, 0))
+        return torch.cat(blocks, 1)
 
 
 def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
-              memory_bytes, model_kwargs):
-    num_rows, device = x.shape[0], x.device
-    program = _Program(model, guide, x, method, plate_name, idx, model_kwargs)
+              memory_bytes, model_kwargs, globals, num_global_samples):
+    if globals == "sample":
+        # log (1/S) Σ_s p(x_n | g_s): one estimate per draw g_s ~ q(globals), then log-mean-exp
+        draws = []
+        for s in range(num_global_samples):
+            _seed_block(None if seed is None else seed + 7919 * (s + 1), 0, 0)
+            draws.append(_estimate(model, guide, x, method, num_samples, plate_name, chunk_size,
+                                   None if seed is None else seed + s, idx, memory_bytes,
+                                   model_kwargs, ("draw", s), 1))
+        log_px = torch.stack([d.log_px for d in draws]).logsumexp(0) - math.log(len(draws))
+        ess = torch.stack([d.ess for d in draws]).mean(0)
+        first = draws[0]
+        return LogMarginalEstimate(log_px, ess, method, num_samples, first.rows_per_call,
+                                   first.particles_per_call, first.vectorized,
+                                   f"sample:{num_global_samples}")
+    num_rows = x.shape[0]
+    prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals)
     if method == "exact":
-        rows_per_call = chunk_size or max(1, memory_bytes // max(program.bytes_per_unit, 1))
+        rows_per_call = num_rows if prog.row_bound else (
+            chunk_size or max(1, memory_bytes // max(prog.bytes_per_unit, 1)))
         particles_per_call = 1
     else:
         rows_per_call, particles_per_call = _plan(
-            num_rows, num_samples, chunk_size, seed, memory_bytes, program.bytes_per_unit)
+            num_rows, num_samples, chunk_size, seed, memory_bytes, prog.bytes_per_unit,
+            prog.row_bound)
 
     log_px, ess = [], []
     for block, start in enumerate(range(0, num_rows, rows_per_call)):
         rows = slice(start, min(start + rows_per_call, num_rows))
         if method == "exact":
-            log_px.append(program.exact(rows))
+            log_px.append(prog.exact(rows))
             ess.append(torch.full_like(log_px[-1], float("nan")))
             continue
         totals = _RunningWeights()
         for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
             count = min(particles_per_call, num_samples - first)
             _seed_block(seed, block, particle_block)
-            totals.add(program.log_weights(rows, count))
+            totals.add(prog.log_weights(rows, count))
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
+    label = globals if isinstance(globals, str) else None
     return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
-                               rows_per_call, particles_per_call, program.vectorized)
+                               rows_per_call, particles_per_call, prog.vectorized, label)
 
 
 # ----------------------------------------------------------------------------------------------
 # inputs, plans, seeds
 
 
-def _check_inputs(guide, x, method, num_samples, chunk_size, idx):
+def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
+                  num_global_samples=1):
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor [N, ...], got {type(x).__name__}")
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must have shape [N, ...] with N ≥ 1 rows, got {tuple(x.shape)}")
-    if x.is_floating_point() and torch.isnan(x).any():
-        bad = torch.isnan(x).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
-        raise ValueError(f"x contains NaN in {bad.numel()} rows (first: {bad[:5].tolist()}); "
-                         "mask missing values in the model instead")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
+        raise ValueError(f"x contains NaN or inf in {bad.numel()} rows (first: {bad[:5].tolist()});"
+                         " mask missing values in the model instead")
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples (K) must be an integer ≥ 1, got {num_samples!r}")
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
@@ -181,12 +243,24 @@ def _check_inputs(guide, x, method, num_samples, chunk_size, idx):
         raise ValueError(f"method {method!r} needs a guide q(z | x); use 'prior' without one")
     if idx is not None and tuple(idx.shape) != (x.shape[0],):
         raise ValueError(f"idx must have shape [{x.shape[0]}] to match x, got {tuple(idx.shape)}")
+    if globals not in GLOBALS and not isinstance(globals, tuple):
+        raise ValueError(f"globals must be None, 'median' or 'sample', got {globals!r}")
+    if globals is not None and guide is None:
+        raise ValueError(f"globals={globals!r} takes the global latents from the guide; pass one")
+    if int(num_global_samples) != num_global_samples or num_global_samples < 1:
+        raise ValueError(f"num_global_samples must be an integer ≥ 1, got {num_global_samples!r}")
     return int(num_samples)
 
 
-def _plan(num_rows, num_samples, chunk_size, seed, memory_bytes, bytes_per_unit):
-    """Rows and particles per vectorised call so that rows × particles × bytes fits the budget."""
+def _plan(num_rows, num_samples, chunk_size, seed, memory_bytes, bytes_per_unit, row_bound=False):
+    """Rows and particles per vectorised call so that rows × particles × bytes fits the budget.
+
+    row_bound: the guide holds one parameter per row of x (an autoguide over local sites), so
+    every call takes all rows and only the particles are chunked.
+    """
     units = max(1, memory_bytes // max(bytes_per_unit, 1))
+    if row_bound:
+        return num_rows, max(1, min(num_samples, units // num_rows))
     if seed is not None:
         rows = SEED_BLOCK_ROWS
         particles = max(1, min(num_samples, SEED_BLOCK_PARTICLES, units // rows))
@@ -194,8 +268,6 @@ def _plan(num_rows, num_samples, chunk_size, seed, memory_bytes, bytes_per_unit)
     rows = chunk_size or max(1, min(num_rows, units // num_samples))
     particles = max(1, min(num_samples, units // rows))
     return rows, particles
-
-
 def _seed_block(seed, block, particle_block):
     """Seed torch's RNG for one block from (seed, row block, particle block) (a no-op without seed)."""
     if seed is not None:
@@ -235,21 +307,8 @@ class _RunningWeights:
 # traces -> per-datapoint log weights
 
 
-def sample_sites(trace):
-    """The trace's sample sites that are real random variables (not a plate's subsample)."""
-    return {name: site for name, site in trace.nodes.items()
-            if site["type"] == "sample" and not site_is_subsample(site)}
-
-
 def latent_names(trace):
     return [name for name, site in sample_sites(trace).items() if not site["is_observed"]]
-
-
-def plate_nesting(*traces):
-    """max_plate_nesting: how many batch dims the programs' plates use (as Pyro's ELBOs infer it)."""
-    dims = [frame.dim for trace in traces for site in sample_sites(trace).values()
-            for frame in site["cond_indep_stack"] if frame.vectorized]
-    return -min(dims) if dims else 0
 
 
 def data_frame(site, plate_name):
@@ -309,19 +368,26 @@ def unscaled_log_prob(site):
 
 
 def log_joint(trace, plate_name, nesting, observed_only=False):
-    """Σ over the trace's sample sites of log p, per datapoint: [..., n]."""
+    """Σ over the trace's sample sites in the data plate of log p, per datapoint: [..., n].
+
+    Sites outside the data plate (global latents held fixed, see ``log_marginal(globals=)``) are
+    not part of a datapoint's log p(x_n | globals) and are left out.
+    """
     total = 0.0
     for site in sample_sites(trace).values():
         if observed_only and not site["is_observed"]:
+            continue
+        if data_frame(site, plate_name) is None:
             continue
         total = total + site_log_prob(site, unscaled_log_prob(site), plate_name, nesting)
     return total
 
 
-def check_observed_support(trace):
-    """Observed values must lie in their distribution's support (e.g. binary pixels for a Bernoulli)."""
+def check_observed_support(trace, skip=()):
+    """Observed values must lie in their distribution's support (e.g. binary pixels for a Bernoulli),
+    except at the sites in ``skip`` (built with ``validate_args=False`` by the program)."""
     for name, site in sample_sites(trace).items():
-        if site["is_observed"]:
+        if site["is_observed"] and name not in skip:
             support = site["fn"].support
             inside = support.check(site["value"])
             if not bool(inside.all()):
@@ -361,83 +427,160 @@ class _UniformProposal(Messenger):
 
 
 class _Program:
-    """A model/guide pair bound to x: checked once, then asked for log weights of row chunks."""
+    """A model/guide pair bound to its data: read once (``ppl_lvm.program``), then asked for the
+    log weights of row chunks. Probing leaves the param store and the RNG as they were."""
 
-    def __init__(self, model, guide, x, method, plate_name, idx, model_kwargs):
-        self.model, self.guide, self.x, self.method = model, guide, x, method
-        self.plate_name, self.idx, self.model_kwargs = plate_name, idx, model_kwargs
+    def __init__(self, model, guide, x, method, plate_name, idx, model_kwargs, globals=None,
+                 rest=()):
+        self.x, self.rest, self.method = x, tuple(rest), method
+        self.idx, self.model_kwargs = idx, model_kwargs
         self.uses_guide = method in GUIDE_METHODS
         self.guide_takes_idx = self.uses_guide and accepts(guide, "idx")
+        self.num_rows = x.shape[0]
+        try:
+            structure = program.inspect_program(model, x, *self.rest, plate_name=plate_name,
+                                                **model_kwargs)
+        except _MODEL_ERRORS as error:
+            if isinstance(error, ValueError) and "plate" in str(error):
+                raise
+            raise self._shape_error(error, slice(0, min(self.num_rows, 3))) from error
+        self.plate_name = structure.plate_name
+        outside = [n for n in structure.global_sites]
+        if outside and globals is None:
+            raise ValueError(
+                f"sites {sorted(outside)} are outside the data plate {self.plate_name!r}: log p(x) "
+                "does not split into per-datapoint terms with a global latent. Pass "
+                "globals='median' (log p(x_n | globals at the guide's median) or globals='sample' "
+                "(averaged over draws from the guide), integrate it out in the model, or fix it "
+                "as a parameter")
+        if outside:
+            values = self._global_values(model, guide, structure, globals)
+            model = poutine.condition(model, data=values)
+            guide = guide and poutine.condition(guide, data=values)
+        self.model, self.guide = model, guide
         self.vectorized = True
+        self.row_bound = False
         self._probe()
 
+    # -- arguments
+
     def _args(self, rows):
-        num_rows = self.x.shape[0]
-        kwargs = {key: value[rows] if isinstance(value, torch.Tensor) and value.dim() > 0
-                  and value.shape[0] == num_rows else value
-                  for key, value in self.model_kwargs.items()}
+        args, kwargs = program.take((self.x,) + self.rest, self.model_kwargs, rows, self.num_rows)
         guide_kwargs = dict(kwargs, idx=self.idx[rows]) if self.guide_takes_idx else kwargs
-        return self.x[rows], kwargs, guide_kwargs
+        return args, kwargs, guide_kwargs
+
+    def _global_values(self, model, guide, structure, globals):
+        """{global latent site: its value}, from the guide's median or one draw from the guide."""
+        names = structure.global_latents
+        args, kwargs, guide_kwargs = self._args(slice(None))
+        if globals == "median":
+            if not hasattr(guide, "median"):
+                raise ValueError(f"globals='median' needs a guide with a median() (a Pyro "
+                                 f"autoguide); {type(guide).__name__} has none: use "
+                                 "globals='sample'")
+            with program.sandbox(self.x.device):
+                values = guide.median(*args, **guide_kwargs)
+        else:  # one draw g ~ q(globals)
+            with poutine.block():
+                trace = poutine.trace(guide).get_trace(*args, **guide_kwargs)
+            values = {n: s["value"] for n, s in sample_sites(trace).items()}
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ValueError(f"the guide gives no value for the global latent sites {missing}")
+        return {n: values[n].detach() for n in names}
+
+    # -- traces
 
     def _traces(self, rows, num_particles=None):
         """Guide and model traces of one chunk; vectorised over K particles when given."""
-        x, kwargs, guide_kwargs = self._args(rows)
+        args, kwargs, guide_kwargs = self._args(rows)
         model, guide = self.model, self.guide
         if num_particles is not None:
-            model = vectorize(model, num_particles, self.nesting, x.device)
-            guide = guide and vectorize(guide, num_particles, self.nesting, x.device)
-        try:
-            if self.method == "uniform":
-                return None, poutine.trace(_UniformProposal()(model)).get_trace(x, **kwargs)
-            if not self.uses_guide:
-                return None, poutine.trace(model).get_trace(x, **kwargs)
-            guide_trace = poutine.trace(guide).get_trace(x, **guide_kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                x, **kwargs)
-            return guide_trace, model_trace
-        except _MODEL_ERRORS as error:
-            if num_particles is not None:
-                raise
-            raise self._shape_error(error, rows) from error
+            model = vectorize(model, num_particles, self.nesting, self.x.device)
+            guide = guide and vectorize(guide, num_particles, self.nesting, self.x.device)
+        if self.method == "uniform":
+            return None, poutine.trace(_UniformProposal()(model)).get_trace(*args, **kwargs)
+        if not self.uses_guide:
+            return None, poutine.trace(model).get_trace(*args, **kwargs)
+        guide_trace = poutine.trace(guide).get_trace(*args, **guide_kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs)
+        return guide_trace, model_trace
 
     def _shape_error(self, error, rows):
         shape = tuple(self.x[rows].shape)
         return ValueError(f"the model/guide failed on x of shape {tuple(self.x.shape)} (a chunk of "
                           f"shape {shape}): {type(error).__name__}: {error}")
 
+    def _guide_rows(self, guide_trace):
+        """The size of the guide's data plate (the rows its local sites were drawn for)."""
+        for site in sample_sites(guide_trace).values():
+            frame = data_frame(site, self.plate_name)
+            if frame is not None and not site["is_observed"]:
+                return frame.size
+        return None
+
     def _probe(self):
-        rows = slice(0, min(self.x.shape[0], 2))
-        guide_trace, model_trace = self._traces(rows)
-        traces = [t for t in (guide_trace, model_trace) if t is not None]
-        check_data_plate(traces, self.plate_name)
+        rows = slice(0, min(self.num_rows, 2))
+        with program.sandbox(self.x.device):
+            try:
+                guide_trace, model_trace = self._traces(rows)
+                given = None if guide_trace is None else self._guide_rows(guide_trace)
+            except _MODEL_ERRORS as error:
+                if not self.uses_guide:
+                    raise self._shape_error(error, rows) from error
+                first_error, given = error, -1
+            if given is not None and given != rows.stop:
+                # a guide with one parameter per row (an autoguide over local sites): it can only
+                # score the rows it was fitted on, all at once
+                rows = slice(0, self.num_rows)
+                try:
+                    guide_trace, model_trace = self._traces(rows)
+                except _MODEL_ERRORS as error:
+                    raise self._shape_error(first_error if given == -1 else error, rows) from error
+                given = self._guide_rows(guide_trace)
+                if given is not None and given != self.num_rows:
+                    raise ValueError(
+                        f"the guide draws its local sites for {given} rows but x has "
+                        f"{self.num_rows}: a guide with one parameter per row (e.g. an autoguide "
+                        "over local sites) scores only the rows it was fitted on; for new rows "
+                        "fit per-datapoint φ with ppl_lvm.infer_local or use an amortized guide")
+                self.row_bound = True
+        model_structure = program.structure_of(model_trace, self.plate_name)
+        # the probe ran under the user's validation setting: sites whose distribution the program
+        # built with validate_args=False keep their values unchecked (e.g. grey-level Bernoulli)
+        self.unchecked = {n for n, s in sample_sites(model_trace).items()
+                          if s["is_observed"] and program.user_disabled_validation(s["fn"])}
+        outside = model_structure.global_sites
+        if outside and any(not model_trace.nodes[n]["is_observed"] for n in outside):
+            latent = [n for n in outside if not model_trace.nodes[n]["is_observed"]]
+            raise ValueError(f"sites {latent} are outside the data plate {self.plate_name!r}")
         if self.uses_guide:
-            model_latents = set(latent_names(model_trace))
-            guide_latents = set(latent_names(guide_trace))
-            if model_latents != guide_latents:
-                raise ValueError(
-                    f"the guide's sites do not match the model's latent sites: missing from the "
-                    f"guide {sorted(model_latents - guide_latents)}, in the guide but not latent "
-                    f"in the model {sorted(guide_latents - model_latents)}")
+            program.check_pair(model_structure, guide_trace)
+        traces = [t for t in (guide_trace, model_trace) if t is not None]
         self.nesting = plate_nesting(*traces)
         if self.method == "exact":
             self.bytes_per_unit = self._bytes(traces, rows.stop) * 8
             return
-        try:
-            self._weights_from_traces(guide_trace, model_trace)
-        except _MODEL_ERRORS as error:
-            raise self._shape_error(error, rows) from error
-        try:  # a vectorised probe: K = 2 particles
-            log_weights = self._log_weights_vectorized(rows, 2)
-            if log_weights.shape != (2, rows.stop):
-                raise RuntimeError(f"log weights of shape {tuple(log_weights.shape)}")
-            guide_trace, model_trace = self._last_traces
-            traces = [t for t in (guide_trace, model_trace) if t is not None]
-            self.bytes_per_unit = self._bytes(traces, 2 * rows.stop)
-        except _MODEL_ERRORS as error:
-            warnings.warn(f"the model/guide could not be vectorised over particles ({error}); "
-                          "falling back to a loop over particles, which is slower", RuntimeWarning)
-            self.vectorized = False
-            self.bytes_per_unit = self._bytes(traces, rows.stop)
+        with program.sandbox(self.x.device):
+            try:
+                self._weights_from_traces(guide_trace, model_trace)
+            except _MODEL_ERRORS as error:
+                raise self._shape_error(error, rows) from error
+            try:  # a vectorised probe: K = 2 particles
+                log_weights = self._log_weights_vectorized(rows, 2)
+                if log_weights.shape != (2, rows.stop):
+                    raise RuntimeError(f"log weights of shape {tuple(log_weights.shape)}")
+                guide_trace, model_trace = self._last_traces
+                traces = [t for t in (guide_trace, model_trace) if t is not None]
+                self.bytes_per_unit = self._bytes(traces, 2 * rows.stop)
+            except _MODEL_ERRORS as error:
+                warnings.warn(f"the model/guide could not be vectorised over particles ({error}); "
+                              "falling back to a loop over particles, which is slower",
+                              RuntimeWarning)
+                self.vectorized = False
+                self.bytes_per_unit = self._bytes(traces, rows.stop)
+            self._last_traces = None
 
     @staticmethod
     def _bytes(traces, units):
@@ -465,7 +608,7 @@ class _Program:
         guide_trace, model_trace = self._traces(rows, num_particles)
         self._last_traces = guide_trace, model_trace
         log_weights = self._weights_from_traces(guide_trace, model_trace)
-        num_rows = log_weights.shape[-1]
+        num_rows = rows.stop - rows.start
         return log_weights.reshape(-1, num_rows).expand(num_particles, num_rows)
 
     def log_weights(self, rows, num_particles):
@@ -478,22 +621,22 @@ class _Program:
         with pyro.validation_enabled(False):
             if self.vectorized:
                 log_weights = self._log_weights_vectorized(rows, num_particles)
-                check_observed_support(self._last_traces[1])
+                check_observed_support(self._last_traces[1], self.unchecked)
                 self._last_traces = None  # free this chunk's [K, n, D] tensors before the next
                 return log_weights
             weights = []
             for _ in range(num_particles):
                 guide_trace, model_trace = self._traces(rows)
-                check_observed_support(model_trace)
+                check_observed_support(model_trace, self.unchecked)
                 weights.append(self._weights_from_traces(guide_trace, model_trace).reshape(-1))
             return torch.stack(weights)
 
     def exact(self, rows):
         """log Σ_z p(x_n, z) by parallel enumeration of every latent site: [n]."""
-        x, kwargs, _ = self._args(rows)
+        args, kwargs, _ = self._args(rows)
         model = config_enumerate(self.model, "parallel")
         enumerated = poutine.enum(model, first_available_dim=-(self.nesting + 1))
-        trace = poutine.trace(enumerated).get_trace(x, **kwargs)
+        trace = poutine.trace(enumerated).get_trace(*args, **kwargs)
         for name, site in sample_sites(trace).items():
             if site["is_observed"]:
                 continue
@@ -509,120 +652,9 @@ class _Program:
         return joint.reshape(-1, joint.shape[-1]).logsumexp(0)
 
 
-# ----------------------------------------------------------------------------------------------
-# the IWAE training objective
-
-
-class IWAE_ELBO(ELBO):
-    """The importance-weighted bound as a training loss, per datapoint: -Σ_n s log (1/K) Σ_k w_{k,n}.
-
-    Usable wherever a Pyro ELBO is (``fit(..., loss=IWAE_ELBO(K))``, ``SVI``): ``loss``,
-    ``differentiable_loss`` and ``loss_and_grads``. log w_{k,n} is built from each site's unscaled,
-    masked log-prob summed over the plates other than the data plate; the log-mean-exp over K is
-    taken per datapoint and then multiplied by the sites' common scale s = N / B (from the data
-    plate's subsampling or from ``fit``'s poutine.scale for models without ``num_data``), so a
-    minibatch loss estimates the full-data loss (s log mean w, not log mean w^s). Sites with
-    different scales (annealing) are refused.
-
-    ``dreg=True`` uses the doubly-reparameterised gradient (Tucker et al. 2018) for the guide: the
-    guide's distribution parameters are stopped in log q and the path gradient is weighted by the
-    squared normalised weights w̃²; the model's parameters keep the usual w̃ weighting. Requires
-    reparameterised guide sites (as does the plain estimator here).
-
-    On Pyro's ``RenyiELBO(alpha=0)``: it also keeps the data plate's dim when *every* sample site is
-    in that plate (it only sums plates not shared by all sites), so without subsampling it is the
-    same per-datapoint IWAE bound. But (1) it uses the *scaled* log-probs, so with N / B scaling
-    (or poutine.scale annealing) it computes log mean_k w^s instead of s log mean_k w — a
-    different objective, larger by the power-mean inequality, so its minibatch loss is not an
-    estimate of the full-data IWAE loss — and (2) as soon as one site lies outside the data plate (a
-    global latent) it sums the batch into one log weight per particle: a single bound over the
-    whole minibatch. tests/test_estimators.py shows both.
-    """
-
-    def __init__(self, num_particles=10, dreg=False, plate_name="data", max_plate_nesting=None):
-        if int(num_particles) != num_particles or num_particles < 1:
-            raise ValueError(f"num_particles (K) must be an integer ≥ 1, got {num_particles!r}")
-        super().__init__(num_particles=int(num_particles))
-        self.dreg = dreg
-        self.plate_name = plate_name
-        self.max_plate_nesting = max_plate_nesting
-
-    def _get_trace(self, model, guide, args, kwargs):
-        raise NotImplementedError("IWAE_ELBO draws its K particles in one vectorised trace")
-
-    def _nesting(self, model, guide, args, kwargs):
-        if self.max_plate_nesting is None:
-            devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda][:1]
-            with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=devices):
-                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                    *args, **kwargs)
-            check_data_plate([guide_trace, model_trace], self.plate_name)
-            self.max_plate_nesting = plate_nesting(guide_trace, model_trace)
-        return self.max_plate_nesting
-
-    def _surrogate(self, model, guide, args, kwargs, gradient=True):
-        """(per-datapoint bound [B], surrogate whose gradient is the estimator's, scale s)."""
-        nesting = self._nesting(model, guide, args, kwargs)
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        model = vectorize(model, self.num_particles, nesting, device)
-        guide = vectorize(guide, self.num_particles, nesting, device)
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs)
-        check_data_plate([guide_trace, model_trace], self.plate_name)
-        for name, site in sample_sites(guide_trace).items():
-            if not site["fn"].has_rsample:
-                raise NotImplementedError(f"IWAE_ELBO needs reparameterised guide sites; site "
-                                          f"{name!r} ({type(site['fn']).__name__}) is not")
-        scale = self._scale(guide_trace, model_trace)
-        log_p = log_joint(model_trace, self.plate_name, nesting)
-        log_q = log_joint(guide_trace, self.plate_name, nesting)
-        size = log_p.shape[-1]
-        log_weights = (log_p - log_q).reshape(-1, size).expand(self.num_particles, size)
-        bound = torch.logsumexp(log_weights, 0) - math.log(self.num_particles)  # [B]
-        if not (self.dreg and gradient):
-            return bound, bound, scale
-        weights = torch.softmax(log_weights.detach(), 0)
-        log_q_stopped = 0.0
-        for site in sample_sites(guide_trace).values():
-            stopped = detach(site["fn"]).log_prob(site["value"])
-            log_q_stopped = log_q_stopped + site_log_prob(site, stopped, self.plate_name, nesting)
-        values = {name: site["value"].detach() for name, site in sample_sites(guide_trace).items()}
-        model_trace_fixed_z = poutine.trace(poutine.condition(model, data=values)).get_trace(
-            *args, **kwargs)
-        log_p_fixed_z = log_joint(model_trace_fixed_z, self.plate_name, nesting)
-        path = (log_p - log_q_stopped).reshape(-1, size).expand(self.num_particles, size)
-        log_p_fixed_z = log_p_fixed_z.reshape(-1, size).expand(self.num_particles, size)
-        # encoder φ: Σ_k w̃_k² ∂ log w_k / ∂z ∂z/∂φ; decoder θ: Σ_k w̃_k ∇θ log p(x, z_k)
-        surrogate = (weights**2 * path + (weights - weights**2) * log_p_fixed_z).sum(0)
-        return bound, surrogate, scale
-
-    @staticmethod
-    def _scale(*traces):
-        """s: the one scale of every site (N / B from the data plate or from fit's poutine.scale)."""
-        scales = {name: float(site["scale"]) for trace in traces
-                  for name, site in sample_sites(trace).items()}
-        low, high = min(scales.values()), max(scales.values())
-        if high - low > 1e-6 * high:
-            raise ValueError(f"IWAE_ELBO needs the same scale at every site (N / B), got {scales}: "
-                             "annealing one term has no per-datapoint importance-weighted meaning")
-        return high
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        """-Σ_n s · IWAE_K(x_n), differentiable (its gradient is DReG's when dreg=True)."""
-        bound, surrogate, scale = self._surrogate(model, guide, args, kwargs)
-        loss = -scale * bound.sum()
-        surrogate_loss = -scale * surrogate.sum()
-        return loss.detach() + surrogate_loss - surrogate_loss.detach()
-
-    def loss(self, model, guide, *args, **kwargs):
-        """-Σ_n s · IWAE_K(x_n) as a float."""
-        with torch.no_grad():
-            bound, _, scale = self._surrogate(model, guide, args, kwargs, gradient=False)
-        return -scale * bound.sum().item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs):
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.item()
+def __getattr__(name):
+    # the IWAE training objective moved to ppl_lvm.objectives; still importable from here
+    if name == "IWAE_ELBO":
+        from ppl_lvm.objectives import IWAE_ELBO
+        return IWAE_ELBO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -154,7 +154,7 @@ def user_disabled_validation(fn):
                if isinstance(d, torch.distributions.Distribution))
 
 
-def invalid_values(site):
+def invalid_values(site, respect_user=True):
     """What is wrong with a sample site's distribution parameters or observed value, or None.
 
     The checks of torch's ``validate_args`` (each parameter in its ``arg_constraints``, an
@@ -162,7 +162,7 @@ def invalid_values(site):
     skipped where the program asked for ``validate_args=False``.
     """
     fn = site["fn"]
-    if user_disabled_validation(fn):
+    if respect_user and user_disabled_validation(fn):
         return None
     for d in _unwrap(fn):
         for param, constraint in getattr(d, "arg_constraints", {}).items():
@@ -278,6 +278,20 @@ def _call_rows(fn, args, kwargs, rows, num_rows, full_size=None):
 def _row_plates(trace, size):
     """Names of the plates whose batch length equals ``size`` (the rows passed)."""
     return {name for name, frame in plates_of(trace).items() if frame.size == size}
+
+
+def row_plate(trace, num_rows):
+    """The name of the one plate of ``trace`` as long as the rows passed (ValueError otherwise)."""
+    candidates = _row_plates(trace, num_rows)
+    if len(candidates) > 1 and "data" in candidates:
+        candidates = {"data"}
+    if len(candidates) != 1:
+        listing = ", ".join(f"{n!r} (dim {f.dim}, size {f.size})"
+                            for n, f in plates_of(trace).items())
+        raise ValueError(f"{'several plates' if candidates else 'no plate'} run over the "
+                         f"{num_rows} rows passed; plates found: {listing or 'none'}; pass "
+                         "plate_name=")
+    return candidates.pop()
 
 
 def inspect_program(fn, *args, plate_name=None, **kwargs):

@@ -292,21 +292,34 @@ class FitValidationError(ValueError):
 
 
 def check_program_values(model, guide, batch, kwargs, epoch):
-    """Trace model and guide on one batch and check every site's distribution parameters and
-    observed values against their constraints (what Pyro's validation checks, site by site).
+    """Trace model and guide on one batch with Pyro's validation on: every distribution's
+    parameters and every observed value must satisfy their constraints. A failure names the site.
 
     ``fit`` runs this at every epoch end, so a run whose validation is off after the first epoch
     still stops, naming the site, when e.g. a probability built in the model leaves [0, 1].
     """
-    with torch.no_grad(), pyro.validation_enabled(False), program.sandbox(batch[0].device):
-        guide_trace = poutine.trace(guide).get_trace(*batch, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *batch, **kwargs)
-    for role, trace in (("guide", guide_trace), ("model", model_trace)):
-        for name, site in program.sample_sites(trace).items():
-            problem = program.invalid_values(site)
-            if problem:
-                raise FitValidationError(f"after epoch {epoch}, {role} site {name!r}: {problem}")
+    def traces():
+        with torch.no_grad(), program.sandbox(batch[0].device):
+            guide_trace = poutine.trace(guide).get_trace(*batch, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *batch, **kwargs)
+            model_trace.compute_log_prob()
+        return guide_trace, model_trace
+
+    try:
+        with pyro.validation_enabled(True):
+            traces()
+    except ValueError as error:
+        with pyro.validation_enabled(False):
+            found = traces()
+        for role, trace in zip(("guide", "model"), found):
+            for name, site in program.sample_sites(trace).items():
+                problem = program.invalid_values(site, respect_user=False)
+                if problem:
+                    raise FitValidationError(
+                        f"after epoch {epoch}, {role} site {name!r}: {problem}") from error
+        raise FitValidationError(f"after epoch {epoch}, Pyro's validation failed on one batch: "
+                                 f"{str(error).strip().splitlines()[0]}") from error
 
 
 class _SingleProcess:

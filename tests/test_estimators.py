@@ -339,8 +339,11 @@ def test_clear_errors(ppca):
         with pyro.plate("rows", x.shape[0]):
             pyro.sample("x", dist.Normal(0.0, 1.0).expand([x.shape[0], DATA_DIM]).to_event(1),
                         obs=x)
-    with pytest.raises(ValueError, match="'data'.*found: 'rows'"):
-        log_marginal(no_data_plate, None, x, method="prior")
+    # the plate over the rows is read from the program whatever its name: N(x; 0, I) exactly
+    truth = dist.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    assert torch.allclose(log_marginal(no_data_plate, None, x, method="prior", num_samples=3), truth)
+    with pytest.raises(ValueError, match="no plate named 'data'.*found: 'rows'"):
+        log_marginal(no_data_plate, None, x, method="prior", plate_name="data")
 
     def global_latent(x):
         shift = pyro.sample("shift", dist.Normal(0.0, 1.0))
