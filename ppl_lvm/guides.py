@@ -16,11 +16,11 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import scale_and_mask
-from pyro.infer.util import site_is_subsample
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
-from ppl_lvm.train import LOCAL_PREFIX, accepts, adam, bind_rows, svi_step
+from ppl_lvm import program
+from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, svi_step
 
 NEW_ROWS_HINT = "new rows need their own φ: use ppl_lvm.guides.infer_local"
 
@@ -102,7 +102,7 @@ class LocalGuide:
                              f"{int(idx.max())}: {NEW_ROWS_HINT}")
         return idx.to(x.device)
 
-    def __call__(self, x, idx=None, num_data=None, **kwargs):
+    def __call__(self, x, *args, idx=None, num_data=None, **kwargs):
         rows = self._rows(x, idx, num_data)
         phi = F.embedding(rows, self.table(x.device), sparse=True)  # [B, width]
         with data_plate(x, rows, self.num_data):
@@ -160,42 +160,48 @@ class AmortizedGuide:
     def __init__(self, encoder, site="z", event_dim=1, name="encoder"):
         self.encoder, self.site, self.event_dim, self.name = encoder, site, event_dim, name
 
-    def __call__(self, x, idx=None, num_data=None, **kwargs):
+    def __call__(self, x, *args, idx=None, num_data=None, **kwargs):
         pyro.module(self.name, self.encoder)
         loc, scale = self.encoder(x)
         with data_plate(x, idx, num_data):
             pyro.sample(self.site, dist.Normal(loc, scale).to_event(self.event_dim))
 
 
-def log_joint(model, values, x, idx=None, num_data=None, **kwargs):
+def log_joint(model, values, x, idx=None, num_data=None, model_args=(), **kwargs):
     """log p_θ(x_i, z_i) per datapoint, z given by ``values`` {site: [B, ...]}: returns [B].
 
     Unscaled by N / B (but masks apply). Every latent sample site of ``model`` must be in
-    ``values``; the model's own sites are hidden from any enclosing trace.
+    ``values``; the model's own sites are hidden from any enclosing trace. ``model_args``: the
+    model's positional arguments after x (e.g. labels y [B]).
     """
     call_kwargs = dict(kwargs)
-    if accepts(model, "idx") and accepts(model, "num_data"):
+    if program.takes_rows(model):
         call_kwargs.update(idx=idx, num_data=num_data)
     with poutine.block():
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, **call_kwargs)
+        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
+            x, *model_args, **call_kwargs)
     batch_size = x.shape[0]
     total = x.new_zeros(batch_size)
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
+    nesting = program.plate_nesting(trace)
+    for name, site in program.sample_sites(trace).items():
         if not site["is_observed"]:
             raise ValueError(f"model has latent site {name!r} that the guide does not cover "
                              f"(covered: {list(values)})")
         log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
-        if log_prob.dim() and log_prob.shape[-1] == batch_size:
-            total = total + log_prob.reshape(-1, batch_size).sum(0)
+        frame = next((f for f in site["cond_indep_stack"]
+                      if f.vectorized and f.size == batch_size), None)
+        if frame is not None:  # the data plate, wherever its dim: sum every other plate dim
+            while log_prob.dim() < nesting:
+                log_prob = log_prob.unsqueeze(0)
+            log_prob = log_prob.movedim(frame.dim, 0)
+            total = total + log_prob.reshape(batch_size, -1).sum(1)
         else:  # a site outside the data plate: constant in z_i, shared by all rows
             total = total + log_prob.sum() / batch_size
     return total
 
 
 def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z", idx=None,
-           num_data=None, unroll=False, **kwargs):
+           num_data=None, unroll=False, model_args=(), **kwargs):
     """Raise ELBO(μ, σ) = E_q[log p(x, z)] + H[q] per datapoint by ``steps`` SGD steps on (μ, log σ).
 
     loc, scale: [B, *shape] the starting φ (e.g. an encoder's output). Each step averages
@@ -210,6 +216,10 @@ def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z",
     batch_size = x.shape[0]
     repeated_x = x.repeat(num_particles, *([1] * (x.dim() - 1)))
     repeated_idx = None if idx is None else idx.repeat(num_particles)
+    repeated_args = tuple(a.repeat(num_particles, *([1] * (a.dim() - 1)))
+                          if program.is_per_row(a, batch_size) else a for a in model_args)
+    kwargs = {k: v.repeat(num_particles, *([1] * (v.dim() - 1)))
+              if program.is_per_row(v, batch_size) else v for k, v in kwargs.items()}
     with torch.enable_grad():
         start_loc, start_log_scale = loc, scale.log()
         if unroll:
@@ -220,7 +230,8 @@ def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z",
             loc_t, log_scale_t = params
             noise = torch.randn((num_particles,) + loc_t.shape, dtype=loc.dtype, device=loc.device)
             z = (loc_t + log_scale_t.exp() * noise).reshape(num_particles * batch_size, *loc.shape[1:])
-            log_p = log_joint(model, {site: z}, repeated_x, repeated_idx, num_data, **kwargs)
+            log_p = log_joint(model, {site: z}, repeated_x, repeated_idx, num_data,
+                              model_args=repeated_args, **kwargs)
             objective = log_p.sum() / num_particles + log_scale_t.sum(event_dims).sum()
             grad_loc, grad_log_scale = torch.autograd.grad(objective, params, create_graph=unroll)
             step_size = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps)))
@@ -262,25 +273,35 @@ class SemiAmortizedGuide:
         self.num_particles = num_particles
         self.site, self.event_dim, self.unroll, self.name = site, event_dim, unroll, name
 
-    def __call__(self, x, idx=None, num_data=None, **kwargs):
+    def __call__(self, x, *args, idx=None, num_data=None, **kwargs):
         pyro.module(self.name, self.encoder)
         loc, scale = self.encoder(x)
         if self.steps:
             loc, scale = refine(self.model, x, loc, scale, steps=self.steps, lr=self.lr,
-                                num_particles=self.num_particles, site=self.site, idx=idx, num_data=num_data, unroll=self.unroll,
-                                **kwargs)
+                                num_particles=self.num_particles, site=self.site, idx=idx,
+                                num_data=num_data, unroll=self.unroll, model_args=args, **kwargs)
         with data_plate(x, idx, num_data):
             pyro.sample(self.site, dist.Normal(loc, scale).to_event(self.event_dim))
 
 
-def _site_shapes_of(encoder, x, site):
-    with torch.no_grad():
-        loc, _ = encoder(x[:1])
-    return {site: tuple(loc.shape[1:])}
+def _fix_globals(model, structure, globals_guide, args, kwargs):
+    """The model with its global latents held at ``globals_guide``'s median (or refused)."""
+    names = structure.global_latents
+    if not names:
+        return model
+    if globals_guide is None or not hasattr(globals_guide, "median"):
+        raise ValueError(
+            f"the model has global latent sites {list(names)} outside its data plate "
+            f"{structure.plate_name!r}: q*(z_i) of new rows is defined given them; pass "
+            "globals_guide= (e.g. the trained autoguide, whose median() fixes them)")
+    with program.sandbox():
+        values = globals_guide.median(*args, **kwargs)
+    return poutine.condition(model, data={n: values[n].detach() for n in names})
 
 
-def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2, batch_size=None,
-                num_particles=1, loss=None, name="new", seed=0, **model_kwargs):
+def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1e-2,
+                batch_size=None, num_particles=1, loss=None, name="new", seed=0,
+                globals_guide=None, **model_kwargs):
     """Fit per-datapoint φ_i for rows ``x`` with θ fixed: q*(z_i) = argmax ELBO_i (the decoder frozen).
 
     A ``LocalGuide`` fitted on training rows has no φ for new rows; this fits them. Every parameter
@@ -288,22 +309,33 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
 
     Args:
         model: the trained model (its params already in the param store / its modules).
-        x: [M, ...] the new rows. site_shapes: {site: shape}; inferred from ``encoder`` if omitted.
-        encoder: optional x -> (loc, scale): rows start at the encoder's output (recommended: then
-            q* is at least as good as the amortized q up to optimisation noise).
+        x: [M, ...] the new rows; ``*args``: the model's further positional arguments (labels,
+            masks: tensors [M, ...] are per-row and follow x's rows); ``**model_kwargs`` alike.
+        site_shapes: {site: shape}; by default read from the model's trace: every continuous latent
+            site in its data plate (whatever their names). encoder: optional x -> (loc, scale) for
+            a single latent site: rows start at the encoder's output (then q* is at least as good
+            as the amortized q up to optimisation noise).
         steps: Adam steps per row; lr: their step size, decayed to lr / 100 along a cosine so the
             final φ is not jittered by gradient noise; batch_size: rows per step (default all).
         num_particles: samples per ELBO gradient (or give ``loss``, any Pyro ELBO, e.g. one with
             ``vectorize_particles=True``); name: the new table's name (any old table of that name
             is replaced).
+        globals_guide: for a model with global latents outside the data plate: a guide whose
+            ``median()`` fixes them (e.g. the trained autoguide).
 
     Returns:
         LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once).
     """
+    structure = program.inspect_program(model, x, *args, **model_kwargs)
+    model = _fix_globals(model, structure, globals_guide, (x,) + args, model_kwargs)
     if site_shapes is None:
-        if encoder is None:
-            raise ValueError("give site_shapes (e.g. {'z': 20}) or an encoder to read them from")
-        site_shapes = _site_shapes_of(encoder, x, "z")
+        site_shapes = {n: structure.event_shapes[n] for n in structure.local_latents}
+        if not site_shapes:
+            raise ValueError(f"the model has no latent site in its data plate "
+                             f"{structure.plate_name!r}: nothing to infer per row")
+    if encoder is not None and len(site_shapes) != 1:
+        raise ValueError(f"an encoder gives one (loc, scale); the model has latent sites "
+                         f"{list(site_shapes)}: pass site_shapes= for one of them or no encoder")
     num_rows = x.shape[0]
     guide = LocalGuide(num_rows, site_shapes, name=name)
     store = pyro.get_param_store()
@@ -337,8 +369,11 @@ def infer_local(model, x, *, site_shapes=None, encoder=None, steps=200, lr=1e-2,
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):
                     idx = order[start:start + batch_size]
-                    svi_step(bind_rows(model, idx, num_rows), bind_rows(guide, idx, num_rows),
-                             optim, elbo, (x[idx],), model_kwargs, param_filter=only_this_table)
+                    # every per-row argument follows the same rows as x
+                    batch, kwargs = program.take((x,) + args, model_kwargs, idx, num_rows)
+                    svi_step(bind_rows(model, idx, num_rows, structure.plate_name),
+                             bind_rows(guide, idx, num_rows, structure.plate_name),
+                             optim, elbo, batch, kwargs, param_filter=only_this_table)
         finally:
             for p in frozen + module_params:
                 p.requires_grad_(True)
@@ -408,15 +443,16 @@ def _encoder_of(guide):
     return encoder
 
 
-def amortization_gaps(model, guide, x, *, encoder=None, site_shapes=None, num_samples=5000,
+def amortization_gaps(model, guide, x, *args, encoder=None, site_shapes=None, num_samples=5000,
                       elbo_samples=100, local_steps=300, local_lr=1e-2, proposal="best",
-                      seed=0):
+                      seed=0, **model_kwargs):
     """Approximation and amortization gaps of a trained model on (held-out) rows x.
 
     Args:
         model: the trained model p_θ(x, z) (frozen here). guide: its amortized q(z | x) (e.g.
             ``vae.guide``, an ``AmortizedGuide`` or a ``SemiAmortizedGuide``).
-        x: [N, D] rows (held-out data).
+        x: [N, D] rows (held-out data); ``*args``, ``**model_kwargs``: the model's further
+            arguments (per-row tensors follow x's rows), passed to model and guide alike.
         encoder: x -> (loc, scale) to start q* from (default: ``guide.encoder`` or the encoder of
             the module a bound ``guide`` belongs to); site_shapes: needed without an encoder.
         num_samples: K for the IWAE estimate of log p(x) (large: 5000 in Cremer et al.).
@@ -435,20 +471,23 @@ def amortization_gaps(model, guide, x, *, encoder=None, site_shapes=None, num_sa
     if proposal not in ("best", "optimal", "amortized"):
         raise ValueError(f"proposal must be 'best', 'optimal' or 'amortized', got {proposal!r}")
     encoder = encoder if encoder is not None else _encoder_of(guide)
+    if args:
+        raise ValueError("amortization_gaps passes the model's further arguments by keyword "
+                         "(log_marginal calls model(x, **model_kwargs)); name them, e.g. y=y")
     optimal = infer_local(model, x, site_shapes=site_shapes, encoder=encoder, steps=local_steps,
-                          lr=local_lr, name="gaps", seed=seed)
+                          lr=local_lr, name="gaps", seed=seed, **model_kwargs)
     rows = torch.arange(x.shape[0], device=x.device)
     elbo_optimal = log_marginal(model, optimal, x, method="elbo", num_samples=elbo_samples,
-                                seed=seed, idx=rows)
+                                seed=seed, idx=rows, **model_kwargs)
     elbo_amortized = log_marginal(model, guide, x, method="elbo", num_samples=elbo_samples,
-                                  seed=seed + 1)
+                                  seed=seed + 1, **model_kwargs)
     estimates = []
     if proposal in ("best", "optimal"):
         estimates.append(log_marginal(model, optimal, x, method="iwae", num_samples=num_samples,
-                                      seed=seed + 2, idx=rows))
+                                      seed=seed + 2, idx=rows, **model_kwargs))
     if proposal in ("best", "amortized"):
         estimates.append(log_marginal(model, guide, x, method="iwae", num_samples=num_samples,
-                                      seed=seed + 3))
+                                      seed=seed + 3, **model_kwargs))
     log_px = torch.stack(estimates).max(0).values
     return Gaps(log_px, elbo_optimal, elbo_amortized, num_samples)
 

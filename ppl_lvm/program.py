@@ -350,8 +350,9 @@ def structure_of(trace, plate_name, rows_keywords=False):
             plate_dim = frame.dim
             if not site["is_observed"]:
                 value = site["value"]
-                shapes[name] = tuple(value.shape[value.dim() + frame.dim + 1:]) if (
-                    value.dim() >= -frame.dim) else tuple(value.shape)
+                # the value is [*batch, *event]; the plate's dim counts from the right of batch
+                batch_dims = value.dim() - len(site["fn"].event_shape)
+                shapes[name] = tuple(value.shape[max(batch_dims + frame.dim + 1, 0):])
     if plate_dim is None:
         plate_dim = plates_of(trace)[plate_name].dim
     return Structure(plate_name, plate_dim, plate_nesting(trace), tuple(local), tuple(global_),
