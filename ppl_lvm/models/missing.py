@@ -19,7 +19,10 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from ppl_lvm.estimators import accepts, log_joint, log_marginal, plate_nesting, sample_sites
+from pyro.poutine.messenger import Messenger
+
+from ppl_lvm import program
+from ppl_lvm.estimators import log_joint, log_marginal, plate_nesting, sample_sites
 from ppl_lvm.models.vae import VAE, Encoder
 from ppl_lvm.plate import data_plate
 
@@ -260,21 +263,87 @@ class Completion:
         return (self.mean > 0.5).to(self.mean.dtype)
 
 
-def _traces(model, guide, x, mask, guide_x, guide_mask, values=None, guide_kwargs=None):
+class MaskObserved(Messenger):
+    """Leaves the missing entries of the observed site ``site`` out of its likelihood.
+
+    For a model written for complete data (``model(x)``, e.g. a ``VAE``): its observed site's
+    distribution, pixels independent given z (``Independent`` over the last dim), is replaced by
+    the same distribution with ``mask`` applied per pixel, so log p(x_obs | z) counts observed
+    pixels only, and the missing ones are latent (the lecture's missing values).
+    """
+
+    def __init__(self, site, mask):
+        super().__init__()
+        self.site, self.mask = site, mask
+
+    def _pyro_sample(self, msg):
+        if msg["name"] != self.site:
+            return
+        fn = msg["fn"]
+        if not isinstance(fn, torch.distributions.Independent):
+            raise ValueError(f"complete: the observed site {self.site!r} has "
+                             f"{type(fn).__name__}; completing a model that takes no mask needs "
+                             "pixels independent given the latents (e.g. Bernoulli(...).to_event(1))"
+                             " or a model(x, mask) that masks its own likelihood")
+        msg["fn"] = fn.base_dist.mask(self.mask).to_event(fn.reinterpreted_batch_ndims)
+        msg["value"] = fill_missing(msg["value"], self.mask)
+
+
+@dataclasses.dataclass
+class _Masked:
+    """How to call a model/guide pair on partly observed rows, read from the model once."""
+
+    plate_name: str
+    site: str            # the observed site whose value is x
+    model_takes_mask: bool
+    guide_takes_mask: bool
+
+    def call_model(self, model, x, mask):
+        if self.model_takes_mask:
+            return lambda: model(x, mask=mask)
+        return lambda: MaskObserved(self.site, mask)(model)(x)
+
+    def call_guide(self, guide, x, mask, kwargs):
+        if self.guide_takes_mask:
+            return lambda: guide(x, mask=mask, **kwargs)
+        return lambda: guide(fill_missing(x, mask), **kwargs)
+
+
+def _read_masked(model, guide, x, mask):
+    """Which site observes x, where the data plate is, and whether model/guide take ``mask``."""
+    model_takes_mask = program.names_keywords(model, "mask")
+    args = {"mask": mask} if model_takes_mask else {}
+    structure = program.inspect_program(model, fill_missing(x, mask), **args)
+    row_shape = tuple(x.shape[1:])
+    observed = [n for n in structure.observed_sites if n in structure.local_sites]
+    trace = program.trace_of(model, fill_missing(x[:2], mask[:2]),
+                             **({"mask": mask[:2]} if model_takes_mask else {}))
+    matching = [n for n in observed if tuple(trace.nodes[n]["value"].shape[1:]) == row_shape
+                and trace.nodes[n]["value"].shape[0] == min(2, x.shape[0])]
+    if len(matching) != 1:
+        raise ValueError(f"complete: cannot tell which observed site holds x (rows of shape "
+                         f"{row_shape}): the model's observed sites in its data plate are "
+                         f"{observed}")
+    return _Masked(structure.plate_name, matching[0], model_takes_mask,
+                   program.names_keywords(guide, "mask"))
+
+
+def _traces(masked, model, guide, x, mask, guide_x, guide_mask, values=None, guide_kwargs=None):
     """One particle per row: guide trace (conditioned on ``values`` if given) and replayed model.
 
     Returns log w [R] = log p(x, z) - log q(z | guide input), the latent values and p(x | z).
     """
     guide_fn = guide if values is None else poutine.condition(guide, data=values)
-    guide_trace = poutine.trace(guide_fn).get_trace(guide_x, guide_mask, **(guide_kwargs or {}))
+    guide_trace = poutine.trace(masked.call_guide(guide_fn, guide_x, guide_mask,
+                                                  guide_kwargs or {})).get_trace()
     model_fn = (poutine.replay(model, trace=guide_trace) if values is None
                 else poutine.condition(model, data=values))  # replay needs sampled, not observed, z
-    model_trace = poutine.trace(model_fn).get_trace(x, mask)
+    model_trace = poutine.trace(masked.call_model(model_fn, x, mask)).get_trace()
     nesting = plate_nesting(guide_trace, model_trace)
-    log_weights = (log_joint(model_trace, "data", nesting)
-                   - log_joint(guide_trace, "data", nesting)).reshape(-1)
+    log_weights = (log_joint(model_trace, masked.plate_name, nesting)
+                   - log_joint(guide_trace, masked.plate_name, nesting)).reshape(-1)
     latents = {name: site["value"] for name, site in sample_sites(guide_trace).items()}
-    return log_weights, latents, model_trace.nodes["x"]["fn"]
+    return log_weights, latents, model_trace.nodes[masked.site]["fn"]
 
 
 def _chunks(num_rows, copies, data_dim):
@@ -283,14 +352,15 @@ def _chunks(num_rows, copies, data_dim):
 
 
 def _guide_kwargs(guide, idx, copies):
-    return {} if idx is None or not accepts(guide, "idx") else {"idx": idx.repeat(copies)}
+    return {} if idx is None or not program.names_keywords(guide, "idx") else {
+        "idx": idx.repeat(copies)}
 
 
-def _sir(model, guide, x, mask, num_samples, num_particles, idx):
+def _sir(masked, model, guide, x, mask, num_samples, num_particles, idx):
     """Sampling-importance-resampling: z_k ~ q(z | x_obs), resample by w_k, x_miss ~ p(x_miss | z)."""
     rows, dim = x.shape
     reps = lambda t, k: t.repeat(k, *([1] * (t.dim() - 1)))  # [n, ...] -> [k·n, ...], k-major
-    log_weights, latents, x_fn = _traces(model, guide, reps(x, num_particles),
+    log_weights, latents, x_fn = _traces(masked, model, guide, reps(x, num_particles),
                                          reps(mask, num_particles), reps(x, num_particles),
                                          reps(mask, num_particles),
                                          guide_kwargs=_guide_kwargs(guide, idx, num_particles))
@@ -300,7 +370,7 @@ def _sir(model, guide, x, mask, num_samples, num_particles, idx):
     chosen = torch.distributions.Categorical(probs=normalised.T).sample((num_samples,))  # [S, n]
     flat = (chosen * rows + torch.arange(rows, device=x.device)).reshape(-1)  # rows of the K·n batch
     values = {name: value[flat] for name, value in latents.items()}
-    _, _, x_fn = _traces(model, guide, reps(x, num_samples), reps(mask, num_samples),
+    _, _, x_fn = _traces(masked, model, guide, reps(x, num_samples), reps(mask, num_samples),
                          reps(x, num_samples), reps(mask, num_samples), values=values,
                          guide_kwargs=_guide_kwargs(guide, idx, num_samples))
     samples = x_fn.sample().reshape(num_samples, rows, dim)
@@ -309,7 +379,7 @@ def _sir(model, guide, x, mask, num_samples, num_particles, idx):
                                sample_means=x_fn.mean.reshape(num_samples, rows, dim))
 
 
-def _mwg(model, guide, x, mask, num_samples, num_steps, proposal, idx):
+def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
     """Metropolis-within-Gibbs on (z, x_miss), S chains per row.
 
     z-step: independence proposal z' ~ q(z | x_obs) ("observed") or q(z | x_obs, x_miss) with the
@@ -322,16 +392,17 @@ def _mwg(model, guide, x, mask, num_samples, num_steps, proposal, idx):
     every = torch.ones_like(mask_rep)
     guide_kwargs = _guide_kwargs(guide, idx, num_samples)
     # start: z ~ q(z | x_obs), x_miss ~ p(x_miss | z)
-    _, state, x_fn = _traces(model, guide, x_rep, mask_rep, x_rep, mask_rep,
+    _, state, x_fn = _traces(masked, model, guide, x_rep, mask_rep, x_rep, mask_rep,
                              guide_kwargs=guide_kwargs)
     current = torch.where(mask_rep, x_rep, x_fn.sample())
     accepted = torch.zeros(rows * num_samples, device=x.device)
     mean_sum, mean_count = torch.zeros_like(x_rep), 0
     for step in range(num_steps):
         guide_x, guide_mask = (x_rep, mask_rep) if proposal == "observed" else (current, every)
-        log_w_new, proposed, fn_new = _traces(model, guide, current, every, guide_x, guide_mask,
+        log_w_new, proposed, fn_new = _traces(masked, model, guide, current, every, guide_x,
+                                              guide_mask,
                                               guide_kwargs=guide_kwargs)
-        log_w_old, _, fn_old = _traces(model, guide, current, every, guide_x, guide_mask,
+        log_w_old, _, fn_old = _traces(masked, model, guide, current, every, guide_x, guide_mask,
                                        values=state, guide_kwargs=guide_kwargs)
         accept = torch.rand_like(log_w_new).log() < log_w_new - log_w_old
         accepted += accept
@@ -358,9 +429,12 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
     """Samples of the missing pixels from the posterior p(x_miss | x_obs), and its mean.
 
     Args:
-        model, guide: a masked pair, ``model(x, mask)`` / ``guide(x, mask)`` (e.g. ``MaskedVAE``),
-            whose observed site "x" [B, D] has the per-pixel mask applied and sample sites in the
-            plate "data".
+        model, guide: any pair whose data plate holds one observed site with x's rows (found
+            by tracing, whatever its name). A model that names a ``mask`` argument
+            (``model(x, mask)``, e.g. ``MaskedVAE``) is given the mask and masks its own
+            likelihood; any other (``model(x)``, e.g. a ``VAE`` trained on complete data) has the
+            mask applied per pixel to its observed site (``MaskObserved``). The guide gets
+            ``mask=`` if it names it, else the zero-filled image.
         x: [N, D] images (NaN allowed where mask is False); mask: [N, D] bool, True = observed.
         num_samples: S completions per image.
         method: "sir": sampling-importance-resampling, z_k ~ q(z | x_obs) for k ≤ K
@@ -383,6 +457,7 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
     if min(num_samples, num_particles) < 1 or num_steps < 0:
         raise ValueError("num_samples and num_particles must be >= 1 and num_steps >= 0")
     x = fill_missing(x, mask)
+    masked = _read_masked(model, guide, x, mask)
     rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
     outputs = []
     with rng:
@@ -392,10 +467,11 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
         for rows in _chunks(x.shape[0], copies, x.shape[1]):
             row_idx = None if idx is None else idx[rows]
             if method == "sir":
-                outputs.append(_sir(model, guide, x[rows], mask[rows], num_samples, num_particles,
+                outputs.append(_sir(masked, model, guide, x[rows], mask[rows], num_samples,
+                                    num_particles,
                                     row_idx))
             else:
-                outputs.append(_mwg(model, guide, x[rows], mask[rows], num_samples, num_steps,
+                outputs.append(_mwg(masked, model, guide, x[rows], mask[rows], num_samples, num_steps,
                                     proposal, row_idx))
     samples = torch.cat([o[0] for o in outputs], 1)
     mean = torch.cat([o[1] for o in outputs], 0)

@@ -445,3 +445,45 @@ def test_complete_in_row_chunks(monkeypatch):
     assert result.acceptance.shape == (10,)
     sir = complete(ppca.model, ppca.guide, x, mask, num_particles=10, seed=0)
     assert sir.log_weights.shape == (10, 10) and sir.ess.shape == (10,)
+
+
+def test_a_model_without_a_mask_argument_is_completed_with_its_observed_site_masked():
+    """A plain VAE (``model(x)``, trained on complete data) completed as written: its observed
+    site, whatever its name, gets the mask per pixel. The right answer: the same log weights and
+    completions as the MaskedVAE that takes the mask itself, with the same weights."""
+    torch.manual_seed(0)
+    masked = MaskedVAE(16, z_dim=2, hidden_dim=8, encoder_sees_mask=False)
+    decoder, encoder = masked.decoder, masked.encoder
+
+    def model(images):  # its own names: plate "pixels_of_rows", site "image"
+        pyro.module("decoder", decoder)
+        with pyro.plate("pixels_of_rows", images.shape[0]):
+            code = pyro.sample("code", dist.Normal(images.new_zeros(len(images), 2), 1.0).to_event(1))
+            pyro.sample("image", decoder(code).to_event(1), obs=images)
+
+    def guide(images):
+        pyro.module("encoder", encoder)
+        with pyro.plate("pixels_of_rows", images.shape[0]):
+            loc, scale = encoder(images)
+            pyro.sample("code", dist.Normal(loc, scale).to_event(1))
+
+    def masked_guide(x, mask):  # masked.guide with the site renamed
+        pyro.module("encoder", encoder)
+        with data_plate(x):
+            loc, scale = encoder(masked.encoder_input(x, mask))
+            pyro.sample("code", dist.Normal(loc, scale).to_event(1))
+
+    def masked_model(x, mask):
+        pyro.module("decoder", decoder)
+        with data_plate(x):
+            code = pyro.sample("code", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1))
+            pyro.sample("x", decoder(code).mask(mask).to_event(1), obs=fill_missing(x, mask))
+
+    x = binary_data(num_rows=6)
+    mask = top_half(6, 16, image_shape=(4, 4))
+    plain = complete(model, guide, x, mask, num_samples=3, num_particles=32, seed=0)
+    reference = complete(masked_model, masked_guide, x, mask, num_samples=3, num_particles=32,
+                         seed=0)
+    assert torch.allclose(plain.log_weights, reference.log_weights, atol=1e-5)
+    assert torch.allclose(plain.mean, reference.mean, atol=1e-6)
+    assert torch.equal(plain.samples, reference.samples)
