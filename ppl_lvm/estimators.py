@@ -113,7 +113,8 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
         globals: latent sites outside the data plate (mixture weights, a shared scale) have no
             per-datapoint log p(x_n); by default they are refused. "median": fix them at the
             guide's ``median()`` and estimate log p(x_n | globals); "sample": average
-            p(x_n | g_s) over ``num_global_samples`` draws g_s from the guide.
+            p(x_n | g_s) over ``num_global_samples`` draws g_s from the guide; a dict
+            {site: value}: fix them there (e.g. an autoguide's ``median()``).
         **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.
 
     Returns:
@@ -214,7 +215,7 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             totals.add(prog.log_weights(rows, count))
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
-    label = globals if isinstance(globals, str) else None
+    label = globals if isinstance(globals, str) else "given" if isinstance(globals, dict) else None
     return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
                                rows_per_call, particles_per_call, prog.vectorized, label)
 
@@ -243,9 +244,10 @@ def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
         raise ValueError(f"method {method!r} needs a guide q(z | x); use 'prior' without one")
     if idx is not None and tuple(idx.shape) != (x.shape[0],):
         raise ValueError(f"idx must have shape [{x.shape[0]}] to match x, got {tuple(idx.shape)}")
-    if globals not in GLOBALS and not isinstance(globals, tuple):
-        raise ValueError(f"globals must be None, 'median' or 'sample', got {globals!r}")
-    if globals is not None and guide is None:
+    if globals not in GLOBALS and not isinstance(globals, (tuple, dict)):
+        raise ValueError(f"globals must be None, 'median', 'sample' or a dict {{site: value}}, "
+                         f"got {globals!r}")
+    if isinstance(globals, str) and guide is None:
         raise ValueError(f"globals={globals!r} takes the global latents from the guide; pass one")
     if int(num_global_samples) != num_global_samples or num_global_samples < 1:
         raise ValueError(f"num_global_samples must be an integer ≥ 1, got {num_global_samples!r}")
@@ -473,7 +475,9 @@ class _Program:
         """{global latent site: its value}, from the guide's median or one draw from the guide."""
         names = structure.global_latents
         args, kwargs, guide_kwargs = self._args(slice(None))
-        if globals == "median":
+        if isinstance(globals, dict):
+            values = globals
+        elif globals == "median":
             if not hasattr(guide, "median"):
                 raise ValueError(f"globals='median' needs a guide with a median() (a Pyro "
                                  f"autoguide); {type(guide).__name__} has none: use "

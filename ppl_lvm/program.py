@@ -363,7 +363,9 @@ def check_pair(model_structure, guide_trace, fn_names=("model", "guide")):
     """The guide must cover the model's latent sites and put them in the same data plate, at the
     same dim. Returns the guide's ``Structure``."""
     model_name, guide_name = fn_names
-    guide_latents = {n for n, s in sample_sites(guide_trace).items() if not s["is_observed"]}
+    # an autoguide's auxiliary sites (e.g. AutoNormal's "z_unconstrained") are the guide's own
+    guide_latents = {n for n, s in sample_sites(guide_trace).items()
+                     if not s["is_observed"] and not s["infer"].get("is_auxiliary")}
     model_latents = set(model_structure.latent_sites)
     if guide_latents != model_latents:
         raise ValueError(
