@@ -462,7 +462,19 @@ class _Program:
         self.model, self.guide = model, guide
         self.vectorized = True
         self.row_bound = False
+        if self.uses_guide:
+            self._check_guide_plate(structure)
         self._probe()
+
+    def _check_guide_plate(self, structure):
+        """Before the model is replayed on the guide's values: the guide's data plate must sit at
+        the model's dim (else the two broadcast into a silently wrong log p(x))."""
+        args, _, guide_kwargs = self._args(slice(0, min(self.num_rows, 2)))
+        try:
+            guide_trace = program.trace_of(self.guide, *args, **guide_kwargs)
+        except _MODEL_ERRORS:
+            return  # a guide bound to its own rows: checked on all rows in the probe
+        program.check_pair(structure, guide_trace, dims_only=True)
 
     # -- arguments
 
@@ -541,7 +553,14 @@ class _Program:
                 try:
                     guide_trace, model_trace = self._traces(rows)
                 except _MODEL_ERRORS as error:
-                    raise self._shape_error(first_error if given == -1 else error, rows) from error
+                    first = first_error if given == -1 else error
+                    raise ValueError(
+                        f"the model/guide failed on x of shape {tuple(self.x.shape)}, on 2 rows "
+                        f"({type(first).__name__}: {str(first).splitlines()[0]}) and on all "
+                        f"{self.num_rows} rows. A guide with one "
+                        "parameter per row (e.g. an autoguide over local sites) scores only the "
+                        "rows it was fitted on; for new rows fit per-datapoint φ with "
+                        "ppl_lvm.infer_local or use an amortized guide") from error
                 given = self._guide_rows(guide_trace)
                 if given is not None and given != self.num_rows:
                     raise ValueError(

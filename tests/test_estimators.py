@@ -543,3 +543,105 @@ def test_dreg_leaves_the_model_gradient_unchanged():
         loss = IWAE_ELBO(num_particles=6, dreg=dreg).differentiable_loss(model, guide, x)
         grads.append(torch.autograd.grad(loss, [theta])[0])
     assert torch.allclose(grads[0], grads[1], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# programs as their authors wrote them (issue 11)
+
+
+def test_global_latents_are_refused_or_fixed_at_the_guide_median():
+    """A 2-component mixture with Dirichlet weights and per-component locs (Pyro's GMM tutorial):
+    log p(x_n | weights, locs) at AutoDelta's values is the closed-form mixture density."""
+    from pyro.infer.autoguide import AutoDelta
+
+    @pyro.infer.config_enumerate
+    def gmm(data):
+        weights = pyro.sample("weights", dist.Dirichlet(torch.ones(2)))
+        with pyro.plate("components", 2):
+            locs = pyro.sample("locs", dist.Normal(0.0, 10.0))
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(weights))
+            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=data)
+
+    data = torch.tensor([0.0, 1.0, 10.0, 11.0, 12.0])
+    guide = AutoDelta(pyro.poutine.block(gmm, expose=["weights", "locs"]))
+    guide(data)
+    median = guide.median()
+    with pytest.raises(ValueError, match=r"\['locs', 'weights'\] are outside the data plate"):
+        log_marginal(gmm, guide, data, method="exact")
+    exact = log_marginal(gmm, guide, data, method="exact", globals="median")
+    weights, locs = median["weights"], median["locs"]
+    truth = torch.logsumexp(weights.log() + dist.Normal(locs, 1.0).log_prob(data[:, None]), -1)
+    assert torch.allclose(exact, truth.detach(), atol=1e-5)
+    given = estimate_log_marginal(gmm, guide, data, method="exact", globals=median)
+    assert torch.allclose(given.log_px, truth.detach(), atol=1e-5) and given.globals == "given"
+    assert list(pyro.get_param_store().keys()) == list(pyro.get_param_store().keys())
+
+
+def test_model_and_guide_data_plates_at_different_dims_are_refused(ppca):
+    model, x = ppca
+
+    def guide_at_minus_2(x):
+        loc, _ = model.exact_posterior(x)
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(loc[:, None], 1.0).to_event(1))
+    with pytest.raises(ValueError, match=r"'data' is at dim -1 in the model but at dim -2 in the guide"):
+        log_marginal(model.model, guide_at_minus_2, x, num_samples=3)
+
+
+def test_a_per_row_param_guide_is_probed_without_side_effects(ppca):
+    """A guide holding pyro.param("loc", [N, Z]) indexed by nothing: it scores its own N rows, and
+    the estimator's probes leave the param store as it was (no 2-row param behind)."""
+    model, x = ppca
+    loc_exact, scale_tril = model.exact_posterior(x)
+
+    def guide(x):
+        loc = pyro.param("q_loc", lambda: loc_exact.detach().clone())
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril.detach()))
+    guide(x)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    estimate = log_marginal(model.model, guide, x, num_samples=5, seed=0)
+    assert torch.allclose(estimate, model.log_marginal_exact(x).detach(), atol=1e-4)
+    after = dict(pyro.get_param_store().items())
+    assert torch.equal(after["q_loc"], before["q_loc"])  # the same [N, Z] param, not a 2-row one
+    assert {k for k in after if k not in before} <= {n for n in after if n.startswith("ppca$$$")}
+    with pytest.raises(ValueError, match="scores only the rows it was fitted on"):
+        log_marginal(model.model, guide, x[:10], num_samples=5)
+
+
+def test_a_distribution_built_with_validate_args_false_is_scored_as_written():
+    """Grey-level targets under Bernoulli(validate_args=False) train in Pyro; the estimator scores
+    them too: Σ_d x log p + (1 - x) log(1 - p), here with no latent noise (a Delta guide)."""
+    x = torch.rand(6, 4, generator=torch.Generator().manual_seed(0))
+    probs = torch.tensor([0.2, 0.4, 0.6, 0.8])
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Bernoulli(probs=probs.expand(len(x), 4), validate_args=False)
+                        .to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+    truth = (x * probs.log() + (1 - x) * (1 - probs).log()).sum(-1)
+    assert torch.allclose(log_marginal(model, guide, x, num_samples=4), truth, atol=1e-5)
+
+
+def test_iwae_elbo_loops_over_particles_when_the_program_cannot_be_vectorised(ppca):
+    """A guide that reads its batch shape from a sample cannot run under the particle plate; the
+    loss then loops over K particles and is the same per-datapoint bound (the exact posterior:
+    every log weight is log p(x_n))."""
+    model, x = ppca
+    loc, scale_tril = model.exact_posterior(x)
+
+    def stubborn_guide(x, idx=None, num_data=None):
+        with data_plate(x, idx, num_data):
+            z = pyro.sample("z", dist.MultivariateNormal(loc.detach(),
+                                                         scale_tril=scale_tril.detach()))
+            if z.dim() != 2:  # as a program that reshapes by a fixed batch shape fails
+                raise RuntimeError(f"expected z of shape [N, Z], got {tuple(z.shape)}")
+    with pytest.warns(RuntimeWarning, match="looping over the K particles"):
+        loss = IWAE_ELBO(num_particles=5).loss(model.model, stubborn_guide, x)
+    assert loss == pytest.approx(-model.log_marginal_exact(x).sum().item(), rel=1e-5)
