@@ -6,6 +6,7 @@ optimiser step on -ELBO. Checkpoints hold everything needed to continue bit for 
 the optimiser's state, every RNG's state and the step.
 """
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -443,9 +444,12 @@ class _Checkpointer:
         ddp.barrier()
 
 
-def take_step(model, guide, optim, loss, batch, kwargs, inner_steps, strategy, weight):
+def take_step(model, guide, optim, loss, batch, kwargs, inner_steps, strategy, weight,
+              inner_tol=None):
     """One minibatch of SVI: a joint step on θ and φ, or (``inner_steps`` = S > 0) the lecture's
-    two-step procedure, S steps on the batch's local φ_i with θ fixed, then one step on θ.
+    two-step procedure, up to S steps on the batch's local φ_i with θ fixed (fewer when
+    ``inner_tol`` is given and a step improves the batch's loss by less than that fraction), then
+    one step on θ.
 
     Returns (loss, loss before the inner steps) of the global batch, -ELBO in nats (not per datapoint).
     """
@@ -455,18 +459,58 @@ def take_step(model, guide, optim, loss, batch, kwargs, inner_steps, strategy, w
         return strategy.mean(value, weight), None
     before = None
     if inner_steps:
+        previous = None
         for s in range(inner_steps):
             inner = svi_step(model, guide, optim, loss, batch, kwargs, param_filter=is_local_param,
                              grad_hook=strategy.local_hook)
             before = inner if s == 0 else before
+            if inner_tol is not None and previous is not None and not strategy.active and (
+                    previous - inner < inner_tol * abs(previous)):
+                break  # the batch's ELBO stopped improving (one process: ranks stay in step)
+            previous = inner
         before = strategy.mean(before, weight)
     value = svi_step(model, guide, optim, loss, batch, kwargs, grad_hook=strategy.grad_hook,
                      param_filter=(lambda n: not is_local_param(n)) if inner_steps else None)
     return strategy.mean(value, weight), before
 
 
+LR_SCHEDULES = ("constant", "cosine", "exponential")
+
+
+def lr_factor(schedule, step, total_steps):
+    """The step-size multiplier at ``step`` of ``total_steps`` (0-based): "constant" 1; "cosine"
+    from 1 down to 0.01 along half a cosine; "exponential" from 1 down to 0.01 geometrically; a
+    callable ``schedule(step, total_steps) -> factor``. Decaying steps let SVI converge instead of
+    stalling at the gradient-noise floor (Robbins-Monro)."""
+    if schedule is None or schedule == "constant":
+        return 1.0
+    t = min(step / max(total_steps, 1), 1.0)
+    if schedule == "cosine":
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "exponential":
+        return 0.01 ** t
+    return float(schedule(step, total_steps))
+
+
+def set_lr_factor(optim, factor):
+    """Multiply every step size of ``optim`` (a ``LazyAdam`` or a ``pyro.optim.PyroOptim``) by
+    ``factor`` relative to its initial one."""
+    if hasattr(optim, "set_lr_factor"):
+        optim.set_lr_factor(factor)
+        return
+    for torch_optim in getattr(optim, "optim_objs", {}).values():
+        for group in torch_optim.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
+
+
 def _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
-                    checkpoint_dir, eval_every):
+                    checkpoint_dir, eval_every, lr_schedule, inner_tol):
+    if not (lr_schedule is None or callable(lr_schedule) or lr_schedule in LR_SCHEDULES):
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, a callable(step, "
+                         f"total_steps) or None; got {lr_schedule!r}")
+    if inner_tol is not None and not inner_tol >= 0:
+        raise ValueError(f"inner_tol must be >= 0 or None, got {inner_tol!r}")
     if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
                          f"{epochs}, {batch_size}, {checkpoint_every}")
@@ -510,7 +554,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
         callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
-        plate_name=None):
+        plate_name=None, lr_schedule=None, inner_tol=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -545,6 +589,13 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             two-step procedure: per minibatch, S steps on the batch's local φ_i (θ fixed), then
             one step on θ (φ fixed). Local params are those named with ``LOCAL_PREFIX``.
         local_lr: the default optimiser's step size for local φ tables (see ``adam``).
+        lr_schedule: None/"constant", "cosine" or "exponential" (both decay every step size, θ's
+            and the local φ tables' alike, to 1/100 by the last step), or a callable
+            ``(step, total_steps) -> factor``; see ``lr_factor``. Non-amortized SVI needs a decay
+            to converge (a constant step stalls at the gradient-noise floor).
+        inner_tol: with ``inner_steps`` = S, stop a batch's inner loop early once a step improves
+            its loss by less than this fraction (S is then a cap).
+        plate_name: the data plate's name, when several plates run over the rows.
         transform: optional callable taking a minibatch's tensors and returning them (a tensor
             when there is one), e.g. a fresh stochastic binarization per minibatch; it may use
             torch's RNG (checkpoints restore it).
@@ -561,7 +612,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
     """
     _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
-                    checkpoint_dir, eval_every)
+                    checkpoint_dir, eval_every, lr_schedule, inner_tol)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but CUDA is not available")
@@ -628,9 +679,12 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 idx, weight = batches[b]
                 idx = idx.to(device)
                 batch = take_rows(tensors, idx, transform)
+                if lr_schedule is not None:  # a function of the step: a resumed run continues it
+                    set_lr_factor(optim, lr_factor(lr_schedule, result.step,
+                                                   epochs * steps_per_epoch))
                 try:
                     value, before = take_step(*bound(idx), optim, loss, batch, model_kwargs,
-                                              inner_steps, strategy, weight)
+                                              inner_steps, strategy, weight, inner_tol)
                 except ValueError as error:
                     guard.check_error(error, result.step + 1, epoch + 1, b + 1)
                     raise
