@@ -30,7 +30,16 @@ GLOBALS = (None, "median", "sample")
 # answer then cannot depend on chunk_size (it would if a stream covered a whole user chunk).
 SEED_BLOCK_ROWS = 32
 SEED_BLOCK_PARTICLES = 1024
+# per vectorised call. On the CPU a small budget is faster: every chunk of a large one maps and
+# unmaps fresh memory (K = 1000 on 300 MNIST images: 1 GiB 5.8 s, 64 MiB 3.4 s, system time 2.4 s
+# -> 0.03 s); on a GPU large calls amortise the kernel launches.
 DEFAULT_MEMORY_BYTES = 1 << 30
+CPU_MEMORY_BYTES = 64 << 20
+
+
+def default_memory_bytes(device):
+    """The default budget per vectorised call on ``device`` (64 MiB on the CPU, 1 GiB on a GPU)."""
+    return CPU_MEMORY_BYTES if torch.device(device).type == "cpu" else DEFAULT_MEMORY_BYTES
 # activations a model computes but never puts in its trace (hidden layers): a rough allowance
 _ACTIVATION_FACTOR = 4
 _PARTICLE_PLATE = "_num_particles_vectorized"
@@ -108,8 +117,8 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
         seed: optional int; the same seed gives the same answer for any chunk_size. Without one,
             the global RNG is used (``pyro.set_rng_seed``).
         idx: optional [N] long, the rows' indices for a per-datapoint guide (default arange(N)).
-        memory_bytes: rough budget per vectorised call (default 1 GiB); K is chunked too when K
-            alone exceeds it.
+        memory_bytes: rough budget per vectorised call (default 64 MiB on the CPU, where smaller
+            calls run faster, 1 GiB on a GPU); K is chunked too when K alone exceeds it.
         globals: latent sites outside the data plate (mixture weights, a shared scale) have no
             per-datapoint log p(x_n); by default they are refused. "median": fix them at the
             guide's ``median()`` and estimate log p(x_n | globals); "sample": average
@@ -135,7 +144,7 @@ def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, p
                                 num_global_samples)
     device = x.device
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
-    memory_bytes = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+    memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
     args = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
             model_kwargs, globals, num_global_samples)
     if seed is not None:  # a seeded call leaves the global RNG as it found it
@@ -160,7 +169,7 @@ def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=Non
     with torch.no_grad(), torch.random.fork_rng(
             devices=[x.device] if x.device.type == "cuda" and seed is not None else []):
         prog = _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest)
-        memory = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+        memory = default_memory_bytes(x.device) if memory_bytes is None else int(memory_bytes)
         rows_per_call, particles_per_call = _plan(x.shape[0], num_samples, None, seed, memory,
                                                   prog.bytes_per_unit, prog.row_bound)
         blocks = []
