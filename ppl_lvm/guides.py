@@ -301,7 +301,7 @@ def _fix_globals(model, structure, globals_guide, args, kwargs):
 
 def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1e-2,
                 batch_size=None, num_particles=1, loss=None, name="new", seed=0,
-                globals_guide=None, **model_kwargs):
+                globals_guide=None, num_steps=None, **model_kwargs):
     """Fit per-datapoint φ_i for rows ``x`` with θ fixed: q*(z_i) = argmax ELBO_i (the decoder frozen).
 
     A ``LocalGuide`` fitted on training rows has no φ for new rows; this fits them. Every parameter
@@ -315,8 +315,9 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
             site in its data plate (whatever their names). encoder: optional x -> (loc, scale) for
             a single latent site: rows start at the encoder's output (then q* is at least as good
             as the amortized q up to optimisation noise).
-        steps: Adam steps per row; lr: their step size, decayed to lr / 100 along a cosine so the
-            final φ is not jittered by gradient noise; batch_size: rows per step (default all).
+        steps (or ``num_steps``, the package-wide name): Adam steps per row; lr: their step size,
+            decayed to lr / 100 along a cosine so the final φ is not jittered by gradient noise;
+            batch_size: rows per step (default all).
         num_particles: samples per ELBO gradient (or give ``loss``, any Pyro ELBO, e.g. one with
             ``vectorize_particles=True``); name: the new table's name (any old table of that name
             is replaced).
@@ -326,6 +327,7 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
     Returns:
         LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once).
     """
+    steps = steps if num_steps is None else num_steps
     structure = program.inspect_program(model, x, *args, **model_kwargs)
     model = _fix_globals(model, structure, globals_guide, (x,) + args, model_kwargs)
     if site_shapes is None:

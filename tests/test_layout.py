@@ -1,0 +1,52 @@
+"""The package's layout as STYLE.md states it: data flows one way, with no import cycle, and no
+model file imports the trainer."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ppl_lvm"
+
+
+def imports_of(path):
+    """Modules of the package that ``path`` imports at module level (not inside functions)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ppl_lvm"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("ppl_lvm"))
+    return found
+
+
+def graph():
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(("ppl_lvm",) + path.relative_to(PACKAGE).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    return {name: {m for m in imports_of(path) if m in modules and m != name}
+            for name, path in modules.items()}
+
+
+def test_no_import_cycle():
+    edges = {n: d for n, d in graph().items() if n != "ppl_lvm"}  # __init__ re-exports all
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in edges.get(node, ()):
+            if nxt == "ppl_lvm":
+                continue
+            if state.get(nxt) == "open":
+                raise AssertionError(f"import cycle: {' -> '.join(stack + [node, nxt])}")
+            if nxt not in state:
+                visit(nxt, stack + [node])
+        state[node] = "done"
+
+    for node in edges:
+        if node not in state:
+            visit(node, [])
+
+
+def test_program_is_a_leaf():
+    assert graph()["ppl_lvm.program"] == set()
