@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from ppl_lvm import distributed as ddp
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
-    DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, load_checkpoint,
-    load_params, params_finite, save_checkpoint)
+    DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, data_fingerprint,
+    load_checkpoint, load_params, params_finite, save_checkpoint)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARD_NAME = "local-rank{rank}-of-{world}.pt"
@@ -356,6 +356,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
         raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
                          f"{epochs}, {batch_size}, {checkpoint_every}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
     if validate not in (True, False, "first_epoch"):
@@ -394,7 +396,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     pyro.set_rng_seed(seed + 100_003 * rank)
     result, progress_state = FitResult(checkpoint=None if checkpoint is None else str(checkpoint)), None
     batches_per_epoch = ddp.steps_per_epoch(num_data, batch_size, world)
-    config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
+    config = {"num_data": num_data, "batch_size": batch_size, "seed": seed,
+              "data": data_fingerprint(tensors), "lr": lr}
 
     def register_own_rows():
         rows = owned[:2]
@@ -507,6 +510,11 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             save(epoch + 1, 0)
             if callback is not None and callback(epoch + 1, result):
                 break
+        if checkpoint is None:
+            guard.check_state(optim, result.step,
+                              all_ranks=(lambda ok: ddp.all_true(ok, device)) if distributed else None)
+    except ValueError as error:
+        raise guard.step_error(error)
     finally:
         pyro.enable_validation(validating)
         bar.close()
