@@ -14,6 +14,16 @@ from pathlib import Path
 import torch
 
 
+TEMP_SUFFIX = ".tmp"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def temp_files(folder):
+    """Temporary files ``atomic_write`` left in ``folder`` (only a killed process leaves them)."""
+    return sorted(Path(folder).glob(f".*{TEMP_SUFFIX}"))
+
+
 class WriteError(OSError):
     """A file could not be written (full disk, no permission, ...); the previous version stays."""
 
@@ -23,7 +33,9 @@ def atomic_write(path, data):
     path = Path(path)
     handle, tmp = None, None
     try:
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        # mkstemp makes 0600 files: keep the mode the file had, or the one open() would give
+        os.fchmod(handle, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
         with os.fdopen(handle, "wb") as file:
             handle = None  # the file object owns it now
             file.write(data)

@@ -3,6 +3,7 @@
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,6 +65,9 @@ def prepare_run_folder(out_dir, resume=False, overwrite=False):
             for path in out_dir.glob(pattern):
                 path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a run killed inside a write leaves its temporary file; the lock says no one is writing now
+    for path in atomic.temp_files(out_dir):
+        path.unlink()
 
 
 class RunLock:
@@ -82,6 +86,9 @@ class RunLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except PermissionError as error:
+                raise RunFolderError(f"cannot write into {self.path.parent} ({error.strerror}): is "
+                                     "it read-only? choose another --out") from error
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and _alive(owner):
@@ -208,8 +215,12 @@ def _read_json_or_none(path):
 
 
 def _repair(run_dir, config, metrics):
-    """The process died after writing model.pt and before its JSON copies: write them now (a
-    read-only folder keeps its stale copies; model.pt is what is read)."""
+    """The process died after writing model.pt and before its JSON copies (or they were damaged):
+    write them again from model.pt, saying so (a read-only folder keeps its stale copies;
+    model.pt is what is read)."""
+    warnings.warn(f"{run_dir / CONFIG_NAME} or {run_dir / METRICS_NAME} does not match "
+                  f"{run_dir / WEIGHTS_NAME} (the run was interrupted while saving, or they were "
+                  "edited): rewriting them from model.pt, which holds the run")
     try:
         atomic.write_json(run_dir / CONFIG_NAME, config)
         if metrics is not None:
