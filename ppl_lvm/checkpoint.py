@@ -1,59 +1,112 @@
 """Checkpoints: the param store, the optimiser's state, every RNG's state and the progress of a
 ``fit``, written so that a run continues bit for bit; and what counts as a good state to keep.
 """
+import collections
 import dataclasses
+import hashlib
 import math
-import os
+import re
+import statistics
 from pathlib import Path
 
 import pyro
 import pyro.util
 import torch
 
+from ppl_lvm import atomic
+
 
 class DivergenceError(RuntimeError):
-    """The loss (or a parameter) became non-finite; the last good checkpoint was kept."""
+    """The loss (or a parameter, or the optimiser's state) went bad; the last good checkpoint was kept."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, foreign, or from another run."""
+
+
+# a loss this many times its running median (in magnitude) is a blow-up, not noise: a finite
+# divergence (lr 1e6 takes a VAE's -ELBO from 48 to 4e28 nats in one step) never comes back
+BLOWUP_FACTOR = 1e6
+BLOWUP_WINDOW = 200
 
 
 class DivergenceGuard:
     """Stops a run whose loss or state went bad, saying where and what was kept.
 
-    ``check_loss`` runs after every step on the loss per datapoint; ``check_state`` runs before a
-    checkpoint is written, so that only a good state is ever called the last good checkpoint.
+    ``check_loss`` runs after every step on the loss per datapoint: a non-finite value, or one
+    ``BLOWUP_FACTOR`` times above the running median of the last good ones, stops the run.
+    ``check_state`` runs before a checkpoint is written (and at the end of a run without one):
+    parameters and the optimiser's state (Adam's moments) must be finite, so that only a good
+    state is ever called the last good checkpoint. ``step_error`` turns an exception raised inside
+    a step by NaN (Pyro's validation) into the same message.
     """
 
-    def __init__(self, checkpoint=None):
+    def __init__(self, checkpoint=None, blowup_factor=BLOWUP_FACTOR, window=BLOWUP_WINDOW):
         self.checkpoint = checkpoint
+        self.blowup_factor = blowup_factor
+        self.recent = collections.deque(maxlen=window)
+        self.last = None  # (step, epoch, batch) of the last good step
 
     def kept(self):
-        return (f"the last good checkpoint stays at {self.checkpoint}" if self.checkpoint
-                else "no checkpoint_dir was given")
+        if not self.checkpoint:
+            return "no checkpoint_dir was given, so nothing was kept"
+        if Path(self.checkpoint).exists():
+            return f"the last good checkpoint stays at {self.checkpoint}"
+        return f"no checkpoint had been written yet (it would be {self.checkpoint})"
 
     def check_loss(self, value, step, epoch, batch):
+        where = f"at step {step} (epoch {epoch}, batch {batch})"
         if not math.isfinite(value):
-            raise DivergenceError(f"loss became {value} at step {step} (epoch {epoch}, batch "
-                                  f"{batch}); {self.kept()}")
+            raise DivergenceError(f"loss became {value} {where}; {self.kept()}")
+        if self.recent:
+            median = statistics.median(self.recent)
+            if value - median > self.blowup_factor * max(abs(median), 1.0):
+                raise DivergenceError(
+                    f"loss blew up to {value:.3g} {where}, {self.blowup_factor:.0e} times its running "
+                    f"median {median:.3g}: the run diverged (is the learning rate too large?); "
+                    f"{self.kept()}")
+        self.recent.append(value)
+        self.last = (step, epoch, batch)
 
     def check_state(self, optim, step, all_ranks=None):
-        finite = params_finite()
+        finite_params = params_finite()
+        finite_optim = optim_state_finite(optim)
+        finite = finite_params and finite_optim
         if all_ranks is not None:
             finite = all_ranks(finite)
         if not finite:
-            raise DivergenceError(f"a parameter became non-finite by step {step}; {self.kept()}")
+            what = ("a parameter" if not finite_params else "the optimiser's state (Adam's moments)"
+                    if not finite_optim else "a parameter or optimiser state on another rank")
+            raise DivergenceError(f"{what} became non-finite by step {step}; {self.kept()}")
+
+    def step_error(self, error):
+        """The DivergenceError for ``error`` (raised inside a step) if NaN or inf caused it, else
+        ``error`` itself: with Pyro's validation on, a NaN parameter surfaces as a ValueError
+        about a distribution's arguments before the loss can be checked."""
+        text = str(error)
+        if not isinstance(error, ValueError) or not re.search(r"\b(nan|inf)\b", text):
+            return error
+        after = ("at the first step" if self.last is None else
+                 f"at step {self.last[0] + 1} (after epoch {self.last[1]}, batch {self.last[2]})")
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        divergence = DivergenceError(f"loss became nan {after}: Pyro's validation found NaN or inf "
+                                     f"({first.strip()[:200]}); {self.kept()}")
+        divergence.__cause__ = error
+        return divergence
 
 
-    def check_error(self, error, step, epoch, batch):
-        """A step that raised (Pyro's validation dumps a NaN tensor): if the parameters went bad,
-        say so as for a NaN loss, naming the step."""
-        if not params_finite() or "nan" in str(error).lower():
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            raise DivergenceError(f"the step became non-finite at step {step} (epoch {epoch}, "
-                                  f"batch {batch}): {first}; {self.kept()}") from error
-
-    def check_final(self, optim, step):
-        """At the end of ``fit``: never return a NaN parameter, checkpoint or not."""
-        if not params_finite():
-            raise DivergenceError(f"a parameter is non-finite after step {step}; {self.kept()}")
+def _all_finite(value):
+    if torch.is_tensor(value):
+        if value.is_sparse:
+            value = value.coalesce().values()
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
 
 
 def params_finite():
@@ -61,17 +114,49 @@ def params_finite():
     return all(torch.isfinite(store.get_param(n)).all() for n in store.keys())
 
 
+def optim_state_finite(optim):
+    """Whether every tensor of the optimiser's state (e.g. Adam's exp_avg, exp_avg_sq) is finite."""
+    get_state = getattr(optim, "get_state", None)
+    return get_state is None or _all_finite(get_state())
+
+
+def data_fingerprint(tensors, num_rows=64):
+    """What a resume checks its data against: each tensor's shape and dtype and a SHA-256 of
+    ``num_rows`` evenly spaced rows (cheap for any N, and it changes when the data does)."""
+    prints = []
+    for tensor in tensors:
+        rows = torch.linspace(0, len(tensor) - 1, min(num_rows, len(tensor))).long().unique()
+        sample = tensor.detach()[rows.to(tensor.device)].cpu().contiguous()
+        digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+        prints.append(f"{list(tensor.shape)} {str(tensor.dtype).replace('torch.', '')} {digest}")
+    return "; ".join(prints)
+
+
+# RNG states are stored as bytes, not ByteTensors: torch.load(map_location=device) moves every
+# tensor to the device, and torch.set_rng_state accepts only a CPU ByteTensor ("RNG state must be a
+# torch.ByteTensor" on resuming a CUDA run)
+def _to_bytes(state):
+    return state.cpu().numpy().tobytes() if torch.is_tensor(state) else state
+
+
+def _to_byte_tensor(state):
+    if isinstance(state, (bytes, bytearray)):
+        return torch.frombuffer(bytearray(state), dtype=torch.uint8)
+    return state.cpu()
+
+
 def _rng_state():
-    state = {"pyro": pyro.util.get_rng_state()}
+    pyro_state = pyro.util.get_rng_state()
+    state = {"pyro": {**pyro_state, "torch": _to_bytes(pyro_state["torch"])}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_to_bytes(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state):
-    pyro.util.set_rng_state(state["pyro"])
+    pyro.util.set_rng_state({**state["pyro"], "torch": _to_byte_tensor(state["pyro"]["torch"])})
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_to_byte_tensor(s) for s in state["cuda"]])
 
 
 def save_checkpoint(path, optim, progress, result, keep=None):
@@ -92,10 +177,7 @@ def save_checkpoint(path, optim, progress, result, keep=None):
         "progress": progress,
         "result": dataclasses.asdict(result),
     }
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic.torch_save(state, path)
 
 
 def load_params(state, device=None):
@@ -122,20 +204,69 @@ def load_params(state, device=None):
             store._param_to_name[store._params[name]] = name
 
 
+CHECKPOINT_KEYS = ("params", "optim", "rng", "progress", "result")
+PROGRESS_KEYS = ("num_data", "batch_size", "seed", "epoch", "batch")
+
+
+def unreadable(path, error, what="a checkpoint written by ppl-lvm", fix=None):
+    """The one-line error for a file that is empty, truncated or foreign."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else 0
+    detail = "it is empty" if size == 0 else (
+        f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'no detail'}")
+    fix = fix or (f"delete it (or train afresh with --overwrite) to start over")
+    return CheckpointError(f"{path} is not {what} ({detail}): it was truncated, or belongs to "
+                           f"something else; {fix}")
+
+
 def load_checkpoint(path, device):
-    """The dict ``save_checkpoint`` wrote at ``path``, its tensors on ``device``."""
-    return torch.load(path, map_location=device, weights_only=False)
+    """The dict ``save_checkpoint`` wrote at ``path``, its tensors on ``device`` (RNG states stay
+    bytes on the CPU). Raises CheckpointError naming the file for an empty, truncated or foreign one."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # EOFError, RuntimeError (zip), UnpicklingError, ...
+        raise unreadable(path, error) from error
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise unreadable(path, KeyError(f"it holds {found}, not {list(CHECKPOINT_KEYS)}"))
+    if not isinstance(state["progress"], dict) or any(k not in state["progress"] for k in PROGRESS_KEYS):
+        raise unreadable(path, KeyError(f"its progress lacks {list(PROGRESS_KEYS)}"))
+    return state
 
 
 def check_resumable(state, path, config, world):
     """Refuse to resume from ``state`` (read from ``path``) unless it was written by a run of the
-    same configuration (``config``: num_data, batch_size, seed) and number of processes."""
+    same configuration (``config``: num_data, batch_size, seed, and where recorded the data's
+    fingerprint and lr) and number of processes."""
     saved_world = state["progress"].get("world_size", 1)
     if saved_world != world:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} was written by {saved_world} process(es) but this run has "
             f"{world}: local tables are sharded by rank, so resume with the same number "
             f"(torchrun --nproc_per_node={saved_world})")
-    saved = {k: state["progress"][k] for k in config}
-    if saved != config:
-        raise ValueError(f"checkpoint {path} was written with {saved}, not {config}")
+    progress = state["progress"]
+    if "data" in config and "data" in progress and progress["data"] != config["data"]:
+        raise CheckpointError(
+            f"checkpoint {path} was written for other data ({progress['data']}) than this run's "
+            f"({config['data']}): resume on the same data, or train afresh with --overwrite")
+    if "lr" in config and "lr" in progress and progress["lr"] != config["lr"]:
+        raise CheckpointError(
+            f"checkpoint {path} was written with lr {progress['lr']:g}, not {config['lr']:g}: resume "
+            f"with --lr {progress['lr']:g} (a resumed run continues the same optimisation), or train "
+            "afresh with --overwrite")
+    # older checkpoints hold no data fingerprint or lr: those cannot be checked
+    saved = {k: progress[k] for k in config if k in progress}
+    wanted = {k: config[k] for k in saved}
+    if saved != wanted:
+        raise CheckpointError(f"checkpoint {path} was written with {saved}, not {wanted}")
+
+
+def check_epochs(state, path, epochs):
+    """Refuse to "resume" to fewer epochs than ``state`` has already done (the run would stop at
+    once and its record would claim ``epochs``)."""
+    done = state["progress"]["epoch"]
+    if epochs < done:
+        raise CheckpointError(f"checkpoint {path} has already done {done} epochs; --epochs {epochs} "
+                              f"would resume nothing: pass --epochs {done} or more")

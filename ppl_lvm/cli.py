@@ -13,9 +13,10 @@ import torch
 
 from ppl_lvm import data as datasets
 from ppl_lvm import distributed as ddp
-from ppl_lvm import plots
-from ppl_lvm.runs import MODELS, load_run, run_data, save_run
-from ppl_lvm.train import DivergenceError, evaluate_elbo, fit
+from ppl_lvm import atomic, plots
+from ppl_lvm.checkpoint import check_epochs, load_checkpoint
+from ppl_lvm.runs import MODELS, RunLock, load_run, prepare_run_folder, run_data, save_run
+from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, evaluate_elbo, fit
 
 
 class CLIError(Exception):
@@ -57,6 +58,8 @@ def add_train_options(parser, epochs):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run OUT already holds (its files are deleted first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -67,9 +70,23 @@ def train(args):
     if not 0 < args.test_fraction < 1:
         raise CLIError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     out = Path(args.out)
-    data_config = {"name": args.data, "path": args.data_path, "test_fraction": args.test_fraction,
+    # absolute, so that `evaluate` run from another folder finds the same data
+    data_path = None if args.data_path is None else os.path.abspath(args.data_path)
+    data_config = {"name": args.data, "path": data_path, "test_fraction": args.test_fraction,
                    "split_seed": args.seed, "binarize": args.likelihood == "bernoulli"}
     x_train, x_test = run_data(data_config, args.device)
+    if not ddp.is_main():
+        return train_in(args, out, data_config, x_train, x_test)
+    with RunLock(out):  # before the folder is judged: a run writing it now holds it
+        prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
+        if args.resume and (out / CHECKPOINT_NAME).is_file():
+            check_epochs(load_checkpoint(out / CHECKPOINT_NAME, "cpu"), out / CHECKPOINT_NAME,
+                         args.epochs)
+        return train_in(args, out, data_config, x_train, x_test)
+
+
+def train_in(args, out, data_config, x_train, x_test):
+    """``train`` once the run folder is checked (and, on rank 0, locked)."""
     torch.manual_seed(args.seed)
     vae = MODELS[args.model](x_train.shape[1], z_dim=args.z_dim, hidden_dim=args.hidden_dim,
                              likelihood=args.likelihood)
@@ -134,7 +151,7 @@ def evaluate(args):
         print(f"held-out log p(x) by {args.method}, K={args.num_samples}: {estimate.mean:.2f} ± "
               f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s)")
         path = Path(args.run) / f"evaluate_{args.method}_K{args.num_samples}.json"
-        path.write_text(json.dumps(result, indent=2))
+        atomic.write_json(path, result)
     return result
 
 
@@ -153,7 +170,7 @@ def gaps(args):
                                local_lr=args.local_lr, seed=args.seed)
     summary = {**result.summary(), "local_steps": args.local_steps,
                "wall_time_s": time.perf_counter() - start}
-    (Path(args.run) / "gaps.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_json(Path(args.run) / "gaps.json", summary)
     print(result)
     print(f"wrote {Path(args.run) / 'gaps.json'}")
     return summary
@@ -208,7 +225,7 @@ def complete(args):
     # the Bernoulli draws themselves (result.samples), which carry the same z_s
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
     observed = torch.where(mask, x, torch.full_like(x, 0.5))
-    out = Path(args.out) if args.out else Path(args.run) / f"completions_{args.mask}.png"
+    out = completion_path(args.out, args.run, args.mask)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = ["original", "observed"] + [f"sample {i + 1}" for i in range(args.samples)]
     plots.image_grid([x, observed, *shown], out, row_labels=labels,
@@ -219,6 +236,18 @@ def complete(args):
           f"{args.method}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" of the posterior mean; wrote {out}")
     return scores
+
+
+def completion_path(out, run, mask):
+    """Where ``complete`` writes its PNG: ``--out`` as given (".png" added if it has no suffix), or
+    inside it when it names a folder (an existing one, or one written with a trailing slash)."""
+    name = f"completions_{mask}.png"
+    if out is None:
+        return Path(run) / name
+    if Path(out).is_dir() or out.endswith(("/", os.sep)):
+        return Path(out) / name
+    out = Path(out)
+    return out if out.suffix.lower() == ".png" else out.with_name(out.name + ".png")
 
 
 def add_complete_parser(commands):
@@ -293,7 +322,7 @@ def main(argv=None):
             raise CLIError("--device cuda was asked for but CUDA is not available on this machine")
         join_torchrun(args)
         args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, DivergenceError, RuntimeError) as error:
+    except (CLIError, ValueError, OSError, DivergenceError, RuntimeError) as error:
         where = f" (rank {ddp.rank()})" if ddp.active() else ""
         print(f"ppl-lvm: error{where}: {error}", file=sys.stderr)
         return 2

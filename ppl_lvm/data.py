@@ -6,7 +6,9 @@ x ~ Bernoulli(grey level)). Every loader returns images [N, D] and labels [N] lo
 """
 import functools
 import gzip
+import math
 import os
+import zipfile
 import zlib
 
 import numpy as np
@@ -73,7 +75,8 @@ def _images_to_tensor(images, source, device, dtype):
         low, high = images.min(), images.max()
         if low < 0 or high > 255:
             raise ValueError(f"integer images in {source} must lie in 0..255, got min {low} and max {high}")
-        images = images / 255.0
+        # integers 0/1 are already binary pixels, not grey levels 0 and 1/255
+        images = images.astype(np.float64) if high <= 1 else images / 255.0
     elif images.dtype.kind == "f":
         if not np.isfinite(images).all():
             raise ValueError(f"images in {source} contain NaN or inf values")
@@ -156,7 +159,8 @@ def read_idx(file, magic=None):
     if len(content) < header_size:
         raise ValueError(f"truncated IDX file {file}: expected {header_size} header bytes, got {len(content)}")
     shape = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(num_dims))
-    expected_size = header_size + int(np.prod(shape))
+    # Python ints: a corrupt header's sizes overflow np.prod's int64
+    expected_size = header_size + math.prod(shape)
     if len(content) != expected_size:
         raise ValueError(
             f"{'truncated' if len(content) < expected_size else 'overlong'} IDX file {file}: "
@@ -196,12 +200,26 @@ def _read_idx_split(folder, part):
 
 def _read_npz_split(file, part):
     """Images and labels of one part ("train" or "test") from an .npz with x_train/y_train/x_test/y_test."""
-    with np.load(file, allow_pickle=False) as arrays:
+    try:
+        arrays = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{file} is not a readable .npz file ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no detail'}): is it "
+                         "truncated, or another kind of file named .npz?") from error
+    if not isinstance(arrays, np.lib.npyio.NpzFile):
+        raise ValueError(f"{file} holds a single .npy array, not an .npz archive with x_train, "
+                         "y_train, x_test, y_test")
+    with arrays:
         keys = (f"x_{part}", f"y_{part}")
         for key in keys:
             if key not in arrays:
                 raise ValueError(f"{file} has no key {key!r} (found {sorted(arrays.files)})")
-        return arrays[keys[0]], arrays[keys[1]]
+        try:
+            return arrays[keys[0]], arrays[keys[1]]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise ValueError(f"{file}: arrays {keys[0]!r}/{keys[1]!r} cannot be read "
+                             f"({str(error).splitlines()[0]}): object arrays are not supported, "
+                             "store numbers (uint8 grey levels or floats in [0, 1])") from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import pyro.infer.util
 import torch
 import torch.distributed as dist
 
+from ppl_lvm import atomic
+
 LOCAL_PREFIX = "local$$$"
 
 
@@ -316,9 +318,7 @@ def save_shard(path, optim, progress, rows, rng):
                    for n, p in store.named_parameters() if is_local(n)},
         "optim": {n: _rows_of(v, rows, num_data) for n, v in optim_state.items() if is_local(n)},
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic.torch_save(state, path)
 
 
 def load_shard(path, num_data, device):

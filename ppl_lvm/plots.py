@@ -4,6 +4,8 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
+from ppl_lvm import atomic
+
 
 def image_side(data_dim):
     """The side of a square image with ``data_dim`` pixels (784 -> 28, 64 -> 8)."""
@@ -43,7 +45,7 @@ def image_grid(rows, path=None, row_labels=None, title=None, cmap="gray"):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        atomic.save_figure(fig, path, dpi=100)
         plt.close(fig)
     return fig
 
@@ -61,6 +63,6 @@ def training_curve(result, path=None, title="training"):
     ax.legend()
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        atomic.save_figure(fig, path, dpi=100)
         plt.close(fig)
     return fig

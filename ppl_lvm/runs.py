@@ -1,10 +1,14 @@
 """A trained run on disk: its config, weights, data split and metrics, so later commands
 (`evaluate`, `gaps`, `complete`) rebuild exactly what `train` fitted."""
 import json
+import os
+import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from ppl_lvm import atomic, checkpoint
 from ppl_lvm import data as datasets
 from ppl_lvm.models.vae import VAE
 
@@ -26,30 +30,200 @@ def run_data(data_config, device="cpu"):
     return x_train, x_test
 
 
+LOCK_NAME = ".lock"
+# what `train` writes (and `evaluate`, `gaps`, `complete` add): a run folder holds one run
+RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
+                "*.png", "evaluate_*.json", "gaps.json")
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked: it holds a run, is in use, or is unreadable."""
+
+
+def holds_run(out_dir):
+    """Whether ``out_dir`` holds (part of) a trained run: weights, config or a checkpoint."""
+    out_dir = Path(out_dir)
+    return any((out_dir / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME, "checkpoint.pt"))
+
+
+def prepare_run_folder(out_dir, resume=False, overwrite=False):
+    """Check that ``train`` may write into ``out_dir`` and create it.
+
+    A folder holding a run is refused unless ``resume`` (continue it) or ``overwrite`` (its run's
+    files are deleted first, so the folder never mixes two runs).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunFolderError(f"--out {out_dir} is a file, not a folder")
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite contradict each other: pick one")
+    if not resume and holds_run(out_dir):
+        if not overwrite:
+            raise RunFolderError(f"{out_dir} already holds a trained run: pass --resume to continue "
+                                 "it or --overwrite to replace it (or choose another --out)")
+        for pattern in RUN_PATTERNS:
+            for path in out_dir.glob(pattern):
+                path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # a run killed inside a write leaves its temporary file; the lock says no one is writing now
+    for path in atomic.temp_files(out_dir):
+        path.unlink()
+
+
+class RunLock:
+    """Holds ``out_dir/.lock`` (created with O_CREAT | O_EXCL, our pid inside) while a run writes
+    the folder, so a second run into it stops with the first one's pid; a lock left by a process
+    that no longer exists is taken over."""
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / LOCK_NAME
+        self.held = False
+
+    def __enter__(self):
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise RunFolderError(f"{self.path.parent} is a file, not a run folder")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except PermissionError as error:
+                raise RunFolderError(f"cannot write into {self.path.parent} ({error.strerror}): is "
+                                     "it read-only? choose another --out") from error
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise RunFolderError(
+                        f"{self.path.parent} is in use by another run (pid {owner}, lock file "
+                        f"{self.path}); wait for it to finish, or delete the lock file if no such "
+                        "run is alive") from None
+                try:  # a stale lock: its process died without removing it
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise RunFolderError(f"could not take the lock {self.path}: other runs keep taking it")
+
+    def _owner(self):
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            # empty: its writer may be between creating and writing it
+            time.sleep(0.2)
+            try:
+                return int(self.path.read_text().strip())
+            except (OSError, ValueError):
+                return None
+
+    def __exit__(self, *exc):
+        if self.held:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
 def save_run(out_dir, model_name, module, config, metrics=None):
-    """Write config.json, model.pt (weights + constructor config) and metrics.json into ``out_dir``."""
+    """Write model.pt (weights, constructor config, and the run's config and metrics), then
+    config.json and metrics.json into ``out_dir``, each atomically.
+
+    model.pt is the run: if the process dies between the files, ``load_run`` reads the config from
+    model.pt and rewrites the JSON copies, so every command sees the old run or the new one.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = {**config, "model": model_name, "model_config": module.config()}
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    torch.save({"config": module.config(), "state_dict": module.state_dict()}, out_dir / WEIGHTS_NAME)
+    atomic.torch_save({"config": module.config(), "state_dict": module.state_dict(),
+                       "run": config, "metrics": metrics}, out_dir / WEIGHTS_NAME)
+    atomic.write_json(out_dir / CONFIG_NAME, config)
     if metrics is not None:
-        (out_dir / METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        atomic.write_json(out_dir / METRICS_NAME, metrics)
+
+
+def _read_config(path):
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{path} is not valid JSON ({error}): it was truncated or is not from "
+                             "`ppl-lvm train`; retrain into the folder with --overwrite") from error
+    if not isinstance(config, dict):
+        raise RunFolderError(f"{path} holds a {type(config).__name__}, not a run's config")
+    return config
 
 
 def load_run(run_dir, device="cpu"):
     """Rebuild a trained run: returns (module, config). Clear errors for a missing or bad folder."""
     run_dir = Path(run_dir)
     config_path, weights_path = run_dir / CONFIG_NAME, run_dir / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {run_dir} a folder written by "
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} not found: is it a folder written by `ppl-lvm train`?")
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} not found: is {run_dir} a folder written by "
+                                "`ppl-lvm train` (and did it finish)?")
+    try:
+        saved = torch.load(weights_path, map_location=device, weights_only=True)
+    except Exception as error:  # EOFError, RuntimeError (zip), UnpicklingError, ...
+        raise checkpoint.unreadable(weights_path, error, "weights written by `ppl-lvm train`",
+                                    "retrain into the folder with --overwrite") from error
+    if not isinstance(saved, dict) or "config" not in saved or "state_dict" not in saved:
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise RunFolderError(f"{weights_path} is not weights written by `ppl-lvm train` (it holds "
+                             f"{found}); retrain into the folder with --overwrite")
+    config = saved.get("run")
+    if config is None:  # written before model.pt carried its run's config
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: is {run_dir} a folder written by "
                                     "`ppl-lvm train`?")
-    config = json.loads(config_path.read_text())
+        config = _read_config(config_path)
+    elif _read_json_or_none(config_path) != config or (
+            saved.get("metrics") is not None
+            and _read_json_or_none(run_dir / METRICS_NAME) != saved["metrics"]):
+        _repair(run_dir, config, saved.get("metrics"))
     if config.get("model") not in MODELS:
-        raise ValueError(f"{config_path} names unknown model {config.get('model')!r}; "
-                         f"known: {sorted(MODELS)}")
-    saved = torch.load(weights_path, map_location=device, weights_only=True)
-    module = MODELS[config["model"]](**saved["config"]).to(device)
-    module.load_state_dict(saved["state_dict"])
+        raise RunFolderError(f"{config_path} names unknown model {config.get('model')!r}; "
+                             f"known: {sorted(MODELS)}")
+    try:
+        module = MODELS[config["model"]](**saved["config"]).to(device)
+        module.load_state_dict(saved["state_dict"])
+    except (TypeError, RuntimeError, KeyError) as error:
+        raise RunFolderError(f"{weights_path} does not fit its model {config['model']!r} "
+                             f"({str(error).splitlines()[0]}); retrain with --overwrite") from error
     return module, config
+
+
+def _read_json_or_none(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _repair(run_dir, config, metrics):
+    """The process died after writing model.pt and before its JSON copies (or they were damaged):
+    write them again from model.pt, saying so (a read-only folder keeps its stale copies;
+    model.pt is what is read)."""
+    warnings.warn(f"{run_dir / CONFIG_NAME} or {run_dir / METRICS_NAME} does not match "
+                  f"{run_dir / WEIGHTS_NAME} (the run was interrupted while saving, or they were "
+                  "edited): rewriting them from model.pt, which holds the run")
+    try:
+        atomic.write_json(run_dir / CONFIG_NAME, config)
+        if metrics is not None:
+            atomic.write_json(run_dir / METRICS_NAME, metrics)
+    except OSError:
+        pass

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from ppl_lvm import distributed as ddp
 from ppl_lvm import program
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
-    DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, load_checkpoint,
-    load_params, params_finite, save_checkpoint)
+    DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, data_fingerprint,
+    load_checkpoint, load_params, params_finite, save_checkpoint)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARD_NAME = "local-rank{rank}-of-{world}.pt"
@@ -653,7 +653,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
 
     guard = DivergenceGuard(None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME)
     checkpointer = _Checkpointer(checkpoint_dir, optim, strategy,
-                                 {"num_data": num_data, "batch_size": batch_size, "seed": seed}, guard)
+                                 {"num_data": num_data, "batch_size": batch_size, "seed": seed,
+                                  "data": data_fingerprint(tensors), "lr": lr}, guard)
     # a different stream of z per rank; the shuffles come from their own generators
     pyro.set_rng_seed(seed + 100_003 * strategy.rank)
     strategy.start(register)
@@ -685,9 +686,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 try:
                     value, before = take_step(*bound(idx), optim, loss, batch, model_kwargs,
                                               inner_steps, strategy, weight, inner_tol)
-                except ValueError as error:
-                    guard.check_error(error, result.step + 1, epoch + 1, b + 1)
-                    raise
+                except ValueError as error:  # Pyro's validation meeting NaN: say where it diverged
+                    raise guard.step_error(error)
                 result.step += 1
                 if before is not None:
                     result.inner_gains.append((before - value) / num_data)
@@ -716,6 +716,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     finally:
         pyro.enable_validation(validating)
         bar.close()
-    guard.check_final(optim, result.step)
+    if checkpointer.path is None:  # never return a NaN parameter, checkpoint or not
+        guard.check_state(optim, result.step, all_ranks=(
+            strategy.all_true if strategy.active else None))
     result.wall_time = time.perf_counter() - start_time
     return result

@@ -5,6 +5,7 @@ and the amortized guide q_φ(z | x) = N(μ_φ(x), diag σ²_φ(x)) given by one 
 """
 import pyro
 import pyro.distributions as dist
+import pyro.infer.util
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -22,6 +23,16 @@ def mlp(sizes, activation=nn.Softplus):
             layers.append(activation())
         layers.append(nn.Linear(size_in, size_out))
     return nn.Sequential(*layers)
+
+
+def check_pixels(x):
+    """A Gaussian decoder's mean is a sigmoid: pixels outside [0, 1] (0..255 grey levels) cannot be
+    fitted and the loss runs to ~1e9 nats with no other hint (checked while Pyro validates)."""
+    low, high = x.min().item(), x.max().item()
+    if low < 0 or high > 1:
+        raise ValueError(f"VAE(likelihood='gaussian') models pixels at site 'x' in [0, 1] (its mean "
+                         f"is a sigmoid), but x holds values in [{low:g}, {high:g}]: scale 0..255 "
+                         "grey levels by 1/255 (the ppl_lvm.data loaders do)")
 
 
 def _hidden_sizes(hidden_dim):
@@ -101,6 +112,8 @@ class VAE(nn.Module):
     def model(self, x, idx=None, num_data=None):
         """p_θ(x, z) = p(z) p_θ(x | z).  x: [B, D]; idx: optional [B] row indices; num_data: N."""
         pyro.module("decoder", self.decoder)
+        if self.likelihood == "gaussian" and pyro.infer.util.is_validation_enabled():
+            check_pixels(x)
         with data_plate(x, idx, num_data):
             z_loc = x.new_zeros(x.shape[0], self.z_dim)
             z = pyro.sample("z", dist.Normal(z_loc, 1.0).to_event(1))
