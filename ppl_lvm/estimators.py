@@ -400,7 +400,15 @@ def check_observed_support(trace, skip=()):
     for name, site in sample_sites(trace).items():
         if site["is_observed"] and name not in skip:
             support = site["fn"].support
-            inside = support.check(site["value"])
+            try:
+                inside = support.check(site["value"])
+            except (RuntimeError, ValueError, NotImplementedError):
+                # a support that cannot check batched values (Pyro's MaskedMixture under the
+                # particle plate): the log-density itself must at least be a number
+                if torch.isnan(unscaled_log_prob(site)).any():
+                    raise ValueError(f"observed site {name!r}: its log-density is NaN for some "
+                                     "values of x") from None
+                continue
             if not bool(inside.all()):
                 bad = (~inside).sum().item()
                 raise ValueError(f"observed site {name!r}: {bad} values of x lie outside the support "
@@ -542,7 +550,7 @@ class _Program:
         for site in sample_sites(guide_trace).values():
             frame = data_frame(site, self.plate_name)
             if frame is not None and not site["is_observed"]:
-                return frame.size
+                return program.plate_length(site, frame)
         return None
 
     def _probe(self):

@@ -44,12 +44,14 @@ class LocalGuide:
         init_loc, init_scale: every row's starting μ and σ (σ > 0); ``initialize`` sets rows from
             an encoder instead.
         name: distinguishes several tables in one param store (e.g. training vs new rows).
+        plate_name: the name of the model's plate over the rows (``infer_local`` reads it).
 
     Call as ``guide(x, idx=None, num_data=None)``: x [B, ...]; idx [B] long, the rows' indices
     (may be omitted only when B == N).
     """
 
-    def __init__(self, num_data, site_shapes, init_loc=0.0, init_scale=1.0, name="phi"):
+    def __init__(self, num_data, site_shapes, init_loc=0.0, init_scale=1.0, name="phi",
+                 plate_name="data"):
         if num_data < 1:
             raise ValueError(f"num_data must be >= 1, got {num_data}")
         if not site_shapes:
@@ -61,7 +63,7 @@ class LocalGuide:
         self.num_data = int(num_data)
         self.site_shapes = {site: _shape(shape) for site, shape in site_shapes.items()}
         self.init_loc, self.init_scale = float(init_loc), float(init_scale)
-        self.name = name
+        self.name, self.plate_name = name, plate_name
         self.param_name = LOCAL_PREFIX + name
         self._slices, start = {}, 0
         for site, shape in self.site_shapes.items():
@@ -105,7 +107,7 @@ class LocalGuide:
     def __call__(self, x, *args, idx=None, num_data=None, **kwargs):
         rows = self._rows(x, idx, num_data)
         phi = F.embedding(rows, self.table(x.device), sparse=True)  # [B, width]
-        with data_plate(x, rows, self.num_data):
+        with data_plate(x, rows, self.num_data, name=self.plate_name):
             for site, shape in self.site_shapes.items():
                 loc_cols, scale_cols = self._slices[site]
                 loc = phi[:, loc_cols].reshape(-1, *shape)
@@ -339,7 +341,10 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
         raise ValueError(f"an encoder gives one (loc, scale); the model has latent sites "
                          f"{list(site_shapes)}: pass site_shapes= for one of them or no encoder")
     num_rows = x.shape[0]
-    guide = LocalGuide(num_rows, site_shapes, name=name)
+    if structure.plate_dim != -1:
+        raise ValueError(f"infer_local fits a LocalGuide, whose rows are at dim -1; the model's "
+                         f"data plate {structure.plate_name!r} is at dim {structure.plate_dim}")
+    guide = LocalGuide(num_rows, site_shapes, name=name, plate_name=structure.plate_name)
     store = pyro.get_param_store()
     if guide.param_name in store:
         del store[guide.param_name]

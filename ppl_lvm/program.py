@@ -275,9 +275,20 @@ def _call_rows(fn, args, kwargs, rows, num_rows, full_size=None):
     return trace_of(fn, *args, **kwargs)
 
 
+def plate_length(site, frame):
+    """The length of ``frame``'s dim at ``site``: its size, or for a plate given no size
+    (``pyro.plate("data")``, as in Pyro's SS-VAE example) the site's batch length there."""
+    if frame.size is not None and frame.size > 0:
+        return frame.size
+    batch_shape = site["fn"].batch_shape
+    return batch_shape[frame.dim] if len(batch_shape) >= -frame.dim else 1
+
+
 def _row_plates(trace, size):
     """Names of the plates whose batch length equals ``size`` (the rows passed)."""
-    return {name for name, frame in plates_of(trace).items() if frame.size == size}
+    return {frame.name for site in sample_sites(trace).values()
+            for frame in site["cond_indep_stack"]
+            if frame.vectorized and plate_length(site, frame) == size}
 
 
 def row_plate(trace, num_rows):

@@ -524,11 +524,13 @@ def _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate,
         raise ValueError("resume=True needs checkpoint_dir")
 
 
-def check_autoguide_rows(guide, structure, probe, batch_size, num_data):
+def check_autoguide_rows(guide, structure, batch_size, num_data):
     """Refuse minibatches for an autoguide that holds per-row parameters of local latent sites.
 
     Such a guide (``AutoNormal`` on ``pyro.plate("data", len(x))``) makes one parameter per row of
-    the first batch it sees and has no way to know which rows a minibatch holds.
+    the first batch it sees and has no way to know which rows a minibatch holds. Checked after the
+    first step, from the prototype trace the autoguide made (tracing its model beforehand would run
+    the user's ``init_loc_fn`` an extra time).
     """
     from pyro.infer.autoguide import AutoGuide, AutoGuideList
 
@@ -536,12 +538,12 @@ def check_autoguide_rows(guide, structure, probe, batch_size, num_data):
         return
     parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
     for part in parts:
-        if not isinstance(part, AutoGuide) or program.takes_rows(part):
+        prototype = getattr(part, "prototype_trace", None)
+        if not isinstance(part, AutoGuide) or program.takes_rows(part) or prototype is None:
             continue
-        args, kwargs = probe
-        covered = program.sample_sites(program.trace_of(part.model, *args, **kwargs))
-        local = [n for n in structure.local_latents if n in covered]
+        local = [n for n in structure.local_latents if n in prototype.nodes]
         if local:
+            part.prototype_trace = None  # set up afresh on its next call (e.g. a full-batch fit)
             raise ValueError(
                 f"the guide {type(part).__name__} holds per-row parameters for the local latent "
                 f"sites {local} of the data plate {structure.plate_name!r}, so it cannot follow "
@@ -639,7 +641,6 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     probe_rows = torch.arange(min(num_data, 3), device=device)
     probe = (take_rows(tensors, probe_rows, transform), model_kwargs)
     structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
-    check_autoguide_rows(guide, structure, probe, batch_size, num_data)
 
     def bound(idx):
         return (bind_rows(model, idx, num_data, structure.plate_name),
@@ -695,6 +696,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 guard.check_loss(value, result.step, epoch + 1, b + 1)
                 if result.step == 1:
                     _check_devices(device)
+                    check_autoguide_rows(guide, structure, batch_size, num_data)
                 result.losses.append(value)
                 epoch_losses.append(value)
                 bar.update(1)
