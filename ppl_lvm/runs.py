@@ -183,8 +183,9 @@ def load_run(run_dir, device="cpu"):
                                     "retrain into the folder with --overwrite") from error
     if not isinstance(saved, dict) or "config" not in saved or "state_dict" not in saved:
         found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-        raise RunFolderError(f"{weights_path} is not weights written by `ppl-lvm train` (it holds "
-                             f"{found}); retrain into the folder with --overwrite")
+        raise checkpoint.unreadable(weights_path, KeyError(f"it holds {found}"),
+                                    "weights written by `ppl-lvm train`",
+                                    "retrain into the folder with --overwrite")
     config = saved.get("run")
     if config is None:  # written before model.pt carried its run's config
         if not config_path.is_file():
