@@ -62,7 +62,7 @@ class DivergenceGuard:
             median = statistics.median(self.recent)
             if value - median > self.blowup_factor * max(abs(median), 1.0):
                 raise DivergenceError(
-                    f"loss blew up to {value:.3g} {where}, {self.blowup_factor:.0e} times its running "
+                    f"loss blew up to {value:.3g} {where}, over {self.blowup_factor:.0e} times its running "
                     f"median {median:.3g}: the run diverged (is the learning rate too large?); "
                     f"{self.kept()}")
         self.recent.append(value)
@@ -212,8 +212,8 @@ def unreadable(path, error, what="a checkpoint written by ppl-lvm", fix=None):
     """The one-line error for a file that is empty, truncated or foreign."""
     path = Path(path)
     size = path.stat().st_size if path.exists() else 0
-    detail = "it is empty" if size == 0 else (
-        f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'no detail'}")
+    text = str(error).splitlines()[0] if str(error) else "no detail"
+    detail = "it is empty" if size == 0 else f"{type(error).__name__}: {text.split('. ')[0][:120]}"
     fix = fix or (f"delete it (or train afresh with --overwrite) to start over")
     return CheckpointError(f"{path} is not {what} ({detail}): it was truncated, or belongs to "
                            f"something else; {fix}")

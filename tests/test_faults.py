@@ -417,3 +417,16 @@ def test_cli_resume_on_cuda(tmp_path):
     folder = tmp_path / "run"
     assert main(train_args(folder, 1, "--device", "cuda")) == 0
     assert main(train_args(folder, 2, "--device", "cuda", "--resume")) == 0
+
+
+def test_the_lock_names_its_holder_and_a_dead_one_is_taken_over(tmp_path):
+    from ppl_lvm.runs import LOCK_NAME, RunFolderError, RunLock
+
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
+        with pytest.raises(RunFolderError, match=f"in use by another run \\(pid {os.getpid()}"):
+            RunLock(tmp_path).__enter__()
+    assert not (tmp_path / LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_text("999999999\n")  # left by a process that died
+    with RunLock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
