@@ -2,6 +2,7 @@
 ``fit``, written so that a run continues bit for bit; and what counts as a good state to keep.
 """
 import collections
+import collections.abc
 import dataclasses
 import hashlib
 import math
@@ -100,7 +101,7 @@ def _all_finite(value):
         if value.is_sparse:
             value = value.coalesce().values()
         return not value.is_floating_point() or bool(torch.isfinite(value).all())
-    if isinstance(value, dict):
+    if isinstance(value, collections.abc.Mapping):  # torch optimisers' state is a defaultdict
         return all(_all_finite(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return all(_all_finite(v) for v in value)
@@ -116,6 +117,11 @@ def params_finite():
 
 def optim_state_finite(optim):
     """Whether every tensor of the optimiser's state (e.g. Adam's exp_avg, exp_avg_sq) is finite."""
+    if hasattr(optim, "_optimizers"):  # LazyAdam: read its torch optimisers' state, no copies
+        return (_all_finite([o.state for o in optim._optimizers()])
+                and _all_finite(getattr(optim, "_waiting", {})))
+    if hasattr(optim, "optim_objs"):  # a pyro.optim.PyroOptim
+        return _all_finite([o.state for o in optim.optim_objs.values()])
     get_state = getattr(optim, "get_state", None)
     return get_state is None or _all_finite(get_state())
 
