@@ -98,6 +98,9 @@ def runs(tmp_path_factory):
     assert main(train_args(root / "base", 2)) == 0
     shutil.copytree(root / "base", root / "reference")
     assert main(train_args(root / "reference", 3, "--resume")) == 0
+    # ... which is where a run of 3 epochs from scratch ends, bit for bit
+    assert main(train_args(root / "scratch", 3)) == 0
+    assert_same_run(root / "scratch", root / "reference")
     return root / "base", root / "reference"
 
 
