@@ -31,10 +31,12 @@ def run_data(data_config, device="cpu"):
     return x_train, x_test
 
 
-LOCK_NAME = ".lock"
-# what `train` writes (and `evaluate`, `gaps`, `complete` add): a run folder holds one run
+LOCK_NAME = ".ppl-lvm.lock"
+# what `train` writes (and `evaluate`, `gaps`, `complete` add): --overwrite deletes these, and
+# nothing else a user keeps in the folder
 RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
-                "*.png", "evaluate_*.json", "gaps.json")
+                "reconstructions.png", "samples.png", "training_curve.png", "completions_*.png",
+                "evaluate_*.json", "gaps.json")
 
 
 class RunFolderError(ValueError):

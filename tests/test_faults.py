@@ -26,7 +26,7 @@ from ppl_lvm.checkpoint import (CheckpointError, DivergenceError, DivergenceGuar
                                 _set_rng_state, load_checkpoint)
 from ppl_lvm.cli import main
 from ppl_lvm.models.vae import VAE
-from ppl_lvm.runs import load_run
+from ppl_lvm.runs import LOCK_NAME, load_run
 from ppl_lvm.train import adam, fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def assert_old_or_new(folder, base, reference):
     assert load_checkpoint(folder / "checkpoint.pt", "cpu")["progress"]["epoch"] in (2, 3)
     assert main(train_args(folder, 3, "--resume")) == 0
     assert_same_run(folder, reference)
-    assert not atomic.temp_files(folder) and not (folder / ".lock").exists()
+    assert not atomic.temp_files(folder) and not (folder / LOCK_NAME).exists()
 
 
 def kill_and_check(tmp_path, runs, name, kill_at, phase):
@@ -201,7 +201,7 @@ def test_a_second_run_into_a_busy_folder_names_the_first(tmp_path, capsys):
     first = launch(tmp_path, train_args(folder, 100000), wait=False)
     try:
         deadline = time.monotonic() + 120
-        while not (folder / ".lock").exists():
+        while not (folder / LOCK_NAME).exists():
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.1)
         assert main(train_args(folder, 1)) == 2
@@ -211,9 +211,9 @@ def test_a_second_run_into_a_busy_folder_names_the_first(tmp_path, capsys):
         first.kill()
         first.communicate()
     # the killed run's lock is stale: the next run takes it over
-    assert (folder / ".lock").read_text().strip() == str(first.pid)
+    assert (folder / LOCK_NAME).read_text().strip() == str(first.pid)
     assert main(train_args(folder, 1, "--overwrite")) == 0
-    assert not (folder / ".lock").exists()
+    assert not (folder / LOCK_NAME).exists()
 
 
 def test_a_trained_run_is_not_replaced_without_overwrite(tmp_path, runs, capsys):
@@ -226,9 +226,11 @@ def test_a_trained_run_is_not_replaced_without_overwrite(tmp_path, runs, capsys)
     assert "--resume" in err and "--overwrite" in err and str(folder) in err
     assert (folder / "model.pt").read_bytes() == before
     (folder / "evaluate_iwae_K5.json").write_text("{}")  # the old run's, gone with it
+    (folder / "mine.png").write_bytes(b"a user's own file")  # kept
     assert main(train_args(folder, 1, "--overwrite")) == 0
     assert json.loads((folder / "config.json").read_text())["train"]["epochs"] == 1
     assert not (folder / "evaluate_iwae_K5.json").exists()
+    assert (folder / "mine.png").read_bytes() == b"a user's own file"
 
 
 def test_a_read_only_folder_is_one_clear_line(tmp_path, runs, capsys):
@@ -433,7 +435,7 @@ def test_cli_resume_on_cuda(tmp_path):
 
 
 def test_the_lock_names_its_holder_and_a_dead_one_is_taken_over(tmp_path):
-    from ppl_lvm.runs import LOCK_NAME, RunFolderError, RunLock
+    from ppl_lvm.runs import RunFolderError, RunLock
 
     with RunLock(tmp_path):
         assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
