@@ -25,8 +25,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: unreadable, foreign, or from another run."""
 
 
-# a loss this many times its running median (in magnitude) is a blow-up, not noise: a finite
-# divergence (lr 1e6 takes a VAE's -ELBO from 48 to 4e28 nats in one step) never comes back
+# a loss above its running median by this many times the median's size (at least 1 nat) is a
+# blow-up, not noise: a finite divergence (lr 1e6 takes a VAE's -ELBO from 48 to 4e28 nats in one
+# step) never comes back, and without this check it runs to the end with rc 0
 BLOWUP_FACTOR = 1e6
 BLOWUP_WINDOW = 200
 
@@ -63,9 +64,9 @@ class DivergenceGuard:
             median = statistics.median(self.recent)
             if value - median > self.blowup_factor * max(abs(median), 1.0):
                 raise DivergenceError(
-                    f"loss blew up to {value:.3g} {where}, over {self.blowup_factor:.0e} times its running "
-                    f"median {median:.3g}: the run diverged (is the learning rate too large?); "
-                    f"{self.kept()}")
+                    f"loss blew up to {value:.3g} {where}, over {self.blowup_factor:.0e} times its "
+                    f"running median {median:.3g}: the run diverged (is the learning rate too "
+                    f"large?); {self.kept()}")
         self.recent.append(value)
         self.last = (step, epoch, batch)
 
@@ -220,7 +221,7 @@ def unreadable(path, error, what="a checkpoint written by ppl-lvm", fix=None):
     size = path.stat().st_size if path.exists() else 0
     text = str(error).splitlines()[0] if str(error) else "no detail"
     detail = "it is empty" if size == 0 else f"{type(error).__name__}: {text.split('. ')[0][:120]}"
-    fix = fix or (f"delete it (or train afresh with --overwrite) to start over")
+    fix = fix or "delete it (or train afresh with --overwrite) to start over"
     return CheckpointError(f"{path} is not {what} ({detail}): it was truncated, or belongs to "
                            f"something else; {fix}")
 

@@ -3,8 +3,6 @@ must raise (or exit 2 with one line) naming the argument, file or site at fault;
 NaN or a number.
 """
 import gzip
-import shutil
-import zipfile
 
 import numpy as np
 import pyro
