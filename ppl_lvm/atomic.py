@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = ".ppl-lvm-tmp"  # distinctive: a run folder may hold a user's own files
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 

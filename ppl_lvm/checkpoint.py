@@ -2,6 +2,7 @@
 ``fit``, written so that a run continues bit for bit; and what counts as a good state to keep.
 """
 import collections
+import collections.abc
 import dataclasses
 import hashlib
 import math
@@ -24,8 +25,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: unreadable, foreign, or from another run."""
 
 
-# a loss this many times its running median (in magnitude) is a blow-up, not noise: a finite
-# divergence (lr 1e6 takes a VAE's -ELBO from 48 to 4e28 nats in one step) never comes back
+# a loss above its running median by this many times the median's size (at least 1 nat) is a
+# blow-up, not noise: a finite divergence (lr 1e6 takes a VAE's -ELBO from 48 to 4e28 nats in one
+# step) never comes back, and without this check it runs to the end with rc 0
 BLOWUP_FACTOR = 1e6
 BLOWUP_WINDOW = 200
 
@@ -62,9 +64,9 @@ class DivergenceGuard:
             median = statistics.median(self.recent)
             if value - median > self.blowup_factor * max(abs(median), 1.0):
                 raise DivergenceError(
-                    f"loss blew up to {value:.3g} {where}, {self.blowup_factor:.0e} times its running "
-                    f"median {median:.3g}: the run diverged (is the learning rate too large?); "
-                    f"{self.kept()}")
+                    f"loss blew up to {value:.3g} {where}, over {self.blowup_factor:.0e} times its "
+                    f"running median {median:.3g}: the run diverged (is the learning rate too "
+                    f"large?); {self.kept()}")
         self.recent.append(value)
         self.last = (step, epoch, batch)
 
@@ -100,7 +102,7 @@ def _all_finite(value):
         if value.is_sparse:
             value = value.coalesce().values()
         return not value.is_floating_point() or bool(torch.isfinite(value).all())
-    if isinstance(value, dict):
+    if isinstance(value, collections.abc.Mapping):  # torch optimisers' state is a defaultdict
         return all(_all_finite(v) for v in value.values())
     if isinstance(value, (list, tuple)):
         return all(_all_finite(v) for v in value)
@@ -116,6 +118,11 @@ def params_finite():
 
 def optim_state_finite(optim):
     """Whether every tensor of the optimiser's state (e.g. Adam's exp_avg, exp_avg_sq) is finite."""
+    if hasattr(optim, "_optimizers"):  # LazyAdam: read its torch optimisers' state, no copies
+        return (_all_finite([o.state for o in optim._optimizers()])
+                and _all_finite(getattr(optim, "_waiting", {})))
+    if hasattr(optim, "optim_objs"):  # a pyro.optim.PyroOptim
+        return _all_finite([o.state for o in optim.optim_objs.values()])
     get_state = getattr(optim, "get_state", None)
     return get_state is None or _all_finite(get_state())
 
@@ -212,9 +219,9 @@ def unreadable(path, error, what="a checkpoint written by ppl-lvm", fix=None):
     """The one-line error for a file that is empty, truncated or foreign."""
     path = Path(path)
     size = path.stat().st_size if path.exists() else 0
-    detail = "it is empty" if size == 0 else (
-        f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'no detail'}")
-    fix = fix or (f"delete it (or train afresh with --overwrite) to start over")
+    text = str(error).splitlines()[0] if str(error) else "no detail"
+    detail = "it is empty" if size == 0 else f"{type(error).__name__}: {text.split('. ')[0][:120]}"
+    fix = fix or "delete it (or train afresh with --overwrite) to start over"
     return CheckpointError(f"{path} is not {what} ({detail}): it was truncated, or belongs to "
                            f"something else; {fix}")
 

@@ -3,7 +3,6 @@
 Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback.
 """
 import argparse
-import json
 import os
 import sys
 import time

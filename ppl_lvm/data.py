@@ -332,6 +332,8 @@ def binarize(x, method="threshold", threshold=0.5, seed=None):
     Returns:
         [...] tensor of x's shape, dtype and device, with values in {0, 1}.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     _check_unit_interval(x, "x")
     if method == "threshold":
         return (x > threshold).to(x.dtype)

@@ -1,5 +1,6 @@
 """A trained run on disk: its config, weights, data split and metrics, so later commands
 (`evaluate`, `gaps`, `complete`) rebuild exactly what `train` fitted."""
+import fcntl
 import json
 import os
 import time
@@ -30,10 +31,12 @@ def run_data(data_config, device="cpu"):
     return x_train, x_test
 
 
-LOCK_NAME = ".lock"
-# what `train` writes (and `evaluate`, `gaps`, `complete` add): a run folder holds one run
+LOCK_NAME = ".ppl-lvm.lock"
+# what `train` writes (and `evaluate`, `gaps`, `complete` add): --overwrite deletes these, and
+# nothing else a user keeps in the folder
 RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
-                "*.png", "evaluate_*.json", "gaps.json")
+                "reconstructions.png", "samples.png", "training_curve.png", "completions_*.png",
+                "evaluate_*.json", "gaps.json")
 
 
 class RunFolderError(ValueError):
@@ -71,72 +74,72 @@ def prepare_run_folder(out_dir, resume=False, overwrite=False):
 
 
 class RunLock:
-    """Holds ``out_dir/.lock`` (created with O_CREAT | O_EXCL, our pid inside) while a run writes
-    the folder, so a second run into it stops with the first one's pid; a lock left by a process
-    that no longer exists is taken over."""
+    """Holds ``out_dir/.lock`` while a run writes the folder, so that a second run into it stops
+    naming the first one's pid.
+
+    The file is created with O_CREAT | O_EXCL and holds our pid; we also hold an flock on it, which
+    the kernel drops when the process dies however it dies: a lock file left by a dead process is
+    taken over (no guessing from pids, which get reused).
+    """
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / LOCK_NAME
-        self.held = False
+        self.fd = None
 
     def __enter__(self):
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise RunFolderError(f"{self.path.parent} is a file, not a run folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                try:
+                    fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:  # its owner just removed it
+                    continue
             except PermissionError as error:
                 raise RunFolderError(f"cannot write into {self.path.parent} ({error.strerror}): is "
                                      "it read-only? choose another --out") from error
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and _alive(owner):
-                    raise RunFolderError(
-                        f"{self.path.parent} is in use by another run (pid {owner}, lock file "
-                        f"{self.path}); wait for it to finish, or delete the lock file if no such "
-                        "run is alive") from None
-                try:  # a stale lock: its process died without removing it
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read_pid(fd)
+                os.close(fd)
+                raise RunFolderError(
+                    f"{self.path.parent} is in use by another run (pid {owner}, lock file "
+                    f"{self.path}); wait for it to finish or stop it, or choose another --out"
+                ) from None
+            try:  # the file we locked may have been removed (and replaced) meanwhile
+                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as file:
-                file.write(f"{os.getpid()}\n")
-            self.held = True
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
             return self
         raise RunFolderError(f"could not take the lock {self.path}: other runs keep taking it")
 
-    def _owner(self):
-        try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            # empty: its writer may be between creating and writing it
-            time.sleep(0.2)
-            try:
-                return int(self.path.read_text().strip())
-            except (OSError, ValueError):
-                return None
-
     def __exit__(self, *exc):
-        if self.held:
+        if self.fd is not None:
             try:
-                self.path.unlink()
+                self.path.unlink()  # while still locked: a waiter then finds it gone and retries
             except FileNotFoundError:
                 pass
-            self.held = False
+            os.close(self.fd)
+            self.fd = None
 
 
-def _alive(pid):
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
+def _read_pid(fd):
+    for _ in range(3):  # its owner may be between creating the file and writing its pid
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.1)
+    return "unknown"
 
 
 def save_run(out_dir, model_name, module, config, metrics=None):
@@ -183,8 +186,9 @@ def load_run(run_dir, device="cpu"):
                                     "retrain into the folder with --overwrite") from error
     if not isinstance(saved, dict) or "config" not in saved or "state_dict" not in saved:
         found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-        raise RunFolderError(f"{weights_path} is not weights written by `ppl-lvm train` (it holds "
-                             f"{found}); retrain into the folder with --overwrite")
+        raise checkpoint.unreadable(weights_path, KeyError(f"it holds {found}"),
+                                    "weights written by `ppl-lvm train`",
+                                    "retrain into the folder with --overwrite")
     config = saved.get("run")
     if config is None:  # written before model.pt carried its run's config
         if not config_path.is_file():

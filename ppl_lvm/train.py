@@ -73,6 +73,8 @@ def as_batch_tuple(data, device):
     tensors = tuple(data) if isinstance(data, (tuple, list)) else (data,)
     if not tensors or not all(torch.is_tensor(t) for t in tensors):
         raise TypeError("data must be a tensor [N, ...] or a tuple of tensors sharing N")
+    if any(t.dim() == 0 for t in tensors):
+        raise ValueError(f"data needs a first dim N (rows); got shapes {[tuple(t.shape) for t in tensors]}")
     num_data = tensors[0].shape[0]
     for t in tensors:
         if t.dim() == 0 or t.shape[0] != num_data:

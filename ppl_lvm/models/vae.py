@@ -25,14 +25,15 @@ def mlp(sizes, activation=nn.Softplus):
     return nn.Sequential(*layers)
 
 
-def check_pixels(x):
-    """A Gaussian decoder's mean is a sigmoid: pixels outside [0, 1] (0..255 grey levels) cannot be
-    fitted and the loss runs to ~1e9 nats with no other hint (checked while Pyro validates)."""
+def check_pixels(x, likelihood):
+    """Pixels must lie in [0, 1]: a Gaussian decoder's mean is a sigmoid, so 0..255 grey levels
+    cannot be fitted and the loss runs to ~1e9 nats with no other hint (checked while Pyro
+    validates; a Bernoulli one also needs them binary, which Pyro's support check sees)."""
     low, high = x.min().item(), x.max().item()
     if low < 0 or high > 1:
-        raise ValueError(f"VAE(likelihood='gaussian') models pixels at site 'x' in [0, 1] (its mean "
-                         f"is a sigmoid), but x holds values in [{low:g}, {high:g}]: scale 0..255 "
-                         "grey levels by 1/255 (the ppl_lvm.data loaders do)")
+        raise ValueError(f"VAE(likelihood={likelihood!r}) models pixels at site 'x' in [0, 1], but x "
+                         f"holds values in [{low:g}, {high:g}]: scale 0..255 grey levels by 1/255 "
+                         "(the ppl_lvm.data loaders do)")
 
 
 def _hidden_sizes(hidden_dim):
@@ -112,8 +113,8 @@ class VAE(nn.Module):
     def model(self, x, idx=None, num_data=None):
         """p_θ(x, z) = p(z) p_θ(x | z).  x: [B, D]; idx: optional [B] row indices; num_data: N."""
         pyro.module("decoder", self.decoder)
-        if self.likelihood == "gaussian" and pyro.infer.util.is_validation_enabled():
-            check_pixels(x)
+        if pyro.infer.util.is_validation_enabled():
+            check_pixels(x, self.likelihood)
         with data_plate(x, idx, num_data):
             z_loc = x.new_zeros(x.shape[0], self.z_dim)
             z = pyro.sample("z", dist.Normal(z_loc, 1.0).to_event(1))
