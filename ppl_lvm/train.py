@@ -706,6 +706,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                     checkpointer.save(epoch, b + 1, result)
             result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.epoch_losses[-1]:.3f}", refresh=False)
+            # a non-finite parameter is a divergence (said as such) before it is a bad value
+            guard.check_state(optim, result.step, all_ranks=(
+                strategy.all_true if strategy.active else None))
             if len(idx):
                 check_program_values(*bound(idx), batch, model_kwargs, epoch + 1)
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
