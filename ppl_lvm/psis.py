@@ -13,6 +13,8 @@ import torch
 _PRIOR_BS = 3.0
 _PRIOR_K = 10.0
 _MIN_GRID = 30
+# log weights whose M + 1 largest agree to within this many ulps of max |log w| count as equal
+_ROUNDING_ULPS = 1024
 
 
 def tail_size(num_samples):
@@ -31,8 +33,9 @@ def pareto_khat(log_weights):
     Returns:
         [N] (or a 0-dim tensor for [K] input) k̂ on log_weights' device, float64: the shape of a
         generalized Pareto fitted to the M largest weights minus the (M + 1)-th largest. A
-        datapoint whose M largest weights all tie (e.g. an exact posterior proposal, every weight
-        p(x)) has k̂ = -inf: the weights are bounded, every moment exists. NaN log weights give NaN.
+        datapoint whose M + 1 largest log weights agree up to rounding (1024 ulps of the dtype of
+        log_weights, relative to max |log w|; e.g. an exact posterior proposal, every weight p(x))
+        has k̂ = -inf: the weights are constant, every moment exists. NaN log weights give NaN.
     """
     squeeze = log_weights.dim() == 1
     if squeeze:
@@ -44,14 +47,17 @@ def pareto_khat(log_weights):
     out = torch.full((num_rows,), math.inf, dtype=torch.float64, device=log_weights.device)
     if tail <= 4 or tail >= num_samples:
         return out[0] if squeeze else out
+    # weights equal up to the rounding of their dtype (an exact posterior proposal's) are constant
+    rounding = _ROUNDING_ULPS * torch.finfo(log_weights.dtype).eps
     log_weights = log_weights.to(torch.float64).T  # [N, K]
     top = torch.topk(log_weights, tail + 1, dim=-1).values  # descending: [N, M + 1]
+    scale = log_weights.abs().max(-1).values.clamp(min=1.0)
+    constant = (top[:, 0] - top[:, -1]) <= rounding * scale
     top = top - top[:, :1]
     cutoff = top[:, -1:].clamp(min=math.log(torch.finfo(torch.float64).tiny))
     exceedances = (top[:, :-1].exp() - cutoff.exp()).clamp(min=0).flip(-1)  # ascending [N, M]
     khat = _gpd_shape(exceedances)
-    ties = exceedances[:, -1] <= 0
-    khat = torch.where(ties, torch.full_like(khat, -math.inf), khat)
+    khat = torch.where(constant, torch.full_like(khat, -math.inf), khat)
     khat = torch.where(torch.isnan(log_weights).any(-1), torch.full_like(khat, math.nan), khat)
     return khat[0] if squeeze else khat
 
@@ -65,9 +71,14 @@ def _gpd_shape(exceedances):
     j = torch.arange(1, grid + 1, dtype=exceedances.dtype, device=exceedances.device)
     quartile = exceedances[:, int(size / 4 + 0.5) - 1 : int(size / 4 + 0.5)]  # [N, 1]
     largest = exceedances[:, -1:]
-    # b = θ of the GPD profile likelihood, on a grid around 1 / x_max (tiny values keep ties finite)
-    safe_quartile = quartile.clamp(min=torch.finfo(exceedances.dtype).tiny)
-    safe_largest = largest.clamp(min=torch.finfo(exceedances.dtype).tiny)
+    # b = θ of the GPD profile likelihood, on a grid around 1 / x_max. Weights equal up to
+    # rounding tie in the tail: a zero quartile would put the grid at -inf, so it falls back to the
+    # smallest positive exceedance
+    tiny = torch.finfo(exceedances.dtype).tiny
+    smallest_positive = torch.where(exceedances > 0, exceedances,
+                                    torch.full_like(exceedances, math.inf)).min(-1, keepdim=True)
+    safe_quartile = torch.where(quartile > 0, quartile, smallest_positive.values).clamp(min=tiny)
+    safe_largest = largest.clamp(min=tiny)
     b = 1 / safe_largest + (1 - torch.sqrt(grid / (j - 0.5))) / (_PRIOR_BS * safe_quartile)
     k = torch.log1p(-b[:, :, None] * exceedances[:, None, :]).mean(-1)  # [N, grid]
     profile = size * (torch.log(-b / k) - k - 1)  # [N, grid]
