@@ -392,17 +392,18 @@ def test_ais_beats_iwae_at_matched_cost_and_bdmc_brackets_on_mnist_vae():
 
     x, _ = load_mnist()
     x_train, x_test = train_test_split(x, test_fraction=0.1, seed=0)
-    x_train = binarize(x_train[:2000], method="stochastic", seed=0)
     x_test = binarize(x_test[:20], method="stochastic", seed=1)
     vae = VAE(x.shape[1], z_dim=10, hidden_dim=200)
-    fit(vae.model, vae.guide, x_train, epochs=3, batch_size=100, lr=1e-3, seed=0, progress=False)
-    # AIS: K chains × (T transitions × L leapfrog gradients); IWAE: as many forward passes
+    fit(vae.model, vae.guide, x_train, epochs=30, batch_size=100, lr=1e-3, seed=0, progress=False,
+        transform=lambda batch: binarize(batch, method="stochastic"))  # ~10 s
+    # AIS: K chains × (T transitions × L leapfrog gradients); IWAE: as many model evaluations
+    # (AIS's each add a backward pass: AIS gets about 2× IWAE's time here)
     num_chains, num_steps, leapfrog = 4, 200, 4
     cost = num_chains * num_steps * leapfrog
     ais = ais_log_marginal(vae.model, vae.guide, x_test, num_steps=num_steps,
                            num_samples=num_chains, leapfrog_steps=leapfrog, seed=0)
     iwae = estimate_log_marginal(vae.model, vae.guide, x_test, num_samples=cost, seed=0)
-    assert ais.mean > iwae.mean
+    assert ais.mean > iwae.mean  # ~0.25 nats here
     # the prior proposal is hopeless on 784 pixels: k̂ says so
     from ppl_lvm.estimators import _Program
     program = _Program(vae.model, None, x_test, "prior", "data", torch.arange(20), {})
@@ -415,7 +416,12 @@ def test_ais_beats_iwae_at_matched_cost_and_bdmc_brackets_on_mnist_vae():
     iwae_sim = estimate_log_marginal(vae.model, vae.guide, simulated.x, num_samples=cost, seed=0)
     ais_sim = ais_log_marginal(vae.model, vae.guide, simulated.x, num_steps=num_steps,
                                num_samples=num_chains, leapfrog_steps=leapfrog, seed=1)
-    lower, upper = simulated.lower.mean().item(), simulated.upper.mean().item()
-    assert lower <= upper
-    assert iwae_sim.mean <= upper and ais_sim.mean <= upper + 0.5
-    assert ais_sim.mean >= lower - 0.5
+    # the sandwich holds in expectation: paired per-image differences, within 3 standard errors
+    def at_least(high, low):
+        difference, stderr = mean_and_stderr(high - low)
+        return difference > -3 * stderr - 0.01
+
+    assert at_least(simulated.upper, simulated.lower)
+    assert at_least(simulated.upper, iwae_sim.log_px) and at_least(iwae_sim.log_px, simulated.lower)
+    assert at_least(simulated.upper, ais_sim.log_px) and at_least(ais_sim.log_px, simulated.lower)
+    assert simulated.gap.mean() < 1.0
