@@ -191,16 +191,18 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
         if x is None:
             raise ValueError("bdmc got z without x; pass the x the samples z were drawn for")
         if isinstance(z, torch.Tensor):
-            z = {None: z}
+            names = _latent_names(model, x, model_kwargs)
+            if len(names) != 1:
+                raise ValueError(f"the model has latent sites {names}: pass z as a dict")
+            z = {names[0]: z}
     common = dict(num_steps=num_steps, num_samples=num_samples, schedule=schedule,
                   leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept,
                   plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
                   chunk_size=chunk_size, idx=None, model_kwargs=model_kwargs)
     forward = _run_ais(model, guide, x, **common)
+    if seed is not None:  # the reverse chains draw their own noise
+        common["seed"] = int(np.random.SeedSequence([int(seed), 1 << 21]).generate_state(1)[0])
     reverse = _run_ais(model, guide, x, posterior=z, **common)
-    if None in z:
-        z = {name: value for name, value in zip(_latent_names(model, x, plate_name,
-                                                                model_kwargs), z.values())}
     return BDMCResult(forward.log_px, reverse.log_px, x, z, forward, reverse)
 
 
@@ -210,7 +212,8 @@ def simulate(model, num_data, data_shape, *, plate_name="data", device=None, see
     """(x, z) ~ p(x, z) with N = num_data rows: x [N, *data_shape], z {latent site: [N, ...]}.
 
     The model runs once on a zero template x and once under ``poutine.uncondition`` (observed
-    sites sampled); the observed site whose value is the template (``obs=x``) gives the new x.
+    sites sampled); the observed site whose value is the template (``obs=x``) gives the new x. It
+    must be the only observed site, and the model must use x only as that site's ``obs``.
     """
     template = torch.zeros((int(num_data),) + tuple(data_shape), device=device)
     with _forked_rng(template.device, seed is not None):
@@ -222,6 +225,11 @@ def simulate(model, num_data, data_shape, *, plate_name="data", device=None, see
         if len(names) != 1:
             raise ValueError("cannot tell which observed site holds x (none or several have "
                              "obs=x); simulate (x, z) yourself and pass both to bdmc")
+        others = [name for name, site in sample_sites(trace).items()
+                  if site["is_observed"] and name != names[0]]
+        if others:  # their simulated values would not be what the model computes from x
+            raise ValueError(f"observed sites {others} besides x {names[0]!r}: simulate (x, z) "
+                             "yourself and pass both to bdmc")
         simulated = poutine.trace(poutine.uncondition(model)).get_trace(template, **model_kwargs)
     sites = sample_sites(trace)
     x = simulated.nodes[names[0]]["value"].detach().reshape(template.shape)
@@ -233,7 +241,7 @@ def simulate(model, num_data, data_shape, *, plate_name="data", device=None, see
     return x, z
 
 
-def _latent_names(model, x, plate_name, model_kwargs):
+def _latent_names(model, x, model_kwargs):
     """The model's latent site names, in trace order."""
     trace = poutine.trace(model).get_trace(x[:1], **_slice_kwargs(model_kwargs, x.shape[0],
                                                                   slice(0, 1)))
@@ -444,10 +452,6 @@ class _Target:
     def match_posterior(self, posterior):
         """{site: [N, ...]} exact posterior samples, checked against the latent sites."""
         names = [site.name for site in self.sites]
-        if None in posterior:
-            if len(names) != 1:
-                raise ValueError(f"the model has latent sites {names}: pass z as a dict")
-            posterior = {names[0]: posterior[None]}
         if set(posterior) != set(names):
             raise ValueError(f"z must hold exactly the latent sites {names}, got {sorted(posterior)}")
         for name, value in posterior.items():

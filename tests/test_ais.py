@@ -299,6 +299,11 @@ def test_refuses_discrete_and_global_latents_naming_the_site():
         ais_log_marginal(global_latent, None, x, num_steps=2, num_samples=2)
 
 
+def test_simulate_refuses_a_model_with_observed_sites_besides_x():
+    with pytest.raises(ValueError, match="observed sites \\['y'\\] besides x 'x'"):
+        simulate(gamma_normal_model, 4, (3,))
+
+
 def test_refuses_a_guide_with_other_sites(ppca):
     model, x = ppca
 
