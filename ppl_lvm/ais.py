@@ -1,4 +1,4 @@
-"""Annealed importance sampling (AIS) and bidirectional Monte Carlo (BDMC) for log p(x), per datapoint.
+"""Annealed importance sampling (AIS) and bidirectional Monte Carlo (BDMC): log p(x) per datapoint.
 
 AIS (Neal 2001) walks K chains per datapoint through π_t(z) ∝ f_0(z)^(1-β_t) p(x, z)^β_t, with
 f_0 = p(z) (no guide) or q(z | x), 0 = β_0 < ... < β_T = 1, one HMC transition per temperature; the
@@ -24,7 +24,7 @@ from ppl_lvm.estimators import (
 from ppl_lvm.train import accepts
 
 SCHEDULES = ("sigmoid", "linear")
-# Wu et al.'s BDMC code: ε ← 1.02 ε above the target acceptance, ε / 1.02 below (their 0.98), in a range
+# Wu et al.'s BDMC code: ε ← 1.02 ε above the target acceptance, ε / 1.02 below (their 0.98)
 STEP_SIZE_FACTOR = 1.02
 STEP_SIZE_RANGE = (1e-4, 1.0)
 # autograd keeps every activation of a trace for the backward pass: a rough allowance per unit
@@ -158,7 +158,7 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
          num_steps=500, num_samples=16, schedule="sigmoid", leapfrog_steps=5, step_size=0.1,
          target_accept=0.65, plate_name="data", seed=None, memory_bytes=None, chunk_size=None,
          **model_kwargs):
-    """Bidirectional Monte Carlo: forward AIS (lower bound) and reverse AIS (upper bound) of log p(x_n).
+    """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
     Reverse AIS needs an exact sample from p(z | x_n); two ways to have one:
       * simulate: leave x and z None and give ``num_data`` N and ``data_shape`` (one datapoint's
@@ -218,7 +218,7 @@ def simulate(model, num_data, data_shape, *, plate_name="data", device=None, see
     template = torch.zeros((int(num_data),) + tuple(data_shape), device=device)
     with _forked_rng(template.device, seed is not None):
         if seed is not None:
-            torch.manual_seed(int(np.random.SeedSequence([int(seed), 1 << 20]).generate_state(1)[0]))
+            torch.manual_seed(_block_seed(seed, 1 << 20))
         trace = poutine.trace(model).get_trace(template, **model_kwargs)
         names = [name for name, site in sample_sites(trace).items()
                  if site["is_observed"] and site["value"] is template]
@@ -307,18 +307,9 @@ def _check_inputs(x, num_samples, leapfrog_steps, step_size, target_accept, chun
         raise ValueError(f"idx must have shape [{x.shape[0]}] to match x, got {tuple(idx.shape)}")
 
 
-class _forked_rng:
-    """A seeded run leaves the global RNG as it found it."""
-
-    def __init__(self, device, active):
-        self.fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                          enabled=active)
-
-    def __enter__(self):
-        return self.fork.__enter__()
-
-    def __exit__(self, *exc):
-        return self.fork.__exit__(*exc)
+def _forked_rng(device, active):
+    """A seeded run leaves the global RNG (CPU, and x's CUDA device) as it found it."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=active)
 
 
 def _block_seed(seed, block):
@@ -386,7 +377,7 @@ class _Site:
 
 
 class _Target:
-    """log π_β(u) = log f_0(z) + log |dz/du| + β (log p(x, z) - log f_0(z)) for chains of rows of x."""
+    """log π_β(u) = log f_0(z) + log |dz/du| + β (log p(x, z) - log f_0(z))."""
 
     def __init__(self, model, guide, x, plate_name, idx, model_kwargs):
         self.model, self.guide, self.x, self.plate_name = model, guide, x, plate_name
@@ -453,7 +444,8 @@ class _Target:
         """{site: [N, ...]} exact posterior samples, checked against the latent sites."""
         names = [site.name for site in self.sites]
         if set(posterior) != set(names):
-            raise ValueError(f"z must hold exactly the latent sites {names}, got {sorted(posterior)}")
+            raise ValueError(f"z must hold exactly the latent sites {names}, got "
+                             f"{sorted(posterior)}")
         for name, value in posterior.items():
             if value.shape[0] != self.x.shape[0]:
                 raise ValueError(f"z[{name!r}] has {value.shape[0]} rows, x has {self.x.shape[0]}")
@@ -505,7 +497,7 @@ class _Target:
         return folded.reshape(-1, num_rows)
 
     def log_densities(self, rows, u):
-        """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)), each [K, n], differentiable in u."""
+        """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)): each [K, n], differentiable."""
         num_rows = rows.stop - rows.start
         num_samples = next(iter(u.values())).shape[0]
         values = {site.name: site.transform(u[site.name]) for site in self.sites}
@@ -594,7 +586,7 @@ def _initial_state(target, rows, u):
 
 
 def hmc_step(target, rows, state, beta, step_size, leapfrog_steps, noise):
-    """One HMC transition leaving π_β invariant, for every chain: (new state, acceptance prob [K, n]).
+    """One HMC transition leaving π_β invariant, every chain: (new state, acceptance prob [K, n]).
 
     step_size: [n] ε per datapoint (shared by its K chains). Momenta v ~ N(0, I) in unconstrained
     space; L leapfrog steps; Metropolis accept with probability min(1, exp(H_0 - H_L)).

@@ -18,7 +18,7 @@ _ROUNDING_ULPS = 1024
 
 
 def tail_size(num_samples):
-    """M = ⌈min(K / 5, 3 √K)⌉, the number of largest weights in the Pareto fit (as arviz and loo)."""
+    """M = ⌈min(K / 5, 3 √K)⌉: how many of the largest weights the Pareto fit uses (as arviz)."""
     return int(math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples))))
 
 

@@ -111,6 +111,20 @@ def test_ais_from_a_poor_guide_beats_importance_sampling_from_it(ppca):
     assert many_error.abs().mean() < few_error.abs().mean() / 3
 
 
+def test_a_per_datapoint_guide_gets_its_rows_indices_in_every_chunk(ppca):
+    model, x = ppca
+    truth = model.log_marginal_exact(x).detach()
+    loc_table, scale_tril = (t.detach() for t in model.exact_posterior(x))
+
+    def guide(x, idx):  # q(z | x_n) = p(z | x_n), read from a table by the rows' indices
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(loc_table[idx], scale_tril=scale_tril))
+
+    estimate = ais_log_marginal(model.model, guide, x, num_steps=3, num_samples=2, chunk_size=7,
+                                seed=0)
+    assert torch.allclose(estimate.log_px, truth, atol=1e-4)
+
+
 def test_answer_does_not_depend_on_chunk_size_with_a_seed(ppca):
     model, x = ppca
     x = torch.cat([x, x[:30]])  # 70 rows: 3 seed blocks, the last one partial
