@@ -3,8 +3,8 @@ log p(x) than IWAE-K at matched compute, and BDMC on simulated images bounds the
 
 Held-out images: log p(x) by IWAE-K (K = 10 ... 30,000 samples from q(z | x)) and by AIS-T from
 q(z | x) (K = 4 chains, T temperatures, L = 5 leapfrog steps: about K·T·L gradient evaluations per
-image), against time and the number of model evaluations per image (AIS's count a forward and a backward
-pass). Then BDMC on images simulated from the VAE: forward AIS (lower) and reverse AIS from the
+image), against time and the number of model evaluations per image (AIS's count a forward and a
+backward pass). Then BDMC on images simulated from the VAE: forward AIS (lower) and reverse AIS from the
 exact posterior sample (upper) sandwich the true log p(x); IWAE-K on the same images must fall
 below the upper bound. k̂ (PSIS) says when the IWAE weights are not to be trusted.
 
