@@ -286,7 +286,8 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
     ess = (2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0)).exp()
     ess = ess.nan_to_num(1.0).clamp(1.0, num_samples)
     method = "ais-reverse" if posterior is not None else "ais"
-    return AISEstimate(log_px, ess, method, num_samples, rows_per_call, num_samples, True,
+    return AISEstimate(log_px=log_px, ess=ess, method=method, num_samples=num_samples,
+                       rows_per_call=rows_per_call, particles_per_call=num_samples,
                        num_steps=betas.numel() - 1, log_weights=log_weights,
                        acceptance=torch.cat(acceptance), step_size=torch.cat(step_sizes))
 
