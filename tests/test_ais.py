@@ -129,11 +129,15 @@ def test_answer_does_not_depend_on_chunk_size_with_a_seed(ppca):
     model, x = ppca
     x = torch.cat([x, x[:30]])  # 70 rows: 3 seed blocks, the last one partial
     assert x.shape[0] > 2 * SEED_BLOCK_ROWS
-    runs = [ais_log_marginal(model.model, None, x, num_steps=10, num_samples=3, seed=7,
+    runs = [ais_log_marginal(model.model, None, x, num_steps=5, num_samples=3, seed=7,
                              chunk_size=chunk).log_px for chunk in (70, 32, 13, None)]
+    one_row = ais_log_marginal(model.model, None, x, num_steps=5, num_samples=3, seed=7,
+                               memory_bytes=1)  # the budget allows one row per call
+    assert one_row.rows_per_call == 1
+    runs.append(one_row.log_px)
     for run in runs[1:]:
         assert torch.allclose(run, runs[0], atol=1e-4)
-    other = ais_log_marginal(model.model, None, x, num_steps=10, num_samples=3, seed=8).log_px
+    other = ais_log_marginal(model.model, None, x, num_steps=5, num_samples=3, seed=8).log_px
     assert not torch.allclose(other, runs[0], atol=1e-3)
 
 
@@ -178,6 +182,17 @@ def test_bdmc_with_given_exact_posterior_samples(ppca):
     assert result.gap.mean() < 0.6
     with pytest.raises(ValueError, match="exact posterior samples z"):
         bdmc(model.model, x=x)
+
+
+def test_bdmc_from_a_poor_guide_sandwiches_the_truth(ppca):
+    model, _ = ppca
+    result = bdmc(model.model, scaled_guide(model, 0.5, 0.5), num_data=NUM_DATA,
+                  data_shape=(DATA_DIM,), num_steps=100, num_samples=4, seed=0)
+    truth = model.log_marginal_exact(result.x).detach()
+    low, low_err = mean_and_stderr(result.lower - truth)
+    high, high_err = mean_and_stderr(result.upper - truth)
+    assert low < 3 * low_err and high > -3 * high_err
+    assert 0 < result.gap.mean() < 1.0
 
 
 def test_simulate_draws_from_the_joint(ppca):
