@@ -11,6 +11,9 @@ below the upper bound. k̂ (PSIS) says when the IWAE weights are not to be trust
     python benchmarks/bench_ais.py            # trains a VAE for 20 epochs first (~10 s on CPU)
     python benchmarks/bench_ais.py --quick    # 1 epoch, 30 images, T ≤ 100, K ≤ 1,000 (~20 s)
 
+On a CPU shared with other jobs, run with OMP_NUM_THREADS=1: AIS is a long sequence of small ops,
+and a second intra-op thread waiting for a busy core made them ~10× slower here.
+
 Last full run (CPU, OMP_NUM_THREADS=1 on a 2-core machine shared with other jobs, torch 2.13,
 pyro 1.9.2; about 2.5 minutes in all):
 

@@ -26,6 +26,16 @@ def fresh_param_store():
     pyro.clear_param_store()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """AIS runs thousands of tiny ops in sequence: on a busy machine a second intra-op thread
+    makes each one wait for a core (10× slower here); one thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def ppca():
     generator = torch.Generator().manual_seed(0)
