@@ -1,0 +1,88 @@
+"""Pareto-smoothed importance sampling's diagnostic k̂, per datapoint (Vehtari et al. 2015/2024).
+
+Fit a generalized Pareto distribution to the largest M = ⌈min(K / 5, 3 √K)⌉ importance weights of
+each datapoint (Zhang & Stephens 2009, with the weakly informative prior of arviz / loo); its shape
+k̂ estimates how many moments the weights have (1 / k̂): k̂ < 0.5 the estimate is reliable, 0.5–0.7
+it converges slowly, k̂ > 0.7 the IS / IWAE estimate of log p(x) is not to be trusted.
+"""
+import math
+
+import torch
+
+# Zhang & Stephens' grid and the prior arviz and loo put on k (n·k + 10·0.5) / (n + 10)
+_PRIOR_BS = 3.0
+_PRIOR_K = 10.0
+_MIN_GRID = 30
+# log weights whose M + 1 largest agree to within this many ulps of max |log w| count as equal
+_ROUNDING_ULPS = 1024
+
+
+def tail_size(num_samples):
+    """M = ⌈min(K / 5, 3 √K)⌉: how many of the largest weights the Pareto fit uses (as arviz)."""
+    return int(math.ceil(min(0.2 * num_samples, 3 * math.sqrt(num_samples))))
+
+
+@torch.no_grad()
+def pareto_khat(log_weights):
+    """Per-datapoint Pareto k̂ of importance weights.
+
+    Args:
+        log_weights: [K, N] log w_{k,n} (unnormalised: constants per datapoint do not matter),
+            or [K] for one datapoint. K ≥ 25 or so; with M ≤ 4 tail weights k̂ is +inf (as arviz).
+
+    Returns:
+        [N] (or a 0-dim tensor for [K] input) k̂ on log_weights' device, float64: the shape of a
+        generalized Pareto fitted to the M largest weights minus the (M + 1)-th largest. A
+        datapoint whose M + 1 largest log weights agree up to rounding (1024 ulps of the dtype of
+        log_weights, relative to max |log w|; e.g. an exact posterior proposal, every weight p(x))
+        has k̂ = -inf: the weights are constant, every moment exists. NaN log weights give NaN.
+    """
+    squeeze = log_weights.dim() == 1
+    if squeeze:
+        log_weights = log_weights[:, None]
+    if log_weights.dim() != 2:
+        raise ValueError(f"log_weights must be [K, N] or [K], got {tuple(log_weights.shape)}")
+    num_samples, num_rows = log_weights.shape
+    tail = tail_size(num_samples)
+    out = torch.full((num_rows,), math.inf, dtype=torch.float64, device=log_weights.device)
+    if tail <= 4 or tail >= num_samples:
+        return out[0] if squeeze else out
+    # weights equal up to the rounding of their dtype (an exact posterior proposal's) are constant
+    rounding = _ROUNDING_ULPS * torch.finfo(log_weights.dtype).eps
+    log_weights = log_weights.to(torch.float64).T  # [N, K]
+    top = torch.topk(log_weights, tail + 1, dim=-1).values  # descending: [N, M + 1]
+    scale = log_weights.abs().max(-1).values.clamp(min=1.0)
+    constant = (top[:, 0] - top[:, -1]) <= rounding * scale
+    top = top - top[:, :1]
+    cutoff = top[:, -1:].clamp(min=math.log(torch.finfo(torch.float64).tiny))
+    exceedances = (top[:, :-1].exp() - cutoff.exp()).clamp(min=0).flip(-1)  # ascending [N, M]
+    khat = _gpd_shape(exceedances)
+    khat = torch.where(constant, torch.full_like(khat, -math.inf), khat)
+    khat = torch.where(torch.isnan(log_weights).any(-1), torch.full_like(khat, math.nan), khat)
+    return khat[0] if squeeze else khat
+
+
+def _gpd_shape(exceedances):
+    """Zhang & Stephens' posterior-mean estimate of the GPD shape k = mean log(1 - b x) (the sign of
+    arviz and loo: k > 0 is a heavy tail), pulled toward 0.5 by their prior. exceedances: [N, M]
+    ascending, ≥ 0. Returns [N]."""
+    num_rows, size = exceedances.shape
+    grid = _MIN_GRID + int(math.sqrt(size))
+    j = torch.arange(1, grid + 1, dtype=exceedances.dtype, device=exceedances.device)
+    quartile = exceedances[:, int(size / 4 + 0.5) - 1 : int(size / 4 + 0.5)]  # [N, 1]
+    largest = exceedances[:, -1:]
+    # b = θ of the GPD profile likelihood, on a grid around 1 / x_max. Weights equal up to
+    # rounding tie in the tail: a zero quartile would put the grid at -inf, so it falls back to the
+    # smallest positive exceedance
+    tiny = torch.finfo(exceedances.dtype).tiny
+    smallest_positive = torch.where(exceedances > 0, exceedances,
+                                    torch.full_like(exceedances, math.inf)).min(-1, keepdim=True)
+    safe_quartile = torch.where(quartile > 0, quartile, smallest_positive.values).clamp(min=tiny)
+    safe_largest = largest.clamp(min=tiny)
+    b = 1 / safe_largest + (1 - torch.sqrt(grid / (j - 0.5))) / (_PRIOR_BS * safe_quartile)
+    k = torch.log1p(-b[:, :, None] * exceedances[:, None, :]).mean(-1)  # [N, grid]
+    profile = size * (torch.log(-b / k) - k - 1)  # [N, grid]
+    weights = torch.softmax(profile, dim=-1)
+    b_post = (weights * b).sum(-1, keepdim=True)
+    k_post = torch.log1p(-b_post * exceedances).mean(-1)
+    return (size * k_post + _PRIOR_K * 0.5) / (size + _PRIOR_K)
