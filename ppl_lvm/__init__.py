@@ -16,4 +16,7 @@ __all__ = ["AmortizedGuide", "LocalGuide", "SemiAmortizedGuide", "amortization_g
            "log_marginal", "log_weights", "train_test_split", "MixtureOfGaussians", "fit_mixture",
            "select_components"]
 __all__ += ["MaskedVAE", "complete"]
+from ppl_lvm.ais import ais_log_marginal, bdmc  # noqa: E402
+from ppl_lvm.psis import pareto_khat  # noqa: E402
+__all__ += ["ais_log_marginal", "bdmc", "pareto_khat"]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from ppl_lvm.estimators import (
     DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, data_frame, plate_nesting,
     sample_sites, site_log_prob, vectorize,
 )
-from ppl_lvm.train import accepts
+from ppl_lvm.program import inspect_program, names_keywords
 
 SCHEDULES = ("sigmoid", "linear")
 # Wu et al.'s BDMC code: ε ← 1.02 ε above the target acceptance, ε / 1.02 below (their 0.98)
@@ -110,7 +110,7 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
 
 @torch.no_grad()
 def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule="sigmoid",
-                     leapfrog_steps=5, step_size=0.1, target_accept=0.65, plate_name="data",
+                     leapfrog_steps=5, step_size=0.1, target_accept=0.65, plate_name=None,
                      seed=None, memory_bytes=None, chunk_size=None, idx=None, **model_kwargs):
     """Per-datapoint AIS estimates of log p(x_n): K chains per datapoint, T temperatures.
 
@@ -156,7 +156,7 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
 @torch.no_grad()
 def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, device=None,
          num_steps=500, num_samples=16, schedule="sigmoid", leapfrog_steps=5, step_size=0.1,
-         target_accept=0.65, plate_name="data", seed=None, memory_bytes=None, chunk_size=None,
+         target_accept=0.65, plate_name=None, seed=None, memory_bytes=None, chunk_size=None,
          **model_kwargs):
     """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
@@ -207,7 +207,7 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
 
 
 @torch.no_grad()
-def simulate(model, num_data, data_shape, *, plate_name="data", device=None, seed=None,
+def simulate(model, num_data, data_shape, *, plate_name=None, device=None, seed=None,
              **model_kwargs):
     """(x, z) ~ p(x, z) with N = num_data rows: x [N, *data_shape], z {latent site: [N, ...]}.
 
@@ -233,6 +233,8 @@ def simulate(model, num_data, data_shape, *, plate_name="data", device=None, see
         simulated = poutine.trace(poutine.uncondition(model)).get_trace(template, **model_kwargs)
     sites = sample_sites(trace)
     x = simulated.nodes[names[0]]["value"].detach().reshape(template.shape)
+    if plate_name is None:
+        plate_name = inspect_program(model, x, **model_kwargs).plate_name
     z = {name: simulated.nodes[name]["value"].detach()
          for name, site in sites.items() if not site["is_observed"]}
     for name, value in z.items():
@@ -263,6 +265,8 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
     if idx is None:
         idx = torch.arange(num_rows, device=device)
     memory_bytes = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+    if plate_name is None:  # the plate over the rows, whatever its name (ppl_lvm.program)
+        plate_name = inspect_program(model, x, **model_kwargs).plate_name
     with _forked_rng(device, seed is not None):
         target = _Target(model, guide, x, plate_name, idx.to(device), model_kwargs)
         if posterior is not None:
@@ -383,7 +387,7 @@ class _Target:
     def __init__(self, model, guide, x, plate_name, idx, model_kwargs):
         self.model, self.guide, self.x, self.plate_name = model, guide, x, plate_name
         self.idx, self.model_kwargs = idx, model_kwargs
-        self.guide_takes_idx = guide is not None and accepts(guide, "idx")
+        self.guide_takes_idx = guide is not None and names_keywords(guide, "idx")
         self._probe()
 
     def args(self, rows):

@@ -21,8 +21,9 @@ from pyro.poutine.messenger import Messenger
 
 from ppl_lvm import program
 from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
+from ppl_lvm.psis import pareto_khat, tail_size
 
-METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact")
+METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact", "ais")
 GUIDE_METHODS = ("is", "iwae", "elbo")
 GLOBALS = (None, "median", "sample")
 # With a seed, rows are drawn in fixed blocks of SEED_BLOCK_ROWS rows and SEED_BLOCK_PARTICLES
@@ -62,6 +63,9 @@ class LogMarginalEstimate:
     vectorized: False when the model could not be vectorised and particles were looped.
     globals: how global latents were handled: None (the model has none), "median" (fixed at the
         guide's median: log p(x_n | globals)) or "sample:S" (log (1/S) Σ_s p(x_n | g_s), g_s ~ q).
+    khat: [N] Pareto k̂ of the importance weights (PSIS, ``ppl_lvm.psis``): below 0.5 fine,
+        0.5-0.7 slow convergence, above 0.7 the estimate cannot be trusted (``unreliable``);
+        inf when K is too small for a tail fit (K < ~25), -inf for constant weights.
     """
 
     log_px: torch.Tensor
@@ -72,6 +76,14 @@ class LogMarginalEstimate:
     particles_per_call: int = None
     vectorized: bool = True
     globals: str = None
+    khat: torch.Tensor = None
+
+    @property
+    def unreliable(self):
+        """[N] bool: Pareto k̂ > 0.7, where the importance-weighted estimate cannot be trusted
+        (Vehtari et al.; NaN k̂, e.g. for "exact", counts as reliable)."""
+        return torch.zeros_like(self.log_px, dtype=torch.bool) if self.khat is None else (
+            self.khat > 0.7)
 
     @property
     def mean(self):
@@ -86,14 +98,16 @@ class LogMarginalEstimate:
 
     def __repr__(self):
         given = "" if self.globals is None else f", globals={self.globals!r}"
+        khat = "" if self.khat is None or torch.isnan(self.khat).all() else (
+            f", k̂ > 0.7 for {int(self.unreliable.sum())}/{self.log_px.numel()}")
         return (f"LogMarginalEstimate(method={self.method!r}, K={self.num_samples}, "
                 f"N={self.log_px.numel()}, mean={self.mean:.4f} ± {self.stderr:.4f}, "
-                f"median ESS={self.ess.median().item():.1f}{given})")
+                f"median ESS={self.ess.median().item():.1f}{khat}{given})")
 
 
 def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name=None,
                  chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                 num_global_samples=10, **model_kwargs):
+                 num_global_samples=10, num_steps=500, **model_kwargs):
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
@@ -108,7 +122,11 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
             "uniform": log (1/K) Σ_k |Z| p(x, z_k), z_k uniform on a finite discrete latent space;
             "is" / "iwae": log (1/K) Σ_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x) (the same number);
             "elbo": (1/K) Σ_k log p(x, z_k) / q(z_k | x);
-            "exact": log Σ_z p(x, z) by enumerating discrete latents (K is ignored).
+            "exact": log Σ_z p(x, z) by enumerating discrete latents (K is ignored);
+            "ais": annealed importance sampling, K chains of ``num_steps`` = T HMC transitions
+            from q(z | x) (or the prior when ``guide`` is None) to the posterior: a tighter
+            stochastic lower bound (``ppl_lvm.ais.ais_log_marginal``; ``ppl_lvm.ais.bdmc`` adds
+            the upper bound on simulated data).
         num_samples: K ≥ 1.
         plate_name: the data plate's name, when the model has several plates as long as x.
         chunk_size: rows per vectorised call; None picks it from ``memory_bytes``. With a seed
@@ -132,16 +150,25 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
     return estimate_log_marginal(
         model, guide, x, method=method, num_samples=num_samples, plate_name=plate_name,
         chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
-        num_global_samples=num_global_samples, **model_kwargs).log_px
+        num_global_samples=num_global_samples, num_steps=num_steps, **model_kwargs).log_px
 
 
 @torch.no_grad()
 def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                          num_global_samples=10, **model_kwargs):
-    """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr, ESS)."""
+                          num_global_samples=10, num_steps=500, **model_kwargs):
+    """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
+    ESS and Pareto k̂)."""
     num_samples = _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals,
                                 num_global_samples)
+    if method == "ais":
+        if globals is not None:
+            raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
+                             "not supported with it (fix them in the model)")
+        from ppl_lvm.ais import ais_log_marginal  # ais builds on this module
+        return ais_log_marginal(model, guide, x, num_steps=num_steps, num_samples=num_samples,
+                                plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
+                                chunk_size=chunk_size, idx=idx, **model_kwargs)
     device = x.device
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
     memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
@@ -196,9 +223,10 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
         log_px = torch.stack([d.log_px for d in draws]).logsumexp(0) - math.log(len(draws))
         ess = torch.stack([d.ess for d in draws]).mean(0)
         first = draws[0]
+        khat = torch.stack([d.khat for d in draws]).max(0).values
         return LogMarginalEstimate(log_px, ess, method, num_samples, first.rows_per_call,
                                    first.particles_per_call, first.vectorized,
-                                   f"sample:{num_global_samples}")
+                                   f"sample:{num_global_samples}", khat)
     num_rows = x.shape[0]
     prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals)
     if method == "exact":
@@ -210,23 +238,26 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             num_rows, num_samples, chunk_size, seed, memory_bytes, prog.bytes_per_unit,
             prog.row_bound)
 
-    log_px, ess = [], []
+    log_px, ess, khat = [], [], []
     for block, start in enumerate(range(0, num_rows, rows_per_call)):
         rows = slice(start, min(start + rows_per_call, num_rows))
         if method == "exact":
             log_px.append(prog.exact(rows))
             ess.append(torch.full_like(log_px[-1], float("nan")))
+            khat.append(torch.full_like(log_px[-1], float("nan")))
             continue
-        totals = _RunningWeights()
+        totals = _RunningWeights(num_samples)
         for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
             count = min(particles_per_call, num_samples - first)
             _seed_block(seed, block, particle_block)
             totals.add(prog.log_weights(rows, count))
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
+        khat.append(totals.khat())
     label = globals if isinstance(globals, str) else "given" if isinstance(globals, dict) else None
     return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
-                               rows_per_call, particles_per_call, prog.vectorized, label)
+                               rows_per_call, particles_per_call, prog.vectorized, label,
+                               torch.cat(khat))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,13 +318,28 @@ def _seed_block(seed, block, particle_block):
 
 
 class _RunningWeights:
-    """log Σ_k w_k, log Σ_k w_k² and Σ_k log w_k over particle chunks, per datapoint."""
+    """log Σ_k w_k, log Σ_k w_k² and Σ_k log w_k over particle chunks, per datapoint, and the
+    largest M + 1 log weights for the Pareto k̂ (``ppl_lvm.psis``)."""
 
-    def __init__(self):
+    def __init__(self, num_samples=None):
         self.log_sum = self.log_sum_sq = self.sum_log = None
         self.count = 0
+        self.num_samples = num_samples
+        self.keep = None if num_samples is None else tail_size(num_samples) + 1
+        self.top = None
+
+    def add_top(self, log_weights):
+        if self.keep is None:
+            return
+        top = log_weights if self.top is None else torch.cat([self.top, log_weights], 0)
+        self.top = top.topk(min(self.keep, top.shape[0]), dim=0).values
+
+    def khat(self):
+        """[N] Pareto k̂ of the weights (inf where K is too small for a tail fit)."""
+        return pareto_khat(self.top, num_samples=self.num_samples).to(self.top.dtype)
 
     def add(self, log_weights):  # [K', n]
+        self.add_top(log_weights)
         parts = (torch.logsumexp(log_weights, 0), torch.logsumexp(2 * log_weights, 0),
                  log_weights.sum(0))
         if self.log_sum is None:

@@ -23,12 +23,14 @@ def tail_size(num_samples):
 
 
 @torch.no_grad()
-def pareto_khat(log_weights):
+def pareto_khat(log_weights, num_samples=None):
     """Per-datapoint Pareto k̂ of importance weights.
 
     Args:
         log_weights: [K, N] log w_{k,n} (unnormalised: constants per datapoint do not matter),
             or [K] for one datapoint. K ≥ 25 or so; with M ≤ 4 tail weights k̂ is +inf (as arviz).
+        num_samples: K when ``log_weights`` holds only the largest M + 1 or more of K weights
+            per datapoint (what an estimator that streams over chunks of K keeps); None: all K.
 
     Returns:
         [N] (or a 0-dim tensor for [K] input) k̂ on log_weights' device, float64: the shape of a
@@ -42,10 +44,11 @@ def pareto_khat(log_weights):
         log_weights = log_weights[:, None]
     if log_weights.dim() != 2:
         raise ValueError(f"log_weights must be [K, N] or [K], got {tuple(log_weights.shape)}")
-    num_samples, num_rows = log_weights.shape
+    given, num_rows = log_weights.shape
+    num_samples = given if num_samples is None else int(num_samples)
     tail = tail_size(num_samples)
     out = torch.full((num_rows,), math.inf, dtype=torch.float64, device=log_weights.device)
-    if tail <= 4 or tail >= num_samples:
+    if tail <= 4 or tail >= num_samples or tail + 1 > given:
         return out[0] if squeeze else out
     # weights equal up to the rounding of their dtype (an exact posterior proposal's) are constant
     rounding = _ROUNDING_ULPS * torch.finfo(log_weights.dtype).eps

@@ -324,7 +324,7 @@ def test_clear_errors(ppca):
     for num_samples in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_samples"):
             call(num_samples=num_samples)
-    with pytest.raises(ValueError, match="prior.*uniform.*iwae.*elbo.*exact"):
+    with pytest.raises(ValueError, match="prior.*uniform.*iwae.*elbo.*exact.*ais"):
         call(method="annealed")
     with pytest.raises(ValueError, match="needs a guide"):
         log_marginal(model.model, None, x)
@@ -365,7 +365,7 @@ def test_observed_values_outside_the_support_are_refused_in_every_chunk():
 
 
 def test_methods_listed():
-    assert set(METHODS) == {"prior", "uniform", "is", "iwae", "elbo", "exact"}
+    assert set(METHODS) == {"prior", "uniform", "is", "iwae", "elbo", "exact", "ais"}
 
 
 @pytest.mark.cuda
@@ -645,3 +645,17 @@ def test_iwae_elbo_loops_over_particles_when_the_program_cannot_be_vectorised(pp
     with pytest.warns(RuntimeWarning, match="looping over the K particles"):
         loss = IWAE_ELBO(num_particles=5).loss(model.model, stubborn_guide, x)
     assert loss == pytest.approx(-model.log_marginal_exact(x).sum().item(), rel=1e-5)
+
+
+def test_ais_through_log_marginal_and_khat_beside_the_ess(ppca):
+    """method="ais" from the exact posterior is exact for any T; k̂ is -inf for the exact
+    posterior's constant weights and large (> 0.7) for a poor proposal (Vehtari et al.)."""
+    model, x = ppca
+    truth = model.log_marginal_exact(x).detach()
+    ais = estimate_log_marginal(model.model, model.guide, x, method="ais", num_steps=5,
+                                num_samples=4, seed=0)
+    assert torch.allclose(ais.log_px, truth, atol=1e-3)
+    exact_q = estimate_log_marginal(model.model, model.guide, x, num_samples=200, seed=0)
+    assert torch.isneginf(exact_q.khat).all() and not exact_q.unreliable.any()
+    prior = estimate_log_marginal(model.model, None, x, method="prior", num_samples=200, seed=0)
+    assert (prior.khat > 0.7).float().mean() > 0.5 and "k̂ > 0.7" in repr(prior)
