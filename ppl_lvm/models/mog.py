@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import pyro.optim
 import torch
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO
+from sklearn.cluster import kmeans_plusplus
 from torch import nn
 from torch.nn import functional as F
 
@@ -192,19 +193,13 @@ class MixtureOfGaussians(nn.Module):
 
 
 def kmeans_pp_centers(x, num_components, seed=0):
-    """k-means++ seeding: each new centre drawn with probability ∝ squared distance: x [N, D] -> [K, D]."""
-    generator = torch.Generator().manual_seed(seed)
-    num_data = x.shape[0]
-    first = torch.randint(num_data, (1,), generator=generator).item()
-    centers = [x[first]]
-    dist2 = ((x - x[first]) ** 2).sum(-1)
-    for _ in range(1, num_components):
-        probs = dist2.cpu().double()
-        probs = probs / probs.sum() if probs.sum() > 0 else torch.full_like(probs, 1 / num_data)
-        new = torch.multinomial(probs, 1, generator=generator).item()
-        centers.append(x[new])
-        dist2 = torch.minimum(dist2, ((x - x[new]) ** 2).sum(-1))
-    return torch.stack(centers)
+    """k-means++ seeding (scikit-learn's ``kmeans_plusplus``, greedy: each new centre is the best of
+    2 + log K draws with probability ∝ squared distance): x [N, D] -> [K, D], rows of x, on x's device.
+
+    The draws are made in float64 on the CPU, so the same data gives the same centres in any dtype.
+    """
+    _, indices = kmeans_plusplus(x.detach().cpu().double().numpy(), num_components, random_state=seed)
+    return x[torch.as_tensor(indices, device=x.device)]
 
 
 def kmeans_init(x, num_components, seed=0, num_iters=20, covariance="diag", reg_covar=1e-6):

@@ -5,6 +5,7 @@ import pyro
 import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, infer_discrete
+from sklearn.cluster import kmeans_plusplus
 from sklearn.mixture import GaussianMixture
 
 from ppl_lvm.models.mog import (
@@ -15,6 +16,7 @@ from ppl_lvm.models.mog import (
     enumeration_guide,
     fit_mixture,
     kmeans_init,
+    kmeans_pp_centers,
     select_components,
 )
 
@@ -220,6 +222,16 @@ def test_kmeans_init_is_seeded_and_close_to_the_clusters():
     assert torch.equal(a["means"], b["means"])
     assert torch.cdist(means, a["means"]).min(-1).values.max() < 0.2
     assert a["covariances"].shape == (3, 2) and torch.allclose(a["weights"].sum(), torch.tensor(1.0))
+
+
+def test_kmeans_pp_centers_are_scikit_learns_seeding():
+    x, _, _ = mixture_data(300)
+    expected, indices = kmeans_plusplus(x.double().numpy(), 3, random_state=4)
+    centers = kmeans_pp_centers(x, 3, seed=4)
+    assert torch.equal(centers, x[torch.as_tensor(indices)])
+    assert np.allclose(centers.double().numpy(), expected)
+    # the same draws whatever the dtype of the data
+    assert torch.equal(kmeans_pp_centers(x.double(), 3, seed=4), x.double()[torch.as_tensor(indices)])
 
 
 def test_local_guide_reads_its_rows():
