@@ -168,6 +168,8 @@ def scikit_learn_em(x, init, covariance, tol):
     """scikit-learn's EM from the ``kmeans_init`` start (its own k-means is overridden by the inits)."""
     weights, covariances = init["weights"].double().numpy(), init["covariances"].double().numpy()
     precisions = 1 / covariances if covariance == "diag" else np.linalg.inv(covariances)
+    if covariance != "diag":  # sklearn checks symmetry exactly; inv is symmetric only to rounding
+        precisions = (precisions + precisions.swapaxes(-1, -2)) / 2
     return GaussianMixture(len(weights), covariance_type=covariance, weights_init=weights / weights.sum(),
                            means_init=init["means"].double().numpy(), precisions_init=precisions,
                            init_params="random_from_data", tol=tol, max_iter=2000,
