@@ -249,6 +249,17 @@ def test_em_fixed_point_is_scikit_learns(covariance):
     assert default.epochs == scikit_learn_em(x, init, covariance, tol=1e-3).n_iter_
 
 
+def test_fit_mixture_defaults_to_em_and_its_guide_is_the_exact_posterior():
+    x = overlapping_data(200)
+    result = fit_mixture(x, 3)
+    assert result.method == "em" and result.converged
+    # the empty guide under enumeration is q = p(z | x): its loss is the final -log p(x)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(result.mixture.model, result.guide, x)
+    with torch.no_grad():
+        assert loss == pytest.approx(-result.mixture.log_prob(x).sum().item(), rel=1e-10)
+    assert fit_mixture(x.float(), 3, "enum", max_epochs=2).method == "enum"
+
+
 def test_em_clear_errors():
     x, _, _ = mixture_data(10)
     with pytest.raises(ValueError, match="num_components"):
