@@ -379,15 +379,15 @@ def em_step(mixture, x, reg_covar=1e-6):
     with torch.no_grad():
         log_likelihood, log_resp = e_step(mixture, x)
         params = m_step(x.to(log_resp.dtype), log_resp.exp(), mixture.covariance, reg_covar)
-        if not torch.isfinite(params["covariances"]).all() or (
-                mixture.covariance == "diag" and (params["covariances"] <= 0).any()):
-            raise ValueError(f"the M-step gave a covariance that is not positive definite; "
-                             f"increase reg_covar (now {reg_covar})")
+        covariances = params["covariances"]
+        error = ValueError(f"the M-step gave a covariance that is not positive definite; increase "
+                           f"reg_covar (now {reg_covar})")
+        if not torch.isfinite(covariances).all() or (mixture.covariance == "diag" and (covariances <= 0).any()):
+            raise error
         try:
-            mixture.set_parameters(params["weights"], params["means"], params["covariances"])
-        except torch.linalg.LinAlgError as error:
-            raise ValueError(f"the M-step gave a covariance that is not positive definite; "
-                             f"increase reg_covar (now {reg_covar})") from error
+            mixture.set_parameters(params["weights"], params["means"], covariances)
+        except torch.linalg.LinAlgError as cause:
+            raise error from cause
     return log_likelihood.mean().item()
 
 
@@ -452,7 +452,7 @@ def fit_mixture(x, num_components, method="em", covariance="diag", *, tol=1e-3, 
     Args:
         method: "em" (the default: E-step q(z_i) = p(z_i | x_i) from the model's enumeration,
             closed-form M-step; ``e_step``, ``m_step``), "enum" (``TraceEnum_ELBO``, empty guide:
-            gradient ascent on the same exact log p(x), 10-300x slower than "em" in
+            gradient ascent on the same exact log p(x), 20-130x slower than "em" on average in
             benchmarks/bench_mog.py), "reinforce" (``LocalCategoricalGuide`` trained by
             score-function gradients with a per-datapoint baseline, ``TraceGraph_ELBO``) or
             "amortized" (``AmortizedCategoricalGuide``; ``estimator`` "enum" sums z over q(z | x)
@@ -505,7 +505,11 @@ def fit_mixture(x, num_components, method="em", covariance="diag", *, tol=1e-3, 
         mixture = mixture.to(x.dtype)
     if init_params is None:
         init_params = kmeans_init(x, num_components, seed=seed, covariance=covariance, reg_covar=reg_covar)
-    mixture.set_parameters(init_params["weights"], init_params["means"], init_params["covariances"])
+    try:
+        mixture.set_parameters(init_params["weights"], init_params["means"], init_params["covariances"])
+    except torch.linalg.LinAlgError as cause:
+        raise ValueError(f"the k-means start has a covariance that is not positive definite; increase "
+                         f"reg_covar (now {reg_covar})") from cause
     if method == "em":
         log_likelihoods, converged = _fit_em(mixture, x, tol, int(max_iter), reg_covar)
         return MixtureFit(mixture=mixture, guide=enumeration_guide, losses=[-v for v in log_likelihoods],

@@ -276,6 +276,10 @@ def test_em_clear_errors():
         fit_mixture(x, 2, "em", tol=-1.0)
     with pytest.raises(ValueError, match="max_iter"):
         fit_mixture(x, 2, "em", max_iter=0)
+    duplicated = torch.zeros(20, 2, dtype=torch.float64)
+    duplicated[:10] += 1   # two points repeated: zero covariance without regularisation
+    with pytest.raises(ValueError, match="reg_covar"):
+        fit_mixture(duplicated, 2, "em", "full", reg_covar=0.0)
 
 
 def test_enum_fit_recovers_the_means_up_to_permutation():
