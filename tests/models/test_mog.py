@@ -5,6 +5,7 @@ import pyro
 import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO, TraceGraph_ELBO, infer_discrete
+from sklearn.cluster import kmeans_plusplus
 from sklearn.mixture import GaussianMixture
 
 from ppl_lvm.models.mog import (
@@ -12,9 +13,13 @@ from ppl_lvm.models.mog import (
     CategoricalEncoder,
     LocalCategoricalGuide,
     MixtureOfGaussians,
+    e_step,
+    em_step,
     enumeration_guide,
     fit_mixture,
     kmeans_init,
+    kmeans_pp_centers,
+    m_step,
     select_components,
 )
 
@@ -149,6 +154,134 @@ def test_reinforce_gradient_matches_enumeration_at_the_posterior():
     assert torch.allclose(mog.loc.grad, enum_grad, atol=0.05 * enum_grad.abs().max().item())
 
 
+def overlapping_data(num_data=400, seed=0):
+    """Three overlapping, correlated 2-D clusters: EM needs 100-600 iterations from k-means."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.tensor([[0.0, 0.0], [1.5, 0.5], [0.5, 2.0]])
+    shear = 0.6 * torch.randn(3, 2, 2, generator=generator)
+    z = torch.multinomial(torch.tensor([0.3, 0.3, 0.4]), num_data, replacement=True, generator=generator)
+    noise = (shear[z] @ torch.randn(num_data, 2, 1, generator=generator)).squeeze(-1)
+    return (means[z] + noise + 0.3 * torch.randn(num_data, 2, generator=generator)).double()
+
+
+def scikit_learn_em(x, init, covariance, tol):
+    """scikit-learn's EM from the ``kmeans_init`` start (its own k-means is overridden by the inits)."""
+    weights, covariances = init["weights"].double().numpy(), init["covariances"].double().numpy()
+    precisions = 1 / covariances if covariance == "diag" else np.linalg.inv(covariances)
+    if covariance != "diag":  # sklearn checks symmetry exactly; inv is symmetric only to rounding
+        precisions = (precisions + precisions.swapaxes(-1, -2)) / 2
+    return GaussianMixture(len(weights), covariance_type=covariance, weights_init=weights / weights.sum(),
+                           means_init=init["means"].double().numpy(), precisions_init=precisions,
+                           init_params="random_from_data", tol=tol, max_iter=2000,
+                           reg_covar=1e-6).fit(x.double().numpy())
+
+
+def test_e_step_is_the_posterior_of_the_enumerated_pyro_model():
+    mog = random_mixture("full").double()
+    x = torch.randn(30, 2, dtype=torch.float64) * 3
+    log_likelihood, log_resp = e_step(mog, x)
+    # Pyro's parallel enumeration of the model: z's values along dim -2, one log p(x_i | z) per value
+    pyro.clear_param_store()
+    trace = pyro.poutine.trace(pyro.poutine.enum(mog.model, first_available_dim=-2)).get_trace(x)
+    trace.compute_log_prob()
+    joint = (trace.nodes["z"]["log_prob"] + trace.nodes["x"]["log_prob"]).T       # [N, K]
+    assert torch.allclose(log_resp, joint.log_softmax(-1), atol=1e-12)
+    assert torch.allclose(log_likelihood, joint.logsumexp(-1), atol=1e-12)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(mog.model, enumeration_guide, x)
+    assert loss == pytest.approx(-log_likelihood.sum().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full", "tied"])
+def test_m_step_with_hard_responsibilities_is_each_clusters_sample_moments(covariance):
+    x, z, _ = mixture_data(90)
+    x = x.double()
+    params = m_step(x, torch.nn.functional.one_hot(z, 3).double(), covariance, reg_covar=0.01)
+    for k in range(3):
+        rows = x[z == k]
+        assert params["weights"][k].item() == pytest.approx(len(rows) / 90, abs=1e-12)
+        assert torch.allclose(params["means"][k], rows.mean(0), atol=1e-12)
+        cov = torch.cov(rows.T, correction=0) + 0.01 * torch.eye(2, dtype=torch.float64)
+        if covariance == "diag":
+            assert torch.allclose(params["covariances"][k], cov.diagonal(), atol=1e-10)
+        elif covariance == "full":
+            assert torch.allclose(params["covariances"][k], cov, atol=1e-10)
+    if covariance == "tied":
+        within = sum(torch.cov(x[z == k].T, correction=0) * (z == k).sum() for k in range(3)) / 90
+        assert torch.allclose(params["covariances"], within + 0.01 * torch.eye(2, dtype=torch.float64),
+                              atol=1e-10)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full", "tied"])
+def test_em_step_never_lowers_the_log_likelihood(covariance):
+    x = overlapping_data()
+    mog = random_mixture(covariance, seed=1).double()   # a poor start, far from the clusters
+    before = mog.log_prob(x).mean().item()
+    first = before
+    for _ in range(60):
+        assert em_step(mog, x, reg_covar=0.0) == pytest.approx(before, abs=1e-12)
+        with torch.no_grad():
+            after = mog.log_prob(x).mean().item()
+        assert after >= before - 1e-12
+        before = after
+    assert before > first + 0.5
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full", "tied"])
+def test_em_fixed_point_is_scikit_learns(covariance):
+    x = overlapping_data()
+    init = kmeans_init(x, 3, seed=0, covariance=covariance)
+    gm = scikit_learn_em(x, init, covariance, tol=1e-10)
+    result = fit_mixture(x, 3, "em", covariance, init_params=init, tol=1e-10, max_iter=2000)
+    mog = result.mixture
+    assert result.converged and result.method == "em" and mog.loc.dtype == torch.float64
+    assert result.epochs == gm.n_iter_ > 20                    # the same iterations, a real climb
+    assert np.allclose(result.log_likelihoods, gm.lower_bounds_, atol=1e-8)
+    with torch.no_grad():
+        assert mog.log_prob(x).mean().item() == pytest.approx(gm.score(x.numpy()), abs=1e-5)
+        covariances = mog.covariance_matrix.numpy()
+    expected = (np.stack([np.diag(v) for v in gm.covariances_]) if covariance == "diag" else
+                np.broadcast_to(gm.covariances_, (3, 2, 2)))
+    assert np.allclose(mog.weights.detach().numpy(), gm.weights_, atol=1e-5)
+    assert np.allclose(mog.loc.detach().numpy(), gm.means_, atol=1e-5)
+    assert np.allclose(covariances, expected, atol=1e-5)
+    # scikit-learn's default tol stops both after the same number of iterations
+    default = fit_mixture(x, 3, "em", covariance, init_params=init)
+    assert default.epochs == scikit_learn_em(x, init, covariance, tol=1e-3).n_iter_
+
+
+def test_fit_mixture_defaults_to_em_and_its_guide_is_the_exact_posterior():
+    x = overlapping_data(200)
+    result = fit_mixture(x, 3)
+    assert result.method == "em" and result.converged
+    # the empty guide under enumeration is q = p(z | x): its loss is the final -log p(x)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).loss(result.mixture.model, result.guide, x)
+    with torch.no_grad():
+        assert loss == pytest.approx(-result.mixture.log_prob(x).sum().item(), rel=1e-10)
+    assert fit_mixture(x.float(), 3, "enum", max_epochs=2).method == "enum"
+
+
+def test_em_clear_errors():
+    x, _, _ = mixture_data(10)
+    with pytest.raises(ValueError, match="num_components"):
+        fit_mixture(x, 11, "em")
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        fit_mixture(bad, 2, "em")
+    with pytest.raises(ValueError, match="covariance .*'spherical'"):
+        fit_mixture(x, 2, "em", "spherical")
+    with pytest.raises(ValueError, match="covariance"):
+        m_step(x, torch.ones(10, 2) / 2, "spherical")
+    with pytest.raises(ValueError, match="tol"):
+        fit_mixture(x, 2, "em", tol=-1.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_mixture(x, 2, "em", max_iter=0)
+    duplicated = torch.zeros(20, 2, dtype=torch.float64)
+    duplicated[:10] += 1   # two points repeated: zero covariance without regularisation
+    with pytest.raises(ValueError, match="reg_covar"):
+        fit_mixture(duplicated, 2, "em", "full", reg_covar=0.0)
+
+
 def test_enum_fit_recovers_the_means_up_to_permutation():
     x, z, means = mixture_data()
     result = fit_mixture(x, 3, "enum", max_epochs=300, seed=0)
@@ -222,6 +355,16 @@ def test_kmeans_init_is_seeded_and_close_to_the_clusters():
     assert a["covariances"].shape == (3, 2) and torch.allclose(a["weights"].sum(), torch.tensor(1.0))
 
 
+def test_kmeans_pp_centers_are_scikit_learns_seeding():
+    x, _, _ = mixture_data(300)
+    expected, indices = kmeans_plusplus(x.double().numpy(), 3, random_state=4)
+    centers = kmeans_pp_centers(x, 3, seed=4)
+    assert torch.equal(centers, x[torch.as_tensor(indices)])
+    assert np.allclose(centers.double().numpy(), expected)
+    # the same draws whatever the dtype of the data
+    assert torch.equal(kmeans_pp_centers(x.double(), 3, seed=4), x.double()[torch.as_tensor(indices)])
+
+
 def test_local_guide_reads_its_rows():
     guide = LocalCategoricalGuide(5, 3, init_logits=torch.eye(5, 3) * 50)
     x = torch.zeros(2, 1)
@@ -270,6 +413,19 @@ def test_fit_on_cuda():
     result = fit_mixture(x, 3, "enum", max_epochs=10, device="cuda")
     assert result.mixture.loc.device.type == "cuda"
     assert result.mixture.predict_proba(x.cuda()).device.type == "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("covariance", ["diag", "full", "tied"])
+def test_em_on_cuda_is_em_on_cpu(covariance):
+    x = overlapping_data()
+    init = kmeans_init(x, 3, seed=0, covariance=covariance)
+    cpu = fit_mixture(x, 3, "em", covariance, init_params=init, tol=1e-8)
+    cuda = fit_mixture(x, 3, "em", covariance, init_params=init, tol=1e-8, device="cuda")
+    assert cuda.mixture.loc.device.type == "cuda" and cuda.epochs == cpu.epochs
+    assert np.allclose(cuda.log_likelihoods, cpu.log_likelihoods, atol=1e-9)
+    assert torch.allclose(cuda.mixture.covariance_matrix.cpu(), cpu.mixture.covariance_matrix, atol=1e-8)
+    assert cuda.mixture.predict_proba(x.cuda()).device.type == "cuda"
 
 
 @pytest.mark.parametrize("covariance", ["diag", "full"])
