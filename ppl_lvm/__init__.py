@@ -5,7 +5,8 @@ from ppl_lvm.data import binarize, load_digits, load_mnist, train_test_split
 from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, amortization_gaps,
                             infer_local)
 from ppl_lvm.models.missing import MaskedVAE, complete
-from ppl_lvm.models.mog import MixtureOfGaussians, fit_mixture, select_components
+from ppl_lvm.mixtures import fit_mixture, select_components
+from ppl_lvm.models.mog import MixtureOfGaussians
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.plate import data_plate
 from ppl_lvm.train import DivergenceError, FitResult, fit

@@ -50,3 +50,9 @@ def test_no_import_cycle():
 
 def test_program_is_a_leaf():
     assert graph()["ppl_lvm.program"] == set()
+
+
+def test_model_files_do_not_import_the_trainer():
+    for name, deps in graph().items():
+        if name.startswith("ppl_lvm.models."):
+            assert "ppl_lvm.train" not in deps, f"{name} imports ppl_lvm.train"
