@@ -81,9 +81,11 @@ class LogMarginalEstimate:
     @property
     def unreliable(self):
         """[N] bool: Pareto k̂ > 0.7, where the importance-weighted estimate cannot be trusted
-        (Vehtari et al.; NaN k̂, e.g. for "exact", counts as reliable)."""
-        return torch.zeros_like(self.log_px, dtype=torch.bool) if self.khat is None else (
-            self.khat > 0.7)
+        (Vehtari et al.). Where k̂ could not be fitted (NaN for "exact", inf for K < ~25) this
+        says nothing: False."""
+        if self.khat is None:
+            return torch.zeros_like(self.log_px, dtype=torch.bool)
+        return torch.isfinite(self.khat) & (self.khat > 0.7)  # inf: K too small to tell
 
     @property
     def mean(self):
@@ -98,7 +100,7 @@ class LogMarginalEstimate:
 
     def __repr__(self):
         given = "" if self.globals is None else f", globals={self.globals!r}"
-        khat = "" if self.khat is None or torch.isnan(self.khat).all() else (
+        khat = "" if self.khat is None or not torch.isfinite(self.khat).any() else (
             f", k̂ > 0.7 for {int(self.unreliable.sum())}/{self.log_px.numel()}")
         return (f"LogMarginalEstimate(method={self.method!r}, K={self.num_samples}, "
                 f"N={self.log_px.numel()}, mean={self.mean:.4f} ± {self.stderr:.4f}, "
