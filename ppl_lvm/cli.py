@@ -1,4 +1,4 @@
-"""The command line: `ppl-lvm train | evaluate | gaps | complete | demo` (or `python -m ppl_lvm`).
+"""The command line: `ppl-lvm train | evaluate | gaps | bdmc | complete | demo` (or `python -m ppl_lvm`).
 
 Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback.
 """
@@ -135,6 +135,8 @@ def evaluate(args):
         x_test = x_test[:args.n]
     start = time.perf_counter()
     options = dict(method=args.method, num_samples=args.num_samples, seed=args.seed)
+    if args.method == "ais":
+        options["num_steps"] = args.num_steps
     if ddp.active():  # rows split across ranks, gathered back in order
         log_px = ddp.log_marginal(vae.model, vae.guide, x_test, **options)
         estimate = LogMarginalEstimate(log_px, torch.full_like(log_px, float("nan")),
@@ -142,16 +144,45 @@ def evaluate(args):
     else:
         estimate = estimate_log_marginal(vae.model, vae.guide, x_test, **options)
     seconds = time.perf_counter() - start
+    unreliable = None if estimate.khat is None else int(estimate.unreliable.sum())
     result = {"method": args.method, "num_samples": args.num_samples, "num_images": len(x_test),
               "mean": estimate.mean, "stderr": estimate.stderr,
-              "median_ess": estimate.ess.median().item(), "wall_time_s": seconds}
+              "median_ess": estimate.ess.median().item(), "wall_time_s": seconds,
+              "khat_above_0.7": unreliable}
+    if args.method == "ais":
+        result["num_steps"] = args.num_steps
     if ddp.is_main():
         ess = "" if args.method == "exact" or ddp.active() else f"; median ESS {result['median_ess']:.1f}"
-        print(f"held-out log p(x) by {args.method}, K={args.num_samples}: {estimate.mean:.2f} ± "
+        if unreliable is not None and args.method != "ais" and args.num_samples >= 25:
+            ess += f"; Pareto k̂ > 0.7 (not to be trusted) for {unreliable} images"
+        steps = f", T={args.num_steps}" if args.method == "ais" else ""
+        print(f"held-out log p(x) by {args.method}, K={args.num_samples}{steps}: {estimate.mean:.2f} ± "
               f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s)")
-        path = Path(args.run) / f"evaluate_{args.method}_K{args.num_samples}.json"
+        name = f"evaluate_{args.method}_K{args.num_samples}" + (
+            f"_T{args.num_steps}" if args.method == "ais" else "")
+        path = Path(args.run) / f"{name}.json"
         atomic.write_json(path, result)
     return result
+
+
+def run_bdmc(args):
+    """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
+    from ppl_lvm.ais import bdmc
+
+    module, _ = load_run(args.run, args.device)
+    start = time.perf_counter()
+    result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(module.data_dim,),
+                  device=args.device, num_steps=args.num_steps, num_samples=args.num_samples,
+                  seed=args.seed)
+    seconds = time.perf_counter() - start
+    summary = {"num_images": args.n, "num_steps": args.num_steps, "num_samples": args.num_samples,
+               "lower": result.lower.mean().item(), "upper": result.upper.mean().item(),
+               "gap": result.gap.mean().item(), "wall_time_s": seconds}
+    print(f"BDMC on {args.n} simulated images, T={args.num_steps}, K={args.num_samples}: "
+          f"{summary['lower']:.2f} <= log p(x) <= {summary['upper']:.2f} nats/image "
+          f"(gap {summary['gap']:.2f}; {seconds:.1f} s)")
+    atomic.write_json(Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json", summary)
+    return summary
 
 
 def gaps(args):
@@ -293,16 +324,29 @@ def build_parser():
 
     p = commands.add_parser("evaluate", help="held-out log p(x) estimates for a trained run")
     p.add_argument("run", help="a folder written by `ppl-lvm train`")
-    p.add_argument("--method", default="iwae", choices=["iwae", "elbo", "prior", "is"],
+    p.add_argument("--method", default="iwae", choices=["iwae", "elbo", "prior", "is", "ais"],
                    help="iwae: the importance-weighted bound with q(z | x); elbo: Jensen's bound; "
-                        "prior: naive Monte Carlo with z ~ p(z)")
+                        "prior: naive Monte Carlo with z ~ p(z); ais: annealed importance sampling "
+                        "from q(z | x), K chains of T HMC steps (a tighter lower bound)")
     p.add_argument("-K", "--num-samples", type=positive_int, default=1000)
+    p.add_argument("-T", "--num-steps", type=positive_int, default=500,
+                   help="AIS temperatures (HMC transitions) per chain, for --method ais")
     p.add_argument("--n", type=positive_int, default=None, help="only the first n held-out images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.set_defaults(func=evaluate)
 
     add_gaps_parser(commands)
+
+    p = commands.add_parser("bdmc", help="BDMC: AIS lower and reverse-AIS upper bounds of log p(x) "
+                                         "on images simulated from a trained run")
+    p.add_argument("run", help="a folder written by `ppl-lvm train`")
+    p.add_argument("--n", type=positive_int, default=50, help="images to simulate")
+    p.add_argument("-T", "--num-steps", type=positive_int, default=500)
+    p.add_argument("-K", "--num-samples", type=positive_int, default=4, help="chains per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=run_bdmc)
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
     p.add_argument("--out", default="runs/demo")

@@ -31,6 +31,19 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert elbo["num_images"] == iwae["num_images"] == 50
     assert iwae["mean"] > elbo["mean"] - 3 * elbo["stderr"]  # the IWAE bound is the tighter one
     assert 1 <= iwae["median_ess"] <= 200
+    assert iwae["khat_above_0.7"] is not None and 0 <= iwae["khat_above_0.7"] <= 50
+
+    # annealed importance sampling: a lower bound at least as tight as IWAE-200 here
+    assert main(["evaluate", str(out), "--method", "ais", "-K", "2", "-T", "30", "--n", "50"]) == 0
+    assert "by ais, K=2, T=30" in capsys.readouterr().out
+    ais = json.loads((out / "evaluate_ais_K2_T30.json").read_text())
+    assert ais["mean"] > iwae["mean"] - 3 * iwae["stderr"]
+    # BDMC on images simulated from the run: lower <= upper (in expectation; 20 images)
+    assert main(["bdmc", str(out), "--n", "20", "-T", "30", "-K", "2"]) == 0
+    assert "simulated images" in capsys.readouterr().out
+    sandwich = json.loads((out / "bdmc_T30_K2.json").read_text())
+    assert sandwich["lower"] <= sandwich["upper"] + 1.0 and sandwich["gap"] == pytest.approx(
+        sandwich["upper"] - sandwich["lower"], abs=1e-4)
 
     # resuming a finished run for more epochs continues from its checkpoint
     more = list(TINY)
