@@ -14,8 +14,10 @@ from ppl_lvm import data as datasets
 from ppl_lvm import distributed as ddp
 from ppl_lvm import atomic, plots
 from ppl_lvm.checkpoint import check_epochs, load_checkpoint
-from ppl_lvm.runs import MODELS, RunLock, load_run, prepare_run_folder, run_data, save_run
-from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, evaluate_elbo, fit
+from ppl_lvm import experiment
+from ppl_lvm.runs import (RunLock, load_run, prepare_run_folder, run_data, save_run,
+                          state_module)
+from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, fit
 
 
 class CLIError(Exception):
@@ -41,7 +43,18 @@ def positive_float(text):
     return value
 
 
+def model_name(text):
+    if experiment.is_builtin(text) or ".py" in text:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(experiment.BUILTIN)} or give "
+        "path/to/file.py:build)")
+
+
 def add_train_options(parser, epochs):
+    parser.add_argument("--config", default=None,
+                        help="a TOML file of options (or a run's config.json, to repeat that "
+                             "run); options on the command line override it")
     parser.add_argument("--data", default="mnist", choices=sorted(datasets.DATASETS),
                         help="bundled data set (mnist: 5,000 real MNIST digits; digits: sklearn 8x8)")
     parser.add_argument("--data-path", default=None,
@@ -49,17 +62,99 @@ def add_train_options(parser, epochs):
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--lr-schedule", default="constant",
+                        choices=["constant", "cosine", "exponential"],
+                        help="decay every step size to 1/100 by the last step (non-amortized SVI "
+                             "needs it to converge)")
     parser.add_argument("--z-dim", type=positive_int, default=20)
     parser.add_argument("--hidden-dim", type=positive_int, default=400)
     parser.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"])
+    parser.add_argument("--guide", default="amortized", choices=list(experiment.GUIDES),
+                        help="amortized: the model's encoder q(z | x); local: one φ_i per "
+                             "training row (non-amortized SVI); semi-amortized: the encoder's "
+                             "output refined by --semi-steps steps")
+    parser.add_argument("--semi-steps", type=positive_int, default=5)
+    parser.add_argument("--local-lr", type=positive_float, default=1e-2,
+                        help="step size of the per-datapoint φ tables")
+    parser.add_argument("--inner-steps", type=int, default=0,
+                        help="S > 0: the lecture's two-step procedure, S steps on the batch's φ_i "
+                             "then one on θ (with --guide local)")
+    parser.add_argument("--inner-tol", type=float, default=None,
+                        help="stop a batch's inner loop once a step improves it by less than this "
+                             "fraction (--inner-steps is then a cap)")
+    parser.add_argument("--objective", default="elbo", choices=list(experiment.OBJECTIVES))
+    parser.add_argument("-K", "--num-particles", type=positive_int, default=1,
+                        help="samples per datapoint in the objective (IWAE's K)")
+    parser.add_argument("--dreg", action="store_true",
+                        help="doubly-reparameterised gradients for --objective iwae")
+    parser.add_argument("--missing", default=None,
+                        help="train with missing pixels (masked-vae): top_half, bottom_half, "
+                             "left_half, right_half, blocks or mcar:RATE")
+    parser.add_argument("--components", type=positive_int, default=10, help="mog: K components")
+    parser.add_argument("--covariance", default="diag", choices=["diag", "full", "tied"])
+    parser.add_argument("--mog-method", default="em",
+                        choices=["em", "enum", "reinforce", "amortized"],
+                        help="mog: how the mixture is fitted (em: the exact posterior as q)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option for a model file's build(data_dim, **options); repeat")
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--eval-every", type=positive_int, default=5)
+    parser.add_argument("--checkpoint-every", type=positive_int, default=None,
+                        help="also checkpoint every N steps (always at each epoch's end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run OUT already holds (its files are deleted first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# options that describe the experiment (recorded in config.json; --config reads them back)
+EXPERIMENT_OPTIONS = (
+    "model", "data", "data_path", "epochs", "batch_size", "lr", "lr_schedule", "z_dim",
+    "hidden_dim", "likelihood", "guide", "semi_steps", "local_lr", "inner_steps", "inner_tol",
+    "objective", "num_particles", "dreg", "missing", "components", "covariance", "mog_method",
+    "option", "test_fraction", "eval_every", "checkpoint_every", "seed")
+
+
+def read_config_file(path):
+    """Options from a TOML file (names as on the command line, - or _) or a run's config.json."""
+    import json
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--config {path}: no such file")
+    try:
+        if path.suffix == ".json":
+            values = json.loads(path.read_text())
+            values = values.get("cli", values)
+        else:
+            values = tomllib.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CLIError(f"--config {path} cannot be read: {error}") from error
+    options = {key.replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS) - {"device", "quiet"})
+    if unknown:
+        raise CLIError(f"--config {path}: unknown options {unknown}")
+    return options
+
+
+def user_options(pairs):
+    """``--option key=value`` pairs as a dict (numbers parsed)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--option takes KEY=VALUE, got {pair!r}")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return options
 
 
 def train(args):
@@ -84,32 +179,130 @@ def train(args):
         return train_in(args, out, data_config, x_train, x_test)
 
 
+def build_experiment(args, data_dim, out=None):
+    """The model module for ``args`` (a built-in name or path/to/file.py:build) and the run-config
+    entries that rebuild it."""
+    if experiment.is_builtin(args.model):
+        module = experiment.builtin_module(args.model, data_dim, vars(args))
+        return module, {}
+    options = user_options(args.option)
+    module = experiment.user_module(args.model, data_dim, options, copy_to=out)
+    builder = str(args.model).partition(":")[2] or "build"
+    return module, {"model_file": experiment.USER_FILE, "builder": builder, "options": options,
+                    "data_dim": data_dim, "source": str(Path(str(args.model).partition(":")[0])
+                                                         .resolve())}
+
+
+def check_combination(args):
+    if args.model == "mog" and (args.guide != "amortized" or args.objective != "elbo"):
+        raise CLIError("mog is fitted by --mog-method (em, enum, reinforce, amortized); "
+                       "--guide and --objective do not apply")
+    if args.missing and args.model != "masked-vae":
+        raise CLIError("--missing trains the model of missing pixels: use `train masked-vae`")
+    if args.model == "masked-vae" and not args.missing:
+        raise CLIError("masked-vae needs --missing (e.g. top_half or mcar:0.5)")
+    if args.inner_steps and args.guide != "local":
+        raise CLIError("--inner-steps steps the per-datapoint φ_i first: use it with --guide local")
+    if args.guide == "semi-amortized" and args.model not in ("vae", "masked-vae"):
+        raise CLIError("--guide semi-amortized needs a model with an encoder (vae)")
+    if args.objective == "iwae" and args.guide == "local" and args.num_particles > 1:
+        pass
+    if args.dreg and args.objective != "iwae":
+        raise CLIError("--dreg goes with --objective iwae")
+
+
 def train_in(args, out, data_config, x_train, x_test):
     """``train`` once the run folder is checked (and, on rank 0, locked)."""
+    check_combination(args)
     torch.manual_seed(args.seed)
-    vae = MODELS[args.model](x_train.shape[1], z_dim=args.z_dim, hidden_dim=args.hidden_dim,
-                             likelihood=args.likelihood)
-    binarize = (lambda x: torch.bernoulli(x)) if data_config["binarize"] else None
+    module, model_entries = build_experiment(args, x_train.shape[1], out if ddp.is_main() else None)
     say = (lambda *a: None) if args.quiet or not ddp.is_main() else print
-    say(f"training {args.model} on {args.data}: {len(x_train)} train / {len(x_test)} held-out "
-        f"images of {x_train.shape[1]} pixels, {args.epochs} epochs on {args.device}")
+    say(f"training {args.model} ({args.guide} guide, {args.objective}) on {args.data}: "
+        f"{len(x_train)} train / {len(x_test)} held-out rows of {x_train.shape[1]} values, "
+        f"{args.epochs} epochs on {args.device}")
     start = time.perf_counter()
-    result = fit(vae.model, vae.guide, x_train, epochs=args.epochs, batch_size=args.batch_size,
-                 lr=args.lr, device=args.device, seed=args.seed, progress=not args.quiet,
-                 eval_data=x_test, eval_every=args.eval_every, checkpoint_dir=out,
-                 resume=args.resume, transform=binarize)
-    elbo = evaluate_elbo(vae.model, vae.guide, x_test, num_particles=10, distributed=ddp.active())
+    cli_options = {k: getattr(args, k) for k in EXPERIMENT_OPTIONS}
+    run_config = {"data": data_config, "cli": cli_options, **model_entries, "train": {
+        k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed")}}
+    if args.model == "mog":
+        return train_mixture(args, out, module, run_config, x_train, x_test, start)
+    data, test_data, test_kwargs = (x_train,), (x_test,), {}
+    if args.model == "masked-vae":
+        mask = experiment.parse_missing(args.missing, len(x_train), x_train.shape[1], args.seed,
+                                        x_train.device)
+        test_mask = experiment.parse_missing(args.missing, len(x_test), x_test.shape[1],
+                                             args.seed + 1, x_test.device)
+        data, test_data, test_kwargs = (x_train, mask), (x_test, test_mask), {"mask": test_mask}
+    guide = experiment.make_guide(args.guide, module, len(x_train), data, vars(args))
+    loss = experiment.make_loss(args.objective, args.num_particles, args.dreg)
+    binarize = (lambda *batch: (torch.bernoulli(batch[0]),) + batch[1:] if len(batch) > 1
+                else torch.bernoulli(batch[0])) if data_config["binarize"] else None
+    log = out / "metrics.jsonl" if ddp.is_main() else None
+    if log is not None and not args.resume and log.exists():
+        log.unlink()
+
+    def record(epoch, result):  # one line per epoch as training goes (compare and plots read it)
+        if log is not None:
+            import json
+            entry = {"epoch": epoch, "loss": result.epoch_losses[-1], "step": result.step,
+                     "wall_time_s": result.wall_time}
+            if result.eval_epochs and result.eval_epochs[-1] == epoch:
+                entry["heldout_elbo"] = result.eval_elbos[-1]
+            with open(log, "a") as handle:
+                handle.write(json.dumps(entry) + "\n")
+        return False
+
+    eval_data = None if args.guide == "local" else (test_data if len(test_data) > 1 else x_test)
+    result = fit(module.model, guide, data if len(data) > 1 else x_train, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+                 progress=not args.quiet, eval_data=eval_data, eval_every=args.eval_every,
+                 checkpoint_dir=out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                 transform=binarize, loss=loss, inner_steps=args.inner_steps,
+                 inner_tol=args.inner_tol, local_lr=args.local_lr,
+                 lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
+                 callback=record)
+    train_time = time.perf_counter() - start
+    held_guide, est_kwargs, note = experiment.held_out_guide(
+        args.guide, module, module.model, guide, x_test, test_kwargs)
+    from ppl_lvm.estimators import estimate_log_marginal
+    elbo = estimate_log_marginal(module.model, held_guide, x_test, method="elbo", num_samples=10,
+                                 seed=0, **est_kwargs, **test_kwargs).mean
     metrics = {"heldout_elbo": elbo, "train_loss": result.epoch_losses[-1] if result.epoch_losses else None,
                "epochs": args.epochs, "steps": result.step, "wall_time_s": time.perf_counter() - start,
-               "eval_epochs": result.eval_epochs, "eval_elbos": result.eval_elbos,
-               "epoch_losses": result.epoch_losses}
+               "train_time_s": train_time, "eval_epochs": result.eval_epochs,
+               "eval_elbos": result.eval_elbos, "epoch_losses": result.epoch_losses,
+               "num_parameters": sum(p.numel() for p in state_module(module).parameters())}
     if not ddp.is_main():  # the global params are the same on every rank: rank 0 writes them
         return metrics
-    save_run(out, args.model, vae, {"data": data_config, "train": {
-        k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed")}}, metrics)
-    write_pictures(vae, x_test, result, out)
-    print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, 10 samples each); "
+    save_run(out, args.model if experiment.is_builtin(args.model) else "file", module, run_config,
+             metrics)
+    if hasattr(module, "reconstruct") and hasattr(module, "sample"):
+        write_pictures(module, x_test, result, out)
+    else:
+        plots.training_curve(result, out / "training_curve.png", title=f"{args.model} training")
+    print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, 10 samples each{note}); "
           f"{metrics['wall_time_s']:.0f} s; wrote {out}")
+    return metrics
+
+
+def train_mixture(args, out, module, run_config, x_train, x_test, start):
+    """``train mog``: ``fit_mixture`` (EM by default) and the exact held-out log-likelihood."""
+    from ppl_lvm.mixtures import fit_mixture
+
+    fitted = fit_mixture(x_train, args.components, method=args.mog_method,
+                         covariance=args.covariance, seed=args.seed, device=args.device,
+                         dtype=torch.float32)
+    module.load_state_dict(fitted.mixture.state_dict())
+    with torch.no_grad():
+        log_px = module.log_prob(x_test)
+    metrics = {"heldout_log_px": log_px.mean().item(), "heldout_elbo": log_px.mean().item(),
+               "epochs": fitted.epochs, "steps": fitted.epochs, "epoch_losses": fitted.losses,
+               "wall_time_s": time.perf_counter() - start, "train_time_s": time.perf_counter() - start,
+               "eval_epochs": [], "eval_elbos": [],
+               "num_parameters": sum(p.numel() for p in module.parameters())}
+    save_run(out, "mog", module, run_config, metrics)
+    print(f"held-out log p(x): {metrics['heldout_log_px']:.2f} nats/row (exact, {len(x_test)} rows; "
+          f"{args.mog_method}, {fitted.epochs} iterations); wrote {out}")
     return metrics
 
 
@@ -125,6 +318,29 @@ def write_pictures(vae, x_test, result, out):
     plots.training_curve(result, out / "training_curve.png", title="VAE training")
 
 
+def run_guide(module, config, x_test, local_steps=300):
+    """The guide a run's held-out rows are scored with, the estimators' keywords and a note:
+    the amortized guide; for a per-datapoint run, φ fitted to the held-out rows with the model
+    frozen (``infer_local``); the semi-amortized guide rebuilt; the held-out masks of a run
+    trained with missing pixels."""
+    from ppl_lvm.guides import SemiAmortizedGuide
+
+    options = config.get("cli", {})
+    kind = options.get("guide", "amortized")
+    kwargs = {}
+    if options.get("missing"):
+        kwargs["mask"] = experiment.parse_missing(options["missing"], len(x_test),
+                                                  x_test.shape[1], options.get("seed", 0) + 1,
+                                                  x_test.device)
+    if kind == "semi-amortized":
+        return SemiAmortizedGuide(module.model, module.encoder,
+                                  steps=options.get("semi_steps", 5)), kwargs, ""
+    guide, extra, note = experiment.held_out_guide(kind, module, module.model,
+                                                   getattr(module, "guide", None), x_test, kwargs,
+                                                   steps=local_steps)
+    return guide, {**kwargs, **extra}, note
+
+
 def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
@@ -134,15 +350,18 @@ def evaluate(args):
     if args.n is not None:
         x_test = x_test[:args.n]
     start = time.perf_counter()
-    options = dict(method=args.method, num_samples=args.num_samples, seed=args.seed)
+    guide, options, note = run_guide(vae, config, x_test)
+    options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
+    if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
+        options["method"], note = "exact", " (a mixture: exact, by enumeration)"
     if args.method == "ais":
         options["num_steps"] = args.num_steps
     if ddp.active():  # rows split across ranks, gathered back in order
-        log_px = ddp.log_marginal(vae.model, vae.guide, x_test, **options)
+        log_px = ddp.log_marginal(vae.model, guide, x_test, **options)
         estimate = LogMarginalEstimate(log_px, torch.full_like(log_px, float("nan")),
                                        args.method, args.num_samples)
     else:
-        estimate = estimate_log_marginal(vae.model, vae.guide, x_test, **options)
+        estimate = estimate_log_marginal(vae.model, guide, x_test, **options)
     seconds = time.perf_counter() - start
     unreliable = None if estimate.khat is None else int(estimate.unreliable.sum())
     result = {"method": args.method, "num_samples": args.num_samples, "num_images": len(x_test),
@@ -157,12 +376,79 @@ def evaluate(args):
             ess += f"; Pareto k̂ > 0.7 (not to be trusted) for {unreliable} images"
         steps = f", T={args.num_steps}" if args.method == "ais" else ""
         print(f"held-out log p(x) by {args.method}, K={args.num_samples}{steps}: {estimate.mean:.2f} ± "
-              f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s)")
+              f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s){note}")
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
             f"_T{args.num_steps}" if args.method == "ais" else "")
         path = Path(args.run) / f"{name}.json"
         atomic.write_json(path, result)
     return result
+
+
+def compare(args):
+    """Side by side: held-out ELBO and IWAE-K (± s.e.), optionally the gaps, training time and
+    parameters of each run; a PNG of the held-out ELBO against epochs and wall time."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from ppl_lvm.estimators import estimate_log_marginal
+    from ppl_lvm.guides import amortization_gaps
+
+    rows, curves = [], {}
+    for run in args.runs:
+        module, config = load_run(run, args.device)
+        metrics = json.loads((Path(run) / "metrics.json").read_text())
+        _, x_test = run_data(config["data"], args.device)
+        x_test = x_test[:args.n]
+        guide, kwargs, note = run_guide(module, config, x_test, local_steps=args.local_steps)
+        method = "exact" if config.get("model") == "mog" else None
+        elbo = estimate_log_marginal(module.model, guide, x_test, method=method or "elbo",
+                                     num_samples=100, seed=args.seed, **kwargs)
+        iwae = estimate_log_marginal(module.model, guide, x_test, method=method or "iwae",
+                                     num_samples=args.num_samples, seed=args.seed, **kwargs)
+        row = {"run": str(run), "model": config.get("model"),
+               "guide": config.get("cli", {}).get("guide", "amortized"),
+               "heldout_elbo": elbo.mean, "heldout_log_px": iwae.mean,
+               "log_px_stderr": iwae.stderr, "train_time_s": metrics.get("train_time_s",
+                                                                          metrics.get("wall_time_s")),
+               "num_parameters": metrics.get("num_parameters"), "note": note.strip()}
+        if args.gaps and method is None and row["guide"] == "amortized" and not kwargs:
+            encoder = getattr(module, "encoder", None)
+            gaps = amortization_gaps(module.model, module.guide, x_test, encoder=encoder,
+                                     num_samples=args.num_samples, local_steps=args.local_steps,
+                                     seed=args.seed).summary()
+            row.update(approximation_gap=gaps["approximation_gap"],
+                       amortization_gap=gaps["amortization_gap"])
+        rows.append(row)
+        log = Path(run) / "metrics.jsonl"
+        if log.is_file():
+            curves[str(run)] = [json.loads(line) for line in log.read_text().splitlines() if line]
+    header = (f"| run | model | guide | held-out ELBO | log p(x), IWAE-{args.num_samples} | "
+              "approx. gap | amort. gap | train s | parameters |")
+    print(header)
+    print("|" + "---|" * 9)
+    for r in rows:
+        gap = lambda key: f"{r[key]:.2f}" if key in r else "—"  # noqa: E731
+        print(f"| {r['run']} | {r['model']} | {r['guide']} | {r['heldout_elbo']:.2f} | "
+              f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {gap('approximation_gap')} | "
+              f"{gap('amortization_gap')} | {r['train_time_s']:.1f} | {r['num_parameters']} |")
+    atomic.write_json(Path(args.out).with_suffix(".json"), rows)
+    if curves:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for run, entries in curves.items():
+            points = [e for e in entries if "heldout_elbo" in e]
+            axes[0].plot([e["epoch"] for e in points], [e["heldout_elbo"] for e in points],
+                         marker=".", label=run)
+            axes[1].plot([e["wall_time_s"] for e in points], [e["heldout_elbo"] for e in points],
+                         marker=".", label=run)
+        axes[0].set(xlabel="epoch", ylabel="held-out ELBO (nats)")
+        axes[1].set(xlabel="training time (s)", ylabel="held-out ELBO (nats)")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        atomic.save_figure(fig, Path(args.out))
+        plt.close(fig)
+        print(f"wrote {args.out}")
+    return rows
 
 
 def run_bdmc(args):
@@ -317,7 +603,10 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = commands.add_parser("train", help="fit a model (SVI) and write a run folder")
-    p.add_argument("model", choices=sorted(MODELS))
+    p.add_argument("model", nargs="?", type=model_name, default=None,
+                   help=f"one of {', '.join(experiment.BUILTIN)}, or path/to/file.py:build for "
+                        "your own model (build(data_dim, **options) returns an object with model "
+                        "and guide)")
     p.add_argument("--out", required=True, help="run folder to write (checkpoint, weights, PNGs)")
     add_train_options(p, epochs=50)
     p.set_defaults(func=train)
@@ -338,6 +627,18 @@ def build_parser():
 
     add_gaps_parser(commands)
 
+    p = commands.add_parser("compare", help="runs side by side: held-out ELBO, IWAE log p(x), "
+                                            "gaps, time; a PNG of held-out ELBO over training")
+    p.add_argument("runs", nargs="+", help="folders written by `ppl-lvm train`")
+    p.add_argument("-K", "--num-samples", type=positive_int, default=1000)
+    p.add_argument("--n", type=positive_int, default=200, help="the first n held-out rows")
+    p.add_argument("--gaps", action="store_true", help="approximation and amortization gaps")
+    p.add_argument("--local-steps", type=positive_int, default=300)
+    p.add_argument("--out", default="compare.png", help="the PNG to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=compare)
+
     p = commands.add_parser("bdmc", help="BDMC: AIS lower and reverse-AIS upper bounds of log p(x) "
                                          "on images simulated from a trained run")
     p.add_argument("run", help="a folder written by `ppl-lvm train`")
@@ -357,10 +658,25 @@ def build_parser():
     return parser
 
 
+def parse(parser, argv):
+    """Parse ``argv``; with ``--config FILE`` the file's options become the defaults, so the
+    command line overrides them."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        options = read_config_file(args.config)
+        for action in parser._subparsers._group_actions:
+            action.choices[args.command].set_defaults(**options)
+        args = parser.parse_args(argv)
+    if args.command == "train" and args.model is None:
+        raise CLIError("train needs a model (vae, masked-vae, ppca, mog or path/to/file.py:build),"
+                       " on the command line or in --config")
+    return args
+
+
 def main(argv=None):
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse(parser, argv)
         if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise CLIError("--device cuda was asked for but CUDA is not available on this machine")
         join_torchrun(args)

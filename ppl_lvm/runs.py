@@ -11,9 +11,12 @@ import torch
 
 from ppl_lvm import atomic, checkpoint
 from ppl_lvm import data as datasets
+from ppl_lvm import experiment
+from ppl_lvm.models.missing import MaskedVAE
+from ppl_lvm.models.mog import MixtureOfGaussians
 from ppl_lvm.models.vae import VAE
 
-MODELS = {"vae": VAE}
+MODELS = {"vae": VAE, "masked-vae": MaskedVAE, "ppca": experiment.ppca, "mog": MixtureOfGaussians}
 CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME = "config.json", "model.pt", "metrics.json"
 
 
@@ -151,8 +154,9 @@ def save_run(out_dir, model_name, module, config, metrics=None):
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {**config, "model": model_name, "model_config": module.config()}
-    atomic.torch_save({"config": module.config(), "state_dict": module.state_dict(),
+    module_config = module.config() if callable(getattr(module, "config", None)) else {}
+    config = {**config, "model": model_name, "model_config": module_config}
+    atomic.torch_save({"config": module_config, "state_dict": state_module(module).state_dict(),
                        "run": config, "metrics": metrics}, out_dir / WEIGHTS_NAME)
     atomic.write_json(out_dir / CONFIG_NAME, config)
     if metrics is not None:
@@ -199,16 +203,32 @@ def load_run(run_dir, device="cpu"):
             saved.get("metrics") is not None
             and _read_json_or_none(run_dir / METRICS_NAME) != saved["metrics"]):
         _repair(run_dir, config, saved.get("metrics"))
-    if config.get("model") not in MODELS:
+    user = config.get("model_file")
+    if config.get("model") not in MODELS and not user:
         raise RunFolderError(f"{config_path} names unknown model {config.get('model')!r}; "
                              f"known: {sorted(MODELS)}")
     try:
-        module = MODELS[config["model"]](**saved["config"]).to(device)
-        module.load_state_dict(saved["state_dict"])
+        if user:  # the copy of the user's file kept in the run folder
+            spec = f"{run_dir / experiment.USER_FILE}:{config.get('builder', 'build')}"
+            module = experiment.user_module(spec, config["data_dim"], config.get("options", {}))
+        else:
+            module = MODELS[config["model"]](**saved["config"])
+        holder = state_module(module).to(device)
+        holder.load_state_dict(saved["state_dict"])
     except (TypeError, RuntimeError, KeyError) as error:
         raise RunFolderError(f"{weights_path} does not fit its model {config['model']!r} "
                              f"({str(error).splitlines()[0]}); retrain with --overwrite") from error
     return module, config
+
+
+def state_module(obj):
+    """The nn.Module whose state is the run's weights: ``obj`` itself, or for a plain object (a
+    user's model file may return one) its nn.Module attributes gathered in a ModuleDict."""
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    parts = {name: value for name, value in vars(obj).items()
+             if isinstance(value, torch.nn.Module)}
+    return torch.nn.ModuleDict(parts)
 
 
 def _read_json_or_none(path):

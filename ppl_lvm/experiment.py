@@ -1,0 +1,142 @@
+"""An experiment from options: which model, which guide (amortized, per-datapoint or
+semi-amortized), which objective (ELBO or IWAE-K), missing pixels, the two-step procedure, a step
+schedule — the one code path that ``ppl-lvm train`` and a Python user share. A user's own model
+comes from a file: ``path/to/file.py:build`` where ``build(data_dim, **options)`` returns an
+object with ``model`` and ``guide`` (an ``nn.Module`` such as ``VAE``, or any object).
+"""
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+
+from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide, infer_local
+from ppl_lvm.models.missing import MaskedVAE, make_mask
+from ppl_lvm.models.mog import COVARIANCES, MixtureOfGaussians
+from ppl_lvm.models.ppca import PPCA
+from ppl_lvm.models.vae import VAE
+from ppl_lvm.objectives import IWAE_ELBO
+from ppl_lvm.program import inspect_program
+
+BUILTIN = ("vae", "masked-vae", "ppca", "mog")
+GUIDES = ("amortized", "local", "semi-amortized")
+OBJECTIVES = ("elbo", "iwae")
+USER_FILE = "user_model.py"  # the run folder's copy of a user's model file
+
+
+def ppca(data_dim, z_dim=20, **_):
+    """A PPCA to be trained: W small and random, b = 0, σ = 1 (the CLI's ``ppca``)."""
+    weight = 0.1 * torch.randn(data_dim, z_dim, generator=torch.Generator().manual_seed(0))
+    module = PPCA(weight, torch.zeros(data_dim), 1.0)
+    module.config = lambda: {"data_dim": data_dim, "z_dim": z_dim}
+    return module
+
+
+def builtin_module(name, data_dim, options):
+    """The package's model ``name`` for rows of ``data_dim`` values, from the CLI's options."""
+    if name == "vae":
+        return VAE(data_dim, z_dim=options["z_dim"], hidden_dim=options["hidden_dim"],
+                   likelihood=options["likelihood"])
+    if name == "masked-vae":
+        return MaskedVAE(data_dim, z_dim=options["z_dim"], hidden_dim=options["hidden_dim"],
+                         likelihood=options["likelihood"])
+    if name == "ppca":
+        return ppca(data_dim, z_dim=options["z_dim"])
+    if name == "mog":
+        if options.get("covariance", "diag") not in COVARIANCES:
+            raise ValueError(f"--covariance must be one of {COVARIANCES}")
+        return MixtureOfGaussians(options["components"], data_dim, options.get("covariance", "diag"))
+    raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN} or path/to/file.py:build")
+
+
+def load_builder(spec, copy_to=None):
+    """``build`` from ``"path/to/file.py:build"`` (the function after the colon; default ``build``).
+
+    copy_to: a run folder to keep a copy of the file in (``USER_FILE``), so the run can be
+    evaluated later even if the file changes or moves.
+    """
+    path, _, name = str(spec).partition(":")
+    name = name or "build"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found (give path/to/file.py:build)")
+    module_name = f"ppl_lvm_user_model_{abs(hash(str(path.resolve())))}"
+    loader = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[module_name] = module
+    try:
+        loader.loader.exec_module(module)
+    except Exception as error:
+        raise ValueError(f"model file {path} failed to import: {type(error).__name__}: "
+                         f"{error}") from error
+    builder = getattr(module, name, None)
+    if not callable(builder):
+        raise ValueError(f"model file {path} has no function {name!r} (define "
+                         f"{name}(data_dim, **options) returning an object with model and guide)")
+    if copy_to is not None:
+        Path(copy_to).mkdir(parents=True, exist_ok=True)
+        target = Path(copy_to) / USER_FILE
+        if path.resolve() != target.resolve():
+            shutil.copyfile(path, target)
+    return builder
+
+
+def user_module(spec, data_dim, options, copy_to=None):
+    built = load_builder(spec, copy_to)(data_dim, **options)
+    if not (callable(getattr(built, "model", None)) and callable(getattr(built, "guide", None))):
+        raise ValueError(f"{spec} returned {type(built).__name__}, which has no model and guide "
+                         "methods")
+    return built
+
+
+def is_builtin(name):
+    return name in BUILTIN
+
+
+def make_guide(kind, module, num_data, data, options):
+    """The guide of ``kind`` for ``module``'s model: its own amortized guide, a per-datapoint
+    ``LocalGuide`` over the model's local latent sites (read from its trace), or the amortized
+    guide refined by S steps (``SemiAmortizedGuide``, needs ``module.encoder``)."""
+    if kind == "amortized":
+        return module.guide
+    if kind == "local":
+        structure = inspect_program(module.model, *data)
+        shapes = {n: structure.event_shapes[n] for n in structure.local_latents}
+        return LocalGuide(num_data, shapes, plate_name=structure.plate_name)
+    if kind == "semi-amortized":
+        encoder = getattr(module, "encoder", None)
+        if encoder is None:
+            raise ValueError("--guide semi-amortized refines an encoder's output: the model has "
+                             "no .encoder")
+        return SemiAmortizedGuide(module.model, encoder, steps=options.get("semi_steps", 5))
+    raise ValueError(f"unknown guide {kind!r}; choose one of {GUIDES}")
+
+
+def make_loss(objective, num_particles=1, dreg=False):
+    if objective == "elbo":
+        return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    if objective == "iwae":
+        return IWAE_ELBO(num_particles, dreg=dreg)
+    raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+
+
+def parse_missing(text, num_rows, data_dim, seed=0, device=None):
+    """``--missing top_half`` or ``mcar:0.5`` -> a [N, D] bool mask (True = observed)."""
+    name, _, rate = str(text).partition(":")
+    options = {"rate": float(rate)} if rate else {}
+    return make_mask(name, num_rows, data_dim, seed=seed, device=device, **options)
+
+
+def held_out_guide(kind, module, model, guide, x_test, data_kwargs, steps=300, lr=1e-2):
+    """The guide to score held-out rows with: a per-datapoint guide has no φ for them, so they
+    are fitted with the model frozen (``infer_local``); returns (guide, keywords for the
+    estimators, a note for the user)."""
+    if kind != "local":
+        return guide, {}, ""
+    pyro.set_rng_seed(0)
+    fitted = infer_local(model, x_test, num_steps=steps, lr=lr, name="held_out", **data_kwargs)
+    return fitted, {"idx": torch.arange(len(x_test), device=x_test.device)}, (
+        f" (a per-datapoint guide: held-out φ fitted by infer_local, {steps} steps, model frozen)")
