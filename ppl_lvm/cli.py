@@ -508,44 +508,9 @@ def add_gaps_parser(commands):
 
 
 def demo(args):
-    """The mission in a few minutes: train the VAE on the bundled MNIST, score the held-out digits
-    by the ELBO and by IWAE (with its standard error, ESS and k̂), complete top halves from the
-    posterior, and say what to try next."""
-    from ppl_lvm.estimators import estimate_log_marginal
-    from ppl_lvm.models import missing
-
+    """Train the VAE on the bundled MNIST for a few minutes and write its numbers and pictures."""
     args.model, args.data, args.data_path = "vae", "mnist", None
-    metrics = train(args)
-    if not ddp.is_main():
-        return metrics
-    out = Path(args.out)
-    vae, config = load_run(out, args.device)
-    _, x_test = run_data(config["data"], args.device)
-    start = time.perf_counter()
-    iwae = estimate_log_marginal(vae.model, vae.guide, x_test, num_samples=args.demo_k, seed=0)
-    print(f"held-out log p(x) by IWAE, K={args.demo_k}: {iwae.mean:.2f} ± {iwae.stderr:.2f} "
-          f"nats/image ({len(x_test)} images; median ESS {iwae.ess.median():.1f} of {args.demo_k}; "
-          f"Pareto k̂ > 0.7 for {int(iwae.unreliable.sum())}; {time.perf_counter() - start:.0f} s)")
-    shown = x_test[:10]
-    mask = missing.make_mask("top_half", len(shown), shown.shape[1], device=shown.device)
-    result = missing.complete(vae.model, vae.guide, shown, mask, num_samples=4,
-                              num_particles=500, seed=0)
-    observed = torch.where(mask, shown, torch.full_like(shown, 0.5))
-    plots.image_grid([shown, observed, *result.sample_means.clamp(0, 1)],
-                     out / "completions_top_half.png",
-                     row_labels=["data", "observed", "draw 1", "draw 2", "draw 3", "draw 4"],
-                     title="top halves completed from the posterior p(x_miss | x_obs)")
-    atomic.write_json(out / f"evaluate_iwae_K{args.demo_k}.json", {
-        "method": "iwae", "num_samples": args.demo_k, "num_images": len(x_test),
-        "mean": iwae.mean, "stderr": iwae.stderr, "median_ess": iwae.ess.median().item(),
-        "khat_above_0.7": int(iwae.unreliable.sum())})
-    print(f"wrote {out / 'completions_top_half.png'}; next:\n"
-          f"  ppl-lvm evaluate {out} -K 5000                  # a tighter IWAE estimate\n"
-          f"  ppl-lvm evaluate {out} --method ais -K 4 -T 500  # annealed importance sampling\n"
-          f"  ppl-lvm train vae --guide local --inner-steps 3 --lr-schedule cosine --out runs/local\n"
-          f"  ppl-lvm compare {out} runs/local --gaps          # amortized vs per-datapoint\n"
-          f"  ppl-lvm complete {out} --mask top_half --n 16    # more completions")
-    return metrics
+    return train(args)
 
 
 def complete(args):
@@ -686,7 +651,6 @@ def build_parser():
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--demo-k", type=positive_int, default=200, help="K of the IWAE estimate")
     add_train_options(p, epochs=200)
     p.set_defaults(func=demo)
 

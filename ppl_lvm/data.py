@@ -346,7 +346,7 @@ def binarize(x, method="threshold", threshold=0.5, seed=None):
     raise ValueError(f"unknown binarize method {method!r}; use 'threshold' or 'stochastic'")
 
 
-def split_rows(x, y=None, test_fraction=0.2, seed=0):
+def train_test_split(x, y=None, test_fraction=0.2, seed=0):
     """Split rows into train and test by a seeded random permutation (the same seed, the same split).
 
     Args:
@@ -377,10 +377,5 @@ def split_rows(x, y=None, test_fraction=0.2, seed=0):
 def _bundled_split(x, y, split):
     if split == "all":
         return x, y
-    train, test = split_rows(x, y)
+    train, test = train_test_split(x, y)
     return train if split == "train" else test
-
-
-# the old name, kept for notebooks and user code; it is not scikit-learn's function of that name
-# (another signature), hence the new one
-train_test_split = split_rows
