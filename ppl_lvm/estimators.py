@@ -735,7 +735,8 @@ class _Program:
             if trace is None:
                 continue
             for name, site in sample_sites(trace).items():
-                if data_frame(site, self.plate_name) is None and not site["is_observed"]:
+                if (data_frame(site, self.plate_name) is None and not site["is_observed"]
+                        and trace is traces[-1]):  # the model's (a guide has its own globals)
                     raise ValueError(f"site {name!r} is outside the data plate "
                                      f"{self.plate_name!r} (the program changed since it was read?)")
                 if any(f.vectorized and f.dim < -(self.nesting + 1)
