@@ -366,6 +366,17 @@ class _RunningWeights:
 # traces -> per-datapoint log weights
 
 
+def trace_bytes(traces):
+    """Bytes of the traces' sample values and (roughly) their distributions' parameters."""
+    total = 0
+    for trace in traces:
+        for site in sample_sites(trace).values():
+            fn = site["fn"]
+            params = (fn.batch_shape + fn.event_shape).numel() * 2
+            total += (site["value"].numel() + params) * site["value"].element_size()
+    return total
+
+
 def latent_names(trace):
     return [name for name, site in sample_sites(trace).items() if not site["is_observed"]]
 
@@ -720,13 +731,7 @@ class _Program:
 
     @staticmethod
     def _bytes(traces, units):
-        total = 0
-        for trace in traces:
-            for site in sample_sites(trace).values():
-                fn = site["fn"]
-                params = (fn.batch_shape + fn.event_shape).numel() * 2
-                total += (site["value"].numel() + params) * site["value"].element_size()
-        return max(1, _ACTIVATION_FACTOR * total // units)
+        return max(1, _ACTIVATION_FACTOR * trace_bytes(traces) // units)
 
     def _check_plates(self, traces):
         """Every latent site in the data plate, and no deeper plates than read at the probe (a
