@@ -27,7 +27,7 @@ def run_data(data_config, device="cpu"):
     and binarize x_test once, stochastically, with a fixed seed.
     """
     x, _ = datasets.load_dataset(data_config["name"], path=data_config.get("path"), device=device)
-    x_train, x_test = datasets.train_test_split(
+    x_train, x_test = datasets.split_rows(
         x, test_fraction=data_config["test_fraction"], seed=data_config["split_seed"])
     if data_config.get("binarize"):
         x_test = datasets.binarize(x_test, method="stochastic", seed=data_config["split_seed"])
