@@ -238,19 +238,7 @@ def train_in(args, out, data_config, x_train, x_test):
     binarize = (lambda *batch: (torch.bernoulli(batch[0]),) + batch[1:] if len(batch) > 1
                 else torch.bernoulli(batch[0])) if data_config["binarize"] else None
     log = out / "metrics.jsonl" if ddp.is_main() else None
-    if log is not None and not args.resume and log.exists():
-        log.unlink()
-
-    def record(epoch, result):  # one line per epoch as training goes (compare and plots read it)
-        if log is not None:
-            import json
-            entry = {"epoch": epoch, "loss": result.epoch_losses[-1], "step": result.step,
-                     "wall_time_s": result.wall_time}
-            if result.eval_epochs and result.eval_epochs[-1] == epoch:
-                entry["heldout_elbo"] = result.eval_elbos[-1]
-            with open(log, "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-        return False
+    record = epoch_log(log, args, steps_per_epoch=-(-len(x_train) // args.batch_size))
 
     eval_data = None if args.guide == "local" else (test_data if len(test_data) > 1 else x_test)
     result = fit(module.model, guide, data if len(data) > 1 else x_train, epochs=args.epochs,
@@ -283,6 +271,41 @@ def train_in(args, out, data_config, x_train, x_test):
     print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, 10 samples each{note}); "
           f"{metrics['wall_time_s']:.0f} s; wrote {out}")
     return metrics
+
+
+def epoch_log(log, args, steps_per_epoch):
+    """fit's ``callback``: one JSON line per epoch in ``log`` (metrics.jsonl) as training goes:
+    the epoch's mean loss, the held-out ELBO when it was evaluated, the step-size factor of the
+    schedule at the epoch's last step and the wall time. ``compare`` and the curve PNG read it.
+
+    The file is rewritten whole through ``atomic`` each epoch (it is small), so a killed run leaves
+    it complete up to some epoch; a resumed run keeps the lines of the epochs it does not redo.
+    """
+    import json
+
+    from ppl_lvm.train import lr_factor
+
+    lines = []
+    if log is not None and args.resume and log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+    elif log is not None and log.exists():
+        log.unlink()
+
+    def record(epoch, result):
+        if log is None:
+            return False
+        entry = {"epoch": epoch, "loss": result.epoch_losses[-1], "step": result.step,
+                 "lr_factor": lr_factor(args.lr_schedule, max(result.step - 1, 0),
+                                        args.epochs * steps_per_epoch),
+                 "wall_time_s": result.wall_time}
+        if result.eval_epochs and result.eval_epochs[-1] == epoch:
+            entry["heldout_elbo"] = result.eval_elbos[-1]
+        kept = [line for line in lines if json.loads(line)["epoch"] < epoch]
+        lines[:] = kept + [json.dumps(entry)]
+        atomic.write_text(log, "\n".join(lines) + "\n")
+        return False
+
+    return record
 
 
 def train_mixture(args, out, module, run_config, x_train, x_test, start):
@@ -508,9 +531,33 @@ def add_gaps_parser(commands):
 
 
 def demo(args):
-    """Train the VAE on the bundled MNIST for a few minutes and write its numbers and pictures."""
+    """The mission in a few minutes: train the VAE on the bundled MNIST, print its held-out ELBO and
+    log p(x) by IWAE (± s.e., ESS), write samples, reconstructions, curves and a top-half
+    completion grid, and print the commands to try next."""
     args.model, args.data, args.data_path = "vae", "mnist", None
-    return train(args)
+    args.guide, args.objective, args.missing = "amortized", "elbo", None
+    start = time.perf_counter()
+    metrics = train(args)
+    if not ddp.is_main():
+        return metrics
+    common = dict(run=args.out, seed=0, device=args.device)
+    estimate = evaluate(argparse.Namespace(**common, method="iwae", num_samples=args.demo_samples,
+                                           num_steps=None, n=None))
+    complete(argparse.Namespace(**common, mask="top_half", n=12, samples=4, method="mwg",
+                                num_particles=1000, num_steps=200, rate=0.5, block_size=14,
+                                out=None))
+    out = args.out
+    print(f"demo done in {time.perf_counter() - start:.0f} s: held-out ELBO {metrics['heldout_elbo']:.2f}, "
+          f"log p(x) by IWAE-{args.demo_samples} {estimate['mean']:.2f} ± {estimate['stderr']:.2f} "
+          f"nats/image (median ESS {estimate['median_ess']:.1f}); pictures in {out}/\n"
+          "next, try:\n"
+          f"  ppl-lvm evaluate {out} -K 5000                      # a tighter log p(x)\n"
+          f"  ppl-lvm train vae --guide local --inner-steps 5 --lr-schedule cosine --epochs 20 "
+          f"--out {out}-local\n"
+          f"  ppl-lvm compare {out} {out}-local --gaps -K 1000   # amortized vs per-datapoint\n"
+          f"  ppl-lvm complete {out} --mask bottom_half          # fill in missing pixels\n"
+          f"  ppl-lvm train --config {out}/config.json --out {out}-again   # repeat the run")
+    return {**metrics, "log_px": estimate}
 
 
 def complete(args):
@@ -651,6 +698,8 @@ def build_parser():
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--demo-samples", type=positive_int, default=500,
+                   help="K of the demo's IWAE estimate of held-out log p(x)")
     add_train_options(p, epochs=200)
     p.set_defaults(func=demo)
 

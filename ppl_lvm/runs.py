@@ -39,7 +39,7 @@ LOCK_NAME = ".ppl-lvm.lock"
 # nothing else a user keeps in the folder
 RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
                 "reconstructions.png", "samples.png", "training_curve.png", "completions_*.png",
-                "evaluate_*.json", "gaps.json")
+                "evaluate_*.json", "gaps.json", "metrics.jsonl", "user_model.py", "bdmc_*.json")
 
 
 class RunFolderError(ValueError):

@@ -112,8 +112,18 @@ def test_every_model_guide_and_objective_trains_and_evaluates(argv, tmp_path, ca
     if "local" in argv:
         assert "infer_local" in printed
     if argv[0] != "mog":
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+        entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [e["epoch"] for e in entries] == [1, 2]
+        assert [e["loss"] for e in entries] == metrics["epoch_losses"]  # the log is the run's
+        if "cosine" in argv:  # the schedule's factor at each epoch's last step, decaying
+            from ppl_lvm.train import lr_factor
+            total = entries[-1]["step"]
+            assert [e["lr_factor"] for e in entries] == [
+                pytest.approx(lr_factor("cosine", e["step"] - 1, total)) for e in entries]
+            assert entries[0]["lr_factor"] > 0.5 > 0.05 > entries[-1]["lr_factor"]
+        elif "exponential" not in argv:
+            assert all(e["lr_factor"] == 1.0 for e in entries)
+        assert entries[0]["wall_time_s"] <= entries[1]["wall_time_s"]
 
 
 def test_bad_combinations_are_one_line(capsys, tmp_path):
