@@ -18,6 +18,7 @@ from ppl_lvm import experiment
 from ppl_lvm.runs import (RunLock, load_run, prepare_run_folder, run_data, save_run,
                           state_module)
 from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, fit
+from ppl_lvm.models.vae import VAE
 
 
 class CLIError(Exception):
@@ -436,7 +437,7 @@ def compare(args):
                                                                           metrics.get("wall_time_s")),
                "num_parameters": metrics.get("num_parameters"), "note": note.strip()}
         if args.gaps and method is None and row["guide"] == "amortized" and not kwargs:
-            encoder = getattr(module, "encoder", None)
+            encoder = experiment.gap_encoder(module, module.guide, x_test)
             gaps = amortization_gaps(module.model, module.guide, x_test, encoder=encoder,
                                      num_samples=args.num_samples, local_steps=args.local_steps,
                                      seed=args.seed).summary()
@@ -505,6 +506,7 @@ def gaps(args):
           f"per image, log p(x) by IWAE with K={args.num_samples}")
     start = time.perf_counter()
     result = amortization_gaps(vae.model, vae.guide, x_test, num_samples=args.num_samples,
+                               encoder=experiment.gap_encoder(vae, vae.guide, x_test),
                                elbo_samples=args.elbo_samples, local_steps=args.local_steps,
                                local_lr=args.local_lr, seed=args.seed)
     summary = {**result.summary(), "local_steps": args.local_steps,
@@ -571,12 +573,13 @@ def complete(args):
     from ppl_lvm.models import missing
 
     module, config = load_run(args.run, args.device)
+    # a model from a user's file is completed as it is: its guide fed the current completion
     proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
-    if not isinstance(module, missing.MaskedVAE):
+    if isinstance(module, VAE) and not isinstance(module, missing.MaskedVAE):
         plain = module
         module = missing.MaskedVAE(**plain.config(), encoder_sees_mask=False).to(args.device)
         module.load_state_dict(plain.state_dict())
-    module = module.eval()
+    state_module(module).eval()
     _, x_test = run_data(config["data"], args.device)
     x = x_test[:args.n]
     mask = missing.make_mask(args.mask, x.shape[0], x.shape[1], rate=args.rate,
@@ -594,7 +597,7 @@ def complete(args):
     plots.image_grid([x, observed, *shown], out, row_labels=labels,
                      title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) ({args.method})")
     scores = missing.imputation_scores(x, mask, result.mean,
-                                       binary=module.likelihood == "bernoulli")
+                                       binary=bool(config["data"].get("binarize")))
     print(f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
           f"{args.method}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" of the posterior mean; wrote {out}")

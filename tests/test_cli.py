@@ -150,6 +150,24 @@ def test_your_own_model_file_trains_evaluates_and_survives_the_file_changing(tmp
     source.unlink()
     assert main(["evaluate", str(out), "-K", "20", "--n", "30"]) == 0
     assert "by iwae, K=20" in capsys.readouterr().out
+    # every later command works on the run with no further code
+    assert main(["gaps", str(out), "-K", "20", "--n", "10", "--local-steps", "10",
+                 "--elbo-samples", "5"]) == 0
+    gaps = json.loads((out / "gaps.json").read_text())
+    assert gaps["approximation_gap"] == pytest.approx(gaps["log_px"] - gaps["elbo_optimal"], abs=1e-4)
+    assert gaps["amortization_gap"] == pytest.approx(gaps["elbo_optimal"] - gaps["elbo_amortized"],
+                                                     abs=1e-4)
+    assert main(["complete", str(out), "--n", "4", "--num-steps", "5", "--samples", "2"]) == 0
+    assert (out / "completions_top_half.png").is_file()
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(out), "-K", "20", "--n", "30", "--out", str(png)]) == 0
+    row, = json.loads(png.with_suffix(".json").read_text())
+    evaluated = json.loads((out / "evaluate_iwae_K20.json").read_text())
+    assert row["heldout_log_px"] == pytest.approx(evaluated["mean"], abs=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    linear = lambda inputs, outputs: inputs * outputs + outputs  # noqa: E731
+    decoder, encoder = linear(3, 64) + linear(64, 2 * 64), linear(64, 64) + linear(64, 2 * 3)
+    assert row["num_parameters"] == metrics["num_parameters"] == decoder + encoder  # 8x8 digits
 
 
 def test_a_run_config_repeats_the_run_and_the_command_line_overrides_it(tmp_path):
