@@ -132,6 +132,8 @@ def test_bad_combinations_are_one_line(capsys, tmp_path):
                           (["vae", "--inner-steps", "2"], "--guide local"),
                           (["mog", "--guide", "local"], "--mog-method"),
                           (["vae", "--dreg"], "--objective iwae"),
+                          (["vae", "--guide", "local", "--inner-tol", "0.01"], "--inner-steps"),
+                          (["ppca", "--guide", "semi-amortized"], "semi-amortized"),
                           (["no_such_file.py:build"], "no_such_file.py")]:
         assert main(["train", *argv, "--out", str(tmp_path / "x"), *SMALL]) == 2
         assert message in capsys.readouterr().err
@@ -221,3 +223,43 @@ def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, log.read_text()[-2000:]
     assert log.stat().st_size < 20_000, log.stat().st_size
+
+
+def test_evaluate_fits_held_out_phi_of_a_per_datapoint_run_as_the_python_api_does(tmp_path, capsys):
+    """A local-guide run has no φ for held-out rows: evaluate fits them with the model frozen
+    (infer_local) and reports the same per-datapoint estimate, s.e. and ESS that the Python API
+    gives for that guide."""
+    import pyro
+    import torch
+
+    from ppl_lvm import estimate_log_marginal, infer_local
+    from ppl_lvm.runs import load_run, run_data
+
+    out = tmp_path / "local"
+    assert main(["train", "vae", "--guide", "local", "--inner-steps", "2", "--out", str(out),
+                 *SMALL]) == 0
+    assert main(["evaluate", str(out), "-K", "40", "--n", "25"]) == 0
+    printed = capsys.readouterr().out
+    assert "per-datapoint guide: held-out φ fitted by infer_local" in printed
+    result = json.loads((out / "evaluate_iwae_K40.json").read_text())
+    module, config = load_run(out)
+    x = run_data(config["data"])[1][:25]
+    pyro.set_rng_seed(0)
+    guide = infer_local(module.model, x, num_steps=300, lr=1e-2, name="held_out")
+    estimate = estimate_log_marginal(module.model, guide, x, method="iwae", num_samples=40, seed=0,
+                                     idx=torch.arange(25))
+    assert result["mean"] == pytest.approx(estimate.mean, abs=1e-4)
+    assert result["stderr"] == pytest.approx(estimate.stderr, abs=1e-4) and result["stderr"] > 0
+    assert result["median_ess"] == pytest.approx(estimate.ess.median().item(), abs=1e-3)
+    assert f"{result['mean']:.2f} ± {result['stderr']:.2f}" in printed and "median ESS" in printed
+
+
+def test_tensorboard_is_optional(tmp_path, capsys):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert main(["train", "vae", "--tensorboard", "--out", str(tmp_path / "tb"), *SMALL]) == 2
+        assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+        return
+    assert main(["train", "vae", "--tensorboard", "--out", str(tmp_path / "tb"), *SMALL]) == 0
+    assert any((tmp_path / "tb" / "tensorboard").iterdir())
