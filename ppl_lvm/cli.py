@@ -137,7 +137,8 @@ def read_config_file(path):
     except (ValueError, UnicodeDecodeError) as error:
         raise CLIError(f"--config {path} cannot be read: {error}") from error
     options = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS) - {"device", "quiet"})
+    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS)
+                     - {"device", "quiet", "tensorboard", "overwrite", "demo_samples"})
     if unknown:
         raise CLIError(f"--config {path}: unknown options {unknown}")
     return options
@@ -233,6 +234,8 @@ def train_in(args, out, data_config, x_train, x_test):
         f"{args.epochs} epochs on {args.device}")
     start = time.perf_counter()
     cli_options = {k: getattr(args, k) for k in EXPERIMENT_OPTIONS}
+    if model_entries:  # a user's file, by its absolute path: the config repeats from anywhere
+        cli_options["model"] = f"{model_entries['source']}:{model_entries['builder']}"
     run_config = {"data": data_config, "cli": cli_options, **model_entries, "train": {
         k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed")}}
     if args.model == "mog":

@@ -191,6 +191,20 @@ def test_a_run_config_repeats_the_run_and_the_command_line_overrides_it(tmp_path
     assert json.loads((third / "metrics.json").read_text())["epochs"] == 2  # the CLI wins
 
 
+def test_a_run_of_your_own_model_repeats_from_its_config_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    first = tmp_path / "mine"
+    assert main(["train", "examples/my_model.py:build", "--option", "hidden=32",
+                 "--lr-schedule", "cosine", "--out", str(first), *SMALL]) == 0
+    monkeypatch.chdir(tmp_path)  # the relative path given above no longer resolves from here
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again)]) == 0
+    a = json.loads((first / "metrics.json").read_text())
+    b = json.loads((again / "metrics.json").read_text())
+    assert a["epoch_losses"] == b["epoch_losses"] and b["num_parameters"] == a["num_parameters"]
+    assert json.loads((again / "config.json").read_text())["options"] == {"hidden": 32}
+
+
 def test_compare_reports_what_evaluate_and_the_runs_say(tmp_path, capsys):
     runs = []
     for guide in ("amortized", "local"):
