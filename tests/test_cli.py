@@ -277,3 +277,21 @@ def test_tensorboard_is_optional(tmp_path, capsys):
         return
     assert main(["train", "vae", "--tensorboard", "--out", str(tmp_path / "tb"), *SMALL]) == 0
     assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_demo_prints_what_its_run_folder_holds(tmp_path, capsys):
+    """The demo on tiny settings: its printed ELBO and IWAE numbers are the run's own, and it
+    writes the pictures (completions of top halves included) and the next commands."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--z-dim", "2", "--hidden-dim", "16",
+                 "--batch-size", "512", "--demo-samples", "5", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    estimate = json.loads((out / "evaluate_iwae_K5.json").read_text())
+    assert f"held-out ELBO {metrics['heldout_elbo']:.2f}" in printed
+    assert f"IWAE-5 {estimate['mean']:.2f} ± {estimate['stderr']:.2f}" in printed
+    assert f"median ESS {estimate['median_ess']:.1f}" in printed
+    for name in ("samples.png", "reconstructions.png", "training_curve.png",
+                 "completions_top_half.png"):
+        assert (out / name).is_file()
+    assert f"ppl-lvm compare {out}" in printed and f"ppl-lvm evaluate {out}" in printed
