@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyro
 import torch
 
 from ppl_lvm import data as datasets
@@ -264,6 +265,10 @@ def train_in(args, out, data_config, x_train, x_test):
                  lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
                  callback=record)
     train_time = time.perf_counter() - start
+    # what SVI fitted: θ and λ or the φ_i table (an unused encoder does not count), read before
+    # the held-out φ are added
+    num_parameters = sum(value.numel() for value in pyro.get_param_store().values()) or sum(
+        p.numel() for p in state_module(module).parameters())
     held_guide, est_kwargs, note = experiment.held_out_guide(
         args.guide, module, module.model, guide, x_test, test_kwargs)
     from ppl_lvm.estimators import estimate_log_marginal
@@ -273,7 +278,7 @@ def train_in(args, out, data_config, x_train, x_test):
                "epochs": args.epochs, "steps": result.step, "wall_time_s": time.perf_counter() - start,
                "train_time_s": train_time, "eval_epochs": result.eval_epochs,
                "eval_elbos": result.eval_elbos, "epoch_losses": result.epoch_losses,
-               "num_parameters": sum(p.numel() for p in state_module(module).parameters())}
+               "num_parameters": num_parameters}
     if not ddp.is_main():  # the global params are the same on every rank: rank 0 writes them
         return metrics
     save_run(out, args.model if experiment.is_builtin(args.model) else "file", module, run_config,
