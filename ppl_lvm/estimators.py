@@ -493,6 +493,40 @@ class _UniformProposal(Messenger):
                                                     device=support.device)
 
 
+# what _Program's probes learned, per (model, guide, method, shapes): a few recent pairs
+_PROBES = {}
+_PROBE_CACHE_SIZE = 8
+
+
+def _callable_key(fn):
+    # bound methods are new objects at every access (vae.model): key on the function and its
+    # object (held by the cache, so its id cannot be reused while cached)
+    owner = getattr(fn, "__self__", None)
+    return (getattr(fn, "__func__", fn), owner) if owner is not None else fn
+
+
+def _probe_key(model, guide, x, method, plate_name, rest, kwargs):
+    def describe(value):
+        if torch.is_tensor(value):
+            return ("tensor", tuple(value.shape[1:]), value.dtype, str(value.device))
+        return ("value", type(value).__name__, repr(value)[:64])
+    try:
+        key = (_callable_key(model), _callable_key(guide), method, plate_name,
+               describe(x), tuple(describe(a) for a in rest),
+               tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+        hash(key)
+        return key
+    except TypeError:  # an unhashable callable: no cache
+        return None
+
+
+def _remember(key, values):
+    _PROBES.pop(key, None)
+    if len(_PROBES) >= _PROBE_CACHE_SIZE:
+        _PROBES.pop(next(iter(_PROBES)))
+    _PROBES[key] = values
+
+
 class _Program:
     """A model/guide pair bound to its data: read once (``ppl_lvm.program``), then asked for the
     log weights of row chunks. Probing leaves the param store and the RNG as they were."""
@@ -504,6 +538,15 @@ class _Program:
         self.uses_guide = method in GUIDE_METHODS
         self.guide_takes_idx = self.uses_guide and accepts(guide, "idx")
         self.num_rows = x.shape[0]
+        key = None if globals is not None else _probe_key(model, guide, x, method, plate_name,
+                                                            self.rest, model_kwargs)
+        known = _PROBES.get(key) if key is not None else None
+        if known is not None and (not known["row_bound"] or known["num_rows"] == self.num_rows):
+            # read before for this pair and these shapes: the probes' traces are skipped (a fixed
+            # cost per call that dominates small K on a GPU); each chunk still checks the plates
+            self.model, self.guide = model, guide
+            self.__dict__.update({k: v for k, v in known.items() if k != "num_rows"})
+            return
         try:
             structure = program.inspect_program(model, x, *self.rest, plate_name=plate_name,
                                                 **model_kwargs)
@@ -530,6 +573,11 @@ class _Program:
         if self.uses_guide:
             self._check_guide_plate(structure)
         self._probe()
+        if key is not None:
+            _remember(key, {"plate_name": self.plate_name, "nesting": self.nesting,
+                            "vectorized": self.vectorized, "row_bound": self.row_bound,
+                            "bytes_per_unit": self.bytes_per_unit, "unchecked": self.unchecked,
+                            "num_rows": self.num_rows})
 
     def _check_guide_plate(self, structure):
         """Before the model is replayed on the guide's values: the guide's data plate must sit at
@@ -680,6 +728,21 @@ class _Program:
                 total += (site["value"].numel() + params) * site["value"].element_size()
         return max(1, _ACTIVATION_FACTOR * total // units)
 
+    def _check_plates(self, traces):
+        """Every latent site in the data plate, and no deeper plates than read at the probe (a
+        program whose structure changed since it was read would be summed wrongly)."""
+        for trace in traces:
+            if trace is None:
+                continue
+            for name, site in sample_sites(trace).items():
+                if data_frame(site, self.plate_name) is None and not site["is_observed"]:
+                    raise ValueError(f"site {name!r} is outside the data plate "
+                                     f"{self.plate_name!r} (the program changed since it was read?)")
+                if any(f.vectorized and f.dim < -(self.nesting + 1)
+                       for f in site["cond_indep_stack"]):
+                    raise ValueError(f"site {name!r} sits in more plates than the program had "
+                                     "when it was read; call again after changing a model")
+
     def _weights_from_traces(self, guide_trace, model_trace):
         if self.method == "prior":
             return log_joint(model_trace, self.plate_name, self.nesting, observed_only=True)
@@ -709,6 +772,7 @@ class _Program:
         with pyro.validation_enabled(False):
             if self.vectorized:
                 log_weights = self._log_weights_vectorized(rows, num_particles)
+                self._check_plates(self._last_traces)
                 check_observed_support(self._last_traces[1], self.unchecked)
                 self._last_traces = None  # free this chunk's [K, n, D] tensors before the next
                 return log_weights

@@ -359,10 +359,12 @@ def test_ais_runs_on_cuda(ppca):
     model, x = ppca
     model = model.cuda()
     x = x.cuda()
-    estimate = ais_log_marginal(model.model, None, x, num_steps=50, num_samples=4, seed=0)
+    estimate = ais_log_marginal(model.model, None, x, num_steps=300, num_samples=8, seed=0)
     assert estimate.log_px.device.type == "cuda" and estimate.step_size.device.type == "cuda"
     truth = model.log_marginal_exact(x).detach()
-    assert (estimate.log_px - truth).abs().mean() < 0.5
+    error = estimate.log_px - truth  # on the CPU (4 seeds): mean |error| 0.22-0.29, bias ≤ 1.3 s.e.
+    assert error.abs().mean() < 0.4
+    assert error.mean().abs() < 4 * error.std() / len(error) ** 0.5 + 0.05
     result = bdmc(model.model, num_data=8, data_shape=(DATA_DIM,), device="cuda", num_steps=20,
                   num_samples=2, seed=0)
     assert result.x.device.type == "cuda" and result.gap.device.type == "cuda"
