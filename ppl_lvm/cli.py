@@ -208,8 +208,9 @@ def check_combination(args):
         raise CLIError("masked-vae needs --missing (e.g. top_half or mcar:0.5)")
     if args.inner_steps and args.guide != "local":
         raise CLIError("--inner-steps steps the per-datapoint φ_i first: use it with --guide local")
-    if args.guide == "semi-amortized" and args.model not in ("vae", "masked-vae"):
-        raise CLIError("--guide semi-amortized needs a model with an encoder (vae)")
+    if args.guide == "semi-amortized" and args.model != "vae":
+        raise CLIError(f"--guide semi-amortized refines the output of an encoder of x alone: "
+                       f"`train vae` has one, {args.model} does not")
     if args.objective == "iwae" and args.guide == "local" and args.num_particles > 1:
         pass
     if args.dreg and args.objective != "iwae":
@@ -406,6 +407,7 @@ def evaluate(args):
     options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
     if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
         options["method"], note = "exact", " (a mixture: exact, by enumeration)"
+    method = options["method"]
     if args.method == "ais":
         options["num_steps"] = args.num_steps
     if ddp.active():  # rows split across ranks, gathered back in order
@@ -416,18 +418,19 @@ def evaluate(args):
         estimate = estimate_log_marginal(vae.model, guide, x_test, **options)
     seconds = time.perf_counter() - start
     unreliable = None if estimate.khat is None else int(estimate.unreliable.sum())
-    result = {"method": args.method, "num_samples": args.num_samples, "num_images": len(x_test),
+    result = {"method": method, "num_samples": args.num_samples, "num_images": len(x_test),
               "mean": estimate.mean, "stderr": estimate.stderr,
               "median_ess": estimate.ess.median().item(), "wall_time_s": seconds,
               "khat_above_0.7": unreliable}
     if args.method == "ais":
         result["num_steps"] = args.num_steps
     if ddp.is_main():
-        ess = "" if args.method == "exact" or ddp.active() else f"; median ESS {result['median_ess']:.1f}"
+        ess = "" if method == "exact" or ddp.active() else f"; median ESS {result['median_ess']:.1f}"
         if unreliable is not None and args.method != "ais" and args.num_samples >= 25:
             ess += f"; Pareto k̂ > 0.7 (not to be trusted) for {unreliable} images"
         steps = f", T={args.num_steps}" if args.method == "ais" else ""
-        print(f"held-out log p(x) by {args.method}, K={args.num_samples}{steps}: {estimate.mean:.2f} ± "
+        samples = "" if method == "exact" else f", K={args.num_samples}{steps}"
+        print(f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f} ± "
               f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s){note}")
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
             f"_T{args.num_steps}" if args.method == "ais" else "")
