@@ -256,6 +256,7 @@ def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
                               stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, log.read_text()[-2000:]
+    assert "step/s" in log.read_text()  # the bar was on
     assert log.stat().st_size < 20_000, log.stat().st_size
 
 
