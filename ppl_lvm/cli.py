@@ -139,7 +139,7 @@ def read_config_file(path):
         raise CLIError(f"--config {path} cannot be read: {error}") from error
     options = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS)
-                     - {"device", "quiet", "tensorboard", "overwrite", "demo_samples"})
+                     - {"out", "device", "quiet", "tensorboard", "overwrite", "demo_samples"})
     if unknown:
         raise CLIError(f"--config {path}: unknown options {unknown}")
     return options
@@ -690,7 +690,7 @@ def build_parser():
                    help=f"one of {', '.join(experiment.BUILTIN)}, or path/to/file.py:build for "
                         "your own model (build(data_dim, **options) returns an object with model "
                         "and guide)")
-    p.add_argument("--out", required=True, help="run folder to write (checkpoint, weights, PNGs)")
+    p.add_argument("--out", default=None, help="run folder to write (checkpoint, weights, PNGs)")
     add_train_options(p, epochs=50)
     p.set_defaults(func=train)
 
@@ -755,6 +755,8 @@ def parse(parser, argv):
     if args.command == "train" and args.model is None:
         raise CLIError("train needs a model (vae, masked-vae, ppca, mog or path/to/file.py:build),"
                        " on the command line or in --config")
+    if args.command == "train" and args.out is None:
+        raise CLIError("train needs --out FOLDER, on the command line or in --config")
     return args
 
 

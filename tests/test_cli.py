@@ -199,6 +199,12 @@ def test_a_run_config_repeats_the_run_and_the_command_line_overrides_it(tmp_path
     assert main(["train", "--config", str(toml), "--epochs", "2", "--out", str(third),
                  "--quiet"]) == 0
     assert json.loads((third / "metrics.json").read_text())["epochs"] == 2  # the CLI wins
+    with open(toml, "a") as handle:  # every option, --out included, may come from the file
+        handle.write(f'out = "{tmp_path / "d"}"\nguide = "local"\ninner-steps = 2\nquiet = true\n')
+    assert main(["train", "--config", str(toml)]) == 0
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["cli"]["guide"] == "local" and config["cli"]["inner_steps"] == 2
+    assert main(["train", "vae", "--data", "digits"]) == 2  # and without it, one line
 
 
 def test_a_run_of_your_own_model_repeats_from_its_config_anywhere(tmp_path, monkeypatch):
