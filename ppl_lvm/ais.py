@@ -19,7 +19,7 @@ from torch.distributions import biject_to
 
 from ppl_lvm.estimators import (
     DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, data_frame, plate_nesting,
-    sample_sites, site_log_prob, vectorize,
+    sample_sites, site_log_prob, trace_bytes, vectorize,
 )
 from ppl_lvm.program import inspect_program, names_keywords
 
@@ -437,13 +437,7 @@ class _Target:
             self.sites.append(_Site(name, transform, event_dim,
                                     data_frame(site, self.plate_name).dim - u_event_dim))
         # memory per (chain, row): the vectorised traces' tensors, times an allowance for autograd
-        total = 0
-        for trace in traces:
-            for site in sample_sites(trace).values():
-                fn = site["fn"]
-                params = (fn.batch_shape + fn.event_shape).numel() * 2
-                total += (site["value"].numel() + params) * site["value"].element_size()
-        self.bytes_per_unit = max(1, _GRAD_FACTOR * total // (rows.stop - rows.start))
+        self.bytes_per_unit = max(1, _GRAD_FACTOR * trace_bytes(traces) // (rows.stop - rows.start))
 
     def match_posterior(self, posterior):
         """{site: [N, ...]} exact posterior samples, checked against the latent sites."""

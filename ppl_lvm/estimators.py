@@ -366,6 +366,17 @@ class _RunningWeights:
 # traces -> per-datapoint log weights
 
 
+def trace_bytes(traces):
+    """Bytes of the traces' sample values and (roughly) their distributions' parameters."""
+    total = 0
+    for trace in traces:
+        for site in sample_sites(trace).values():
+            fn = site["fn"]
+            params = (fn.batch_shape + fn.event_shape).numel() * 2
+            total += (site["value"].numel() + params) * site["value"].element_size()
+    return total
+
+
 def latent_names(trace):
     return [name for name, site in sample_sites(trace).items() if not site["is_observed"]]
 
@@ -721,13 +732,7 @@ class _Program:
 
     @staticmethod
     def _bytes(traces, units):
-        total = 0
-        for trace in traces:
-            for site in sample_sites(trace).values():
-                fn = site["fn"]
-                params = (fn.batch_shape + fn.event_shape).numel() * 2
-                total += (site["value"].numel() + params) * site["value"].element_size()
-        return max(1, _ACTIVATION_FACTOR * total // units)
+        return max(1, _ACTIVATION_FACTOR * trace_bytes(traces) // units)
 
     def _check_plates(self, traces):
         """Every latent site in the data plate, and no deeper plates than read at the probe (a
@@ -736,7 +741,8 @@ class _Program:
             if trace is None:
                 continue
             for name, site in sample_sites(trace).items():
-                if data_frame(site, self.plate_name) is None and not site["is_observed"]:
+                if (data_frame(site, self.plate_name) is None and not site["is_observed"]
+                        and trace is traces[-1]):  # the model's (a guide has its own globals)
                     raise ValueError(f"site {name!r} is outside the data plate "
                                      f"{self.plate_name!r} (the program changed since it was read?)")
                 if any(f.vectorized and f.dim < -(self.nesting + 1)
