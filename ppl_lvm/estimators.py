@@ -557,7 +557,6 @@ class _Program:
             # cost per call that dominates small K on a GPU); each chunk still checks the plates
             self.model, self.guide = model, guide
             self.__dict__.update({k: v for k, v in known.items() if k != "num_rows"})
-            self.from_cache = True
             return
         try:
             structure = program.inspect_program(model, x, *self.rest, plate_name=plate_name,
@@ -779,8 +778,7 @@ class _Program:
         with pyro.validation_enabled(False):
             if self.vectorized:
                 log_weights = self._log_weights_vectorized(rows, num_particles)
-                if getattr(self, "from_cache", False):  # a fresh probe has just read them
-                    self._check_plates(self._last_traces)
+                self._check_plates(self._last_traces)
                 check_observed_support(self._last_traces[1], self.unchecked)
                 self._last_traces = None  # free this chunk's [K, n, D] tensors before the next
                 return log_weights
