@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyro
 import torch
 
 from ppl_lvm import data as datasets
@@ -18,6 +19,7 @@ from ppl_lvm import experiment
 from ppl_lvm.runs import (RunLock, load_run, prepare_run_folder, run_data, save_run,
                           state_module)
 from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, fit
+from ppl_lvm.models.vae import VAE
 
 
 class CLIError(Exception):
@@ -107,6 +109,8 @@ def add_train_options(parser, epochs):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run OUT already holds (its files are deleted first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write OUT/tensorboard/ event files (needs the tensorboard package)")
 
 
 # options that describe the experiment (recorded in config.json; --config reads them back)
@@ -134,7 +138,8 @@ def read_config_file(path):
     except (ValueError, UnicodeDecodeError) as error:
         raise CLIError(f"--config {path} cannot be read: {error}") from error
     options = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS) - {"device", "quiet"})
+    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS)
+                     - {"out", "device", "quiet", "tensorboard", "overwrite", "demo_samples"})
     if unknown:
         raise CLIError(f"--config {path}: unknown options {unknown}")
     return options
@@ -203,12 +208,21 @@ def check_combination(args):
         raise CLIError("masked-vae needs --missing (e.g. top_half or mcar:0.5)")
     if args.inner_steps and args.guide != "local":
         raise CLIError("--inner-steps steps the per-datapoint φ_i first: use it with --guide local")
-    if args.guide == "semi-amortized" and args.model not in ("vae", "masked-vae"):
-        raise CLIError("--guide semi-amortized needs a model with an encoder (vae)")
+    if args.guide == "semi-amortized" and args.model != "vae":
+        raise CLIError(f"--guide semi-amortized refines the output of an encoder of x alone: "
+                       f"`train vae` has one, {args.model} does not")
     if args.objective == "iwae" and args.guide == "local" and args.num_particles > 1:
         pass
     if args.dreg and args.objective != "iwae":
         raise CLIError("--dreg goes with --objective iwae")
+    if args.inner_tol is not None and not args.inner_steps:
+        raise CLIError("--inner-tol stops the inner loop of --inner-steps S early: give both")
+    if getattr(args, "tensorboard", False):
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as error:
+            raise CLIError(f"--tensorboard needs the tensorboard package ({error}); "
+                           "pip install tensorboard, or leave the option out") from None
 
 
 def train_in(args, out, data_config, x_train, x_test):
@@ -222,6 +236,8 @@ def train_in(args, out, data_config, x_train, x_test):
         f"{args.epochs} epochs on {args.device}")
     start = time.perf_counter()
     cli_options = {k: getattr(args, k) for k in EXPERIMENT_OPTIONS}
+    if model_entries:  # a user's file, by its absolute path: the config repeats from anywhere
+        cli_options["model"] = f"{model_entries['source']}:{model_entries['builder']}"
     run_config = {"data": data_config, "cli": cli_options, **model_entries, "train": {
         k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed")}}
     if args.model == "mog":
@@ -238,19 +254,7 @@ def train_in(args, out, data_config, x_train, x_test):
     binarize = (lambda *batch: (torch.bernoulli(batch[0]),) + batch[1:] if len(batch) > 1
                 else torch.bernoulli(batch[0])) if data_config["binarize"] else None
     log = out / "metrics.jsonl" if ddp.is_main() else None
-    if log is not None and not args.resume and log.exists():
-        log.unlink()
-
-    def record(epoch, result):  # one line per epoch as training goes (compare and plots read it)
-        if log is not None:
-            import json
-            entry = {"epoch": epoch, "loss": result.epoch_losses[-1], "step": result.step,
-                     "wall_time_s": result.wall_time}
-            if result.eval_epochs and result.eval_epochs[-1] == epoch:
-                entry["heldout_elbo"] = result.eval_elbos[-1]
-            with open(log, "a") as handle:
-                handle.write(json.dumps(entry) + "\n")
-        return False
+    record = epoch_log(log, args, steps_per_epoch=-(-len(x_train) // args.batch_size))
 
     eval_data = None if args.guide == "local" else (test_data if len(test_data) > 1 else x_test)
     result = fit(module.model, guide, data if len(data) > 1 else x_train, epochs=args.epochs,
@@ -262,6 +266,10 @@ def train_in(args, out, data_config, x_train, x_test):
                  lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
                  callback=record)
     train_time = time.perf_counter() - start
+    # what SVI fitted: θ and λ or the φ_i table (an unused encoder does not count), read before
+    # the held-out φ are added
+    num_parameters = sum(value.numel() for value in pyro.get_param_store().values()) or sum(
+        p.numel() for p in state_module(module).parameters())
     held_guide, est_kwargs, note = experiment.held_out_guide(
         args.guide, module, module.model, guide, x_test, test_kwargs)
     from ppl_lvm.estimators import estimate_log_marginal
@@ -271,7 +279,7 @@ def train_in(args, out, data_config, x_train, x_test):
                "epochs": args.epochs, "steps": result.step, "wall_time_s": time.perf_counter() - start,
                "train_time_s": train_time, "eval_epochs": result.eval_epochs,
                "eval_elbos": result.eval_elbos, "epoch_losses": result.epoch_losses,
-               "num_parameters": sum(p.numel() for p in state_module(module).parameters())}
+               "num_parameters": num_parameters}
     if not ddp.is_main():  # the global params are the same on every rank: rank 0 writes them
         return metrics
     save_run(out, args.model if experiment.is_builtin(args.model) else "file", module, run_config,
@@ -283,6 +291,51 @@ def train_in(args, out, data_config, x_train, x_test):
     print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, 10 samples each{note}); "
           f"{metrics['wall_time_s']:.0f} s; wrote {out}")
     return metrics
+
+
+def epoch_log(log, args, steps_per_epoch):
+    """fit's ``callback``: one JSON line per epoch in ``log`` (metrics.jsonl) as training goes:
+    the epoch's mean loss, the held-out ELBO when it was evaluated, the step-size factor of the
+    schedule at the epoch's last step and the wall time. ``compare`` and the curve PNG read it.
+
+    The file is rewritten whole through ``atomic`` each epoch (it is small), so a killed run leaves
+    it complete up to some epoch; a resumed run keeps the lines of the epochs it does not redo.
+    """
+    import json
+
+    from ppl_lvm.train import lr_factor
+
+    writer = None
+    if log is not None and getattr(args, "tensorboard", False):
+        from torch.utils.tensorboard import SummaryWriter  # importable: check_combination saw
+
+        writer = SummaryWriter(str(log.parent / "tensorboard"))
+    lines = []
+    if log is not None and args.resume and log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+    elif log is not None and log.exists():
+        log.unlink()
+
+    def record(epoch, result):
+        if log is None:
+            return False
+        entry = {"epoch": epoch, "loss": result.epoch_losses[-1], "step": result.step,
+                 "lr_factor": lr_factor(args.lr_schedule, max(result.step - 1, 0),
+                                        args.epochs * steps_per_epoch),
+                 "wall_time_s": result.wall_time}
+        if result.eval_epochs and result.eval_epochs[-1] == epoch:
+            entry["heldout_elbo"] = result.eval_elbos[-1]
+        kept = [line for line in lines if json.loads(line)["epoch"] < epoch]
+        lines[:] = kept + [json.dumps(entry)]
+        atomic.write_text(log, "\n".join(lines) + "\n")
+        if writer is not None:
+            for key in ("loss", "heldout_elbo", "lr_factor"):
+                if key in entry:
+                    writer.add_scalar(key, entry[key], epoch)
+            writer.flush()
+        return False
+
+    return record
 
 
 def train_mixture(args, out, module, run_config, x_train, x_test, start):
@@ -354,6 +407,7 @@ def evaluate(args):
     options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
     if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
         options["method"], note = "exact", " (a mixture: exact, by enumeration)"
+    method = options["method"]
     if args.method == "ais":
         options["num_steps"] = args.num_steps
     if ddp.active():  # rows split across ranks, gathered back in order
@@ -364,18 +418,19 @@ def evaluate(args):
         estimate = estimate_log_marginal(vae.model, guide, x_test, **options)
     seconds = time.perf_counter() - start
     unreliable = None if estimate.khat is None else int(estimate.unreliable.sum())
-    result = {"method": args.method, "num_samples": args.num_samples, "num_images": len(x_test),
+    result = {"method": method, "num_samples": args.num_samples, "num_images": len(x_test),
               "mean": estimate.mean, "stderr": estimate.stderr,
               "median_ess": estimate.ess.median().item(), "wall_time_s": seconds,
               "khat_above_0.7": unreliable}
     if args.method == "ais":
         result["num_steps"] = args.num_steps
     if ddp.is_main():
-        ess = "" if args.method == "exact" or ddp.active() else f"; median ESS {result['median_ess']:.1f}"
+        ess = "" if method == "exact" or ddp.active() else f"; median ESS {result['median_ess']:.1f}"
         if unreliable is not None and args.method != "ais" and args.num_samples >= 25:
             ess += f"; Pareto k̂ > 0.7 (not to be trusted) for {unreliable} images"
         steps = f", T={args.num_steps}" if args.method == "ais" else ""
-        print(f"held-out log p(x) by {args.method}, K={args.num_samples}{steps}: {estimate.mean:.2f} ± "
+        samples = "" if method == "exact" else f", K={args.num_samples}{steps}"
+        print(f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f} ± "
               f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s){note}")
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
             f"_T{args.num_steps}" if args.method == "ais" else "")
@@ -413,7 +468,7 @@ def compare(args):
                                                                           metrics.get("wall_time_s")),
                "num_parameters": metrics.get("num_parameters"), "note": note.strip()}
         if args.gaps and method is None and row["guide"] == "amortized" and not kwargs:
-            encoder = getattr(module, "encoder", None)
+            encoder = experiment.gap_encoder(module, module.guide, x_test)
             gaps = amortization_gaps(module.model, module.guide, x_test, encoder=encoder,
                                      num_samples=args.num_samples, local_steps=args.local_steps,
                                      seed=args.seed).summary()
@@ -436,13 +491,15 @@ def compare(args):
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for run, entries in curves.items():
-            points = [e for e in entries if "heldout_elbo" in e]
-            axes[0].plot([e["epoch"] for e in points], [e["heldout_elbo"] for e in points],
-                         marker=".", label=run)
-            axes[1].plot([e["wall_time_s"] for e in points], [e["heldout_elbo"] for e in points],
-                         marker=".", label=run)
-        axes[0].set(xlabel="epoch", ylabel="held-out ELBO (nats)")
-        axes[1].set(xlabel="training time (s)", ylabel="held-out ELBO (nats)")
+            points = [(e, e["heldout_elbo"]) for e in entries if "heldout_elbo" in e]
+            label, style = run, "-"
+            if not points:  # a per-datapoint guide has no φ for held-out rows while it trains
+                points, label, style = [(e, -e["loss"]) for e in entries], f"{run} (train)", "--"
+            for axis, key in zip(axes, ("epoch", "wall_time_s")):
+                axis.plot([e[key] for e, _ in points], [value for _, value in points], style,
+                          marker=".", label=label)
+        axes[0].set(xlabel="epoch", ylabel="ELBO (nats): held-out, or training (dashed)")
+        axes[1].set(xlabel="training time (s)", ylabel="ELBO (nats)")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         atomic.save_figure(fig, Path(args.out))
@@ -482,6 +539,7 @@ def gaps(args):
           f"per image, log p(x) by IWAE with K={args.num_samples}")
     start = time.perf_counter()
     result = amortization_gaps(vae.model, vae.guide, x_test, num_samples=args.num_samples,
+                               encoder=experiment.gap_encoder(vae, vae.guide, x_test),
                                elbo_samples=args.elbo_samples, local_steps=args.local_steps,
                                local_lr=args.local_lr, seed=args.seed)
     summary = {**result.summary(), "local_steps": args.local_steps,
@@ -508,9 +566,33 @@ def add_gaps_parser(commands):
 
 
 def demo(args):
-    """Train the VAE on the bundled MNIST for a few minutes and write its numbers and pictures."""
+    """The mission in a few minutes: train the VAE on the bundled MNIST, print its held-out ELBO and
+    log p(x) by IWAE (± s.e., ESS), write samples, reconstructions, curves and a top-half
+    completion grid, and print the commands to try next."""
     args.model, args.data, args.data_path = "vae", "mnist", None
-    return train(args)
+    args.guide, args.objective, args.missing = "amortized", "elbo", None
+    start = time.perf_counter()
+    metrics = train(args)
+    if not ddp.is_main():
+        return metrics
+    common = dict(run=args.out, seed=0, device=args.device)
+    estimate = evaluate(argparse.Namespace(**common, method="iwae", num_samples=args.demo_samples,
+                                           num_steps=None, n=None))
+    complete(argparse.Namespace(**common, mask="top_half", n=12, samples=4, method="mwg",
+                                num_particles=1000, num_steps=200, rate=0.5, block_size=14,
+                                out=None))
+    out = args.out
+    print(f"demo done in {time.perf_counter() - start:.0f} s: held-out ELBO {metrics['heldout_elbo']:.2f}, "
+          f"log p(x) by IWAE-{args.demo_samples} {estimate['mean']:.2f} ± {estimate['stderr']:.2f} "
+          f"nats/image (median ESS {estimate['median_ess']:.1f}); pictures in {out}/\n"
+          "next, try:\n"
+          f"  ppl-lvm evaluate {out} -K 5000                      # a tighter log p(x)\n"
+          f"  ppl-lvm train vae --guide local --inner-steps 5 --lr-schedule cosine --epochs 20 "
+          f"--out {out}-local\n"
+          f"  ppl-lvm compare {out} {out}-local --gaps -K 1000   # amortized vs per-datapoint\n"
+          f"  ppl-lvm complete {out} --mask bottom_half          # fill in missing pixels\n"
+          f"  ppl-lvm train --config {out}/config.json --out {out}-again   # repeat the run")
+    return {**metrics, "log_px": estimate}
 
 
 def complete(args):
@@ -524,12 +606,13 @@ def complete(args):
     from ppl_lvm.models import missing
 
     module, config = load_run(args.run, args.device)
+    # a model from a user's file is completed as it is: its guide fed the current completion
     proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
-    if not isinstance(module, missing.MaskedVAE):
+    if isinstance(module, VAE) and not isinstance(module, missing.MaskedVAE):
         plain = module
         module = missing.MaskedVAE(**plain.config(), encoder_sees_mask=False).to(args.device)
         module.load_state_dict(plain.state_dict())
-    module = module.eval()
+    state_module(module).eval()
     _, x_test = run_data(config["data"], args.device)
     x = x_test[:args.n]
     mask = missing.make_mask(args.mask, x.shape[0], x.shape[1], rate=args.rate,
@@ -547,7 +630,7 @@ def complete(args):
     plots.image_grid([x, observed, *shown], out, row_labels=labels,
                      title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) ({args.method})")
     scores = missing.imputation_scores(x, mask, result.mean,
-                                       binary=module.likelihood == "bernoulli")
+                                       binary=bool(config["data"].get("binarize")))
     print(f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
           f"{args.method}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" of the posterior mean; wrote {out}")
@@ -607,7 +690,7 @@ def build_parser():
                    help=f"one of {', '.join(experiment.BUILTIN)}, or path/to/file.py:build for "
                         "your own model (build(data_dim, **options) returns an object with model "
                         "and guide)")
-    p.add_argument("--out", required=True, help="run folder to write (checkpoint, weights, PNGs)")
+    p.add_argument("--out", default=None, help="run folder to write (checkpoint, weights, PNGs)")
     add_train_options(p, epochs=50)
     p.set_defaults(func=train)
 
@@ -651,6 +734,8 @@ def build_parser():
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--demo-samples", type=positive_int, default=500,
+                   help="K of the demo's IWAE estimate of held-out log p(x)")
     add_train_options(p, epochs=200)
     p.set_defaults(func=demo)
 
@@ -670,6 +755,8 @@ def parse(parser, argv):
     if args.command == "train" and args.model is None:
         raise CLIError("train needs a model (vae, masked-vae, ppca, mog or path/to/file.py:build),"
                        " on the command line or in --config")
+    if args.command == "train" and args.out is None:
+        raise CLIError("train needs --out FOLDER, on the command line or in --config")
     return args
 
 

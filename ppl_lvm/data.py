@@ -231,7 +231,7 @@ def load_digits(device="cpu", split="all", dtype=torch.float32):
 
     Args:
         device: where the tensors go.
-        split: "all" (1797 rows), or "train" / "test" from ``train_test_split`` (test_fraction=0.2, seed=0).
+        split: "all" (1797 rows), or "train" / "test" from ``split_rows`` (test_fraction=0.2, seed=0).
         dtype: floating dtype of ``x``.
 
     Returns:
@@ -259,7 +259,7 @@ def load_mnist(path=None, device="cpu", split="all", dtype=torch.float32):
         device: where the tensors go.
         split: "train", "test" (the t10k files), or "all" (train then test). The bundled set has no
             official split: "all" gives all 5,000 rows and "train" / "test" come from
-            ``train_test_split`` (test_fraction=0.2, seed=0).
+            ``split_rows`` (test_fraction=0.2, seed=0).
         dtype: floating dtype of ``x``.
 
     Returns:
@@ -346,8 +346,11 @@ def binarize(x, method="threshold", threshold=0.5, seed=None):
     raise ValueError(f"unknown binarize method {method!r}; use 'threshold' or 'stochastic'")
 
 
-def train_test_split(x, y=None, test_fraction=0.2, seed=0):
+def split_rows(x, y=None, test_fraction=0.2, seed=0):
     """Split rows into train and test by a seeded random permutation (the same seed, the same split).
+
+    (Not scikit-learn's ``train_test_split``: a fraction and a seed, tensors in and out. The old
+    name ``train_test_split`` stays as an alias of this function.)
 
     Args:
         x: [N, ...] tensor.
@@ -374,8 +377,11 @@ def train_test_split(x, y=None, test_fraction=0.2, seed=0):
     return (x[train.to(x.device)], y[train.to(y.device)]), (x[test.to(x.device)], y[test.to(y.device)])
 
 
+train_test_split = split_rows  # the old name (notebooks use it); it shadowed scikit-learn's
+
+
 def _bundled_split(x, y, split):
     if split == "all":
         return x, y
-    train, test = train_test_split(x, y)
+    train, test = split_rows(x, y)
     return train if split == "train" else test

@@ -140,3 +140,31 @@ def held_out_guide(kind, module, model, guide, x_test, data_kwargs, steps=300, l
     fitted = infer_local(model, x_test, num_steps=steps, lr=lr, name="held_out", **data_kwargs)
     return fitted, {"idx": torch.arange(len(x_test), device=x_test.device)}, (
         f" (a per-datapoint guide: held-out φ fitted by infer_local, {steps} steps, model frozen)")
+
+
+def gap_encoder(module, guide, x):
+    """x -> (loc, scale) for the one local latent site, to start the per-datapoint q* of the gaps
+    from: a package VAE's own encoder; for any other guide, the loc and scale of the Normal it
+    samples at that site (read from its trace, whatever the site's name), or the prior's N(0, 1)
+    when it samples something else. None when the model has several local latent sites."""
+    from pyro import poutine
+    from pyro.distributions import Independent, Normal
+
+    if isinstance(module, VAE):
+        return module.encoder
+    structure = inspect_program(module.model, x[:2])
+    if len(structure.local_latents) != 1:
+        return None
+    site = structure.local_latents[0]
+
+    def encoder(rows):
+        with torch.no_grad(), poutine.block():
+            fn = poutine.trace(guide).get_trace(rows).nodes[site]["fn"]
+        while isinstance(fn, Independent):
+            fn = fn.base_dist
+        if isinstance(fn, Normal):
+            return fn.loc.detach(), fn.scale.detach()
+        shape = (len(rows), *structure.event_shapes[site])
+        return rows.new_zeros(shape), rows.new_ones(shape)
+
+    return encoder

@@ -27,7 +27,7 @@ def run_data(data_config, device="cpu"):
     and binarize x_test once, stochastically, with a fixed seed.
     """
     x, _ = datasets.load_dataset(data_config["name"], path=data_config.get("path"), device=device)
-    x_train, x_test = datasets.train_test_split(
+    x_train, x_test = datasets.split_rows(
         x, test_fraction=data_config["test_fraction"], seed=data_config["split_seed"])
     if data_config.get("binarize"):
         x_test = datasets.binarize(x_test, method="stochastic", seed=data_config["split_seed"])
@@ -39,7 +39,7 @@ LOCK_NAME = ".ppl-lvm.lock"
 # nothing else a user keeps in the folder
 RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
                 "reconstructions.png", "samples.png", "training_curve.png", "completions_*.png",
-                "evaluate_*.json", "gaps.json")
+                "evaluate_*.json", "gaps.json", "metrics.jsonl", "user_model.py", "bdmc_*.json")
 
 
 class RunFolderError(ValueError):

@@ -94,7 +94,11 @@ SMALL = ["--data", "digits", "--epochs", "2", "--z-dim", "2", "--hidden-dim", "1
     ["masked-vae", "--missing", "top_half", "--guide", "local"],
     ["ppca", "--likelihood", "gaussian"],
     ["mog", "--components", "3", "--covariance", "tied"],
-], ids=lambda a: "-".join(a[:3]))
+    ["vae", "--guide", "local", "--objective", "iwae", "-K", "2"],
+    ["ppca", "--guide", "local", "--lr-schedule", "exponential"],
+    ["masked-vae", "--missing", "bottom_half", "--objective", "iwae", "-K", "2", "--dreg"],
+    ["mog", "--components", "2", "--covariance", "full"],
+], ids=" ".join)
 def test_every_model_guide_and_objective_trains_and_evaluates(argv, tmp_path, capsys):
     """Each combination trains, writes its run, and `evaluate` rebuilds the same guide kind and
     scores held-out rows: IWAE-50 is at least the run's own held-out ELBO (up to 3 s.e.)."""
@@ -105,15 +109,29 @@ def test_every_model_guide_and_objective_trains_and_evaluates(argv, tmp_path, ca
     printed = capsys.readouterr().out
     result = json.loads((out / "evaluate_iwae_K50.json").read_text())
     assert result["num_images"] == 40
-    if argv[0] == "mog":  # exact, by enumeration: the run's own held-out number on these rows
-        assert "exact" in printed
+    if argv[0] == "mog":  # exact, by enumeration: the mixture's own log p(x) of these rows
+        from ppl_lvm.runs import load_run, run_data
+        module, config = load_run(out)
+        x = run_data(config["data"])[1][:40]
+        assert "by exact:" in printed and result["method"] == "exact"
+        assert result["mean"] == pytest.approx(module.log_prob(x).mean().item(), abs=1e-3)
     else:
         assert result["mean"] > metrics["heldout_elbo"] - 10 - 3 * result["stderr"]
     if "local" in argv:
         assert "infer_local" in printed
     if argv[0] != "mog":
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+        entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [e["epoch"] for e in entries] == [1, 2]
+        assert [e["loss"] for e in entries] == metrics["epoch_losses"]  # the log is the run's
+        if "cosine" in argv:  # the schedule's factor at each epoch's last step, decaying
+            from ppl_lvm.train import lr_factor
+            total = entries[-1]["step"]
+            assert [e["lr_factor"] for e in entries] == [
+                pytest.approx(lr_factor("cosine", e["step"] - 1, total)) for e in entries]
+            assert entries[0]["lr_factor"] > 0.5 > 0.05 > entries[-1]["lr_factor"]
+        elif "exponential" not in argv:
+            assert all(e["lr_factor"] == 1.0 for e in entries)
+        assert entries[0]["wall_time_s"] <= entries[1]["wall_time_s"]
 
 
 def test_bad_combinations_are_one_line(capsys, tmp_path):
@@ -122,6 +140,10 @@ def test_bad_combinations_are_one_line(capsys, tmp_path):
                           (["vae", "--inner-steps", "2"], "--guide local"),
                           (["mog", "--guide", "local"], "--mog-method"),
                           (["vae", "--dreg"], "--objective iwae"),
+                          (["vae", "--guide", "local", "--inner-tol", "0.01"], "--inner-steps"),
+                          (["ppca", "--guide", "semi-amortized"], "semi-amortized"),
+                          (["masked-vae", "--missing", "top_half", "--guide", "semi-amortized"],
+                           "masked-vae does not"),
                           (["no_such_file.py:build"], "no_such_file.py")]:
         assert main(["train", *argv, "--out", str(tmp_path / "x"), *SMALL]) == 2
         assert message in capsys.readouterr().err
@@ -140,6 +162,24 @@ def test_your_own_model_file_trains_evaluates_and_survives_the_file_changing(tmp
     source.unlink()
     assert main(["evaluate", str(out), "-K", "20", "--n", "30"]) == 0
     assert "by iwae, K=20" in capsys.readouterr().out
+    # every later command works on the run with no further code
+    assert main(["gaps", str(out), "-K", "20", "--n", "10", "--local-steps", "10",
+                 "--elbo-samples", "5"]) == 0
+    gaps = json.loads((out / "gaps.json").read_text())
+    assert gaps["approximation_gap"] == pytest.approx(gaps["log_px"] - gaps["elbo_optimal"], abs=1e-4)
+    assert gaps["amortization_gap"] == pytest.approx(gaps["elbo_optimal"] - gaps["elbo_amortized"],
+                                                     abs=1e-4)
+    assert main(["complete", str(out), "--n", "4", "--num-steps", "5", "--samples", "2"]) == 0
+    assert (out / "completions_top_half.png").is_file()
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(out), "-K", "20", "--n", "30", "--out", str(png)]) == 0
+    row, = json.loads(png.with_suffix(".json").read_text())
+    evaluated = json.loads((out / "evaluate_iwae_K20.json").read_text())
+    assert row["heldout_log_px"] == pytest.approx(evaluated["mean"], abs=1e-5)
+    metrics = json.loads((out / "metrics.json").read_text())
+    linear = lambda inputs, outputs: inputs * outputs + outputs  # noqa: E731
+    decoder, encoder = linear(3, 64) + linear(64, 2 * 64), linear(64, 64) + linear(64, 2 * 3)
+    assert row["num_parameters"] == metrics["num_parameters"] == decoder + encoder  # 8x8 digits
 
 
 def test_a_run_config_repeats_the_run_and_the_command_line_overrides_it(tmp_path):
@@ -159,6 +199,26 @@ def test_a_run_config_repeats_the_run_and_the_command_line_overrides_it(tmp_path
     assert main(["train", "--config", str(toml), "--epochs", "2", "--out", str(third),
                  "--quiet"]) == 0
     assert json.loads((third / "metrics.json").read_text())["epochs"] == 2  # the CLI wins
+    with open(toml, "a") as handle:  # every option, --out included, may come from the file
+        handle.write(f'out = "{tmp_path / "d"}"\nguide = "local"\ninner-steps = 2\nquiet = true\n')
+    assert main(["train", "--config", str(toml)]) == 0
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert config["cli"]["guide"] == "local" and config["cli"]["inner_steps"] == 2
+    assert main(["train", "vae", "--data", "digits"]) == 2  # and without it, one line
+
+
+def test_a_run_of_your_own_model_repeats_from_its_config_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    first = tmp_path / "mine"
+    assert main(["train", "examples/my_model.py:build", "--option", "hidden=32",
+                 "--lr-schedule", "cosine", "--out", str(first), *SMALL]) == 0
+    monkeypatch.chdir(tmp_path)  # the relative path given above no longer resolves from here
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again)]) == 0
+    a = json.loads((first / "metrics.json").read_text())
+    b = json.loads((again / "metrics.json").read_text())
+    assert a["epoch_losses"] == b["epoch_losses"] and b["num_parameters"] == a["num_parameters"]
+    assert json.loads((again / "config.json").read_text())["options"] == {"hidden": 32}
 
 
 def test_compare_reports_what_evaluate_and_the_runs_say(tmp_path, capsys):
@@ -177,7 +237,17 @@ def test_compare_reports_what_evaluate_and_the_runs_say(tmp_path, capsys):
         metrics = json.loads((run / "metrics.json").read_text())
         assert row["num_parameters"] == metrics["num_parameters"]
         assert row["train_time_s"] == pytest.approx(metrics["train_time_s"])
-    assert png.is_file() and "| local |" in capsys.readouterr().out.replace("vae | local", "| local")
+    # digits: 64 pixels, z 2, one hidden layer of 16; the local run trains a φ row (μ, log σ) per
+    # training digit in place of the encoder
+    decoder = 2 * 16 + 16 + 16 * 64 + 64
+    encoder = 64 * 16 + 16 + 16 * 4 + 4
+    num_train = 1797 - round(1797 * 0.2)
+    assert [row["num_parameters"] for row in rows] == [decoder + encoder, decoder + num_train * 4]
+    printed = capsys.readouterr().out
+    for row in rows:  # the printed table is the JSON's numbers
+        assert (f"| {row['run']} | vae | {row['guide']} | {row['heldout_elbo']:.2f} | "
+                f"{row['heldout_log_px']:.2f} ± {row['log_px_stderr']:.2f} |") in printed
+    assert png.is_file()
 
 
 def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
@@ -192,4 +262,63 @@ def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
                               stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, log.read_text()[-2000:]
+    assert "step/s" in log.read_text()  # the bar was on
     assert log.stat().st_size < 20_000, log.stat().st_size
+
+
+def test_evaluate_fits_held_out_phi_of_a_per_datapoint_run_as_the_python_api_does(tmp_path, capsys):
+    """A local-guide run has no φ for held-out rows: evaluate fits them with the model frozen
+    (infer_local) and reports the same per-datapoint estimate, s.e. and ESS that the Python API
+    gives for that guide."""
+    import pyro
+    import torch
+
+    from ppl_lvm import estimate_log_marginal, infer_local
+    from ppl_lvm.runs import load_run, run_data
+
+    out = tmp_path / "local"
+    assert main(["train", "vae", "--guide", "local", "--inner-steps", "2", "--out", str(out),
+                 *SMALL]) == 0
+    assert main(["evaluate", str(out), "-K", "40", "--n", "25"]) == 0
+    printed = capsys.readouterr().out
+    assert "per-datapoint guide: held-out φ fitted by infer_local" in printed
+    result = json.loads((out / "evaluate_iwae_K40.json").read_text())
+    module, config = load_run(out)
+    x = run_data(config["data"])[1][:25]
+    pyro.set_rng_seed(0)
+    guide = infer_local(module.model, x, num_steps=300, lr=1e-2, name="held_out")
+    estimate = estimate_log_marginal(module.model, guide, x, method="iwae", num_samples=40, seed=0,
+                                     idx=torch.arange(25))
+    assert result["mean"] == pytest.approx(estimate.mean, abs=1e-4)
+    assert result["stderr"] == pytest.approx(estimate.stderr, abs=1e-4) and result["stderr"] > 0
+    assert result["median_ess"] == pytest.approx(estimate.ess.median().item(), abs=1e-3)
+    assert f"{result['mean']:.2f} ± {result['stderr']:.2f}" in printed and "median ESS" in printed
+
+
+def test_tensorboard_is_optional(tmp_path, capsys):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert main(["train", "vae", "--tensorboard", "--out", str(tmp_path / "tb"), *SMALL]) == 2
+        assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+        return
+    assert main(["train", "vae", "--tensorboard", "--out", str(tmp_path / "tb"), *SMALL]) == 0
+    assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def test_demo_prints_what_its_run_folder_holds(tmp_path, capsys):
+    """The demo on tiny settings: its printed ELBO and IWAE numbers are the run's own, and it
+    writes the pictures (completions of top halves included) and the next commands."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--z-dim", "2", "--hidden-dim", "16",
+                 "--batch-size", "512", "--demo-samples", "5", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    estimate = json.loads((out / "evaluate_iwae_K5.json").read_text())
+    assert f"held-out ELBO {metrics['heldout_elbo']:.2f}" in printed
+    assert f"IWAE-5 {estimate['mean']:.2f} ± {estimate['stderr']:.2f}" in printed
+    assert f"median ESS {estimate['median_ess']:.1f}" in printed
+    for name in ("samples.png", "reconstructions.png", "training_curve.png",
+                 "completions_top_half.png"):
+        assert (out / name).is_file()
+    assert f"ppl-lvm compare {out}" in printed and f"ppl-lvm evaluate {out}" in printed

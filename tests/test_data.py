@@ -333,3 +333,13 @@ def test_train_test_split_errors():
         train_test_split(torch.rand(10, 2), torch.arange(9))
     with pytest.raises(ValueError, match="empty train or test part"):
         train_test_split(torch.rand(3, 2), test_fraction=0.1)
+
+
+def test_split_rows_is_the_new_name_and_train_test_split_its_alias():
+    from ppl_lvm import data, split_rows
+    x = torch.arange(40.0).reshape(20, 2)
+    assert data.train_test_split is split_rows
+    new_train, new_test = split_rows(x, test_fraction=0.25, seed=1)
+    old_train, old_test = data.train_test_split(x, test_fraction=0.25, seed=1)
+    assert torch.equal(new_train, old_train) and torch.equal(new_test, old_test)
+    assert len(new_test) == 5

@@ -29,3 +29,9 @@ def test_readme_example_model_trains():
     held_out = namespace["held_out"]
     assert held_out.log_px.shape == (20,) and held_out.globals == "given"
     assert bool(torch.isfinite(held_out.log_px).all())
+
+
+def test_readme_shows_the_example_model_file_as_it_is():
+    """The README's model-file section is examples/my_model.py verbatim (which test_cli trains)."""
+    example = (ROOT / "examples" / "my_model.py").read_text()
+    assert f"```python\n{example}```" in README
