@@ -230,6 +230,7 @@ def train_in(args, out, data_config, x_train, x_test):
     check_combination(args)
     torch.manual_seed(args.seed)
     module, model_entries = build_experiment(args, x_train.shape[1], out if ddp.is_main() else None)
+    state_module(module).to(x_train.device)  # guides are read from the model on the data's device
     say = (lambda *a: None) if args.quiet or not ddp.is_main() else print
     say(f"training {args.model} ({args.guide} guide, {args.objective}) on {args.data}: "
         f"{len(x_train)} train / {len(x_test)} held-out rows of {x_train.shape[1]} values, "

@@ -322,3 +322,18 @@ def test_demo_prints_what_its_run_folder_holds(tmp_path, capsys):
                  "completions_top_half.png"):
         assert (out / name).is_file()
     assert f"ppl-lvm compare {out}" in printed and f"ppl-lvm evaluate {out}" in printed
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("argv", [["vae", "--guide", "local", "--inner-steps", "2"],
+                                  ["vae", "--guide", "semi-amortized", "--semi-steps", "2"],
+                                  ["masked-vae", "--missing", "top_half"],
+                                  ["ppca", "--likelihood", "gaussian"],
+                                  ["mog", "--components", "3"]], ids=lambda a: a[0] + a[-1])
+def test_every_model_and_guide_trains_and_evaluates_on_cuda(argv, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *argv, "--out", str(out), "--device", "cuda", *SMALL]) == 0, \
+        capsys.readouterr().err
+    assert main(["evaluate", str(out), "-K", "20", "--n", "20", "--device", "cuda"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads((out / "evaluate_iwae_K20.json").read_text())["num_images"] == 20
