@@ -124,7 +124,6 @@ EXPERIMENT_OPTIONS = (
 def read_config_file(path):
     """Options from a TOML file (names as on the command line, - or _) or a run's config.json."""
     import json
-    import tomllib
 
     path = Path(path)
     if not path.is_file():
@@ -134,6 +133,11 @@ def read_config_file(path):
             values = json.loads(path.read_text())
             values = values.get("cli", values)
         else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise CLIError(f"--config {path}: reading TOML needs Python 3.11 or newer; "
+                               "give the options as a .json file instead") from None
             values = tomllib.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise CLIError(f"--config {path} cannot be read: {error}") from error
