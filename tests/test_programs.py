@@ -307,3 +307,95 @@ def test_masked_mixture_by_prior_and_uniform_sampling_matches_the_closed_form():
     for method in ("prior", "uniform"):
         estimate = log_marginal(model, None, data, method=method, num_samples=20000, seed=0)
         assert torch.allclose(estimate, truth, atol=0.05), method
+
+
+# =============================================================================================
+# More programs per class (tests/programs/obs_mask.py, linear_gaussian.py; Pyro's GMM tutorial)
+
+from pyro.infer.autoguide import AutoDelta  # noqa: E402
+
+from ppl_lvm.estimators import log_weights  # noqa: E402
+from ppl_lvm.objectives import IWAE_ELBO  # noqa: E402
+from tests.programs import linear_gaussian, obs_mask  # noqa: E402
+
+
+def test_gmm_structure_is_read_from_its_traces():  # class 1
+    """The tutorial's globals (weights, scale, locs in their own plate) are outside the data plate;
+    the enumerated assignment and the observation are inside it; no idx/num_data keywords."""
+    data = gmm_tutorial.make_data()
+    structure = inspect_program(gmm_tutorial.model, data)
+    assert (structure.plate_name, structure.plate_dim) == ("data", -1)
+    assert set(structure.global_sites) == {"weights", "scale", "locs"}
+    assert set(structure.local_sites) == {"assignment", "obs"}
+    assert set(structure.observed_sites) == {"obs"}
+    assert set(structure.latent_sites) == {"weights", "scale", "locs", "assignment"}
+    assert structure.takes_rows is False
+
+
+def test_gmm_globals_sampled_from_autodelta_are_its_median():  # class 1
+    """AutoDelta's draws are its point: globals="sample" (any S) gives the same closed-form
+    mixture density log Σ_k w_k N(x_n; loc_k, scale) as globals="median"."""
+    data = gmm_tutorial.make_data()
+    guide = gmm_tutorial.make_guide(data)
+    guide(data)
+    g = guide.median()
+    truth = torch.logsumexp(g["weights"].log() + dist.Normal(g["locs"], g["scale"]).log_prob(
+        data[:, None]), -1).detach()
+    sampled = log_marginal(gmm_tutorial.model, guide, data, method="exact", globals="sample",
+                           num_global_samples=3, seed=0)
+    assert torch.allclose(sampled, truth, atol=1e-5)
+
+
+def conjugate_autonormal(x, loc, scale):
+    """An AutoNormal over conjugate_model's μ starting (and left) at N(loc, scale²)."""
+    guide = AutoNormal(conjugate_model, init_loc_fn=lambda site: torch.tensor(loc),
+                       init_scale=scale)
+    guide(x)
+    return guide
+
+
+def test_conjugate_globals_sampled_from_autonormal_give_the_predictive_density():  # class 1
+    """μ ~ q = N(m, s²) and x_n | μ ~ N(μ, 1): (1/S) Σ_s p(x_n | μ_s) → N(x_n; m, 1 + s²);
+    globals="median" gives N(x_n; m, 1) exactly."""
+    x = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    guide = conjugate_autonormal(x, 0.3, 0.5)
+    median = log_marginal(conjugate_model, guide, x, method="exact", globals="median")
+    assert torch.allclose(median, dist.Normal(0.3, 1.0).log_prob(x), atol=1e-5)
+    sampled = log_marginal(conjugate_model, guide, x, method="exact", globals="sample",
+                           num_global_samples=1000, seed=0)
+    predictive = dist.Normal(0.3, math.sqrt(1 + 0.5 ** 2)).log_prob(x)
+    assert torch.allclose(sampled, predictive, atol=0.04)  # N(x_n; m, 1) is up to 0.18 away
+
+
+def test_conjugate_autonormal_fit_on_minibatches_reaches_the_exact_posterior():  # class 2
+    """AutoNormal as written, fit with batch_size < N: μ | x = N(Σx / (N + 1), 1 / (N + 1)), in
+    AutoNormal's family, so both its loc and its scale reach the closed form."""
+    x = torch.randn(48, generator=torch.Generator().manual_seed(5)) + 1.0
+    guide = AutoNormal(conjugate_model)
+    fit(conjugate_model, guide, x, epochs=150, batch_size=12, lr=0.05, lr_schedule="cosine",
+        loss=Trace_ELBO(num_particles=16, vectorize_particles=True), progress=False)
+    loc = pyro.param("AutoNormal.locs.mu").item()
+    scale = pyro.param("AutoNormal.scales.mu").item()
+    assert loc == pytest.approx(x.sum().item() / 49, abs=0.02)
+    assert scale == pytest.approx(1 / math.sqrt(49), abs=0.02)
+
+
+def hierarchical_model(x):
+    """μ ~ N(0, 1) global; z_n ~ N(μ, 1), x_n ~ N(z_n, 0.5²): z_n | x_n, μ is
+    N((μ + 4 x_n) / 5, 1 / 5)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+
+def test_infer_local_with_an_autodelta_over_the_globals():  # class 2
+    """infer_local fixes the global μ at AutoDelta's value (poutine.block(expose=["mu"]), as the
+    GMM tutorial writes it) and fits q*(z_n): its means are (μ + 4 x_n) / 5, row by row."""
+    x = torch.tensor([-2.0, -0.5, 0.0, 1.0, 3.0, 4.0])
+    globals_guide = AutoDelta(pyro.poutine.block(hierarchical_model, expose=["mu"]),
+                              init_loc_fn=lambda site: torch.tensor(0.7))
+    globals_guide(x)
+    local = infer_local(hierarchical_model, x, globals_guide=globals_guide, num_steps=300,
+                        lr=0.1, loss=Trace_ELBO(num_particles=16, vectorize_particles=True))
+    assert torch.allclose(local.loc().reshape(-1), (0.7 + 4 * x) / 5, atol=0.03)
