@@ -399,3 +399,91 @@ def test_infer_local_with_an_autodelta_over_the_globals():  # class 2
     local = infer_local(hierarchical_model, x, globals_guide=globals_guide, num_steps=300,
                         lr=0.1, loss=Trace_ELBO(num_particles=16, vectorize_particles=True))
     assert torch.allclose(local.loc().reshape(-1), (0.7 + 4 * x) / 5, atol=0.03)
+
+
+def test_obs_mask_program_fit_on_minibatches_reaches_the_closed_form_posterior():  # class 1, 3
+    """Pyro's test_obs_mask_ok program: a global x and a per-row mask of which y are observed,
+    passed as data (y, mask) to fit with batch_size < N. The mask must follow its rows and x's
+    prior must count once: loc, scale → Σ_obs y / (n_obs + 1), 1 / √(n_obs + 1)."""
+    data, mask = obs_mask.make_data()
+    fit(obs_mask.model, obs_mask.guide, (data, mask), epochs=100, batch_size=8, lr=0.05,
+        lr_schedule="cosine", loss=Trace_ELBO(num_particles=16, vectorize_particles=True),
+        progress=False)
+    loc, scale = obs_mask.posterior_of_x(data, mask)
+    assert pyro.param("loc").item() == pytest.approx(loc, abs=0.03)
+    assert pyro.param("scale").item() == pytest.approx(scale, abs=0.03)
+
+
+def test_semi_supervised_labels_are_scored_exactly():  # class 3, class 6
+    """A label observed on some rows (obs_mask) and enumerated on the others: "exact" is the
+    closed form log π_y + log N(x; loc_y, 1) on labelled rows and log Σ_y on unlabelled ones (and
+    its sum is Pyro's own TraceEnum_ELBO loss, which is exact here)."""
+    x, y, observed = obs_mask.make_label_data()
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    full = elbo.loss(obs_mask.label_model, obs_mask.label_guide, x, y, observed)
+    truth = obs_mask.label_log_px(x, y, observed)
+    assert -truth.sum().item() == pytest.approx(full, rel=1e-5)
+    exact = log_marginal(obs_mask.label_model, None, x, method="exact", y=y, observed=observed)
+    assert torch.allclose(exact, truth, atol=1e-5)
+
+
+def test_semi_supervised_labels_trained_by_fit_with_enumeration():  # class 3
+    """fit on (x, y, observed) minibatches with TraceEnum_ELBO: at frozen parameters the
+    minibatch losses of fit's binding average to Pyro's full-data loss; after a few steps the
+    trained model's "prior" estimate (no latent but the label) matches the closed form."""
+    x, y, observed = obs_mask.make_label_data()
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    result = fit(obs_mask.label_model, obs_mask.label_guide, (x, y, observed), epochs=3,
+                 batch_size=4, lr=0.1, loss=elbo, progress=False)
+    assert len(result.losses) == 12 and pyro.param("locs").detach().diff().item() != 4.0
+    model, guide = obs_mask.label_model, obs_mask.label_guide
+    plate = inspect_program(model, x, y, observed).plate_name
+    full = elbo.loss(model, guide, x, y, observed)
+    batches = torch.randperm(16, generator=torch.Generator().manual_seed(1)).reshape(4, 4)
+    losses = [elbo.loss(bind(model, i, 16, plate), bind(guide, i, 16, plate), x[i], y[i],
+                        observed[i]) for i in batches]
+    assert sum(losses) / 4 == pytest.approx(full, rel=1e-5)
+    truth = obs_mask.label_log_px(x, y, observed)
+    prior = log_marginal(model, None, x, method="prior", num_samples=4000, seed=0, y=y,
+                         observed=observed)
+    assert torch.allclose(prior, truth, atol=0.05)
+
+
+def test_log_marginal_takes_the_model_arguments_after_x_as_the_other_tools_do():  # class 3
+    """fit(data=(x, y, observed)), log_weights(model, guide, x, y, observed), infer_local and
+    amortization_gaps all take the model's further positional arguments; log_marginal must too,
+    with the same answer as passing them by keyword."""
+    x, y, observed = obs_mask.make_label_data()
+    truth = obs_mask.label_log_px(x, y, observed)
+    weights = log_weights(obs_mask.label_model, None, x, y, observed, num_samples=5, seed=0)
+    assert weights.shape == (5, 16)
+    by_position = log_marginal(obs_mask.label_model, None, x, y, observed, method="exact")
+    assert torch.allclose(by_position, truth, atol=1e-5)
+
+
+def test_ss_vae_unlabelled_rows_score_as_the_sum_over_labels():  # class 3
+    """Pyro's SS-VAE trained by fit as its example trains it (TraceEnum_ELBO, the guide's y
+    enumerated; labelled and unlabelled data), then scored on unlabelled rows: log p(x) from
+    IWAE over (y, z) ~ q must equal log Σ_y p(x, y), each p(x, y) an IWAE estimate with y given."""
+    from pyro.infer import config_enumerate
+
+    torch.manual_seed(0)
+    ss = SSVAE(output_size=10, input_size=64, z_dim=2, hidden_layers=[16], config_enum="parallel")
+    images, labels = load_digits()
+    x = (images[:48] > 0.5).float()
+    y = torch.nn.functional.one_hot(labels[:48], 10).float()
+    guide = config_enumerate(ss.guide, "parallel", expand=True)
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    fit(ss.model, guide, (x[:16], y[:16]), epochs=2, batch_size=8, loss=elbo, progress=False)
+    result = fit(ss.model, guide, x[16:], epochs=2, batch_size=8, loss=elbo, progress=False,
+                 clear_params=False)
+    assert all(math.isfinite(v) for v in result.losses)
+    rows = x[40:46]
+    unlabelled = log_marginal(ss.model, ss.guide, rows, num_samples=40000, seed=0)
+    per_label = torch.stack([
+        log_marginal(ss.model, ss.guide, rows, num_samples=4000, seed=0,
+                     ys=torch.nn.functional.one_hot(torch.full((6,), k), 10).float())
+        for k in range(10)])
+    # both are IWAE estimates still converging at these K (within ±0.15 here); a lost log p(y)
+    # or q(y | x) term would be off by about log 10
+    assert torch.allclose(unlabelled, per_label.logsumexp(0), atol=0.25)

@@ -49,11 +49,16 @@ def posterior_of_x(data, mask):
 @config_enumerate
 def label_model(x, y, observed):
     """y_n ~ Categorical(weights) (observed where ``observed``), x_n | y_n ~ N(locs[y_n], 1)."""
-    weights = pyro.param("weights", torch.tensor([0.3, 0.7]), constraint=constraints.simplex)
-    locs = pyro.param("locs", torch.tensor([-2.0, 2.0]))
+    weights, locs = label_params()
     with pyro.plate("data", len(x)):
         label = pyro.sample("y", dist.Categorical(weights), obs=y, obs_mask=observed)
         pyro.sample("x", dist.Normal(locs[label], 1.0), obs=x)
+
+
+def label_params():
+    """The mixture's weights π and locs, created at their starting values if not yet trained."""
+    return (pyro.param("weights", torch.tensor([0.3, 0.7]), constraint=constraints.simplex),
+            pyro.param("locs", torch.tensor([-2.0, 2.0])))
 
 
 def label_guide(x, y, observed):
@@ -71,6 +76,6 @@ def make_label_data(num_data=16, seed=0):
 
 def label_log_px(x, y, observed):
     """Closed form per row: log π_y + log N(x; loc_y, 1) where y is observed, else the log-sum over y."""
-    weights, locs = pyro.param("weights").detach(), pyro.param("locs").detach()
+    weights, locs = (value.detach() for value in label_params())
     joint = weights.log() + dist.Normal(locs, 1.0).log_prob(x[:, None])
     return torch.where(observed, joint.gather(1, y[:, None]).squeeze(1), joint.logsumexp(1))
