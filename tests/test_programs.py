@@ -487,3 +487,122 @@ def test_ss_vae_unlabelled_rows_score_as_the_sum_over_labels():  # class 3
     # both are IWAE estimates still converging at these K (within ±0.15 here); a lost log p(y)
     # or q(y | x) term would be off by about log 10
     assert torch.allclose(unlabelled, per_label.logsumexp(0), atol=0.25)
+
+
+def test_factor_analysis_at_dim_minus_2_is_scored_and_localised_in_closed_form():  # class 4
+    """Sites "latent"/"obs", data plate at dim -2, features at -1. With q = the exact posterior
+    every log weight is log p(x_n), so log_weights [K, N] and IWAE are the closed form to
+    rounding; infer_local's q* means are the closed-form posterior means, row by row."""
+    x = linear_gaussian.make_data()
+    truth = linear_gaussian.log_px(x)
+    structure = inspect_program(linear_gaussian.model, x)
+    assert (structure.plate_name, structure.plate_dim) == ("data", -2)
+    assert structure.latent_sites == ("latent",) and structure.observed_sites == ("obs",)
+    weights = log_weights(linear_gaussian.model, linear_gaussian.exact_guide, x, num_samples=7,
+                          seed=0)
+    assert weights.shape == (7, 6)
+    assert torch.allclose(weights, truth.expand(7, -1), atol=1e-4)
+    iwae = log_marginal(linear_gaussian.model, linear_gaussian.exact_guide, x, num_samples=3)
+    assert torch.allclose(iwae, truth, atol=1e-4)
+    local = infer_local(linear_gaussian.model, x, num_steps=300, lr=0.1,
+                        loss=Trace_ELBO(num_particles=16, vectorize_particles=True))
+    means, _ = linear_gaussian.posterior(x)
+    assert torch.allclose(local.loc().reshape(6, 2), means, atol=0.05)
+
+
+def test_factor_analysis_gaps_with_an_encoder_sum_to_zero_for_the_exact_guide():  # class 4
+    """amortization_gaps on a model whose latent is "latent" (not "z") at plate dim -2, q* started
+    from an encoder: with the exact posterior as the amortized guide, log p(x) - ELBO(q_amortized)
+    = approximation gap + amortization gap = 0 (every log weight is log p(x_n))."""
+    x = linear_gaussian.make_data()
+    means, covariance = linear_gaussian.posterior(x)
+
+    def encoder(rows):
+        loc, _ = linear_gaussian.posterior(rows)
+        return loc.unsqueeze(-2), covariance.diagonal().sqrt().expand(len(rows), 1, 2)
+    gaps = amortization_gaps(linear_gaussian.model, linear_gaussian.exact_guide, x,
+                             encoder=encoder, num_samples=50, elbo_samples=20, local_steps=20)
+    assert torch.allclose(gaps.log_px, linear_gaussian.log_px(x), atol=1e-4)
+    assert gaps.inference_gap == pytest.approx(0.0, abs=1e-4)
+    assert gaps.amortization_gap < 0  # mean-field q* cannot reach the correlated posterior
+
+
+def test_factor_analysis_completion_is_the_conditional_gaussian_mean():  # class 4
+    """complete() on model(x) (no mask argument) whose observed site is "obs" at plate dim -2,
+    with a guide q(latent | x_obs) = p(latent | x_obs): its mean of the missing features is
+    E[x_miss | x_obs] of N(μ, W Wᵀ + σ² I)."""
+    x = linear_gaussian.make_data(num_data=3, seed=2)
+    mask = torch.tensor([True, True, False, False]).expand(3, 4)
+    weight, mean, noise = linear_gaussian.WEIGHT, linear_gaussian.MEAN, linear_gaussian.NOISE
+    obs_weight = weight[:2]
+
+    def observed_guide(x, mask=None):
+        precision = torch.eye(2) + obs_weight.T @ obs_weight / noise ** 2
+        covariance = torch.linalg.inv(precision)
+        loc = (x[:, :2] - mean[:2]) @ obs_weight @ covariance / noise ** 2
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("latent", dist.MultivariateNormal(loc.unsqueeze(-2), covariance))
+    cov = weight @ weight.T + noise ** 2 * torch.eye(4)
+    conditional = mean[2:] + (x[:, :2] - mean[:2]) @ torch.linalg.solve(cov[:2, :2], cov[:2, 2:])
+    completion = complete(linear_gaussian.model, observed_guide, x, mask, num_samples=2,
+                          num_particles=20000, seed=0)
+    assert torch.equal(completion.mean[:, :2], x[:, :2])
+    assert torch.allclose(completion.mean[:, 2:], conditional, atol=0.05)
+
+
+def linear_probability_model(x, covariate):
+    """P(x_n = 1) = a + b c_n, a probability built in the model (not a sigmoid): nothing keeps it
+    in [0, 1] as a and b train; torch clamps it inside Bernoulli, so the loss stays finite."""
+    a = pyro.param("a", torch.tensor(0.8))
+    b = pyro.param("b", torch.tensor(0.1))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Bernoulli(probs=a + b * covariate), obs=x)
+
+
+def test_a_probability_leaving_the_unit_interval_after_epoch_1_stops_fit():  # class 5
+    """Every row is 1, so a and b climb by about lr a step: in epoch 1 (validated) the
+    probabilities stay in [0, 1], after it they leave. Right answer: an error naming the site
+    and the epoch, not a run that goes on with a finite loss."""
+    x = torch.ones(16)
+    covariate = torch.linspace(0.0, 1.0, 16)
+    with pytest.raises(ValueError, match=r"(?s)epoch 1.*'x'.*probs"):
+        fit(linear_probability_model, lambda x, covariate: None, (x, covariate), epochs=4,
+            batch_size=8, lr=0.03, progress=False)
+
+
+def test_a_guide_with_a_per_row_param_is_scored_without_side_effects():  # class 6
+    """A guide creating pyro.param("posterior_loc") with one row per datapoint (sized by the call's
+    x), set to the exact posterior means: log_marginal is Pyro's own value (the closed form: the
+    exact posterior makes every weight p(x_n)) and the param store is as it was."""
+    x = linear_gaussian.make_data()
+    _, covariance = linear_gaussian.posterior(x)
+
+    def per_row_guide(x):
+        loc = pyro.param("posterior_loc", lambda: linear_gaussian.posterior(x)[0])
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("latent", dist.MultivariateNormal(loc.unsqueeze(-2), covariance))
+    per_row_guide(x)  # as after training: the store holds the [N, k] table
+    before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    scores = log_marginal(linear_gaussian.model, per_row_guide, x, num_samples=5)
+    assert torch.allclose(scores, linear_gaussian.log_px(x), atol=1e-4)
+    after = dict(pyro.get_param_store().items())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name].detach(), value) for name, value in before.items())
+
+
+def test_iwae_elbo_loops_over_particles_for_a_model_that_cannot_vectorise():  # class 6
+    """A model reshaping its latent to [N, k] breaks under a particle dim; IWAE_ELBO must fall back
+    to a loop. With the exact posterior as guide, the IWAE loss is -Σ_n log p(x_n) exactly."""
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            h = pyro.sample("latent", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            h = h.reshape(x.shape[0], 2)  # fine for one particle, wrong for [K, N, 1, 2]
+            with pyro.plate("features", x.shape[1], dim=-1):
+                pyro.sample("obs", dist.Normal(h @ linear_gaussian.WEIGHT.T
+                                               + linear_gaussian.MEAN, linear_gaussian.NOISE),
+                            obs=x)
+    x = linear_gaussian.make_data()
+    loss = IWAE_ELBO(num_particles=4)
+    value = loss.loss(model, linear_gaussian.exact_guide, x)
+    assert loss.vectorized is False
+    assert value == pytest.approx(-linear_gaussian.log_px(x).sum().item(), rel=1e-5)
