@@ -8,14 +8,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoNormal
 from torch.distributions import constraints
 
 from ppl_lvm import (AmortizedGuide, LocalGuide, amortization_gaps, estimate_log_marginal, fit,
                      infer_local, load_digits, log_marginal)
+from ppl_lvm.estimators import log_weights
 from ppl_lvm.models.missing import complete, top_half
+from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.program import bind, inspect_program
-from tests.programs import gmm_tutorial, pyro_test_models
+from tests.programs import gmm_tutorial, linear_gaussian, obs_mask, pyro_test_models
 from tests.programs.ss_vae_m2 import SSVAE
 from tests.programs.vae_example import VAE as ExampleVAE
 
@@ -311,14 +313,6 @@ def test_masked_mixture_by_prior_and_uniform_sampling_matches_the_closed_form():
 
 # =============================================================================================
 # More programs per class (tests/programs/obs_mask.py, linear_gaussian.py; Pyro's GMM tutorial)
-
-from pyro.infer.autoguide import AutoDelta  # noqa: E402
-
-from ppl_lvm.estimators import log_weights  # noqa: E402
-from ppl_lvm.objectives import IWAE_ELBO  # noqa: E402
-from tests.programs import linear_gaussian, obs_mask  # noqa: E402
-
-
 def test_gmm_structure_is_read_from_its_traces():  # class 1
     """The tutorial's globals (weights, scale, locs in their own plate) are outside the data plate;
     the enumerated assignment and the observation are inside it; no idx/num_data keywords."""
