@@ -107,13 +107,14 @@ class LogMarginalEstimate:
                 f"median ESS={self.ess.median().item():.1f}{khat}{given})")
 
 
-def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name=None,
+def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                  chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
                  num_global_samples=10, num_steps=500, **model_kwargs):
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
-        model, guide: Pyro programs called as ``model(x, **model_kwargs)``. The plate over the rows
+        model, guide: Pyro programs called as ``model(x, *args, **model_kwargs)`` (``args``: the
+            model's further positional arguments, e.g. labels y [N]). The plate over the rows
             of x (any name, any dim) is read from the model's trace; every site inside it is local
             to a datapoint. The guide also gets ``idx`` (the rows' indices) when it names it, so
             per-datapoint guides read their own φ_n; ``num_data`` is never passed (no N / B
@@ -150,13 +151,13 @@ def log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name
         [N] tensor on x's device. ``estimate_log_marginal`` also gives mean, stderr and ESS.
     """
     return estimate_log_marginal(
-        model, guide, x, method=method, num_samples=num_samples, plate_name=plate_name,
+        model, guide, x, *args, method=method, num_samples=num_samples, plate_name=plate_name,
         chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
         num_global_samples=num_global_samples, num_steps=num_steps, **model_kwargs).log_px
 
 
 @torch.no_grad()
-def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, plate_name=None,
+def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
                           num_global_samples=10, num_steps=500, **model_kwargs):
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
@@ -164,6 +165,9 @@ def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, p
     num_samples = _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals,
                                 num_global_samples)
     if method == "ais":
+        if args:
+            raise ValueError("method 'ais' passes the model's further arguments by keyword; "
+                             "name them (e.g. y=y)")
         if globals is not None:
             raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
                              "not supported with it (fix them in the model)")
@@ -174,12 +178,12 @@ def estimate_log_marginal(model, guide, x, *, method="iwae", num_samples=1000, p
     device = x.device
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
     memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
-    args = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
-            model_kwargs, globals, num_global_samples)
+    call = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
+            model_kwargs, globals, num_global_samples, args)
     if seed is not None:  # a seeded call leaves the global RNG as it found it
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return _estimate(*args)
-    return _estimate(*args)
+            return _estimate(*call)
+    return _estimate(*call)
 
 
 def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
@@ -213,7 +217,7 @@ def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=Non
 
 
 def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
-              memory_bytes, model_kwargs, globals, num_global_samples):
+              memory_bytes, model_kwargs, globals, num_global_samples, rest=()):
     if globals == "sample":
         # log (1/S) Σ_s p(x_n | g_s): one estimate per draw g_s ~ q(globals), then log-mean-exp
         draws = []
@@ -221,7 +225,7 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             _seed_block(None if seed is None else seed + 7919 * (s + 1), 0, 0)
             draws.append(_estimate(model, guide, x, method, num_samples, plate_name, chunk_size,
                                    None if seed is None else seed + s, idx, memory_bytes,
-                                   model_kwargs, ("draw", s), 1))
+                                   model_kwargs, ("draw", s), 1, rest))
         log_px = torch.stack([d.log_px for d in draws]).logsumexp(0) - math.log(len(draws))
         ess = torch.stack([d.ess for d in draws]).mean(0)
         first = draws[0]
@@ -230,7 +234,7 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
                                    first.particles_per_call, first.vectorized,
                                    f"sample:{num_global_samples}", khat)
     num_rows = x.shape[0]
-    prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals)
+    prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals, rest)
     if method == "exact":
         rows_per_call = num_rows if prog.row_bound else (
             chunk_size or max(1, memory_bytes // max(prog.bytes_per_unit, 1)))
@@ -806,8 +810,36 @@ class _Program:
             if inner:
                 raise ValueError(f"method 'exact' enumerates latents directly in the data plate "
                                  f"only; site {name!r} is also in plates {inner}")
-        joint = log_joint(trace, self.plate_name, self.nesting)  # [*enum dims, n]
-        return joint.reshape(-1, joint.shape[-1]).logsumexp(0)
+        joint = 0.0
+        for site in sample_sites(trace).values():
+            if data_frame(site, self.plate_name) is None:
+                continue
+            log_prob = unscaled_log_prob(site)
+            if not site["is_observed"]:
+                log_prob, site = _uniform_where_masked(site, log_prob)
+            joint = joint + site_log_prob(site, log_prob, self.plate_name, self.nesting)
+        return joint.reshape(-1, joint.shape[-1]).logsumexp(0)  # [*enum dims, n] -> [n]
+
+
+def _uniform_where_masked(site, log_prob):
+    """An enumerated site masked out on some rows (e.g. the latent half of ``obs_mask``) plays no
+    part there: its C values must sum to one factor, not C. Where masked, each value gets
+    -log C; returns (log_prob, the site with its mask taken into account)."""
+    from pyro.distributions.torch_distribution import MaskedDistribution
+
+    keep = site["mask"]
+    fn = site["fn"]
+    if isinstance(fn, MaskedDistribution) and not isinstance(fn._mask, bool):
+        keep = fn._mask if keep is None or isinstance(keep, bool) else keep & fn._mask
+    elif isinstance(fn, MaskedDistribution) and fn._mask is False:
+        keep = False
+    if keep is None or keep is True:
+        return log_prob, site
+    dim = site["infer"].get("_enumerate_dim")
+    count = site["value"].shape[dim] if dim is not None and site["value"].dim() >= -dim else 1
+    uniform = torch.full_like(log_prob, -math.log(count))
+    log_prob = uniform if keep is False else torch.where(keep, log_prob, uniform)
+    return log_prob, {**site, "mask": None}
 
 
 def __getattr__(name):

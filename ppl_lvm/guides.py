@@ -7,6 +7,7 @@
 - ``infer_local``: fit φ for new rows with θ fixed; ``amortization_gaps``: Cremer et al. (2018).
 - ``score_function_infer``: REINFORCE with a baseline for discrete (non-reparameterisable) sites.
 """
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -44,14 +45,17 @@ class LocalGuide:
         init_loc, init_scale: every row's starting μ and σ (σ > 0); ``initialize`` sets rows from
             an encoder instead.
         name: distinguishes several tables in one param store (e.g. training vs new rows).
-        plate_name: the name of the model's plate over the rows (``infer_local`` reads it).
+        plate_name, plate_dim: the model's plate over the rows, its name and dim (``infer_local``
+            reads them); event_dims: {site: how many right dims of its shape are event dims}
+            (default: all); inner_plates: {site: [(name, size, dim)] of the model's other plates
+            around it}, entered so that the guide's values line up with the model's.
 
     Call as ``guide(x, idx=None, num_data=None)``: x [B, ...]; idx [B] long, the rows' indices
     (may be omitted only when B == N).
     """
 
     def __init__(self, num_data, site_shapes, init_loc=0.0, init_scale=1.0, name="phi",
-                 plate_name="data"):
+                 plate_name="data", plate_dim=None, event_dims=None, inner_plates=None):
         if num_data < 1:
             raise ValueError(f"num_data must be >= 1, got {num_data}")
         if not site_shapes:
@@ -63,7 +67,10 @@ class LocalGuide:
         self.num_data = int(num_data)
         self.site_shapes = {site: _shape(shape) for site, shape in site_shapes.items()}
         self.init_loc, self.init_scale = float(init_loc), float(init_scale)
-        self.name, self.plate_name = name, plate_name
+        self.name, self.plate_name, self.plate_dim = name, plate_name, plate_dim
+        self.event_dims = {s: len(shape) for s, shape in self.site_shapes.items()}
+        self.event_dims.update(event_dims or {})
+        self.inner_plates = {s: list(p) for s, p in (inner_plates or {}).items()}
         self.param_name = LOCAL_PREFIX + name
         self._slices, start = {}, 0
         for site, shape in self.site_shapes.items():
@@ -107,12 +114,15 @@ class LocalGuide:
     def __call__(self, x, *args, idx=None, num_data=None, **kwargs):
         rows = self._rows(x, idx, num_data)
         phi = F.embedding(rows, self.table(x.device), sparse=True)  # [B, width]
-        with data_plate(x, rows, self.num_data, name=self.plate_name):
+        with data_plate(x, rows, self.num_data, name=self.plate_name, dim=self.plate_dim):
             for site, shape in self.site_shapes.items():
                 loc_cols, scale_cols = self._slices[site]
                 loc = phi[:, loc_cols].reshape(-1, *shape)
                 scale = phi[:, scale_cols].reshape(-1, *shape).exp()
-                pyro.sample(site, dist.Normal(loc, scale).to_event(len(shape)))
+                with contextlib.ExitStack() as plates:
+                    for plate_name, size, plate_dim in self.inner_plates.get(site, ()):
+                        plates.enter_context(pyro.plate(plate_name, size, dim=plate_dim))
+                    pyro.sample(site, dist.Normal(loc, scale).to_event(self.event_dims[site]))
 
     @torch.no_grad()
     def loc(self, site=None):
@@ -301,6 +311,24 @@ def _fix_globals(model, structure, globals_guide, args, kwargs):
     return poutine.condition(model, data={n: values[n].detach() for n in names})
 
 
+def _site_layout(model, structure, args, kwargs, site_shapes):
+    """Per latent site: its event dims and the model's other plates around it (name, size, dim),
+    read from a trace of the model on two rows, so a LocalGuide's values line up with the model's
+    whatever its plate dims."""
+    rows = slice(0, min(2, program.num_rows_of(args)))
+    call_args, call_kwargs = program.take(args, kwargs, rows, program.num_rows_of(args))
+    trace = program.trace_of(model, *call_args, **call_kwargs)
+    event_dims, inner = {}, {}
+    for name in site_shapes:
+        site = trace.nodes.get(name)
+        if site is None or site["type"] != "sample":
+            continue
+        event_dims[name] = site["fn"].event_dim
+        inner[name] = [(f.name, f.size, f.dim) for f in site["cond_indep_stack"]
+                       if f.vectorized and f.name != structure.plate_name]
+    return event_dims, inner
+
+
 def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1e-2,
                 batch_size=None, num_particles=1, loss=None, name="new", seed=0,
                 globals_guide=None, num_steps=None, **model_kwargs):
@@ -341,10 +369,9 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
         raise ValueError(f"an encoder gives one (loc, scale); the model has latent sites "
                          f"{list(site_shapes)}: pass site_shapes= for one of them or no encoder")
     num_rows = x.shape[0]
-    if structure.plate_dim != -1:
-        raise ValueError(f"infer_local fits a LocalGuide, whose rows are at dim -1; the model's "
-                         f"data plate {structure.plate_name!r} is at dim {structure.plate_dim}")
-    guide = LocalGuide(num_rows, site_shapes, name=name, plate_name=structure.plate_name)
+    event_dims, inner = _site_layout(model, structure, (x,) + args, model_kwargs, site_shapes)
+    guide = LocalGuide(num_rows, site_shapes, name=name, plate_name=structure.plate_name,
+                       plate_dim=structure.plate_dim, event_dims=event_dims, inner_plates=inner)
     store = pyro.get_param_store()
     if guide.param_name in store:
         del store[guide.param_name]

@@ -9,14 +9,14 @@ import pyro
 import torch
 
 
-def data_plate(x, idx=None, num_data=None, name="data"):
+def data_plate(x, idx=None, num_data=None, name="data", dim=None):
     """The plate over datapoints, subsampled and scaled when ``fit`` trains on minibatches.
 
     Args:
         x: [B, ...] the rows of this call; B is the plate's batch size.
         idx: optional [B] long, the rows' indices in the full data set.
         num_data: optional int N, the full data set's size (defaults to B: no scaling).
-        name: the plate's name; estimators and ``fit`` look for ``"data"``.
+        name: the plate's name; dim: its batch dim (default: Pyro's next free one, -1 at the top).
 
     Returns:
         ``pyro.plate(name, N, subsample=idx)`` (dim -1): log-probs inside it are scaled by N / B.
@@ -27,7 +27,7 @@ def data_plate(x, idx=None, num_data=None, name="data"):
         if size != batch_size:
             # a subsample of unknown rows: indices only serve the scaling N / B
             idx = torch.arange(batch_size, device=x.device)
-        return pyro.plate(name, size, subsample=idx, device=x.device)
+        return pyro.plate(name, size, subsample=idx, device=x.device, dim=dim)
     if idx.shape != (batch_size,):
         raise ValueError(f"idx must have shape [{batch_size}] to match x, got {tuple(idx.shape)}")
-    return pyro.plate(name, size, subsample=idx.to(x.device), device=x.device)
+    return pyro.plate(name, size, subsample=idx.to(x.device), device=x.device, dim=dim)

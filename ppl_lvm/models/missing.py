@@ -280,6 +280,12 @@ class MaskObserved(Messenger):
         if msg["name"] != self.site:
             return
         fn = msg["fn"]
+        if not isinstance(fn, torch.distributions.Independent) and (
+                tuple(fn.batch_shape[-self.mask.dim():]) == tuple(self.mask.shape)):
+            # the pixels are batch dims already (a plate over them): mask them one by one
+            msg["fn"] = fn.mask(self.mask)
+            msg["value"] = fill_missing(msg["value"], self.mask)
+            return
         if not isinstance(fn, torch.distributions.Independent):
             raise ValueError(f"complete: the observed site {self.site!r} has "
                              f"{type(fn).__name__}; completing a model that takes no mask needs "
