@@ -16,6 +16,7 @@ from ppl_lvm import distributed as ddp
 from ppl_lvm import atomic, plots
 from ppl_lvm.checkpoint import check_epochs, load_checkpoint
 from ppl_lvm import experiment
+from ppl_lvm import runs
 from ppl_lvm.runs import (RunLock, load_run, prepare_run_folder, run_data, save_run,
                           state_module)
 from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, fit
@@ -40,8 +41,8 @@ def positive_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return value
 
 
@@ -105,12 +106,21 @@ def add_train_options(parser, epochs):
                         help="also checkpoint every N steps (always at each epoch's end)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint.pt: the same options and model file "
+                             "(refused otherwise), the run's own copy of the code")
+    add_trust_option(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run OUT already holds (its files are deleted first)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--tensorboard", action="store_true",
                         help="also write OUT/tensorboard/ event files (needs the tensorboard package)")
+
+
+def add_trust_option(parser):
+    parser.add_argument("--trust-code", action="store_true",
+                        help="run a run folder's user_model.py although this user did not train "
+                             "it here (a run folder from someone else is code: read it first)")
 
 
 # options that describe the experiment (recorded in config.json; --config reads them back)
@@ -119,6 +129,57 @@ EXPERIMENT_OPTIONS = (
     "hidden_dim", "likelihood", "guide", "semi_steps", "local_lr", "inner_steps", "inner_tol",
     "objective", "num_particles", "dreg", "missing", "components", "covariance", "mog_method",
     "option", "test_fraction", "eval_every", "checkpoint_every", "seed")
+
+
+# what a resumed run must share with the run it continues: every option that changes the
+# computation (not --eval-every or --checkpoint-every; --epochs only where a step schedule
+# depends on the total), the model file by its SHA-256
+IDENTITY_OPTIONS = tuple(k for k in EXPERIMENT_OPTIONS
+                         if k not in ("model", "epochs", "eval_every", "checkpoint_every"))
+
+
+def run_identity(args):
+    """The run's identity (JSON-ready) from ``args``, as ``identity.json`` records it."""
+    identity = {k: getattr(args, k) for k in IDENTITY_OPTIONS}
+    identity["data_path"] = None if args.data_path is None else os.path.abspath(args.data_path)
+    identity["option"] = user_options(args.option)
+    if args.lr_schedule != "constant":
+        identity["epochs"] = args.epochs
+    if experiment.is_builtin(args.model):
+        identity["model"] = args.model
+    else:
+        path, _, builder = str(args.model).partition(":")
+        identity["model"] = f"file:{builder or 'build'}"
+        identity["model_sha256"] = runs.code_hash(experiment.read_model_file(path))
+    return identity
+
+
+def check_identity(out, identity):
+    """Refuse to resume ``out`` under options other than those it was started with."""
+    import json
+
+    path = out / runs.IDENTITY_NAME
+    if not path.is_file():
+        return  # a run started before runs recorded their identity
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise CLIError(f"{path} cannot be read ({error}): cannot tell what the run was; train "
+                       "afresh with --overwrite") from error
+    saved = json.loads(json.dumps(saved))
+    identity = json.loads(json.dumps(identity))
+    changed = [k for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+    if not changed:
+        return
+
+    def flag(key):
+        return {"model_sha256": "model file", "option": "--option"}.get(
+            key, "--" + key.replace("_", "-"))
+
+    diff = ", ".join(f"{flag(k)} {saved.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+    raise CLIError(f"--resume: {out} was started with other options ({diff}); a resumed run "
+                   "continues the same computation: give its options, or train into another "
+                   "--out")
 
 
 def read_config_file(path):
@@ -141,12 +202,59 @@ def read_config_file(path):
             values = tomllib.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise CLIError(f"--config {path} cannot be read: {error}") from error
+    if not isinstance(values, dict):
+        raise CLIError(f"--config {path} holds a {type(values).__name__}, not a table of options")
     options = {key.replace("-", "_"): value for key, value in values.items()}
+    # where a run's folder is and whether to delete it are said on the command line only: a
+    # received config file must not point --overwrite at someone's folder
+    for key in ("out", "overwrite", "resume"):
+        if key in options:
+            raise CLIError(f"--config {path}: {key!r} is not taken from a file (it decides which "
+                           f"folder is written or deleted); give --{key} on the command line")
     unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS)
-                     - {"out", "device", "quiet", "tensorboard", "overwrite", "demo_samples"})
+                     - {"device", "quiet", "tensorboard", "demo_samples"})
     if unknown:
         raise CLIError(f"--config {path}: unknown options {unknown}")
     return options
+
+
+def typed_config(parser, options, path):
+    """``options`` read from a config file, checked and converted by the same argparse
+    definitions as the command line's (a file's value meets the same type, range and choices;
+    a switch must be a TOML/JSON boolean, not the string "false")."""
+    actions = {action.dest: action for action in parser._actions}
+    typed = {}
+    for key, value in options.items():
+        action = actions.get(key)
+        name = action.option_strings[-1] if action is not None and action.option_strings else key
+        where = f"--config {path}: {key} = {value!r} ({name})"
+        if action is None:
+            typed[key] = value
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise CLIError(f"{where} must be true or false (a boolean, not a "
+                               f"{type(value).__name__})")
+            typed[key] = value
+        elif isinstance(action, argparse._AppendAction):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise CLIError(f"{where} must be a list of strings like [\"key=value\"]")
+            typed[key] = [action.type(v) if action.type else v for v in value]
+        elif value is None:
+            typed[key] = value
+        else:
+            if isinstance(value, (bool, list, dict)) or (
+                    isinstance(value, float) and action.type is int):
+                raise CLIError(f"{where} must be a single "
+                               f"{getattr(action.type, '__name__', 'value')}, not a "
+                               f"{type(value).__name__}")
+            try:
+                value = action.type(str(value)) if action.type else value
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+                raise CLIError(f"{where}: {error}") from None
+            if action.choices is not None and value not in action.choices:
+                raise CLIError(f"{where}: choose from {', '.join(map(str, action.choices))}")
+            typed[key] = value
+    return typed
 
 
 def user_options(pairs):
@@ -173,6 +281,9 @@ def train(args):
     if not 0 < args.test_fraction < 1:
         raise CLIError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     out = Path(args.out)
+    identity = run_identity(args)
+    if args.resume:  # before anything is loaded: the refusal names the options, not the data
+        check_identity(out, identity)
     # absolute, so that `evaluate` run from another folder finds the same data
     data_path = None if args.data_path is None else os.path.abspath(args.data_path)
     data_config = {"name": args.data, "path": data_path, "test_fraction": args.test_fraction,
@@ -182,6 +293,10 @@ def train(args):
         return train_in(args, out, data_config, x_train, x_test)
     with RunLock(out):  # before the folder is judged: a run writing it now holds it
         prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
+        if args.resume:
+            check_identity(out, identity)  # again: another run may have replaced it meanwhile
+        else:
+            atomic.write_json(out / runs.IDENTITY_NAME, identity)
         if args.resume and (out / CHECKPOINT_NAME).is_file():
             check_epochs(load_checkpoint(out / CHECKPOINT_NAME, "cpu"), out / CHECKPOINT_NAME,
                          args.epochs)
@@ -195,8 +310,18 @@ def build_experiment(args, data_dim, out=None):
         module = experiment.builtin_module(args.model, data_dim, vars(args))
         return module, {}
     options = user_options(args.option)
-    module = experiment.user_module(args.model, data_dim, options, copy_to=out)
     builder = str(args.model).partition(":")[2] or "build"
+    own_copy = None if out is None else Path(out) / experiment.USER_FILE
+    if args.resume and own_copy is not None and own_copy.exists():
+        # a resumed run runs the code it started with (identity.json checked its hash)
+        source = runs.read_run_code(out, getattr(args, "trust_code", False))
+        module = experiment.user_module(f"{own_copy}:{builder}", data_dim, options, source=source)
+    else:
+        source = experiment.read_model_file(str(args.model).partition(":")[0])
+        module = experiment.user_module(args.model, data_dim, options, copy_to=out,
+                                        source=source)
+        if out is not None:
+            runs.trust(source)  # this user's own run: later commands may run its copy
     return module, {"model_file": experiment.USER_FILE, "builder": builder, "options": options,
                     "data_dim": data_dim, "source": str(Path(str(args.model).partition(":")[0])
                                                          .resolve())}
@@ -287,8 +412,9 @@ def train_in(args, out, data_config, x_train, x_test):
                "num_parameters": num_parameters}
     if not ddp.is_main():  # the global params are the same on every rank: rank 0 writes them
         return metrics
+    fingerprint = None if model_entries == {} else runs.output_fingerprint(module, x_test)
     save_run(out, args.model if experiment.is_builtin(args.model) else "file", module, run_config,
-             metrics)
+             metrics, fingerprint=fingerprint)
     if hasattr(module, "reconstruct") and hasattr(module, "sample"):
         write_pictures(module, x_test, result, out)
     else:
@@ -403,7 +529,7 @@ def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
 
-    vae, config = load_run(args.run, args.device)
+    vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     _, x_test = run_data(config["data"], args.device)
     if args.n is not None:
         x_test = x_test[:args.n]
@@ -456,7 +582,7 @@ def compare(args):
 
     rows, curves = [], {}
     for run in args.runs:
-        module, config = load_run(run, args.device)
+        module, config = load_run(run, args.device, args.trust_code)
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         _, x_test = run_data(config["data"], args.device)
         x_test = x_test[:args.n]
@@ -492,7 +618,9 @@ def compare(args):
         print(f"| {r['run']} | {r['model']} | {r['guide']} | {r['heldout_elbo']:.2f} | "
               f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {gap('approximation_gap')} | "
               f"{gap('amortization_gap')} | {r['train_time_s']:.1f} | {r['num_parameters']} |")
-    atomic.write_json(Path(args.out).with_suffix(".json"), rows)
+    png, table = compare_paths(args.out)
+    atomic.write_json(table, rows)
+    print(f"wrote {table}")
     if curves:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for run, entries in curves.items():
@@ -507,17 +635,27 @@ def compare(args):
         axes[1].set(xlabel="training time (s)", ylabel="ELBO (nats)")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        atomic.save_figure(fig, Path(args.out))
+        atomic.save_figure(fig, png)
         plt.close(fig)
-        print(f"wrote {args.out}")
+        print(f"wrote {png}")
     return rows
+
+
+def compare_paths(out):
+    """(PNG, JSON) that ``compare --out OUT`` writes: OUT.png and OUT.json, whichever of the two
+    OUT names (never one over the other)."""
+    if not out or not Path(out).name or Path(out).is_dir():
+        raise CLIError(f"compare --out {out!r} must name a file, e.g. compare.png")
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix.lower() in (".png", ".json") else out
+    return stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".json")
 
 
 def run_bdmc(args):
     """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
     from ppl_lvm.ais import bdmc
 
-    module, _ = load_run(args.run, args.device)
+    module, _ = load_run(args.run, args.device, getattr(args, "trust_code", False))
     start = time.perf_counter()
     result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(module.data_dim,),
                   device=args.device, num_steps=args.num_steps, num_samples=args.num_samples,
@@ -537,7 +675,7 @@ def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
     from ppl_lvm.guides import amortization_gaps
 
-    vae, config = load_run(args.run, args.device)
+    vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     _, x_test = run_data(config["data"], args.device)
     x_test = x_test[:args.n]
     print(f"gaps of {args.run} on {len(x_test)} held-out images: q* by {args.local_steps} steps "
@@ -567,6 +705,7 @@ def add_gaps_parser(commands):
     p.add_argument("--local-lr", type=positive_float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_trust_option(p)
     p.set_defaults(func=gaps)
 
 
@@ -610,7 +749,7 @@ def complete(args):
     """
     from ppl_lvm.models import missing
 
-    module, config = load_run(args.run, args.device)
+    module, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     # a model from a user's file is completed as it is: its guide fed the current completion
     proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
     if isinstance(module, VAE) and not isinstance(module, missing.MaskedVAE):
@@ -672,6 +811,7 @@ def add_complete_parser(commands):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="PNG path (default RUN/completions_MASK.png)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_trust_option(p)
     p.set_defaults(func=complete)
 
 
@@ -711,6 +851,7 @@ def build_parser():
     p.add_argument("--n", type=positive_int, default=None, help="only the first n held-out images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_trust_option(p)
     p.set_defaults(func=evaluate)
 
     add_gaps_parser(commands)
@@ -725,6 +866,7 @@ def build_parser():
     p.add_argument("--out", default="compare.png", help="the PNG to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_trust_option(p)
     p.set_defaults(func=compare)
 
     p = commands.add_parser("bdmc", help="BDMC: AIS lower and reverse-AIS upper bounds of log p(x) "
@@ -735,6 +877,7 @@ def build_parser():
     p.add_argument("-K", "--num-samples", type=positive_int, default=4, help="chains per image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_trust_option(p)
     p.set_defaults(func=run_bdmc)
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
@@ -755,13 +898,15 @@ def parse(parser, argv):
     if getattr(args, "config", None):
         options = read_config_file(args.config)
         for action in parser._subparsers._group_actions:
-            action.choices[args.command].set_defaults(**options)
+            command = action.choices[args.command]
+            command.set_defaults(**typed_config(command, options, args.config))
         args = parser.parse_args(argv)
     if args.command == "train" and args.model is None:
         raise CLIError("train needs a model (vae, masked-vae, ppca, mog or path/to/file.py:build),"
                        " on the command line or in --config")
     if args.command == "train" and args.out is None:
-        raise CLIError("train needs --out FOLDER, on the command line or in --config")
+        raise CLIError("train needs --out FOLDER (on the command line; a --config file does not "
+                       "choose the folder)")
     return args
 
 

@@ -5,7 +5,6 @@ comes from a file: ``path/to/file.py:build`` where ``build(data_dim, **options)`
 object with ``model`` and ``guide`` (an ``nn.Module`` such as ``VAE``, or any object).
 """
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
+from ppl_lvm import atomic
 from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide, infer_local
 from ppl_lvm.models.missing import MaskedVAE, make_mask
 from ppl_lvm.models.mog import COVARIANCES, MixtureOfGaussians
@@ -52,25 +52,36 @@ def builtin_module(name, data_dim, options):
     raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN} or path/to/file.py:build")
 
 
-def load_builder(spec, copy_to=None):
+def read_model_file(path):
+    """The bytes of a model file; a missing file or a folder is one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found (give path/to/file.py:build)")
+    return path.read_bytes()
+
+
+def load_builder(spec, copy_to=None, source=None):
     """``build`` from ``"path/to/file.py:build"`` (the function after the colon; default ``build``).
 
-    copy_to: a run folder to keep a copy of the file in (``USER_FILE``), so the run can be
-    evaluated later even if the file changes or moves.
+    copy_to: a run folder to keep a copy of the file in (``USER_FILE``, written atomically and
+    never through a link), so the run can be evaluated later even if the file changes or moves.
+    source: the file's bytes when already read (and checked): exactly these run, and are copied.
     """
     path, _, name = str(spec).partition(":")
     name = name or "build"
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} not found (give path/to/file.py:build)")
+    if source is None:
+        source = read_model_file(path)
     module_name = f"ppl_lvm_user_model_{abs(hash(str(path.resolve())))}"
-    loader = importlib.util.spec_from_file_location(module_name, path)
+    loader = importlib.util.spec_from_loader(module_name, loader=None, origin=str(path))
     module = importlib.util.module_from_spec(loader)
+    module.__file__ = str(path)
     sys.modules[module_name] = module
     try:
-        loader.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as error:
-        raise ValueError(f"model file {path} failed to import: {type(error).__name__}: "
+        line = _user_line(error, path)
+        raise ValueError(f"model file {path} failed to import{line}: {type(error).__name__}: "
                          f"{error}") from error
     builder = getattr(module, name, None)
     if not callable(builder):
@@ -80,12 +91,32 @@ def load_builder(spec, copy_to=None):
         Path(copy_to).mkdir(parents=True, exist_ok=True)
         target = Path(copy_to) / USER_FILE
         if path.resolve() != target.resolve():
-            shutil.copyfile(path, target)
+            atomic.atomic_write(target, source)
     return builder
 
 
-def user_module(spec, data_dim, options, copy_to=None):
-    built = load_builder(spec, copy_to)(data_dim, **options)
+def _user_line(error, path):
+    """" (line N)" of the innermost frame of ``error``'s traceback in the user's file, if any."""
+    line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == str(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return "" if line is None else f" (line {line})"
+
+
+def user_module(spec, data_dim, options, copy_to=None, source=None):
+    """The object ``build(data_dim, **options)`` of a user's model file returns; an exception
+    raised inside build is one line naming the file, the function and the line."""
+    builder = load_builder(spec, copy_to, source)
+    path, _, name = str(spec).partition(":")
+    try:
+        built = builder(data_dim, **options)
+    except Exception as error:
+        raise ValueError(f"{name or 'build'}(data_dim={data_dim}, **{options}) in model file "
+                         f"{path} raised{_user_line(error, path)}: {type(error).__name__}: "
+                         f"{error}") from error
     if not (callable(getattr(built, "model", None)) and callable(getattr(built, "guide", None))):
         raise ValueError(f"{spec} returned {type(built).__name__}, which has no model and guide "
                          "methods")

@@ -5,6 +5,7 @@ alike) so local sites are scaled by N / B and per-datapoint guides can find thei
 optimiser step on -ELBO. Checkpoints hold everything needed to continue bit for bit: the param store,
 the optimiser's state, every RNG's state and the step.
 """
+import contextlib
 import dataclasses
 import math
 import time
@@ -431,6 +432,8 @@ class _Checkpointer:
             return
         self.guard.check_state(self.optim, result.step, all_ranks=(
             self.strategy.all_true if self.strategy.active else None))
+        if self.guard.suspicious():  # keep the last good one (the losses are the same on all ranks)
+            return
         position = {**self.config, "epoch": epoch, "batch": batch}
         if self.strategy.world > 1:
             position["world_size"] = self.strategy.world
@@ -504,6 +507,16 @@ def set_lr_factor(optim, factor):
         for group in torch_optim.param_groups:
             group.setdefault("initial_lr", group["lr"])
             group["lr"] = group["initial_lr"] * factor
+
+
+@contextlib.contextmanager
+def _own_rng(device, seed):
+    """Run the block on torch's RNG seeded with ``seed`` and restore the caller's stream after."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
@@ -665,6 +678,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                                                  else str(checkpointer.path)), 0, 0
     if resume:
         result, start_epoch, start_batch = checkpointer.resume(register, device)
+        guard.resume(result.losses)
 
     steps_per_epoch = ddp.steps_per_epoch(num_data, batch_size, strategy.world)
     start_time = time.perf_counter() - result.wall_time
@@ -713,9 +727,11 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 check_program_values(*bound(idx), batch, model_kwargs, epoch + 1)
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
-                result.eval_elbos.append(evaluate_elbo(
-                    model, guide, eval_tensors, model_kwargs=model_kwargs,
-                    distributed=strategy.active, plate_name=structure.plate_name))
+                with _own_rng(device, seed + epoch):  # not the training stream: the trained
+                    # weights are the same whatever eval_every says
+                    result.eval_elbos.append(evaluate_elbo(
+                        model, guide, eval_tensors, model_kwargs=model_kwargs,
+                        distributed=strategy.active, plate_name=structure.plate_name))
             result.wall_time = time.perf_counter() - start_time
             checkpointer.save(epoch + 1, 0, result)
             if callback is not None and callback(epoch + 1, result):

@@ -322,7 +322,7 @@ CLI = [
     ("train resume fewer epochs", ["train", "vae", "--out", "{run}", *TINY, "--epochs", "0",
                                    "--resume"], ["{run}/checkpoint.pt", "--epochs 1"]),
     ("train resume other lr", ["train", "vae", "--out", "{run}", *TINY, "--epochs", "2",
-                               "--resume", "--lr", "0.1"], ["{run}/checkpoint.pt", "--lr 0.001"]),
+                               "--resume", "--lr", "0.1"], ["{run}", "--lr 0.001 -> 0.1"]),
     ("train device cuda", ["train", "vae", "--out", "{out}", "--device", "cuda"], ["cuda"]),
     ("evaluate no run", ["evaluate", "{root}/nope"], ["{root}/nope", "not found"]),
     ("evaluate not a run", ["evaluate", "{empty_folder}"], ["{empty_folder}/model.pt"]),
