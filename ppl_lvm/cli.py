@@ -32,17 +32,22 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
 
+MAX_COUNT = 2 ** 31 - 1  # no count (K, n, steps, sizes) beyond what a tensor index holds
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT:,}, got {value:,}")
     return value
 
 
 def positive_float(text):
     value = float(text)
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be > 0 (and finite), got {value}")
     return value
 
 
@@ -258,18 +263,27 @@ def typed_config(parser, options, path):
 
 
 def user_options(pairs):
-    """``--option key=value`` pairs as a dict (numbers parsed)."""
+    """``--option key=value`` pairs as a dict (numbers parsed; true/false as booleans)."""
+    import math
+
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--option takes KEY=VALUE, got {pair!r}")
+        if not sep or not key or not key.isidentifier():
+            raise CLIError(f"--option takes KEY=VALUE with KEY a Python name (a keyword of "
+                           f"build), got {pair!r}")
+        if key in options:
+            raise CLIError(f"--option {key} is given twice ({options[key]!r} and {value!r})")
         for cast in (int, float):
             try:
                 value = cast(value)
                 break
             except ValueError:
                 pass
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CLIError(f"--option {pair!r}: {value} is not a finite number")
+        if value in ("true", "false"):
+            value = value == "true"
         options[key] = value
     return options
 
@@ -278,6 +292,8 @@ def train(args):
     """Fit a model to a data set and write weights, metrics and pictures into ``args.out``."""
     if args.epochs < 0:
         raise CLIError(f"--epochs must be >= 0, got {args.epochs}")
+    if not str(args.out).strip():
+        raise CLIError("--out '' names no folder: give --out FOLDER")
     if not 0 < args.test_fraction < 1:
         raise CLIError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     out = Path(args.out)
@@ -328,6 +344,15 @@ def build_experiment(args, data_dim, out=None):
 
 
 def check_combination(args):
+    if args.option and experiment.is_builtin(args.model):
+        raise CLIError(f"--option goes to a model file's build(); the built-in {args.model} "
+                       "takes its own options (--z-dim, --hidden-dim, --likelihood, --components, "
+                       "--covariance)")
+    if args.missing:
+        try:
+            experiment.parse_missing(args.missing, 1, 4)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
     if args.model == "mog" and (args.guide != "amortized" or args.objective != "elbo"):
         raise CLIError("mog is fitted by --mog-method (em, enum, reinforce, amortized); "
                        "--guide and --objective do not apply")
@@ -529,6 +554,7 @@ def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
 
+    stamp = runs.run_stamp(args.run)
     vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     _, x_test = run_data(config["data"], args.device)
     if args.n is not None:
@@ -537,6 +563,10 @@ def evaluate(args):
     guide, options, note = run_guide(vae, config, x_test)
     options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
     if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
+        if args.method != "iwae":
+            raise CLIError(f"{args.run} is a mixture: its held-out log p(x) is exact (by "
+                           f"enumeration), so --method {args.method} does not apply; leave "
+                           "--method out")
         options["method"], note = "exact", " (a mixture: exact, by enumeration)"
     method = options["method"]
     if args.method == "ais":
@@ -566,7 +596,7 @@ def evaluate(args):
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
             f"_T{args.num_steps}" if args.method == "ais" else "")
         path = Path(args.run) / f"{name}.json"
-        atomic.write_json(path, result)
+        runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, result))
     return result
 
 
@@ -655,9 +685,14 @@ def run_bdmc(args):
     """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
     from ppl_lvm.ais import bdmc
 
-    module, _ = load_run(args.run, args.device, getattr(args, "trust_code", False))
+    stamp = runs.run_stamp(args.run)
+    module, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
+    if config.get("model") == "mog":
+        raise CLIError(f"{args.run} is a mixture: its log p(x) is exact (`evaluate`), there is "
+                       "nothing for BDMC to bound")
+    data_dim = getattr(module, "data_dim", None) or config.get("data_dim")
     start = time.perf_counter()
-    result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(module.data_dim,),
+    result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(data_dim,),
                   device=args.device, num_steps=args.num_steps, num_samples=args.num_samples,
                   seed=args.seed)
     seconds = time.perf_counter() - start
@@ -667,7 +702,8 @@ def run_bdmc(args):
     print(f"BDMC on {args.n} simulated images, T={args.num_steps}, K={args.num_samples}: "
           f"{summary['lower']:.2f} <= log p(x) <= {summary['upper']:.2f} nats/image "
           f"(gap {summary['gap']:.2f}; {seconds:.1f} s)")
-    atomic.write_json(Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json", summary)
+    path = Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json"
+    runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, summary))
     return summary
 
 
@@ -675,7 +711,14 @@ def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
     from ppl_lvm.guides import amortization_gaps
 
+    stamp = runs.run_stamp(args.run)
     vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
+    kind = config.get("cli", {}).get("guide", "amortized")
+    if kind == "local" or config.get("model") == "mog":
+        what = "a mixture (its posterior is exact)" if config.get("model") == "mog" else \
+            f"--guide {kind}: its encoder was never trained as q(z | x)"
+        raise CLIError(f"gaps measures the amortization gap of a run's encoder; {args.run} was "
+                       f"trained with {what}")
     _, x_test = run_data(config["data"], args.device)
     x_test = x_test[:args.n]
     print(f"gaps of {args.run} on {len(x_test)} held-out images: q* by {args.local_steps} steps "
@@ -687,7 +730,8 @@ def gaps(args):
                                local_lr=args.local_lr, seed=args.seed)
     summary = {**result.summary(), "local_steps": args.local_steps,
                "wall_time_s": time.perf_counter() - start}
-    atomic.write_json(Path(args.run) / "gaps.json", summary)
+    runs.write_into_run(args.run, stamp,
+                        lambda: atomic.write_json(Path(args.run) / "gaps.json", summary))
     print(result)
     print(f"wrote {Path(args.run) / 'gaps.json'}")
     return summary
@@ -749,6 +793,7 @@ def complete(args):
     """
     from ppl_lvm.models import missing
 
+    stamp = runs.run_stamp(args.run)
     module, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     # a model from a user's file is completed as it is: its guide fed the current completion
     proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
@@ -771,8 +816,14 @@ def complete(args):
     out = completion_path(args.out, args.run, args.mask)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = ["original", "observed"] + [f"sample {i + 1}" for i in range(args.samples)]
-    plots.image_grid([x, observed, *shown], out, row_labels=labels,
-                     title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) ({args.method})")
+    def write():
+        plots.image_grid([x, observed, *shown], out, row_labels=labels, title=f"{args.mask}: "
+                         f"completions E[x_miss | z_s], z_s ~ p(z | x_obs) ({args.method})")
+
+    if args.out is None:  # into the run: only if it is still the run that was loaded
+        runs.write_into_run(args.run, stamp, write)
+    else:
+        write()
     scores = missing.imputation_scores(x, mask, result.mean,
                                        binary=bool(config["data"].get("binarize")))
     print(f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "

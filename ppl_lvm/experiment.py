@@ -156,9 +156,19 @@ def make_loss(objective, num_particles=1, dreg=False):
 
 def parse_missing(text, num_rows, data_dim, seed=0, device=None):
     """``--missing top_half`` or ``mcar:0.5`` -> a [N, D] bool mask (True = observed)."""
-    name, _, rate = str(text).partition(":")
-    options = {"rate": float(rate)} if rate else {}
-    return make_mask(name, num_rows, data_dim, seed=seed, device=device, **options)
+    name, colon, rate = str(text).partition(":")
+    if name == "mcar":
+        try:
+            value = float(rate)
+        except ValueError:
+            raise ValueError(f"--missing {text!r}: mcar needs its missing rate, a number in "
+                             "[0, 1), e.g. mcar:0.5") from None
+        if not 0 <= value < 1:
+            raise ValueError(f"--missing {text!r}: the mcar rate must be in [0, 1), got {value}")
+        return make_mask(name, num_rows, data_dim, seed=seed, device=device, rate=value)
+    if colon:
+        raise ValueError(f"--missing {text!r}: {name} takes no rate (only mcar:RATE does)")
+    return make_mask(name, num_rows, data_dim, seed=seed, device=device)
 
 
 def held_out_guide(kind, module, model, guide, x_test, data_kwargs, steps=300, lr=1e-2):

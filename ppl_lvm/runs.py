@@ -143,6 +143,31 @@ class RunLock:
             self.fd = None
 
 
+def run_stamp(run_dir):
+    """Which run a folder holds now: model.pt's inode, size and mtime (an atomic replace, as
+    `train --overwrite` or `--resume` write it, gives a new inode). None without model.pt."""
+    try:
+        st = os.stat(Path(run_dir) / WEIGHTS_NAME)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def write_into_run(run_dir, stamp, write):
+    """Call ``write()`` (which writes a command's result into ``run_dir``) under the run's lock,
+    and only if the folder still holds the run the command loaded (``stamp``): a `train
+    --overwrite` that replaced it meanwhile must not receive the old run's results. Temporary
+    files a killed command left are removed first (the lock says no one is writing)."""
+    with RunLock(run_dir):
+        if run_stamp(run_dir) != stamp:
+            raise RunFolderError(f"{run_dir} was replaced while this command ran (by `train "
+                                 "--overwrite` or `--resume`?): its results belong to the old "
+                                 "run and were not written; run the command again")
+        for path in atomic.temp_files(run_dir):
+            path.unlink()
+        return write()
+
+
 def _read_pid(fd):
     for _ in range(3):  # its owner may be between creating the file and writing its pid
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()

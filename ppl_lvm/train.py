@@ -83,6 +83,11 @@ def as_batch_tuple(data, device):
                              f"got shapes {[tuple(t.shape) for t in tensors]}")
     if num_data == 0:
         raise ValueError("data is empty (N = 0)")
+    for i, t in enumerate(tensors[1:], 1):  # e.g. labels: NaN there is bad data, not a divergence
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            rows = (~torch.isfinite(t)).reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"data[{i}] (shape {tuple(t.shape)}) contains NaN or inf (first bad "
+                             f"rows: {rows})")
     first = tensors[0]
     bad = ~torch.isfinite(first) if first.is_floating_point() else None
     if bad is not None and len(tensors) > 1 and tensors[1].dtype == torch.bool and (
@@ -510,6 +515,38 @@ def set_lr_factor(optim, factor):
 
 
 @contextlib.contextmanager
+def _first_step_checks(first, tensors):
+    """On the first step: a guide without a site for one of the model's latent sites is an error
+    before training, not Pyro's warning after it; integer or bool data that the model cannot
+    take is named as the data's dtype."""
+    import warnings
+
+    if not first:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Found vars in model but not guide")
+        try:
+            yield
+        except UserWarning as warning:
+            sites = str(warning).partition("guide:")[2].strip() or str(warning)
+            raise ValueError(f"the guide has no sample site for the model's latent site(s) "
+                             f"{sites}: every latent site of the model needs one in the guide (or "
+                             "enumeration, with TraceEnum_ELBO)") from None
+        except (RuntimeError, NotImplementedError) as error:
+            raise _dtype_error(tensors, error) from error
+
+
+def _dtype_error(tensors, error):
+    """``error`` itself, or for integer or bool data a ValueError naming the data's dtype."""
+    dtype = tensors[0].dtype
+    if dtype.is_floating_point or not any(w in str(error) for w in ("type", "Long", "Bool", "Int")):
+        return error
+    return ValueError(f"data is {dtype}, and the model failed on it "
+                      f"({str(error).strip().splitlines()[0][:160]}): pass floats, e.g. x.float()")
+
+
+@contextlib.contextmanager
 def _own_rng(device, seed):
     """Run the block on torch's RNG seeded with ``seed`` and restore the caller's stream after."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -517,6 +554,19 @@ def _own_rng(device, seed):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def _check_types(**values):
+    """Integers must be ints (not bools, not floats); lr a finite real > 0."""
+    for name, value in values.items():
+        if name == "lr":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 < value < math.inf):
+                raise ValueError(f"lr must be a finite number > 0, got {value!r} (lr=0 would "
+                                 "train nothing)")
+        elif (value is not None or name != "checkpoint_every") and (
+                isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
@@ -628,6 +678,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     Returns:
         FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
     """
+    _check_types(epochs=epochs, batch_size=batch_size, seed=seed, eval_every=eval_every,
+                 checkpoint_every=checkpoint_every, inner_steps=inner_steps)
+    if optim is None:
+        _check_types(lr=lr)
     _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
                     checkpoint_dir, eval_every, lr_schedule, inner_tol)
     device = torch.device(device)
@@ -643,6 +697,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         strategy = _SingleProcess(device)
     tensors = as_batch_tuple(data, device)
     eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
+    if eval_tensors is not None and [t.shape[1:] for t in eval_tensors] != [
+            t.shape[1:] for t in tensors]:
+        raise ValueError(f"eval_data has shapes {[tuple(t.shape) for t in eval_tensors]} but data "
+                         f"has {[tuple(t.shape) for t in tensors]}: rows must match after N")
     num_data = tensors[0].shape[0]
     model_kwargs = dict(model_kwargs or {})
     for module in _owners(model, guide):
@@ -655,7 +713,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     # the program's structure, read once from its traces on a few (transformed) rows
     probe_rows = torch.arange(min(num_data, 3), device=device)
     probe = (take_rows(tensors, probe_rows, transform), model_kwargs)
-    structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
+    try:
+        structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
+    except (RuntimeError, NotImplementedError) as error:
+        raise _dtype_error(tensors, error) from error
 
     def bound(idx):
         return (bind_rows(model, idx, num_data, structure.plate_name),
@@ -701,8 +762,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                     set_lr_factor(optim, lr_factor(lr_schedule, result.step,
                                                    epochs * steps_per_epoch))
                 try:
-                    value, before = take_step(*bound(idx), optim, loss, batch, model_kwargs,
-                                              inner_steps, strategy, weight, inner_tol)
+                    with _first_step_checks(result.step == 0, tensors):
+                        value, before = take_step(*bound(idx), optim, loss, batch, model_kwargs,
+                                                  inner_steps, strategy, weight, inner_tol)
                 except ValueError as error:  # Pyro's validation meeting NaN: say where it diverged
                     raise guard.step_error(error)
                 result.step += 1
