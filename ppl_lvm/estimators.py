@@ -65,7 +65,8 @@ class LogMarginalEstimate:
         guide's median: log p(x_n | globals)) or "sample:S" (log (1/S) Σ_s p(x_n | g_s), g_s ~ q).
     khat: [N] Pareto k̂ of the importance weights (PSIS, ``ppl_lvm.psis``): below 0.5 fine,
         0.5-0.7 slow convergence, above 0.7 the estimate cannot be trusted (``unreliable``);
-        inf when K is too small for a tail fit (K < ~25), -inf for constant weights.
+        inf where no tail can be fitted (K < ~25, or 4 or fewer weights above the cutoff: tied
+        or constant weights, as arviz).
     """
 
     log_px: torch.Tensor
@@ -85,7 +86,7 @@ class LogMarginalEstimate:
         says nothing: False."""
         if self.khat is None:
             return torch.zeros_like(self.log_px, dtype=torch.bool)
-        return torch.isfinite(self.khat) & (self.khat > 0.7)  # inf: K too small to tell
+        return torch.isfinite(self.khat) & (self.khat > 0.7)  # inf: no tail to tell from
 
     @property
     def mean(self):
