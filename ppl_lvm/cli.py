@@ -690,6 +690,11 @@ def run_bdmc(args):
     if config.get("model") == "mog":
         raise CLIError(f"{args.run} is a mixture: its log p(x) is exact (`evaluate`), there is "
                        "nothing for BDMC to bound")
+    if isinstance(module, VAE) and getattr(module, "likelihood", "bernoulli") == "gaussian":
+        raise CLIError(f"{args.run} is a Gaussian VAE: BDMC scores images simulated from the "
+                       "model, and its Gaussian draws leave [0, 1], where the VAE checks its "
+                       "pixels; run bdmc on a Bernoulli run (`evaluate --method ais` bounds log "
+                       "p(x) of real held-out images)")
     data_dim = getattr(module, "data_dim", None) or config.get("data_dim")
     start = time.perf_counter()
     result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(data_dim,),
@@ -795,6 +800,10 @@ def complete(args):
 
     stamp = runs.run_stamp(args.run)
     module, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
+    if config.get("model") == "mog":
+        raise CLIError(f"{args.run} is a mixture: its completions are exact (p(x_miss | x_obs) is "
+                       "a mixture of Gaussians), use ppl_lvm.models.missing.mixture_conditional; "
+                       "`complete` samples latent-variable models with a guide")
     # a model from a user's file is completed as it is: its guide fed the current completion
     proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
     if isinstance(module, VAE) and not isinstance(module, missing.MaskedVAE):

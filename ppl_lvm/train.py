@@ -561,9 +561,8 @@ def _check_types(**values):
     for name, value in values.items():
         if name == "lr":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    0 < value < math.inf):
-                raise ValueError(f"lr must be a finite number > 0, got {value!r} (lr=0 would "
-                                 "train nothing)")
+                    0 <= value < math.inf):
+                raise ValueError(f"lr must be a finite number > 0, got {value!r}")
         elif (value is not None or name != "checkpoint_every") and (
                 isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -708,6 +707,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if clear_params:
         pyro.clear_param_store()
     loss = loss or Trace_ELBO()
+    optim_given = optim
     optim = optim or adam(lr, local_lr)
 
     # the program's structure, read once from its traces on a few (transformed) rows
@@ -774,6 +774,11 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 guard.check_loss(value, result.step, epoch + 1, b + 1)
                 if result.step == 1:
                     _check_devices(device)
+                    if optim_given is None and lr == 0 and (local_lr == 0 or not any(
+                            is_local_param(n) for n in pyro.get_param_store().keys())):
+                        raise ValueError(f"lr={lr!r} trains nothing: θ stays fixed and there is "
+                                         "no per-datapoint φ table for local_lr to train; give "
+                                         "lr > 0")
                     check_autoguide_rows(guide, structure, batch_size, num_data)
                 result.losses.append(value)
                 epoch_losses.append(value)

@@ -473,6 +473,9 @@ CLI += [
      ["{mog}", "mixture", "--method ais"]),
     ("bdmc on a mixture", ["bdmc", "{mog}", "--n", "1"], ["{mog}", "mixture"]),
     ("gaps on a mixture", ["gaps", "{mog}"], ["{mog}", "mixture"]),
+    ("complete on a mixture", ["complete", "{mog}", "--n", "2"], ["{mog}", "mixture"]),
+    ("bdmc on a Gaussian VAE", ["bdmc", "{gaussian}", "--n", "2", "-T", "2", "-K", "1"],
+     ["{gaussian}", "Gaussian VAE"]),
     ("gaps on a local run", ["gaps", "{local}"], ["{local}", "--guide local"]),
     ("compare --out ''", ["compare", "{run}", "--out", ""], ["--out ''"]),
 ]
@@ -522,9 +525,12 @@ def other_runs(tmp_path_factory):
                  "--components", "2", "--quiet"]) == 0
     assert main(["train", "vae", "--guide", "local", "--out", str(root / "local"), *TINY,
                  "--epochs", "1"]) == 0
+    assert main(["train", "vae", "--likelihood", "gaussian", "--out", str(root / "gaussian"),
+                 *TINY, "--epochs", "1"]) == 0
     configs = {f"config_{i}": config_file(root, f"c{i}", text)
                for i, (_, text, _) in enumerate(CONFIGS)}
-    return {"mog": root / "mog", "local": root / "local", **configs}
+    return {"mog": root / "mog", "local": root / "local", "gaussian": root / "gaussian",
+            **configs}
 
 
 @pytest.mark.parametrize("argv, words", [row[1:] for row in CLI], ids=[row[0] for row in CLI])

@@ -55,10 +55,10 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert main(["train", "vae", "--out", str(out), *more, "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3 * 6
 
-    # resuming with another architecture names the parameter that does not fit
+    # resuming with another architecture names the option that changed
     wider = [a if a != "16" else "8" for a in more]
     assert main(["train", "vae", "--out", str(out), *wider, "--resume"]) == 2
-    assert "has shape" in capsys.readouterr().err
+    assert "--hidden-dim 16 -> 8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

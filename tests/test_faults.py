@@ -710,3 +710,30 @@ def test_evaluation_does_not_change_the_trained_weights():
     fit(vae_b.model, vae_b.guide, x, epochs=3, batch_size=16, progress=False, seed=0,
         eval_data=x[:8], eval_every=1)
     assert same_weights(vae_a.state_dict(), vae_b.state_dict())
+
+
+def test_evaluate_never_writes_into_a_run_replaced_meanwhile(tmp_path, runs, capsys,
+                                                             monkeypatch):
+    """`train --overwrite` finishing while `evaluate` computes: the old run's estimate must not
+    land in the new run. A killed command's temporary files go at the next write."""
+    import ppl_lvm.cli as cli
+
+    base, _ = runs
+    folder = tmp_path / "run"
+    shutil.copytree(base, folder)
+    leftover = folder / f".evaluate_iwae_K2.json.abc{atomic.TEMP_SUFFIX}"
+    leftover.write_text("{")
+    assert main(["evaluate", str(folder), "-K", "2", "--n", "4"]) == 0
+    assert (folder / "evaluate_iwae_K2.json").is_file() and not leftover.exists()
+    real = cli.run_data
+
+    def replaced_meanwhile(*args, **kwargs):
+        atomic.torch_save(torch.load(folder / "model.pt", weights_only=True), folder / "model.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_data", replaced_meanwhile)
+    capsys.readouterr()
+    assert main(["evaluate", str(folder), "-K", "3", "--n", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was replaced while this command ran" in err
+    assert not (folder / "evaluate_iwae_K3.json").exists()
