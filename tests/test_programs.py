@@ -518,11 +518,9 @@ def test_factor_analysis_gaps_with_an_encoder_sum_to_zero_for_the_exact_guide():
     def encoder(rows):
         loc, _ = linear_gaussian.posterior(rows)
         return loc.unsqueeze(-2), covariance.diagonal().sqrt().expand(len(rows), 1, 2)
-    # the exact posterior is outside q*'s mean-field family: a negative gap, said aloud
-    with pytest.warns(RuntimeWarning, match="negative beyond 3 Monte Carlo errors"):
-        gaps = amortization_gaps(linear_gaussian.model, linear_gaussian.exact_guide, x,
-                                 encoder=encoder, num_samples=50, elbo_samples=20,
-                                 local_steps=20, proposal="amortized")
+    gaps = amortization_gaps(linear_gaussian.model, linear_gaussian.exact_guide, x,
+                             encoder=encoder, num_samples=50, elbo_samples=20, local_steps=20,
+                             proposal="amortized")  # "best" may take a lucky q* IWAE above log p
     assert torch.allclose(gaps.log_px, linear_gaussian.log_px(x), atol=1e-4)
     assert gaps.inference_gap == pytest.approx(0.0, abs=1e-4)
     assert gaps.amortization_gap < 0  # mean-field q* cannot reach the correlated posterior
