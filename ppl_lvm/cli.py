@@ -67,7 +67,9 @@ def add_train_options(parser, epochs):
                         help="bundled data set (mnist: 5,000 real MNIST digits; digits: sklearn 8x8)")
     parser.add_argument("--data-path", default=None,
                         help="a folder of MNIST IDX files (gzipped or not) or an .npz, instead of the bundled set")
-    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--epochs", type=int, default=epochs,
+                        help=f"passes over the data (default {epochs or 50}; for mog the cap on "
+                             "EM iterations or SVI epochs, default fit_mixture's)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--lr", type=positive_float, default=1e-3)
     parser.add_argument("--lr-schedule", default="constant",
@@ -290,7 +292,9 @@ def user_options(pairs):
 
 def train(args):
     """Fit a model to a data set and write weights, metrics and pictures into ``args.out``."""
-    if args.epochs < 0:
+    if args.epochs is None and args.model != "mog":
+        args.epochs = 50
+    if args.epochs is not None and args.epochs < 0:
         raise CLIError(f"--epochs must be >= 0, got {args.epochs}")
     if not str(args.out).strip():
         raise CLIError("--out '' names no folder: give --out FOLDER")
@@ -498,9 +502,12 @@ def train_mixture(args, out, module, run_config, x_train, x_test, start):
     """``train mog``: ``fit_mixture`` (EM by default) and the exact held-out log-likelihood."""
     from ppl_lvm.mixtures import fit_mixture
 
+    caps = {} if args.epochs is None else {"max_iter": args.epochs, "max_epochs": args.epochs}
+    if args.epochs == 0:
+        raise CLIError("--epochs 0 fits no mixture: give at least 1 (or leave it out)")
     fitted = fit_mixture(x_train, args.components, method=args.mog_method,
                          covariance=args.covariance, seed=args.seed, device=args.device,
-                         dtype=torch.float32)
+                         dtype=torch.float32, **caps)
     module.load_state_dict(fitted.mixture.state_dict())
     with torch.no_grad():
         log_px = module.log_prob(x_test)
@@ -896,7 +903,7 @@ def build_parser():
                         "your own model (build(data_dim, **options) returns an object with model "
                         "and guide)")
     p.add_argument("--out", default=None, help="run folder to write (checkpoint, weights, PNGs)")
-    add_train_options(p, epochs=50)
+    add_train_options(p, epochs=None)  # 50, or for mog fit_mixture's own caps
     p.set_defaults(func=train)
 
     p = commands.add_parser("evaluate", help="held-out log p(x) estimates for a trained run")

@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +46,22 @@ RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, IDENTITY_NAME, METRICS_NAME, "checkpo
                 "evaluate_*.json", "gaps.json", "metrics.jsonl", "user_model.py", "bdmc_*.json")
 
 
+# the names the package writes, exactly (a user's "evaluate_notes.json" or "my.png" is theirs)
+_RUN_NAMES = re.compile(
+    r"(config\.json|model\.pt|metrics\.json|metrics\.jsonl|identity\.json|checkpoint\.pt"
+    r"|local-rank\d+-of-\d+\.pt|reconstructions\.png|samples\.png|training_curve\.png"
+    r"|completions_[a-z_]+\.png|evaluate_[a-z]+_K\d+(_T\d+)?\.json|gaps\.json"
+    r"|user_model\.py|bdmc_T\d+_K\d+\.json)")
+
+
+def is_run_file(path):
+    """Whether ``path`` is a regular file (not a link, not a folder) under a name the package
+    writes into a run folder: what --overwrite deletes."""
+    path = Path(path)
+    return (bool(_RUN_NAMES.fullmatch(path.name)) and path.is_file()
+            and not path.is_symlink())
+
+
 class RunFolderError(ValueError):
     """A run folder that cannot be used as asked: it holds a run, is in use, or is unreadable."""
 
@@ -70,8 +87,8 @@ def prepare_run_folder(out_dir, resume=False, overwrite=False):
         if not overwrite:
             raise RunFolderError(f"{out_dir} already holds a trained run: pass --resume to continue "
                                  "it or --overwrite to replace it (or choose another --out)")
-        for pattern in RUN_PATTERNS:
-            for path in out_dir.glob(pattern):
+        for path in out_dir.iterdir():
+            if is_run_file(path):
                 path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run killed inside a write leaves its temporary file; the lock says no one is writing now

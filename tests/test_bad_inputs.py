@@ -352,6 +352,12 @@ API += [
     ("idx gzip inflates past its header", lambda f, t: data.load_mnist(
         gzip_idx(t, "bomb", [4, 4, 4], 64 << 20), split="train"), ValueError,
      ["train-images-idx3-ubyte.gz", "overlong", "expected 80 bytes, got 81"]),
+    *[(f"log_marginal {name}={value!r}", (lambda name, value: lambda f, t: log_marginal(
+        vae().model, vae().guide, X, **{name: value}))(name, value), error, [name, repr(value)])
+      for name, value, error in [("memory_bytes", -1, ValueError), ("memory_bytes", 0, ValueError),
+                                 ("num_samples", float("inf"), ValueError),
+                                 ("num_samples", "10", ValueError), ("seed", 1.5, TypeError),
+                                 ("seed", "0", TypeError)]],
     # masks by name
     *[(f"parse_missing {text!r}", (lambda text: lambda f, t: __import__(
         "ppl_lvm.experiment").experiment.parse_missing(text, 2, 16))(text), ValueError,

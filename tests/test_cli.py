@@ -430,3 +430,14 @@ def test_resume_after_the_model_file_changed_is_refused_and_runs_the_run_copy(tm
     assert main(["train", "vae", "--out", str(cosine), *IDENTITY_BASE, "--epochs", "2",
                  "--lr-schedule", "cosine", "--resume"]) == 2
     assert "--epochs 1 -> 2" in capsys.readouterr().err
+
+
+def test_train_mog_takes_epochs_as_its_cap(tmp_path):
+    out = tmp_path / "mog"
+    assert main(["train", "mog", "--out", str(out), "--data", "digits", "--components", "3",
+                 "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    free = tmp_path / "free"  # without --epochs: EM until it converges (more than 2 here)
+    assert main(["train", "mog", "--out", str(free), "--data", "digits", "--components", "3",
+                 "--quiet"]) == 0
+    assert json.loads((free / "metrics.json").read_text())["epochs"] > 2

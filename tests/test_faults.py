@@ -737,3 +737,20 @@ def test_evaluate_never_writes_into_a_run_replaced_meanwhile(tmp_path, runs, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "was replaced while this command ran" in err
     assert not (folder / "evaluate_iwae_K3.json").exists()
+
+
+def test_overwrite_removes_only_what_the_package_wrote(tmp_path, runs, capsys):
+    base, _ = runs
+    folder = tmp_path / "run"
+    shutil.copytree(base, folder)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"mine")
+    theirs = ["evaluate_notes.json", "notes.png", "model.pt.bak", "checkpoint.pt.old"]
+    for name in theirs:
+        (folder / name).write_text("keep")
+    (folder / "completions_extra").mkdir()
+    (folder / "evaluate_iwae_K5.json").write_text("{}")  # the package's: goes
+    assert main(train_args(folder, 1, "--overwrite")) == 0
+    assert all((folder / name).read_text() == "keep" for name in theirs)
+    assert (folder / "completions_extra").is_dir() and outside.read_bytes() == b"mine"
+    assert not (folder / "evaluate_iwae_K5.json").exists()
