@@ -19,7 +19,7 @@ from pyro.infer import config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm import program
+from ppl_lvm import densities, program
 from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
 from ppl_lvm.psis import pareto_khat, tail_size
 
@@ -381,80 +381,7 @@ def trace_bytes(traces):
     return total
 
 
-def latent_names(trace):
-    return [name for name, site in sample_sites(trace).items() if not site["is_observed"]]
-
-
-def data_frame(site, plate_name):
-    for frame in site["cond_indep_stack"]:
-        if frame.name == plate_name:
-            return frame
-    return None
-
-
-def check_data_plate(traces, plate_name):
-    """Every sample site must sit in the data plate (else no per-datapoint decomposition exists)."""
-    found, outside = set(), []
-    for trace in traces:
-        for name, site in sample_sites(trace).items():
-            found.update(frame.name for frame in site["cond_indep_stack"])
-            if data_frame(site, plate_name) is None:
-                outside.append(name)
-    if not any(data_frame(site, plate_name) is not None
-               for trace in traces for site in sample_sites(trace).values()):
-        plates = ", ".join(repr(p) for p in sorted(found)) or "none"
-        raise ValueError(f"no plate named {plate_name!r} over datapoints in the model; plates "
-                         f"found: {plates}. Put local sites in pyro.plate({plate_name!r}, N) or "
-                         "pass plate_name=")
-    if outside:
-        raise ValueError(f"sites {sorted(set(outside))} are outside the data plate {plate_name!r}: "
-                         "log p(x) does not split into per-datapoint terms with a global latent "
-                         "(integrate it out in the model, or fix it as a parameter)")
-
-
-def site_log_prob(site, log_prob, plate_name, nesting):
-    """A site's log-prob summed over all plate dims except the data plate's: [..., n].
-
-    ``log_prob`` is the unscaled log-density with the site's mask applied. Dims left of the
-    plates (the particle dim -(nesting + 1), enumeration dims further left) are kept.
-    """
-    mask = site["mask"]
-    if mask is not None:
-        if isinstance(mask, bool):
-            log_prob = log_prob if mask else torch.zeros_like(log_prob)
-        else:
-            log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
-    data_dim = data_frame(site, plate_name).dim
-    while log_prob.dim() < nesting:
-        log_prob = log_prob.unsqueeze(0)
-    sum_dims = [dim for dim in range(-nesting, 0) if dim != data_dim]
-    if sum_dims:
-        log_prob = log_prob.sum(sum_dims, keepdim=True)
-    return log_prob.reshape(log_prob.shape[:-nesting] + (log_prob.shape[data_dim],))
-
-
-def unscaled_log_prob(site):
-    """log p of the site's value, without the plate's N / B scale or poutine.scale (annealing)."""
-    if "unscaled_log_prob" not in site:
-        site["unscaled_log_prob"] = site["fn"].log_prob(site["value"], *site["args"],
-                                                        **site["kwargs"])
-    return site["unscaled_log_prob"]
-
-
-def log_joint(trace, plate_name, nesting, observed_only=False):
-    """Σ over the trace's sample sites in the data plate of log p, per datapoint: [..., n].
-
-    Sites outside the data plate (global latents held fixed, see ``log_marginal(globals=)``) are
-    not part of a datapoint's log p(x_n | globals) and are left out.
-    """
-    total = 0.0
-    for site in sample_sites(trace).values():
-        if observed_only and not site["is_observed"]:
-            continue
-        if data_frame(site, plate_name) is None:
-            continue
-        total = total + site_log_prob(site, unscaled_log_prob(site), plate_name, nesting)
-    return total
+data_frame = program.frame_of  # the site's frame of the data plate (None outside it)
 
 
 def check_observed_support(trace, skip=()):
@@ -468,7 +395,7 @@ def check_observed_support(trace, skip=()):
             except (RuntimeError, ValueError, NotImplementedError):
                 # a support that cannot check batched values (Pyro's MaskedMixture under the
                 # particle plate): the log-density itself must at least be a number
-                if torch.isnan(unscaled_log_prob(site)).any():
+                if torch.isnan(densities.site_log_prob(site)).any():
                     raise ValueError(f"observed site {name!r}: its log-density is NaN for some "
                                      "values of x") from None
                 continue
@@ -504,7 +431,7 @@ class _UniformProposal(Messenger):
         index = index.reshape((1,) + batch_shape + (1,) * len(fn.event_shape))
         msg["value"] = support.gather(0, index.expand((1,) + support.shape[1:])).squeeze(0)
         msg["done"] = True
-        msg["infer"]["_uniform_log_q"] = torch.full(batch_shape, -math.log(size),
+        msg["infer"]["proposal_log_prob"] = torch.full(batch_shape, -math.log(size),
                                                     device=support.device)
 
 
@@ -570,7 +497,8 @@ class _Program:
                 raise
             raise self._shape_error(error, slice(0, min(self.num_rows, 3))) from error
         self.plate_name = structure.plate_name
-        outside = [n for n in structure.global_sites]
+        self.fixed, self.enumerates = (), False
+        outside = list(structure.global_latents)
         if outside and globals is None:
             raise ValueError(
                 f"sites {sorted(outside)} are outside the data plate {self.plate_name!r}: log p(x) "
@@ -582,6 +510,7 @@ class _Program:
             values = self._global_values(model, guide, structure, globals)
             model = poutine.condition(model, data=values)
             guide = guide and poutine.condition(guide, data=values)
+            self.fixed = tuple(values)
         self.model, self.guide = model, guide
         self.vectorized = True
         self.row_bound = False
@@ -592,7 +521,8 @@ class _Program:
             _remember(key, {"plate_name": self.plate_name, "nesting": self.nesting,
                             "vectorized": self.vectorized, "row_bound": self.row_bound,
                             "bytes_per_unit": self.bytes_per_unit, "unchecked": self.unchecked,
-                            "num_rows": self.num_rows})
+                            "num_rows": self.num_rows, "fixed": self.fixed,
+                            "enumerates": self.enumerates})
 
     def _check_guide_plate(self, structure):
         """Before the model is replayed on the guide's values: the guide's data plate must sit at
@@ -643,13 +573,13 @@ class _Program:
             model = vectorize(model, num_particles, self.nesting, self.x.device)
             guide = guide and vectorize(guide, num_particles, self.nesting, self.x.device)
         if self.method == "uniform":
-            return None, poutine.trace(_UniformProposal()(model)).get_trace(*args, **kwargs)
+            return densities.trace_pair(_UniformProposal()(model), None, args, kwargs)
         if not self.uses_guide:
-            return None, poutine.trace(model).get_trace(*args, **kwargs)
-        guide_trace = poutine.trace(guide).get_trace(*args, **guide_kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs)
-        return guide_trace, model_trace
+            return densities.trace_pair(model, None, args, kwargs)
+        if self.enumerates:  # model latents the guide leaves out are summed out exactly
+            model = poutine.enum(model, first_available_dim=-(self.nesting + 2))
+        return densities.trace_pair(model, guide, args, model_kwargs=kwargs,
+                                    guide_kwargs=guide_kwargs)
 
     def _shape_error(self, error, rows):
         shape = tuple(self.x[rows].shape)
@@ -706,16 +636,26 @@ class _Program:
         if outside and any(not model_trace.nodes[n]["is_observed"] for n in outside):
             latent = [n for n in outside if not model_trace.nodes[n]["is_observed"]]
             raise ValueError(f"sites {latent} are outside the data plate {self.plate_name!r}")
-        if self.uses_guide:
-            program.check_pair(model_structure, guide_trace)
         traces = [t for t in (guide_trace, model_trace) if t is not None]
         self.nesting = plate_nesting(*traces)
+        enumerated = ()
+        if self.uses_guide:
+            enumerated = tuple(n for n, s in sample_sites(model_trace).items()
+                               if not s["is_observed"] and n not in guide_trace.nodes
+                               and s["infer"].get("enumerate") == "parallel")
+            program.check_pair(model_structure, guide_trace, enumerated=enumerated)
+        if enumerated:
+            self.enumerates = True
+            with program.sandbox(self.x.device):
+                guide_trace, model_trace = self._traces(rows)
         if self.method == "exact":
             self.bytes_per_unit = self._bytes(traces, rows.stop) * 8
             return
         with program.sandbox(self.x.device):
             try:
-                self._weights_from_traces(guide_trace, model_trace)
+                self._weights_from_traces(guide_trace, model_trace, rows.stop)
+            except densities.DensityError:
+                raise
             except _MODEL_ERRORS as error:
                 raise self._shape_error(error, rows) from error
             try:  # a vectorised probe: K = 2 particles
@@ -725,6 +665,8 @@ class _Program:
                 guide_trace, model_trace = self._last_traces
                 traces = [t for t in (guide_trace, model_trace) if t is not None]
                 self.bytes_per_unit = self._bytes(traces, 2 * rows.stop)
+            except densities.DensityError:
+                raise
             except _MODEL_ERRORS as error:
                 warnings.warn(f"the model/guide could not be vectorised over particles ({error}); "
                               "falling back to a loop over particles, which is slower",
@@ -753,24 +695,21 @@ class _Program:
                     raise ValueError(f"site {name!r} sits in more plates than the program had "
                                      "when it was read; call again after changing a model")
 
-    def _weights_from_traces(self, guide_trace, model_trace):
-        if self.method == "prior":
-            return log_joint(model_trace, self.plate_name, self.nesting, observed_only=True)
-        log_weights = log_joint(model_trace, self.plate_name, self.nesting)
-        if self.method == "uniform":
-            for site in sample_sites(model_trace).values():
-                if "_uniform_log_q" in site["infer"]:
-                    log_weights = log_weights - site_log_prob(
-                        site, site["infer"]["_uniform_log_q"], self.plate_name, self.nesting)
-            return log_weights
-        return log_weights - log_joint(guide_trace, self.plate_name, self.nesting)
+    def _weights_from_traces(self, guide_trace, model_trace, num_rows):
+        """[K, n] from one trace pair, through the density kernel (``ppl_lvm.densities``)."""
+        return densities.row_log_weights(model_trace, guide_trace, self.plate_name, num_rows,
+                                         self.nesting, fixed=self.fixed,
+                                         observed_only=self.method == "prior")
 
     def _log_weights_vectorized(self, rows, num_particles):
         guide_trace, model_trace = self._traces(rows, num_particles)
         self._last_traces = guide_trace, model_trace
-        log_weights = self._weights_from_traces(guide_trace, model_trace)
         num_rows = rows.stop - rows.start
-        return log_weights.reshape(-1, num_rows).expand(num_particles, num_rows)
+        log_weights = self._weights_from_traces(guide_trace, model_trace, num_rows)
+        if log_weights.shape[0] != num_particles:
+            raise RuntimeError(f"log weights for {log_weights.shape[0]} particles where "
+                               f"{num_particles} were drawn")
+        return log_weights
 
     def log_weights(self, rows, num_particles):
         """log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n) for the chunk: [K, n].
@@ -790,56 +729,15 @@ class _Program:
             for _ in range(num_particles):
                 guide_trace, model_trace = self._traces(rows)
                 check_observed_support(model_trace, self.unchecked)
-                weights.append(self._weights_from_traces(guide_trace, model_trace).reshape(-1))
+                weights.append(self._weights_from_traces(
+                    guide_trace, model_trace, rows.stop - rows.start).reshape(-1))
             return torch.stack(weights)
 
     def exact(self, rows):
         """log Σ_z p(x_n, z) by parallel enumeration of every latent site: [n]."""
         args, kwargs, _ = self._args(rows)
-        model = config_enumerate(self.model, "parallel")
-        enumerated = poutine.enum(model, first_available_dim=-(self.nesting + 1))
-        trace = poutine.trace(enumerated).get_trace(*args, **kwargs)
-        for name, site in sample_sites(trace).items():
-            if site["is_observed"]:
-                continue
-            if site["infer"].get("enumerate") != "parallel":
-                raise ValueError(f"method 'exact' needs every latent site discrete and "
-                                 f"enumerable; site {name!r} is {type(site['fn']).__name__}")
-            inner = [f.name for f in site["cond_indep_stack"]
-                     if f.vectorized and f.name != self.plate_name]
-            if inner:
-                raise ValueError(f"method 'exact' enumerates latents directly in the data plate "
-                                 f"only; site {name!r} is also in plates {inner}")
-        joint = 0.0
-        for site in sample_sites(trace).values():
-            if data_frame(site, self.plate_name) is None:
-                continue
-            log_prob = unscaled_log_prob(site)
-            if not site["is_observed"]:
-                log_prob, site = _uniform_where_masked(site, log_prob)
-            joint = joint + site_log_prob(site, log_prob, self.plate_name, self.nesting)
-        return joint.reshape(-1, joint.shape[-1]).logsumexp(0)  # [*enum dims, n] -> [n]
-
-
-def _uniform_where_masked(site, log_prob):
-    """An enumerated site masked out on some rows (e.g. the latent half of ``obs_mask``) plays no
-    part there: its C values must sum to one factor, not C. Where masked, each value gets
-    -log C; returns (log_prob, the site with its mask taken into account)."""
-    from pyro.distributions.torch_distribution import MaskedDistribution
-
-    keep = site["mask"]
-    fn = site["fn"]
-    if isinstance(fn, MaskedDistribution) and not isinstance(fn._mask, bool):
-        keep = fn._mask if keep is None or isinstance(keep, bool) else keep & fn._mask
-    elif isinstance(fn, MaskedDistribution) and fn._mask is False:
-        keep = False
-    if keep is None or keep is True:
-        return log_prob, site
-    dim = site["infer"].get("_enumerate_dim")
-    count = site["value"].shape[dim] if dim is not None and site["value"].dim() >= -dim else 1
-    uniform = torch.full_like(log_prob, -math.log(count))
-    log_prob = uniform if keep is False else torch.where(keep, log_prob, uniform)
-    return log_prob, {**site, "mask": None}
+        return densities.exact_rows(self.model, args, kwargs, self.plate_name, self.nesting,
+                                    self.fixed)
 
 
 def __getattr__(name):

@@ -370,15 +370,16 @@ def structure_of(trace, plate_name, rows_keywords=False):
                      tuple(observed), tuple(latent), shapes, rows_keywords)
 
 
-def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_only=False):
-    """The guide must cover the model's latent sites and put them in the same data plate, at the
-    same dim (``dims_only``: check the dims of the sites both have). Returns the guide's
-    ``Structure``."""
+def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_only=False,
+               enumerated=()):
+    """The guide must cover the model's latent sites (but those in ``enumerated``, which the
+    model's enumeration sums out) and put them in the same data plate, at the same dim
+    (``dims_only``: check the dims of the sites both have). Returns the guide's ``Structure``."""
     model_name, guide_name = fn_names
     # an autoguide's auxiliary sites (e.g. AutoNormal's "z_unconstrained") are the guide's own
     guide_latents = {n for n, s in sample_sites(guide_trace).items()
                      if not s["is_observed"] and not s["infer"].get("is_auxiliary")}
-    model_latents = set(model_structure.latent_sites)
+    model_latents = set(model_structure.latent_sites) - set(enumerated)
     if not dims_only and guide_latents != model_latents:
         raise ValueError(
             f"the guide's sites do not match the model's latent sites: missing from the guide "
@@ -386,7 +387,7 @@ def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_o
             f"{sorted(guide_latents - model_latents)}")
     plate = model_structure.plate_name
     for name in model_structure.local_latents:
-        if dims_only and name not in guide_latents:
+        if name in enumerated or dims_only and name not in guide_latents:
             continue
         frame = frame_of(guide_trace.nodes[name], plate)
         if frame is None:
