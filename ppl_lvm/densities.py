@@ -385,15 +385,22 @@ def exact_rows(model, args, kwargs, plate_name, nesting, fixed=()):
 # whole-data terms
 
 
-def joint_log_weight(model_trace, guide_trace):
-    """log p(x_1..N, z) - log q(z | x_1..N) for one (unvectorised) trace pair: a scalar.
+def joint_log_weight(model_trace, guide_trace, plate_name=None, share=1.0, observed_only=False):
+    """log p(x, z) - log q(z | x) of one (unvectorised) trace pair over its rows: a scalar.
 
-    Every site counted once (the traces' own ``log_prob_sum`` per site, scales divided out),
-    global latents, factors and joint guides included.
+    Every site counted once (each site's own ``log_prob_sum``, its scale divided out), global
+    latents, factors and joint guides included. ``share``: the trace covers a chunk holding this
+    share of all rows; the terms outside the data plate ``plate_name`` (counted once for the whole
+    data) then enter with weight ``share``, so the chunks' values add up to the whole data's.
     """
-    log_p = sum(_reference_sum(s) for s in sample_sites(model_trace).values())
-    if guide_trace is None:
-        return log_p
-    log_q = sum(_reference_sum(s) for s in sample_sites(guide_trace).values()
-                if not s["is_observed"])
-    return log_p - log_q
+    def total(trace, skip_observed, skip_latent=False):
+        if trace is None:
+            return 0.0
+        if plate_name is None or share == 1.0:
+            return sum(_reference_sum(s) for s in sample_sites(trace).values()
+                       if not (skip_observed and s["is_observed"])
+                       and not (skip_latent and not s["is_observed"]))
+        terms = split(trace, plate_name, sites=lambda n, s: not (skip_observed and s["is_observed"]))
+        rows = terms.rows.sum() if torch.is_tensor(terms.rows) else 0.0
+        return rows + share * sum(g.sum() for g in terms.globals.values())
+    return total(model_trace, False, observed_only) - total(guide_trace, True)

@@ -216,6 +216,48 @@ def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=Non
         return torch.cat(blocks, 1)
 
 
+@torch.no_grad()
+def joint_log_marginal(model, guide, x, *args, method="iwae", num_samples=100, seed=None,
+                       **model_kwargs):
+    """The whole-data bound on log p(x_1..N): a 0-dim tensor (nats, for all rows together).
+
+    For guides whose density is joint over rows (AutoDiagonalNormal, AutoMultivariateNormal,
+    AutoLowRankMultivariateNormal over local latents), models with global latents or factors
+    outside the data plate: anything that has no per-datapoint split. Each of the K draws
+    z_k ~ q(z | x_1..N) gives log w_k = log p(x_1..N, z_k) - log q(z_k | x_1..N), every site
+    counted once (``ppl_lvm.densities.joint_log_weight``); "iwae": log (1/K) Σ_k w_k, "elbo":
+    (1/K) Σ_k log w_k. ``guide`` None: the prior as proposal (method "prior").
+    """
+    if method not in ("iwae", "elbo", "is", "prior"):
+        raise ValueError(f"joint_log_marginal: method must be 'iwae', 'elbo' or 'prior', got "
+                         f"{method!r}")
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples (K) must be an integer ≥ 1, got {num_samples!r}")
+    if method == "prior":
+        guide = None
+    elif guide is None:
+        raise ValueError(f"method {method!r} needs a guide; use method='prior' without one")
+    device = x.device if torch.is_tensor(x) else torch.device("cpu")
+    data = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        weights = []
+        for _ in range(int(num_samples)):
+            with poutine.block():
+                guide_trace, model_trace = densities.trace_pair(model, guide, data + args,
+                                                                model_kwargs)
+            if guide is None:  # w = p(x | z): the latents' own terms are the proposal's
+                log_w = densities.joint_log_weight(model_trace, None, observed_only=True)
+            else:
+                log_w = densities.joint_log_weight(model_trace, guide_trace)
+            weights.append(torch.as_tensor(log_w, dtype=torch.get_default_dtype()))
+    log_w = torch.stack(weights)
+    if method == "elbo":
+        return log_w.mean()
+    return torch.logsumexp(log_w, 0) - math.log(len(weights))
+
+
 def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
               memory_bytes, model_kwargs, globals, num_global_samples, rest=()):
     if globals == "sample":

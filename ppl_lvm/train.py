@@ -19,7 +19,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from ppl_lvm import distributed as ddp
-from ppl_lvm import program
+from ppl_lvm import densities, program
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
     DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, data_fingerprint,
     load_checkpoint, load_params, params_finite, save_checkpoint)
@@ -272,19 +272,22 @@ def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwa
     distributed: each rank takes a contiguous block of the rows and the sums are all-reduced.
     """
     tensors = data if isinstance(data, (tuple, list)) else (data,)
-    elbo = Trace_ELBO(num_particles=num_particles)
+    model_kwargs = model_kwargs or {}
+    if plate_name is None:
+        plate_name = program.inspect_program(model, *tensors, **model_kwargs).plate_name
     total = 0.0
     num_data = tensors[0].shape[0]
     rows = torch.tensor_split(torch.arange(num_data), ddp.world_size())[ddp.rank()] if distributed \
         else torch.arange(num_data)
     first, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-    with torch.no_grad():
+    with torch.no_grad(), poutine.block():
         for start in range(first, stop, batch_size):
             batch = tuple(t[start:min(start + batch_size, stop)] for t in tensors)
             share = len(batch[0]) / num_data
-            scaled = [program.scale_rows(fn, 1 / share, plate_name, len(batch[0]))
-                      for fn in (model, guide)]
-            total += share * elbo.loss(*scaled, *batch, **(model_kwargs or {}))
+            for _ in range(num_particles):
+                guide_trace, model_trace = densities.trace_pair(model, guide, batch, model_kwargs)
+                total -= float(densities.joint_log_weight(model_trace, guide_trace, plate_name,
+                                                          share)) / num_particles
     if distributed:
         total = ddp.allreduce_mean(total, 1.0, tensors[0].device)
     return -total / num_data
@@ -303,9 +306,7 @@ def check_program_values(model, guide, batch, kwargs, epoch):
     """
     def traces():
         with torch.no_grad(), program.sandbox(batch[0].device):
-            guide_trace = poutine.trace(guide).get_trace(*batch, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *batch, **kwargs)
+            guide_trace, model_trace = densities.trace_pair(model, guide, batch, kwargs)
             model_trace.compute_log_prob()
         return guide_trace, model_trace
 
