@@ -20,6 +20,7 @@ from pyro.distributions import Delta
 from pyro.distributions.util import detach, scale_and_mask
 from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
+from pyro.ops.rings import LogRing
 
 from ppl_lvm import program
 from ppl_lvm.program import frame_of, sample_sites
@@ -352,7 +353,17 @@ def enumerated_rows(model_trace, plate_name, fixed=()):
         s["infer"]["_dim_to_symbol"][s["infer"]["_enumerate_dim"]]
         for s in sample_sites(model_trace).values()
         if s["infer"].get("_enumerate_dim") is not None}
-    result = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(target))
+    dim_to_size = {}
+    for terms in tree.values():
+        for term in terms:
+            dim_to_size.update(zip(term._pyro_dims, term.shape))
+    for site in sample_sites(model_trace).values():
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and frame.name in model_trace.plate_to_symbol:
+                dim_to_size.setdefault(model_trace.plate_to_symbol[frame.name],
+                                       program.plate_length(site, frame))
+    result = contract_to_tensor(tree, sum_dims, target_ordinal=frozenset(target),
+                                ring=LogRing(dim_to_size=dim_to_size))
     result = packed.unpack(result, model_trace.symbol_to_dim)
     site = next(s for s in sample_sites(model_trace).values()
                 if frame_of(s, plate_name) is not None)

@@ -8,6 +8,7 @@ its mean. The weights are built site by site from the traces (``ppl_lvm.program`
 runs over the rows and which sites are local), vectorised over K, chunked over datapoints.
 """
 import dataclasses
+import inspect
 import math
 import warnings
 
@@ -109,7 +110,7 @@ class LogMarginalEstimate:
 
 def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                  chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                 num_global_samples=10, num_steps=500, **model_kwargs):
+                 num_global_samples=10, num_steps=500, per_row=None, **model_kwargs):
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
@@ -153,15 +154,17 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
     return estimate_log_marginal(
         model, guide, x, *args, method=method, num_samples=num_samples, plate_name=plate_name,
         chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
-        num_global_samples=num_global_samples, num_steps=num_steps, **model_kwargs).log_px
+        num_global_samples=num_global_samples, num_steps=num_steps, per_row=per_row,
+        **model_kwargs).log_px
 
 
 @torch.no_grad()
 def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                          num_global_samples=10, num_steps=500, **model_kwargs):
+                          num_global_samples=10, num_steps=500, per_row=None, **model_kwargs):
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
     ESS and Pareto k̂)."""
+    x, args, per_row = _data_tuple(x, args, per_row)
     num_samples = _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals,
                                 num_global_samples)
     if method == "ais":
@@ -172,6 +175,7 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
             raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
                              "not supported with it (fix them in the model)")
         from ppl_lvm.ais import ais_log_marginal  # ais builds on this module
+        _row_spec(model, x, args, model_kwargs, per_row)  # names an unknown per_row entry
         return ais_log_marginal(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
                                 chunk_size=chunk_size, idx=idx, **model_kwargs)
@@ -179,7 +183,7 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
     memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
     call = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
-            model_kwargs, globals, num_global_samples, args)
+            model_kwargs, globals, num_global_samples, args, per_row)
     if seed is not None:  # a seeded call leaves the global RNG as it found it
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return _estimate(*call)
@@ -187,24 +191,26 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
 
 
 def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
-                memory_bytes=None, globals=None, **kwargs):
+                memory_bytes=None, globals=None, per_row=None, **kwargs):
     """The importance log weights log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n): [K, N].
 
     z_k ~ q(z | x_n) (the guide; ``guide=None``: the prior, so w = p(x_n | z_k)). Every estimator of
     the lecture is one reduction of this matrix: IWAE_K = logmeanexp(w, 0), ELBO = w.mean(0).
-    ``args``: the model's positional arguments, the first a tensor [N, ...] of rows; tensors whose
-    first dim is N among ``args`` and ``kwargs`` are per-row. Other keywords as ``log_marginal``.
+    ``args``: the model's positional arguments, the first a tensor [N, ...] of rows (or a tuple of
+    per-row tensors); the others are passed whole unless named in ``per_row`` (see
+    ``log_marginal``). Other keywords as ``log_marginal``.
     """
-    x, rest = args[0], args[1:]
+    x, rest, per_row = _data_tuple(args[0], args[1:], per_row)
     method = "prior" if guide is None else "iwae"
     num_samples = _check_inputs(guide, x, method, num_samples, None, idx, globals, 1)
     idx = torch.arange(x.shape[0], device=x.device) if idx is None else idx.to(x.device)
     with torch.no_grad(), torch.random.fork_rng(
             devices=[x.device] if x.device.type == "cuda" and seed is not None else []):
-        prog = _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest)
+        prog = _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest, per_row)
         memory = default_memory_bytes(x.device) if memory_bytes is None else int(memory_bytes)
         rows_per_call, particles_per_call = _plan(x.shape[0], num_samples, None, seed, memory,
-                                                  prog.bytes_per_unit, prog.row_bound)
+                                                  prog.bytes_per_unit, prog.row_bound or
+                                                  bool(prog.ambiguous))
         blocks = []
         for block, start in enumerate(range(0, x.shape[0], rows_per_call)):
             rows = slice(start, min(start + rows_per_call, x.shape[0]))
@@ -259,7 +265,7 @@ def joint_log_marginal(model, guide, x, *args, method="iwae", num_samples=100, s
 
 
 def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
-              memory_bytes, model_kwargs, globals, num_global_samples, rest=()):
+              memory_bytes, model_kwargs, globals, num_global_samples, rest=(), per_row=None):
     if globals == "sample":
         # log (1/S) Σ_s p(x_n | g_s): one estimate per draw g_s ~ q(globals), then log-mean-exp
         draws = []
@@ -267,7 +273,7 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             _seed_block(None if seed is None else seed + 7919 * (s + 1), 0, 0)
             draws.append(_estimate(model, guide, x, method, num_samples, plate_name, chunk_size,
                                    None if seed is None else seed + s, idx, memory_bytes,
-                                   model_kwargs, ("draw", s), 1, rest))
+                                   model_kwargs, ("draw", s), 1, rest, per_row))
         log_px = torch.stack([d.log_px for d in draws]).logsumexp(0) - math.log(len(draws))
         ess = torch.stack([d.ess for d in draws]).mean(0)
         first = draws[0]
@@ -276,15 +282,15 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
                                    first.particles_per_call, first.vectorized,
                                    f"sample:{num_global_samples}", khat)
     num_rows = x.shape[0]
-    prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals, rest)
+    prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals, rest, per_row)
     if method == "exact":
-        rows_per_call = num_rows if prog.row_bound else (
+        rows_per_call = num_rows if prog.row_bound or (prog.ambiguous and not chunk_size) else (
             chunk_size or max(1, memory_bytes // max(prog.bytes_per_unit, 1)))
         particles_per_call = 1
     else:
         rows_per_call, particles_per_call = _plan(
             num_rows, num_samples, chunk_size, seed, memory_bytes, prog.bytes_per_unit,
-            prog.row_bound)
+            prog.row_bound or bool(prog.ambiguous and not chunk_size))
 
     log_px, ess, khat = [], [], []
     for block, start in enumerate(range(0, num_rows, rows_per_call)):
@@ -310,6 +316,73 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
 
 # ----------------------------------------------------------------------------------------------
 # inputs, plans, seeds
+
+
+def _data_tuple(x, args, per_row):
+    """x given as a tuple (x, y, ...) of per-row tensors: (x, (y, ..., *args), per_row with the
+    tuple's other members declared per-row)."""
+    if not isinstance(x, (tuple, list)):
+        return x, tuple(args), per_row
+    if not x or not torch.is_tensor(x[0]):
+        raise ValueError("data given as a tuple must start with a tensor [N, ...] of rows")
+    extra = len(x) - 1
+    declared = tuple(range(extra)) + tuple(
+        p + extra if isinstance(p, int) else p for p in (per_row or ()))
+    return x[0], tuple(x[1:]) + tuple(args), declared
+
+
+def _row_spec(model, x, rest, kwargs, per_row):
+    """Which arguments are per-row: (positions in (x, *rest), keyword names, ambiguous names).
+
+    x is per-row; the others are whole unless ``per_row`` names them (ints: positions in ``rest``,
+    strings: keyword names). With ``per_row`` None, a tensor whose first dim merely equals N is
+    *ambiguous*: passed whole, and a call that would split the rows is refused naming it.
+    """
+    num_rows = x.shape[0]
+    names = _positional_names(model, 1 + len(rest))
+    declared = () if per_row is None else (
+        (per_row,) if isinstance(per_row, (str, int)) else tuple(per_row))
+    row_args, row_kwargs = {0}, set()
+    for entry in declared:
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise ValueError(f"per_row entries are positions (int) of the arguments after x or "
+                             f"keyword names (str), got {entry!r}")
+        if isinstance(entry, int):
+            if not 0 <= entry < len(rest):
+                raise ValueError(f"per_row names position {entry}, but only {len(rest)} "
+                                 "arguments follow x")
+            value, label, target = rest[entry], names[entry + 1], row_args
+            target.add(entry + 1)
+        else:
+            if entry not in kwargs:
+                raise ValueError(f"per_row names {entry!r}, which is not among the keywords "
+                                 f"passed {sorted(kwargs)}")
+            value, label = kwargs[entry], entry
+            row_kwargs.add(entry)
+        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != num_rows:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"per-row argument {label!r} must have x's {num_rows} rows first, "
+                             f"got {shape}")
+    ambiguous = []
+    if per_row is None:
+        candidates = [(names[i + 1], v) for i, v in enumerate(rest)] + list(kwargs.items())
+        ambiguous = [label for label, value in candidates
+                     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows]
+    return frozenset(row_args), frozenset(row_kwargs), ambiguous
+
+
+def _positional_names(fn, count):
+    """Names of ``fn``'s first ``count`` positional parameters (``argument i`` where unknown)."""
+    names = [f"argument {i}" for i in range(count)]
+    try:
+        target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+        params = [p for p in inspect.signature(target).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return names
+    for i, param in enumerate(params[:count]):
+        names[i] = param.name
+    return names
 
 
 def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
@@ -489,7 +562,7 @@ def _callable_key(fn):
     return (getattr(fn, "__func__", fn), owner) if owner is not None else fn
 
 
-def _probe_key(model, guide, x, method, plate_name, rest, kwargs):
+def _probe_key(model, guide, x, method, plate_name, rest, kwargs, per_row=None):
     def describe(value):
         if torch.is_tensor(value):
             return ("tensor", tuple(value.shape[1:]), value.dtype, str(value.device))
@@ -497,7 +570,8 @@ def _probe_key(model, guide, x, method, plate_name, rest, kwargs):
     try:
         key = (_callable_key(model), _callable_key(guide), method, plate_name,
                describe(x), tuple(describe(a) for a in rest),
-               tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+               tuple(sorted((k, describe(v)) for k, v in kwargs.items())),
+               None if per_row is None else tuple(sorted(map(str, per_row))))
         hash(key)
         return key
     except TypeError:  # an unhashable callable: no cache
@@ -516,14 +590,16 @@ class _Program:
     log weights of row chunks. Probing leaves the param store and the RNG as they were."""
 
     def __init__(self, model, guide, x, method, plate_name, idx, model_kwargs, globals=None,
-                 rest=()):
+                 rest=(), per_row=None):
         self.x, self.rest, self.method = x, tuple(rest), method
+        self.row_args, self.row_kwargs, self.ambiguous = _row_spec(model, x, self.rest,
+                                                                   model_kwargs, per_row)
         self.idx, self.model_kwargs = idx, model_kwargs
         self.uses_guide = method in GUIDE_METHODS
         self.guide_takes_idx = self.uses_guide and accepts(guide, "idx")
         self.num_rows = x.shape[0]
         key = None if globals is not None else _probe_key(model, guide, x, method, plate_name,
-                                                            self.rest, model_kwargs)
+                                                            self.rest, model_kwargs, per_row)
         known = _PROBES.get(key) if key is not None else None
         if known is not None and (not known["row_bound"] or known["num_rows"] == self.num_rows):
             # read before for this pair and these shapes: the probes' traces are skipped (a fixed
@@ -532,8 +608,9 @@ class _Program:
             self.__dict__.update({k: v for k, v in known.items() if k != "num_rows"})
             return
         try:
-            structure = program.inspect_program(model, x, *self.rest, plate_name=plate_name,
-                                                **model_kwargs)
+            structure = program.inspect_program(
+                model, x, *self.rest, plate_name=plate_name,
+                per_row=tuple(self.row_args) + tuple(self.row_kwargs), **model_kwargs)
         except _MODEL_ERRORS as error:
             if isinstance(error, ValueError) and "plate" in str(error):
                 raise
@@ -569,7 +646,8 @@ class _Program:
     def _check_guide_plate(self, structure):
         """Before the model is replayed on the guide's values: the guide's data plate must sit at
         the model's dim (else the two broadcast into a silently wrong log p(x))."""
-        args, _, guide_kwargs = self._args(slice(0, min(self.num_rows, 2)))
+        args, _, guide_kwargs = self._args(
+            slice(0, self.num_rows if self.ambiguous else min(self.num_rows, 2)))
         try:
             guide_trace = program.trace_of(self.guide, *args, **guide_kwargs)
         except _MODEL_ERRORS:
@@ -579,7 +657,14 @@ class _Program:
     # -- arguments
 
     def _args(self, rows):
-        args, kwargs = program.take((self.x,) + self.rest, self.model_kwargs, rows, self.num_rows)
+        if self.ambiguous and (rows.start or 0, rows.stop) != (0, self.num_rows):
+            raise ValueError(
+                f"argument {self.ambiguous[0]!r} has {self.num_rows} rows, as many as x, and this "
+                "call splits the rows into chunks: it is passed whole unless declared per-row. "
+                f"Pass per_row=({self.ambiguous[0]!r},) if it holds one entry per row of x, or "
+                "per_row=() if it is one whole tensor (e.g. training centres)")
+        args, kwargs = program.take((self.x,) + self.rest, self.model_kwargs, rows, self.num_rows,
+                                    per_row=tuple(self.row_args) + tuple(self.row_kwargs))
         guide_kwargs = dict(kwargs, idx=self.idx[rows]) if self.guide_takes_idx else kwargs
         return args, kwargs, guide_kwargs
 
@@ -637,7 +722,8 @@ class _Program:
         return None
 
     def _probe(self):
-        rows = slice(0, min(self.num_rows, 2))
+        # with an argument of undeclared role the call cannot split the rows: probe on all of them
+        rows = slice(0, self.num_rows if self.ambiguous else min(self.num_rows, 2))
         with program.sandbox(self.x.device):
             try:
                 guide_trace, model_trace = self._traces(rows)

@@ -557,7 +557,8 @@ def check_autoguide_rows(guide, structure, batch_size, num_data):
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, per_row=(),
+        transform=None,
         callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
         plate_name=None, lr_schedule=None, inner_tol=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
@@ -582,7 +583,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             ``checkpoint_every`` steps; resume: continue from it exactly.
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
-        model_kwargs: extra keywords for model and guide.
+        model_kwargs: extra keywords for model and guide, passed whole to every step.
+        per_row: names of ``model_kwargs`` that are per-row ([N, ...], e.g. a conditional VAE's
+            labels): each step gets the rows of its minibatch. Nothing is taken as per-row from
+            its shape alone; per-row data can also ride in ``data`` as a tuple ``(x, y)``.
         validate: Pyro's argument and support checks: "first_epoch" (default) runs them while
             every row is seen once, then steps without them (they cost ~20 % of a VAE step; a
             parameter going bad later still trips the divergence guard); True or False: always
@@ -633,6 +637,27 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
     num_data = tensors[0].shape[0]
     model_kwargs = dict(model_kwargs or {})
+    per_row = (per_row,) if isinstance(per_row, str) else tuple(per_row or ())
+    for name in per_row:
+        value = model_kwargs.get(name)
+        if name not in model_kwargs:
+            raise ValueError(f"per_row names {name!r}, which is not among model_kwargs "
+                             f"{sorted(model_kwargs)}")
+        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != num_data:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"per-row keyword {name!r} must be a tensor with the data's "
+                             f"{num_data} rows first, got {shape}")
+        model_kwargs[name] = value.to(device)
+    if per_row and eval_data is not None:
+        raise ValueError(f"eval_data with per-row keywords {list(per_row)}: their rows are the "
+                         "training data's; pass eval_data as a tuple (x, y) holding its own")
+
+    def row_kwargs(idx):
+        """model_kwargs with the per-row ones restricted to the rows ``idx``."""
+        if not per_row:
+            return model_kwargs
+        return {k: (v[idx] if k in per_row else v) for k, v in model_kwargs.items()}
+
     for module in _owners(model, guide):
         module.to(device)
     if clear_params:
@@ -642,7 +667,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
 
     # the program's structure, read once from its traces on a few (transformed) rows
     probe_rows = torch.arange(min(num_data, 3), device=device)
-    probe = (take_rows(tensors, probe_rows, transform), model_kwargs)
+    probe = (take_rows(tensors, probe_rows, transform), row_kwargs(probe_rows))
     structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
 
     def bound(idx):
@@ -653,7 +678,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
 
     def register():
         register_params(*bound(owned[:2]), take_rows(tensors, owned[:2], transform), loss,
-                        model_kwargs)
+                        row_kwargs(owned[:2]))
 
     guard = DivergenceGuard(None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME)
     checkpointer = _Checkpointer(checkpoint_dir, optim, strategy,
@@ -688,7 +713,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                     set_lr_factor(optim, lr_factor(lr_schedule, result.step,
                                                    epochs * steps_per_epoch))
                 try:
-                    value, before = take_step(*bound(idx), optim, loss, batch, model_kwargs,
+                    value, before = take_step(*bound(idx), optim, loss, batch, row_kwargs(idx),
                                               inner_steps, strategy, weight, inner_tol)
                 except ValueError as error:  # Pyro's validation meeting NaN: say where it diverged
                     raise guard.step_error(error)
@@ -711,7 +736,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             guard.check_state(optim, result.step, all_ranks=(
                 strategy.all_true if strategy.active else None))
             if len(idx):
-                check_program_values(*bound(idx), batch, model_kwargs, epoch + 1)
+                check_program_values(*bound(idx), batch, row_kwargs(idx), epoch + 1)
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
                 result.eval_elbos.append(evaluate_elbo(
