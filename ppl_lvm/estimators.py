@@ -321,10 +321,8 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
 def _data_tuple(x, args, per_row):
     """x given as a tuple (x, y, ...) of per-row tensors: (x, (y, ..., *args), per_row with the
     tuple's other members declared per-row)."""
-    if not isinstance(x, (tuple, list)):
-        return x, tuple(args), per_row
-    if not x or not torch.is_tensor(x[0]):
-        raise ValueError("data given as a tuple must start with a tensor [N, ...] of rows")
+    if not isinstance(x, (tuple, list)) or not x or not all(torch.is_tensor(v) for v in x):
+        return x, tuple(args), per_row  # not a tuple of tensors: _check_inputs says what x is
     extra = len(x) - 1
     declared = tuple(range(extra)) + tuple(
         p + extra if isinstance(p, int) else p for p in (per_row or ()))
