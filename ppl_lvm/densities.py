@@ -76,6 +76,12 @@ def site_log_prob(site):
     return scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
 
 
+def evaluate_sites(trace):
+    """Compute every sample site's log-density (under Pyro's validation this checks the values)."""
+    for site in sample_sites(trace).values():
+        site_log_prob(site)
+
+
 def _reference_sum(site):
     """The trace's own sum for the site (``log_prob_sum``, as Pyro computes it), unscaled."""
     scale = site["scale"]

@@ -337,6 +337,7 @@ def _row_spec(model, x, rest, kwargs, per_row):
     *ambiguous*: passed whole, and a call that would split the rows is refused naming it.
     """
     num_rows = x.shape[0]
+    _refuse_keyword_only(model)
     names = _positional_names(model, 1 + len(rest))
     declared = () if per_row is None else (
         (per_row,) if isinstance(per_row, (str, int)) else tuple(per_row))
@@ -367,6 +368,23 @@ def _row_spec(model, x, rest, kwargs, per_row):
         ambiguous = [label for label, value in candidates
                      if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows]
     return frozenset(row_args), frozenset(row_kwargs), ambiguous
+
+
+def _refuse_keyword_only(fn):
+    """A model that takes its data by keyword only (``model(*, obs)``) cannot be given x."""
+    try:
+        target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+        return
+    keyword_only = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+    if keyword_only:
+        raise ValueError(
+            f"the model takes its data by keyword only ({', '.join(keyword_only)}): the package "
+            f"passes the rows x positionally; wrap it, e.g. lambda x: model({keyword_only[0]}=x), "
+            "and the guide the same way")
 
 
 def _positional_names(fn, count):

@@ -307,7 +307,7 @@ def check_program_values(model, guide, batch, kwargs, epoch):
     def traces():
         with torch.no_grad(), program.sandbox(batch[0].device):
             guide_trace, model_trace = densities.trace_pair(model, guide, batch, kwargs)
-            model_trace.compute_log_prob()
+            densities.evaluate_sites(model_trace)  # validation checks each log-density
         return guide_trace, model_trace
 
     try:

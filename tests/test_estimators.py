@@ -236,10 +236,18 @@ def test_tensor_keywords_are_sliced_with_x(ppca):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(torch.zeros(Z_DIM), 1.0).to_event(1))
 
+    # declared per-row: each chunk of 8 rows gets its 8 scales
     estimate = log_marginal(weighted_model, prior_guide, x, num_samples=2, chunk_size=8,
-                            row_scale=weights)
+                            row_scale=weights, per_row=("row_scale",))
     expected = dist.Normal(0.0, weights[:, None]).log_prob(x).sum(-1)
     assert torch.allclose(estimate, expected, atol=1e-4)
+    # undeclared, its N rows are a coincidence to the package: a call that splits rows refuses
+    with pytest.raises(ValueError, match="'row_scale' has 40 rows"):
+        log_marginal(weighted_model, prior_guide, x, num_samples=2, chunk_size=8,
+                     row_scale=weights)
+    # unsplit, it is passed whole, which is the same thing
+    whole = log_marginal(weighted_model, prior_guide, x, num_samples=2, row_scale=weights)
+    assert torch.allclose(whole, expected, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
