@@ -2,7 +2,7 @@
 random plate layouts (the data plate at dim -1 or -2, an inner plate at the other dim, a plate of
 particles to the left), global and local sites, discrete (Categorical, Bernoulli) latents with
 dependencies between them, continuous (Normal) latents, masked observations (poutine.mask and
-obs_mask), pyro.factor inside and outside the data plate.
+obs_mask), poutine.scale, pyro.factor inside and outside the data plate.
 
 (a) completeness: ``ppl_lvm.densities.split(trace, plate)`` gives row terms [..., N] and global
     terms that add up to the trace's ``log_prob_sum()``, and each row term is that row's own sum
@@ -19,15 +19,17 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from pyro import poutine
 from pyro.infer.util import site_is_subsample
 
 from ppl_lvm import log_marginal
 
+# no shrinking: the examples are small already, and a failing kernel should fail fast
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    phases=[Phase.explicit, Phase.generate],
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 PLATE_NAMES = ("data", "rows", "documents")
 CARDINALITY = {"bernoulli": 2, "categorical": 3}
 
@@ -44,16 +46,19 @@ def fresh_param_store():
 
 
 @st.composite
-def programs(draw, with_globals=True, continuous=True, inner_latents=True):
+def programs(draw, with_globals=True, continuous=True, inner_latents=True, require_inner=False,
+             scaled=True):
     """A spec: plate layout, latents (kind, level, parent), the observation, masks and factors."""
     data_dim = draw(st.sampled_from([-1, -2]))
-    inner = draw(st.sampled_from([None, 2]))
+    inner = 2 if require_inner else draw(st.sampled_from([None, 2]))
     kinds = ["bernoulli", "categorical"] + (["normal"] if continuous else [])
     num_locals = draw(st.integers(1 if not continuous else 0, 3))
     latents = []
     for i in range(num_locals):
         kind = draw(st.sampled_from(kinds))
         level = draw(st.sampled_from(["row", "inner"] if inner and inner_latents else ["row"]))
+        if require_inner and i == 0:
+            level = "inner"
         parents = [j for j, (k, lv, _) in enumerate(latents) if k != "normal" and lv == "row"]
         parent = draw(st.sampled_from([None] + parents))
         latents.append((kind, level, parent))
@@ -68,6 +73,9 @@ def programs(draw, with_globals=True, continuous=True, inner_latents=True):
         factor_in=draw(st.booleans()),
         factor_out=draw(st.booleans()) if with_globals else False,
         enumerate=draw(st.booleans()),
+        # poutine.scale on the observation: in log_prob_sum, so in the split; the exact tests leave
+        # it out (whether a per-row log p(x_n) honours a user's scale is not fixed by the contract)
+        scale=draw(st.sampled_from([1.0, 1.0, 2.5])) if scaled else 1.0,
         seed=draw(st.integers(0, 2 ** 16)),
     )
 
@@ -129,6 +137,11 @@ def make_model(spec):
 
 
 def sample_obs(spec, loc, observed, keep, event=False):
+    with poutine.scale(scale=spec["scale"]):
+        observe(spec, loc, observed, keep, event)
+
+
+def observe(spec, loc, observed, keep, event):
     fn = dist.Normal(loc, 0.8)
     if event:
         fn = fn.expand(torch.broadcast_shapes(fn.batch_shape, observed.shape)).to_event(1)
@@ -275,24 +288,23 @@ def assignments(spec):
 
 
 @SETTINGS
-@given(spec=programs(with_globals=False, continuous=False, inner_latents=False))
+@given(spec=programs(with_globals=False, continuous=False, inner_latents=False, scaled=False))
 def test_exact_equals_brute_force_enumeration(spec):
     """Discrete latents directly in the data plate (observations may sit in an inner plate)."""
     check_exact(spec)
 
 
 @SETTINGS
-@given(spec=programs(with_globals=False, continuous=False))
+@given(spec=programs(with_globals=False, continuous=False, require_inner=True, scaled=False))
 def test_exact_with_latents_in_an_inner_plate_equals_brute_force(spec):
     """Discrete latents inside an inner plate too (Pyro's TraceEnum_ELBO sums these out plate by
     plate). before (main at 3bf2e3d): refused, "method 'exact' enumerates latents directly in the
     data plate only; site 'z0' is also in plates ['columns']"."""
-    assume(any(level == "inner" for _, level, _ in spec["latents"]))
     check_exact(spec)
 
 
 def check_exact(spec):
-    assume(assignments(spec) <= 400)
+    assume(assignments(spec) <= 81)
     model, x = make_model(spec), make_data(spec)
     right = brute_force(model, x)
     got = log_marginal(model, None, x, method="exact", plate_name=spec["plate"])
