@@ -5,6 +5,7 @@ independently: a closed form, the forward algorithm in plain torch, enumeration,
 machinery; and the behaviour fixed in KERNEL_API.md. Each docstring records what the package
 gave before the kernel (main at 3bf2e3d): "before: ...".
 """
+import json
 import math
 import re
 import types
@@ -443,10 +444,14 @@ def test_prodlda_is_scored_in_eval_mode_and_the_mode_restored():  # class 6
     module is back in train mode afterwards.
     right (eval mode, K = 2000): [-7.96, -7.35, -5.74, -7.05, -4.26] (mean -6.47; plain torch
     K = 20000: -6.48); before (K = 2000): [-7.04, -8.78, -5.08, -7.79, -5.12] (mean -6.76, rows off by up to 1.43: batch
-    statistics and dropout inside p and q). The modes were restored before too."""
+    statistics and dropout inside p and q; and the call moved BatchNorm's running statistics, so a
+    later eval-mode score changed too). The modes were restored before too."""
     net, docs = prodlda_trained_stats()
+    buffers = {name: value.clone() for name, value in net.named_buffers()}
     got = log_marginal(net.model, net.guide, docs, num_samples=500, seed=0)
     assert all(m.training for m in net.modules())
+    for name, value in net.named_buffers():  # evaluation leaves BatchNorm's running stats alone
+        assert torch.equal(value, buffers[name]), name
     net.eval()
     reference = log_marginal(net.model, net.guide, docs, num_samples=500, seed=0)
     net.train()
@@ -467,6 +472,66 @@ def test_prodlda_ais_runs_in_eval_mode():  # class 6
     reference = log_marginal(net.model, net.guide, docs, **kwargs)
     net.train()
     assert torch.allclose(got, reference, atol=1e-4)
+
+
+DROPOUT_MODEL = '''
+"""A Gaussian-decoder VAE whose networks hold Dropout and BatchNorm1d, as ProdLDA's do."""
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+
+class DropoutVAE(nn.Module):
+    def __init__(self, data_dim, z_dim=2, hidden=16):
+        super().__init__()
+        self.z_dim = z_dim
+        self.decoder = nn.Sequential(nn.Linear(z_dim, hidden), nn.BatchNorm1d(hidden),
+                                     nn.Softplus(), nn.Dropout(0.3), nn.Linear(hidden, data_dim))
+        self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), nn.Softplus(), nn.Dropout(0.3),
+                                     nn.Linear(hidden, 2 * z_dim))
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("images", len(x)):
+            code = pyro.sample("code", dist.Normal(x.new_zeros(len(x), self.z_dim), 1.0).to_event(1))
+            loc = self.decoder(code.reshape(-1, self.z_dim)).reshape(code.shape[:-1] + (-1,))
+            pyro.sample("pixels", dist.Normal(loc, 0.3).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("images", len(x)):
+            loc, raw = self.encoder(x).chunk(2, -1)
+            pyro.sample("code", dist.Normal(loc, nn.functional.softplus(raw) + 1e-3).to_event(1))
+
+
+def build(data_dim, z_dim=2, hidden=16):
+    return DropoutVAE(data_dim, z_dim=int(z_dim), hidden=int(hidden))
+'''
+
+
+@pytest.mark.slow
+def test_evaluate_command_scores_in_eval_mode(tmp_path, capsys):  # class 6
+    """`ppl-lvm evaluate` on a run whose networks hold Dropout and BatchNorm1d: its number is the
+    estimate with every module in eval mode (the same seed through the Python API).
+    right: -83.63 (30 digits, K = 20, seed 3); before: -94.69 (train mode: batch statistics and
+    dropout inside p and q)."""
+    from ppl_lvm.cli import main
+    from ppl_lvm.estimators import estimate_log_marginal as estimate
+    from ppl_lvm.runs import load_run, run_data
+    source = tmp_path / "dropout_vae.py"
+    source.write_text(DROPOUT_MODEL)
+    out = tmp_path / "run"
+    assert main(["train", f"{source}:build", "--data", "digits", "--epochs", "1",
+                 "--batch-size", "256", "--quiet", "--likelihood", "gaussian",
+                 "--out", str(out)]) == 0
+    assert main(["evaluate", str(out), "-K", "20", "--n", "30", "--seed", "3"]) == 0
+    got = json.loads((out / "evaluate_iwae_K20.json").read_text())["mean"]
+    module, config = load_run(out)
+    _, x_test = run_data(config["data"])
+    module.eval()
+    right = estimate(module.model, module.guide, x_test[:30], num_samples=20, seed=3).mean
+    assert got == pytest.approx(right, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
