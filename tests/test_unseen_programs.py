@@ -16,7 +16,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.infer.autoguide import (AutoDelta, AutoDiagonalNormal, AutoLowRankMultivariateNormal,
                                   AutoMultivariateNormal, AutoNormal, init_to_feasible)
 from pyro.nn import PyroParam
@@ -24,7 +24,8 @@ from torch.nn.functional import softplus
 
 import ppl_lvm
 from ppl_lvm import complete, estimate_log_marginal, fit, infer_local, log_marginal
-from tests.programs import cvae, hmm, linear_gaussian, parzen, prodlda, sparse_gamma_def, subsampled
+from tests.programs import (cvae, enum_plates, hmm, linear_gaussian, parzen, prodlda,
+                            sparse_gamma_def, subsampled)
 
 
 @pytest.fixture(autouse=True)
@@ -256,6 +257,43 @@ def test_hmm_exact_row_by_row_equals_all_rows():  # class 2 (and 3: lengths decl
     got = log_marginal(hmm.model_1, guide, sequences, lengths, HMM_ARGS, method="exact",
                        globals="median", per_row=(0,), chunk_size=1)
     assert torch.allclose(got, right, atol=1e-4)
+
+
+ENUM_DATA = torch.tensor([[0, 1], [0, 0]])  # test_enum.py's data: "inner" at dim -2, "outer" at -1
+
+
+def enum_plates_brute_force(model_name, a):
+    """log Σ_b p(b | a) Π_j p(c_ji | a, b) for each i of the "outer" plate (dim -1: the columns of
+    the data), [2], for a fixed global a."""
+    enum_plates.set_params()
+    probs_b = pyro.param("probs_b").detach()
+    probs_c = (pyro.param("probs_c") if model_name == "plates_4" else pyro.param("probs_c5")[a]).detach()
+    terms = []
+    for column in ENUM_DATA.T:
+        per_b = [probs_b[a, b].log() + probs_c[b][column].log().sum() for b in range(2)]
+        terms.append(torch.stack(per_b).logsumexp(0))
+    return torch.stack(terms)
+
+
+@pytest.mark.parametrize("model_name", ["plates_4", "plates_5"])
+def test_enumerated_nested_plates_whole_data_is_pyros_trace_enum_elbo(model_name):  # class 2
+    """The whole-data bound with a guide that covers nothing, every latent enumerated in the model
+    (a global a, per-row b): log p(data) exactly, -TraceEnum_ELBO().loss (Pyro as reference) and
+    log Σ_a p(a) Π_i Σ_b ... by brute force.
+    right: plates_4 -3.5773, plates_5 -4.2016 (brute force = Pyro); before: no whole-data bound.
+    (Per-datapoint estimates do not apply: the plate over the data's first dim is "inner".)"""
+    enum_plates.set_params()
+    model = getattr(enum_plates, model_name)
+
+    def guide(data):
+        pass
+    probs_a = pyro.param("probs_a").detach()
+    brute = torch.stack([probs_a[a].log() + enum_plates_brute_force(model_name, a).sum()
+                         for a in range(2)]).logsumexp(0)
+    pyro_answer = -TraceEnum_ELBO(max_plate_nesting=2).loss(model, guide, ENUM_DATA)
+    assert pyro_answer == pytest.approx(brute.item(), abs=1e-5)
+    got = joint_log_marginal(model, guide, ENUM_DATA, method="elbo", num_samples=2, seed=0)
+    assert got.item() == pytest.approx(brute.item(), abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
