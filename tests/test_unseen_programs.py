@@ -339,6 +339,24 @@ def test_parzen_centres_under_a_small_memory_budget():  # class 3
         assert torch.allclose(got, parzen.log_density(x, centres), atol=1e-4)
 
 
+def test_a_data_plate_over_the_last_dim_is_not_sliced_along_the_first():  # class 3
+    """test_enum.py's plates_4 names its data plate "outer" (dim -1, size 2, hard-coded): it runs
+    over the data's columns, not its first dim. Split into chunks of one, x's first dim must not be
+    taken for the rows: either the per-"outer" answer (brute force, a = 1) or a refusal naming
+    the plate.
+    right: [-2.1371, -1.5051] (main gets this unchunked); before, chunk_size=1:
+    [-2.1371, -0.8255, -2.1371, -2.1371], four numbers for two rows, silently."""
+    enum_plates.set_params()
+    right = enum_plates_brute_force("plates_4", 1)
+    try:
+        got = log_marginal(enum_plates.plates_4, None, ENUM_DATA, method="exact",
+                           globals={"a": torch.tensor(1)}, plate_name="outer", chunk_size=1)
+    except ValueError as error:
+        assert "outer" in str(error)
+    else:
+        assert torch.allclose(got, right, atol=1e-5)
+
+
 def test_parzen_with_fewer_centres_than_rows():  # class 3 (control: nothing to guess)
     """M = 4 centres for N = 6 rows: the same closed form (this worked before too)."""
     x, centres = parzen_data()
