@@ -402,8 +402,8 @@ def test_full_batch_fit_keeps_row_order_for_a_per_row_table():  # class 4
     """fit(batch_size=N) must not shuffle rows: the table's row n meets datapoint n every step, and
     its mean reaches the exact posterior mean x_n / 2.
     right: x / 2 = [0.77, -0.145, -1.09, 0.285, -0.54, -0.695] (Pyro's SVI, same steps and decay:
-    max error 0.036-0.037 over 3 seeds); before (400 epochs at lr 0.05): [-0.29, -0.20, -0.31, -0.20, -0.22, -0.16], max error 1.06 (rows
-    shuffled every epoch: each φ_n chased every datapoint)."""
+    max error 0.036-0.037 over 3 seeds); before: [-0.32, -0.25, -0.17, -0.08, -0.27, -0.24], max
+    error 1.09 (rows shuffled every epoch: each φ_n chased every datapoint)."""
     x = torch.tensor([1.54, -0.29, -2.18, 0.57, -1.08, -1.39])
     model, guide = per_row_table_program(len(x))
     fit(model, guide, x, epochs=150, batch_size=len(x), lr=0.1, lr_schedule="cosine",
