@@ -499,9 +499,10 @@ def test_prodlda_is_scored_in_eval_mode_and_the_mode_restored():  # class 6
     """The estimate equals the same seeded estimate with the networks in eval mode, and every
     module is back in train mode afterwards.
     right (eval mode, K = 2000): [-7.96, -7.35, -5.74, -7.05, -4.26] (mean -6.47; plain torch
-    K = 20000: -6.48); before (K = 2000): [-7.04, -8.78, -5.08, -7.79, -5.12] (mean -6.76, rows off by up to 1.43: batch
-    statistics and dropout inside p and q; and the call moved BatchNorm's running statistics, so a
-    later eval-mode score changed too). The modes were restored before too."""
+    K = 20000: -6.48); before (K = 2000): [-7.04, -8.78, -5.08, -7.79, -5.12] (mean -6.76, rows
+    off by up to 1.43: batch statistics and dropout inside p and q; and the call moved
+    BatchNorm's running statistics, so a later eval-mode score changed too). The modes were
+    restored before too."""
     net, docs = prodlda_trained_stats()
     buffers = {name: value.clone() for name, value in net.named_buffers()}
     got = log_marginal(net.model, net.guide, docs, num_samples=500, seed=0)
