@@ -453,3 +453,42 @@ def test_exact_posterior_weights_equal_the_closed_form(spec, method, num_samples
                        plate_name=spec["plate"])  # "columns" may be as long as the rows
     assert torch.allclose(got, right, atol=1e-3), (got, right)
     assert math.isfinite(got.sum().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel is the only place that reads densities off traces
+
+
+def trace_density_reads(path):
+    """Lines of ``path`` that replay a guide trace into a model or read a log-density off a trace:
+    ``poutine.replay(...)``, ``trace.compute_log_prob()``, ``trace.log_prob_sum()``, or
+    ``site["fn"].log_prob(...)`` (a model's closed-form ``log_prob``, PPCA's or the mixture's, is not
+    a trace and does not count)."""
+    import ast
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name, owner = node.func.attr, node.func.value
+        if name in ("replay", "compute_log_prob", "log_prob_sum") or (
+                name == "log_prob" and isinstance(owner, ast.Subscript)
+                and isinstance(owner.slice, ast.Constant) and owner.slice.value == "fn") or (
+                name == "log_prob" and isinstance(owner, ast.Call)  # detach(site["fn"]).log_prob
+                and any(isinstance(arg, ast.Subscript) and isinstance(arg.slice, ast.Constant)
+                        and arg.slice.value == "fn" for arg in owner.args)):
+            found.append(f"{path.name}:{node.lineno} {name}")
+    return found
+
+
+def test_only_the_kernel_reads_densities_off_traces():
+    """Issue 18: ``poutine.trace(poutine.replay(...))`` is written once, in the kernel, and nothing
+    else in the package sums log-densities of trace sites. Checked on the source (AST): every
+    other module of ppl_lvm/ is free of replay / compute_log_prob / log_prob_sum / site["fn"].log_prob.
+    before (main at 3bf2e3d): ais.py (2), estimators.py (2), guides.py (1), objectives.py (4),
+    train.py (2), models/missing.py (1)."""
+    from pathlib import Path
+    package = Path(__file__).resolve().parents[1] / "ppl_lvm"
+    assert (package / "densities.py").is_file()
+    offenders = [line for path in sorted(package.rglob("*.py")) if path.name != "densities.py"
+                 for line in trace_density_reads(path)]
+    assert not offenders, offenders
