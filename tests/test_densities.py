@@ -233,6 +233,33 @@ def test_split_adds_up_to_log_prob_sum(spec, particles):
         assert terms.globals.sum().item() == pytest.approx(total_global.item(), abs=1e-4)
 
 
+@pytest.mark.parametrize("guide_kind", ["custom", "AutoDiagonalNormal", "AutoMultivariateNormal"])
+def test_split_on_sparse_gamma_def(guide_kind):
+    """Pyro's sparse_gamma_def (tests/programs/) with its custom guide and the example's auto guide:
+    the autoguide's trace holds one auxiliary latent outside the plate and, in the plate, Deltas
+    whose log_density carries the Gamma latents' log-Jacobians: all of it must be placed."""
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, init_to_feasible
+
+    from ppl_lvm.densities import split
+    from tests.programs import sparse_gamma_def
+    sgdef = sparse_gamma_def.SparseGammaDEF(top_width=3, mid_width=2, bottom_width=2, image_size=5)
+    x = torch.poisson(torch.full((4, 5), 2.0), generator=torch.Generator().manual_seed(0))
+    pyro.set_rng_seed(0)
+    guide = {"custom": sgdef.guide,
+             "AutoDiagonalNormal": AutoDiagonalNormal(sgdef.model, init_loc_fn=init_to_feasible),
+             "AutoMultivariateNormal": AutoMultivariateNormal(sgdef.model,
+                                                              init_loc_fn=init_to_feasible)}[guide_kind]
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(sgdef.model, trace=guide_trace)).get_trace(x)
+    for trace in (model_trace, guide_trace):
+        terms = split(trace, "data")
+        assert terms.rows.shape[-1] == 4
+        assert (terms.rows.sum() + terms.globals.sum()).item() == pytest.approx(
+            trace.log_prob_sum().item(), rel=1e-5)
+        rows, total_global = expected_terms(trace, "data")
+        assert torch.allclose(terms.rows.reshape(-1, 4).sum(0), rows, atol=1e-3)
+
+
 def test_split_refuses_a_site_it_cannot_place_naming_it():
     """A site whose log-density has the data plate's size at the data dim without being in the
     plate cannot be placed by plate membership alone; if refused, the message names it."""
