@@ -156,6 +156,31 @@ def test_whole_data_bound_with_a_joint_guide_equals_the_closed_form(method):  # 
     assert got.item() == pytest.approx(right.item(), abs=1e-3)
 
 
+def exact_autonormal(x):
+    """AutoNormal over per_row_table_program's local z, set to the exact posterior N(x_n / 2, 1 / 2)."""
+    model, _ = per_row_table_program(len(x))
+    guide = AutoNormal(model)
+    guide(x)
+    guide.locs.z = torch.nn.Parameter(x / 2)
+    guide.scales.z = PyroParam(torch.full_like(x, math.sqrt(0.5)), guide.scale_constraint)
+    return model, guide
+
+
+def test_autonormal_over_local_latents_is_per_datapoint():  # class 1 (control: AutoNormal factorises)
+    """AutoNormal keeps one (loc, scale) per row: q factorises over rows, so the per-datapoint IWAE
+    is allowed, and with q the exact posterior it is log N(x_n; 0, 2) for any K; the whole-data
+    bound is their sum.
+    right: [-1.8584, -1.2865, -2.4536, -1.3467, -1.5571, -1.7485]; before: per-row passed,
+    no whole-data bound."""
+    x = torch.tensor([1.54, -0.29, -2.18, 0.57, -1.08, -1.39])
+    model, guide = exact_autonormal(x)
+    right = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x)
+    got = log_marginal(model, guide, x, num_samples=3, seed=0)
+    assert torch.allclose(got, right, atol=1e-4)
+    whole = joint_log_marginal(model, guide, x, method="iwae", num_samples=3, seed=0)
+    assert whole.item() == pytest.approx(right.sum().item(), abs=1e-3)
+
+
 def test_point_mass_proposal_is_refused():  # class 1
     """AutoDelta as the proposal q(z | x) for log p(x): the weights are not densities (Delta's
     log q = 0), so is/iwae/elbo refuse it naming the site and the point mass.
