@@ -1,9 +1,10 @@
-"""Pyro's examples/cvae (pyro-ppl/pyro commit ff6ae1c9572591791aae8842bcd702fcf0b46fd6): cvae.py's Encoder, Decoder and CVAE and
-baseline.py's BaselineNet, copied unchanged except that the image size 784 is the constant PIXELS
-(16 here, a 4x4 image, to keep tests fast) and the MNIST loaders are left out. The model is
-``model(xs, ys=None)``: xs the input image with -1 where the output is hidden, ys (a per-row
-keyword) the full image; its data plate ``pyro.plate("data")`` has no size, and it indexes with a
-boolean mask and ``.view(batch_size, -1)``, so it cannot be vectorised over particles.
+"""Pyro's examples/cvae (pyro-ppl/pyro commit ff6ae1c9572591791aae8842bcd702fcf0b46fd6): cvae.py's
+Encoder, Decoder and CVAE and baseline.py's BaselineNet, copied unchanged except that the image
+size 784 is the constant PIXELS (16 here, a 4x4 image, to keep tests fast) and the MNIST loaders
+are left out. The model is ``model(xs, ys=None)``: xs the input image with -1 where the output is
+hidden, ys (a per-row keyword) the full image; its data plate ``pyro.plate("data")`` has no size,
+and it indexes with a boolean mask and ``.view(batch_size, -1)``, so it cannot be vectorised over
+particles.
 """
 import torch
 import torch.nn as nn

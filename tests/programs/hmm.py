@@ -1,7 +1,8 @@
-"""Pyro's examples/hmm.py (pyro-ppl/pyro commit ff6ae1c9572591791aae8842bcd702fcf0b46fd6): model_1, the HMM with a "tones" plate at
-dim -1, the "sequences" plate at dim -2 (subsampled when batch_size is given) and enumerated
-states x_t under pyro.markov, copied unchanged. Data loading (JSB chorales) is left out: the tests
-pass small sequences; args is any object with hidden_dim and jit (argparse's Namespace).
+"""Pyro's examples/hmm.py (pyro-ppl/pyro commit ff6ae1c9572591791aae8842bcd702fcf0b46fd6): model_1,
+the HMM with a "tones" plate at dim -1, the "sequences" plate at dim -2 (subsampled when
+batch_size is given) and enumerated states x_t under pyro.markov, copied unchanged. Data loading
+(JSB chorales) is left out: the tests pass small sequences; args is any object with hidden_dim and
+jit (argparse's Namespace).
 """
 import torch
 

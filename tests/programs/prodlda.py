@@ -1,7 +1,8 @@
-"""Pyro's ProdLDA tutorial (tutorial/source/prodlda.ipynb, pyro-ppl/pyro commit ff6ae1c9572591791aae8842bcd702fcf0b46fd6): the
-Encoder (Dropout, BatchNorm1d), Decoder (Dropout, BatchNorm1d) and ProdLDA model/guide, copied
-unchanged; the 20 Newsgroups loading is left out (tests pass small count vectors). Its networks
-behave differently in train and eval mode: an estimate of log p(x) must run them in eval mode.
+"""Pyro's ProdLDA tutorial (tutorial/source/prodlda.ipynb, pyro-ppl/pyro commit
+ff6ae1c9572591791aae8842bcd702fcf0b46fd6): the Encoder (Dropout, BatchNorm1d), Decoder (Dropout,
+BatchNorm1d) and ProdLDA model/guide, copied unchanged; the 20 Newsgroups loading is left out
+(tests pass small count vectors). Its networks behave differently in train and eval mode: an
+estimate of log p(x) must run them in eval mode.
 """
 import pyro
 import pyro.distributions as dist

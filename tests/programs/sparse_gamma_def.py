@@ -1,8 +1,9 @@
-"""Pyro's examples/sparse_gamma_def.py (pyro-ppl/pyro commit ff6ae1c9572591791aae8842bcd702fcf0b46fd6): the sparse gamma deep
-exponential family with its custom mean-field guide, whose local factors are per-datapoint
-parameter tables ``pyro.param("alpha_z_q_top", rand_tensor((x_size, width), ...))`` indexed by
-position. Copied unchanged except that the layer sizes are constructor arguments (the defaults are
-the example's) and the Olivetti faces download is left out. The example's "auto" guide is
+"""Pyro's examples/sparse_gamma_def.py (pyro-ppl/pyro commit
+ff6ae1c9572591791aae8842bcd702fcf0b46fd6): the sparse gamma deep exponential family with its
+custom mean-field guide, whose local factors are per-datapoint parameter tables
+``pyro.param("alpha_z_q_top", rand_tensor((x_size, width), ...))`` indexed by position. Copied
+unchanged except that the layer sizes are constructor arguments (the defaults are the example's)
+and the Olivetti faces download is left out. The example's "auto" guide is
 ``AutoDiagonalNormal(model, init_loc_fn=init_to_feasible)``.
 """
 import torch
