@@ -502,12 +502,12 @@ class _Target:
         values = {site.name: site.transform(u[site.name]) for site in self.sites}
         model_trace = self._trace(rows, num_samples, values)
         nodes = sample_sites(model_trace)
-        latent = densities.split(model_trace, self.plate_name, self.nesting,
+        latent = densities.split(model_trace, self.plate_name, self.nesting, scaled=False,
                                  sites=lambda name, site: name in values)
-        observed = densities.split(model_trace, self.plate_name, self.nesting,
+        observed = densities.split(model_trace, self.plate_name, self.nesting, scaled=False,
                                    sites=lambda name, site: name not in values)
         for terms in (latent, observed):
-            densities.refuse_globals(terms.globals, model_trace, self.plate_name, (), "model")
+            densities.refuse_globals(terms.global_terms, model_trace, self.plate_name, (), "model")
         log_prior = latent.rows.reshape(-1, num_rows)
         log_likelihood = observed.rows.reshape(-1, num_rows)
         log_det = 0.0

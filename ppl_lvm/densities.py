@@ -114,25 +114,35 @@ def fold(site, log_prob, plate_name, nesting):
 @dataclasses.dataclass
 class Terms:
     """One trace's log-density, placed: ``rows`` [*prefix, n] (sites in the data plate, summed
-    over the other plates) and ``globals`` {site: [*prefix]} (sites outside it), where prefix is
+    over the other plates) and ``global_terms`` {site: [*prefix]} (sites outside it; ``globals``
+    their sum), where prefix is
     the particle dim when the trace was vectorised. ``sites``: the sites summed into ``rows``."""
 
     rows: torch.Tensor
-    globals: dict
+    global_terms: dict
     sites: tuple
 
     @property
+    def globals(self):
+        """The terms outside the data plate, summed: [*prefix] (a 0-dim zero when there are none)."""
+        if not self.global_terms:
+            return torch.zeros(()) if not torch.is_tensor(self.rows) else self.rows.new_zeros(())
+        return sum(self.global_terms.values())
+
+    @property
     def global_total(self):
-        return sum(self.globals.values()) if self.globals else 0.0
+        return sum(self.global_terms.values()) if self.global_terms else 0.0
 
 
-def split(trace, plate_name, nesting=None, sites=None, check=True):
+def split(trace, plate_name, nesting=None, sites=None, check=True, scaled=True):
     """Place every sample site of ``trace``: rows [*prefix, n] and global terms (see ``Terms``).
 
     ``sites``: a filter (name, site) -> bool (e.g. observed sites only, for the prior proposal);
     the completeness check then covers the chosen sites. The identity
-    Σ rows + Σ globals = trace's log_prob_sum() (over the chosen sites, each site's scale divided out)
-    is checked on every call; ValueError names the site that breaks it.
+    Σ rows + Σ globals = trace's log_prob_sum() (over the chosen sites) is checked on every call;
+    ValueError names the site that breaks it. ``scaled=False``: each site's scale (N / B, a
+    ``poutine.scale``) divided out — the model's log-density as the estimators read it; the
+    identity then holds against each site's log_prob_sum / scale.
     """
     nesting = program.plate_nesting(trace) if nesting is None else nesting
     rows, globals_, placed, expected, magnitude = 0.0, {}, [], 0.0, 0.0
@@ -141,6 +151,9 @@ def split(trace, plate_name, nesting=None, sites=None, check=True):
             continue
         log_prob = site_log_prob(site)
         reference = _reference_sum(site)
+        if scaled and not _unit_scale(site):
+            log_prob = scale_and_mask(log_prob, site["scale"], None)
+            reference = _log_prob_sum(site)
         expected = expected + reference
         magnitude = magnitude + float(log_prob.detach().abs().sum())
         if program.site_is_subsample(site):
@@ -157,11 +170,27 @@ def split(trace, plate_name, nesting=None, sites=None, check=True):
             got = term.sum()
         if check:
             _check_equal(got, reference, float(log_prob.detach().abs().sum()), name)
+    if not torch.is_tensor(rows):  # no site in the data plate: zero per row
+        rows = _plate_rows(trace, plate_name)
     if check and torch.is_tensor(expected):
         total = (rows.sum() if torch.is_tensor(rows) else 0.0) + sum(
             g.sum() for g in globals_.values())
         _check_equal(total, expected, magnitude, "the trace's total")
     return Terms(rows, globals_, tuple(placed))
+
+
+def _unit_scale(site):
+    scale = site["scale"]
+    return not torch.is_tensor(scale) and float(scale) == 1.0 or (
+        torch.is_tensor(scale) and scale.dim() == 0 and float(scale) == 1.0)
+
+
+def _plate_rows(trace, plate_name):
+    """The data plate's length in a trace with no site in it (read off its subsample site)."""
+    site = trace.nodes.get(plate_name)
+    if site is not None and site["type"] == "sample" and torch.is_tensor(site["value"]):
+        return torch.zeros(site["value"].shape[0], device=site["value"].device)
+    raise DensityError(f"the trace has no site in the data plate {plate_name!r}")
 
 
 def _log_prob_sum(site):
@@ -257,8 +286,8 @@ def row_terms(model_trace, guide_trace, plate_name, num_rows, nesting=None, fixe
         log_p = enumerated_rows(model_trace, plate_name, fixed=fixed)
     else:
         keep = (lambda n, s: s["is_observed"]) if observed_only else None
-        model_terms = split(model_trace, plate_name, nesting, sites=keep)
-        refuse_globals(model_terms.globals, model_trace, plate_name, fixed, "model")
+        model_terms = split(model_trace, plate_name, nesting, sites=keep, scaled=False)
+        refuse_globals(model_terms.global_terms, model_trace, plate_name, fixed, "model")
         log_p = model_terms.rows
         for site in sample_sites(model_trace).values():  # a proposal drawn inside the model
             proposal = site["infer"].get("proposal_log_prob")
@@ -270,8 +299,8 @@ def row_terms(model_trace, guide_trace, plate_name, num_rows, nesting=None, fixe
     if guide_trace is None:
         return log_p, None
     serving_fixed = refuse_joint_guide(guide_trace, plate_name, fixed)
-    guide_terms = split(guide_trace, plate_name, nesting)
-    refuse_globals(guide_terms.globals, guide_trace, plate_name, tuple(fixed) + serving_fixed,
+    guide_terms = split(guide_trace, plate_name, nesting, scaled=False)
+    refuse_globals(guide_terms.global_terms, guide_trace, plate_name, tuple(fixed) + serving_fixed,
                     "guide")
     log_q = guide_terms.rows
     if stop_guide_params:
@@ -417,7 +446,8 @@ def joint_log_weight(model_trace, guide_trace, plate_name=None, share=1.0, obser
             return sum(_reference_sum(s) for s in sample_sites(trace).values()
                        if not (skip_observed and s["is_observed"])
                        and not (skip_latent and not s["is_observed"]))
-        terms = split(trace, plate_name, sites=lambda n, s: not (skip_observed and s["is_observed"]))
+        terms = split(trace, plate_name, scaled=False,
+                      sites=lambda n, s: not (skip_observed and s["is_observed"]))
         rows = terms.rows.sum() if torch.is_tensor(terms.rows) else 0.0
-        return rows + share * sum(g.sum() for g in terms.globals.values())
+        return rows + share * sum(g.sum() for g in terms.global_terms.values())
     return total(model_trace, False, observed_only) - total(guide_trace, True)

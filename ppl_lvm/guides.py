@@ -200,7 +200,7 @@ def log_joint(model, values, x, idx=None, num_data=None, model_args=(), plate_na
                              f"(covered: {list(values)})")
     batch_size = x.shape[0]
     plate_name = plate_name or program.row_plate(trace, batch_size)
-    terms = densities.split(trace, plate_name)
+    terms = densities.split(trace, plate_name, scaled=False)
     rows = terms.rows.reshape(-1, batch_size).sum(0) if torch.is_tensor(terms.rows) else (
         x.new_zeros(batch_size))
     return rows + terms.global_total / batch_size
