@@ -134,7 +134,7 @@ class Terms:
         return sum(self.global_terms.values()) if self.global_terms else 0.0
 
 
-def split(trace, plate_name, nesting=None, sites=None, check=True, scaled=True):
+def split(trace, plate_name, nesting=None, sites=None, check=True, scaled=True, num_rows=None):
     """Place every sample site of ``trace``: rows [*prefix, n] and global terms (see ``Terms``).
 
     ``sites``: a filter (name, site) -> bool (e.g. observed sites only, for the prior proposal);
@@ -171,7 +171,7 @@ def split(trace, plate_name, nesting=None, sites=None, check=True, scaled=True):
         if check:
             _check_equal(got, reference, float(log_prob.detach().abs().sum()), name)
     if not torch.is_tensor(rows):  # no site in the data plate: zero per row
-        rows = _plate_rows(trace, plate_name)
+        rows = _plate_rows(trace, plate_name) if num_rows is None else torch.zeros(num_rows)
     if check and torch.is_tensor(expected):
         total = (rows.sum() if torch.is_tensor(rows) else 0.0) + sum(
             g.sum() for g in globals_.values())
@@ -295,11 +295,16 @@ def row_terms(model_trace, guide_trace, plate_name, num_rows, nesting=None, fixe
                 log_p = log_p - fold(site, proposal, plate_name, nesting)
     if not torch.is_tensor(log_p):
         raise DensityError(f"no site of the model lies in the data plate {plate_name!r}")
-    log_p = _to_matrix(log_p, num_rows)
+    log_p = _to_matrix(log_p, num_rows, plate_name)
     if guide_trace is None:
         return log_p, None
     serving_fixed = refuse_joint_guide(guide_trace, plate_name, fixed)
-    guide_terms = split(guide_trace, plate_name, nesting, scaled=False)
+    if plate_name not in program.plates_of(guide_trace) and plate_name not in guide_trace.nodes:
+        # a guide of the global latents only: q has no per-row factor
+        guide_terms = split(guide_trace, plate_name, nesting, scaled=False,
+                            num_rows=num_rows)
+    else:
+        guide_terms = split(guide_trace, plate_name, nesting, scaled=False)
     refuse_globals(guide_terms.global_terms, guide_trace, plate_name, tuple(fixed) + serving_fixed,
                     "guide")
     log_q = guide_terms.rows
@@ -309,20 +314,22 @@ def row_terms(model_trace, guide_trace, plate_name, num_rows, nesting=None, fixe
             site = guide_trace.nodes[name]
             stopped = scale_and_mask(detach(site["fn"]).log_prob(site["value"]), 1.0, site["mask"])
             log_q = log_q + fold(site, stopped, plate_name, nesting)
-    if not torch.is_tensor(log_q):  # a guide with no local site: log q(z_n | x_n) = 0
-        log_q = torch.zeros_like(log_p)
-    log_q = _to_matrix(log_q, num_rows)
+    if not torch.is_tensor(log_q) or not guide_terms.sites:
+        log_q = torch.zeros_like(log_p)  # a guide with no local site: log q(z_n | x_n) = 0
+    log_q = _to_matrix(log_q, num_rows, plate_name)
     if log_q.shape != log_p.shape:
         raise DensityError(f"the guide's terms have shape {tuple(log_q.shape)} and the model's "
                            f"{tuple(log_p.shape)}: the two traces disagree on the particles")
     return log_p, log_q
 
 
-def _to_matrix(log_w, num_rows):
+def _to_matrix(log_w, num_rows, plate_name="data"):
     """[*prefix, n] -> [K, n] without inventing particles: a prefix of size 1 means one draw."""
     if log_w.shape[-1] != num_rows:
-        raise DensityError(f"the per-row terms have {log_w.shape[-1]} rows where {num_rows} were "
-                         "passed")
+        raise DensityError(
+            f"the data plate {plate_name!r} has {log_w.shape[-1]} entries where {num_rows} rows "
+            "of x were passed: it does not run over x's first dim (pass the data with its rows "
+            "first, or name the plate that does with plate_name=)")
     return log_w.reshape(-1, num_rows)
 
 
@@ -411,7 +418,7 @@ def enumerated_rows(model_trace, plate_name, fixed=()):
     return result.reshape(-1, num_rows)
 
 
-def exact_rows(model, args, kwargs, plate_name, nesting, fixed=()):
+def exact_rows(model, args, kwargs, plate_name, nesting, fixed=(), num_rows=None):
     """log p(x_n) = log Σ_z p(x_n, z) [n] by enumerating every latent site of ``model`` in parallel."""
     from pyro.infer import config_enumerate  # noqa: PLC0415 (a leaf import from Pyro)
 
@@ -424,7 +431,20 @@ def exact_rows(model, args, kwargs, plate_name, nesting, fixed=()):
         if site["infer"].get("_enumerate_dim") is None:
             raise DensityError(f"method 'exact' needs every latent site discrete and enumerable; "
                              f"site {name!r} is {type(site['fn']).__name__}")
-    return enumerated_rows(trace, plate_name, fixed=fixed).reshape(-1)
+    rows = enumerated_rows(trace, plate_name, fixed=fixed)
+    if num_rows is not None:
+        return _to_matrix(rows, num_rows, plate_name).reshape(-1)
+    return rows.reshape(-1)
+
+
+def enumerated_joint_log_weight(model, guide, args, kwargs, nesting):
+    """log Σ_{z_enum} p(x_1..N, z_enum, z_q) - log q(z_q | x): one draw z_q ~ q, the model's
+    latents marked for enumeration that q leaves out summed exactly. Pyro's TraceEnum_ELBO with
+    one particle computes exactly this (its contraction handles plates and ``pyro.markov``)."""
+    from pyro.infer import TraceEnum_ELBO  # noqa: PLC0415
+
+    elbo = TraceEnum_ELBO(num_particles=1, max_plate_nesting=nesting)
+    return torch.tensor(-elbo.loss(model, guide, *args, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -265,9 +265,15 @@ def joint_log_marginal(model, guide, x, *args, method="iwae", num_samples=100, s
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(int(seed))
+        enumerated, nesting = _enumerated_sites(model, guide, data + args, model_kwargs)
         weights = []
         for _ in range(int(num_samples)):
             with poutine.block():
+                if enumerated:  # the model's own enumerated latents are summed out exactly
+                    log_w = densities.enumerated_joint_log_weight(model, guide, data + args,
+                                                                  model_kwargs, nesting)
+                    weights.append(log_w.detach())
+                    continue
                 guide_trace, model_trace = densities.trace_pair(model, guide, data + args,
                                                                 model_kwargs)
             if guide is None:  # w = p(x | z): the latents' own terms are the proposal's
@@ -279,6 +285,17 @@ def joint_log_marginal(model, guide, x, *args, method="iwae", num_samples=100, s
     if method == "elbo":
         return log_w.mean()
     return torch.logsumexp(log_w, 0) - math.log(len(weights))
+
+
+def _enumerated_sites(model, guide, args, kwargs):
+    """(model latents marked for enumeration that the guide does not sample, plate nesting)."""
+    with program.sandbox(), torch.no_grad():
+        guide_trace, model_trace = densities.trace_pair(model, guide, args, kwargs)
+    names = [n for n, s in sample_sites(model_trace).items() if not s["is_observed"]
+             and s["infer"].get("enumerate") == "parallel"
+             and (guide_trace is None or n not in guide_trace.nodes)]
+    traces = [t for t in (guide_trace, model_trace) if t is not None]
+    return names, plate_nesting(*traces)
 
 
 def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
@@ -923,7 +940,7 @@ class _Program:
         """log Σ_z p(x_n, z) by parallel enumeration of every latent site: [n]."""
         args, kwargs, _ = self._args(rows)
         return densities.exact_rows(self.model, args, kwargs, self.plate_name, self.nesting,
-                                    self.fixed)
+                                    self.fixed, num_rows=rows.stop - rows.start)
 
 
 def __getattr__(name):

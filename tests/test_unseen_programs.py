@@ -828,6 +828,7 @@ def encoder_guide(x):
         pyro.sample("z", dist.MultivariateNormal(x @ LOADINGS @ cov / SHARP_NOISE ** 2, cov))
 
 
+@PENDING_CLASS_8
 def test_completion_default_with_an_encoder_fed_zeros_is_right_or_warns():  # class 8
     """The same sharp model with an encoder-like guide: complete's default must give the closed-form
     conditional mean (max error < 0.1) or warn. MwG with the "completed" proposal (the encoder fed
