@@ -110,6 +110,14 @@ def files(tmp_path_factory):
     (folder / "train-images-idx3-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(0x803, [4, 4, 4], bytes(64))))
     paths["no_labels"] = folder
+    for name, code in [("build_raises", "def build(data_dim, **options):\n"
+                                        "    raise ValueError('boom')\n"),
+                       ("import_raises", "undefined_name + 1\n"),
+                       ("syntax_error", "def build(:\n"),
+                       ("returns_none", "def build(data_dim, **options):\n    return None\n"),
+                       ("int_option", "def build(data_dim, z_dim=2):\n    return int(z_dim)\n")]:
+        paths[name] = root / f"{name}.py"
+        paths[name].write_text(code)
     paths["empty_folder"] = root / "empty_folder"
     paths["empty_folder"].mkdir()
     paths["a_file"] = paths["txt"]
@@ -475,6 +483,23 @@ CLI += [
                                     value], ["--missing", repr(value)])
       for value in ["top_half:3", "mcar:", "mcar", "mcar:x", "mcar:1.5", "left_half:0.2"]],
     ("train --out ''", ["train", "vae", "--out", "", *TINY], ["--out ''"]),
+    # a model file's own errors: one line naming the file, the function and the line
+    ("model build raises", ["train", "{build_raises}:build", "--out", "{out}", *TINY],
+     ["{build_raises}", "build(data_dim=64", "(line 2)", "ValueError: boom"]),
+    ("model import raises", ["train", "{import_raises}:build", "--out", "{out}", *TINY],
+     ["{import_raises}", "failed to import (line 1)", "NameError"]),
+    ("model syntax error", ["train", "{syntax_error}:build", "--out", "{out}", *TINY],
+     ["{syntax_error}", "failed to import", "SyntaxError"]),
+    ("model returns None", ["train", "{returns_none}:build", "--out", "{out}", *TINY],
+     ["{returns_none}", "NoneType", "no model and guide"]),
+    ("model no such builder", ["train", "{returns_none}:make", "--out", "{out}", *TINY],
+     ["{returns_none}", "no function 'make'"]),
+    *[(f"model option {value}", ["train", "{int_option}:build", "--out", "{out}", *TINY,
+                                 "--option", value], words)
+      for value, words in [("z_dim=nan", ["--option", "nan"]), ("z_dim=1e400", ["--option", "inf"]),
+                           ("z_dim=[1,2]", ["{int_option}", "z_dim", "[1,2]"]),
+                           ("z_dim='3'", ["{int_option}", "z_dim", "'3'"]),
+                           ("colour=red", ["{int_option}", "colour"])]],
     ("evaluate a mixture by ais", ["evaluate", "{mog}", "--method", "ais"],
      ["{mog}", "mixture", "--method ais"]),
     ("bdmc on a mixture", ["bdmc", "{mog}", "--n", "1"], ["{mog}", "mixture"]),
