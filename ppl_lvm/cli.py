@@ -354,7 +354,7 @@ def check_combination(args):
                        "--covariance)")
     if args.missing:
         try:
-            experiment.parse_missing(args.missing, 1, 4)
+            experiment.parse_missing_text(args.missing)
         except ValueError as error:
             raise CLIError(str(error)) from None
     if args.model == "mog" and (args.guide != "amortized" or args.objective != "elbo"):

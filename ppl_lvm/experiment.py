@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO
 
 from ppl_lvm import atomic
 from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide, infer_local
-from ppl_lvm.models.missing import MaskedVAE, make_mask
+from ppl_lvm.models.missing import MASKS, MaskedVAE, make_mask
 from ppl_lvm.models.mog import COVARIANCES, MixtureOfGaussians
 from ppl_lvm.models.ppca import PPCA
 from ppl_lvm.models.vae import VAE
@@ -156,7 +156,17 @@ def make_loss(objective, num_particles=1, dreg=False):
 
 def parse_missing(text, num_rows, data_dim, seed=0, device=None):
     """``--missing top_half`` or ``mcar:0.5`` -> a [N, D] bool mask (True = observed)."""
+    name, options = parse_missing_text(text)
+    return make_mask(name, num_rows, data_dim, seed=seed, device=device, **options)
+
+
+def parse_missing_text(text):
+    """``--missing``'s mask name and options: ``mcar:RATE`` needs its rate in [0, 1); no other
+    mask takes one (``top_half:3`` is refused, not read as top_half)."""
     name, colon, rate = str(text).partition(":")
+    if name not in MASKS:
+        raise ValueError(f"--missing {text!r}: unknown mask {name!r}; choose one of {MASKS} "
+                         "(mcar as mcar:RATE)")
     if name == "mcar":
         try:
             value = float(rate)
@@ -165,10 +175,10 @@ def parse_missing(text, num_rows, data_dim, seed=0, device=None):
                              "[0, 1), e.g. mcar:0.5") from None
         if not 0 <= value < 1:
             raise ValueError(f"--missing {text!r}: the mcar rate must be in [0, 1), got {value}")
-        return make_mask(name, num_rows, data_dim, seed=seed, device=device, rate=value)
+        return name, {"rate": value}
     if colon:
         raise ValueError(f"--missing {text!r}: {name} takes no rate (only mcar:RATE does)")
-    return make_mask(name, num_rows, data_dim, seed=seed, device=device)
+    return name, {}
 
 
 def held_out_guide(kind, module, model, guide, x_test, data_kwargs, steps=300, lr=1e-2):

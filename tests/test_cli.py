@@ -441,3 +441,16 @@ def test_train_mog_takes_epochs_as_its_cap(tmp_path):
     assert main(["train", "mog", "--out", str(free), "--data", "digits", "--components", "3",
                  "--quiet"]) == 0
     assert json.loads((free / "metrics.json").read_text())["epochs"] > 2
+
+
+def test_every_missing_mask_is_accepted_and_only_mcar_takes_a_rate():
+    from ppl_lvm.experiment import parse_missing_text
+    from ppl_lvm.models.missing import MASKS
+
+    for name in MASKS:
+        if name != "mcar":
+            assert parse_missing_text(name) == (name, {})
+    assert parse_missing_text("mcar:0.25") == ("mcar", {"rate": 0.25})
+    for text in ("top_half:3", "blocks:2", "mcar:", "mcar", "mcar:1"):
+        with pytest.raises(ValueError, match="--missing"):
+            parse_missing_text(text)
