@@ -135,9 +135,8 @@ def read_config_file(path):
         else:
             try:
                 import tomllib
-            except ImportError:  # Python 3.10
-                raise CLIError(f"--config {path}: reading TOML needs Python 3.11 or newer; "
-                               "give the options as a .json file instead") from None
+            except ImportError:  # Python 3.10: the same parser, installed as tomli
+                import tomli as tomllib
             values = tomllib.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise CLIError(f"--config {path} cannot be read: {error}") from error
