@@ -19,7 +19,7 @@ from pyro.infer import config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm import program
+from ppl_lvm import program, progress
 from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
 from ppl_lvm.psis import pareto_khat, tail_size
 
@@ -245,21 +245,24 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             prog.row_bound)
 
     log_px, ess, khat = [], [], []
-    for block, start in enumerate(range(0, num_rows, rows_per_call)):
-        rows = slice(start, min(start + rows_per_call, num_rows))
-        if method == "exact":
-            log_px.append(prog.exact(rows))
-            ess.append(torch.full_like(log_px[-1], float("nan")))
-            khat.append(torch.full_like(log_px[-1], float("nan")))
-            continue
-        totals = _RunningWeights(num_samples)
-        for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
-            count = min(particles_per_call, num_samples - first)
-            _seed_block(seed, block, particle_block)
-            totals.add(prog.log_weights(rows, count))
-        log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
-        ess.append(totals.ess())
-        khat.append(totals.khat())
+    with progress.phase(f"log p(x) by {method}", num_rows, unit="row"):
+        for block, start in enumerate(range(0, num_rows, rows_per_call)):
+            rows = slice(start, min(start + rows_per_call, num_rows))
+            if method == "exact":
+                log_px.append(prog.exact(rows))
+                ess.append(torch.full_like(log_px[-1], float("nan")))
+                khat.append(torch.full_like(log_px[-1], float("nan")))
+                progress.advance(rows.stop - rows.start)
+                continue
+            totals = _RunningWeights(num_samples)
+            for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
+                count = min(particles_per_call, num_samples - first)
+                _seed_block(seed, block, particle_block)
+                totals.add(prog.log_weights(rows, count))
+            log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
+            ess.append(totals.ess())
+            khat.append(totals.khat())
+            progress.advance(rows.stop - rows.start)
     label = globals if isinstance(globals, str) else "given" if isinstance(globals, dict) else None
     return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
                                rows_per_call, particles_per_call, prog.vectorized, label,

@@ -20,7 +20,7 @@ from pyro.distributions.util import scale_and_mask
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
-from ppl_lvm import program
+from ppl_lvm import program, progress
 from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, svi_step
 
 NEW_ROWS_HINT = "new rows need their own φ: use ppl_lvm.guides.infer_local"
@@ -398,7 +398,8 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
         try:
             for p in frozen + module_params:
                 p.requires_grad_(False)
-            for step in range(steps):
+            bar = progress.phase(f"q(z) per row ({num_rows} rows)", steps, unit="step")
+            for step in progress_steps(bar, steps):
                 optim.set_lr_factor(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):
@@ -475,6 +476,14 @@ def _encoder_of(guide):
     if encoder is None:
         encoder = getattr(getattr(guide, "__self__", None), "encoder", None)
     return encoder
+
+
+def progress_steps(phase, steps):
+    """range(steps), advancing ``phase``'s bar as it goes."""
+    with phase:
+        for step in range(steps):
+            yield step
+            progress.advance()
 
 
 def amortization_gaps(model, guide, x, *args, encoder=None, site_shapes=None, num_samples=5000,

@@ -109,9 +109,11 @@ class RunLock:
                                  "it read-only? choose another --out") from error
         try:
             atomic.write_text(self.path, f"{os.getpid()}\n")
-        except OSError:
+        except OSError as error:
             guard.release()
-            raise
+            reason = getattr(error.__cause__, "strerror", None) or error.strerror or error
+            raise RunFolderError(f"cannot write into {self.path.parent} ({reason}): is it "
+                                 "read-only? choose another --out") from error
         self.guard = guard
         return self
 

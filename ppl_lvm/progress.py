@@ -1,0 +1,52 @@
+"""Progress bars for long work (estimators, AIS, infer_local, completion): one tqdm bar per phase.
+
+Off unless asked for (`with shown():`, as the command line does without `--quiet`), so a library
+call prints nothing; on, a bar is drawn only on a terminal (a log file gets no per-step lines)
+and only by rank 0 of a torchrun group. Code that loops calls ``with phase(...)`` and
+``advance()``; a phase inside a phase is drawn below it.
+"""
+import contextlib
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+__all__ = ["shown", "phase", "advance", "enabled"]
+
+_enabled = [False]
+_bars = []
+
+
+def enabled():
+    """Whether bars are drawn: asked for, on a terminal, and on rank 0."""
+    return (_enabled[-1] and sys.stderr.isatty()
+            and os.environ.get("RANK", "0") in ("", "0"))
+
+
+@contextlib.contextmanager
+def shown(on=True):
+    """Draw the bars of the phases inside (``on=False``: none)."""
+    _enabled.append(bool(on))
+    try:
+        yield
+    finally:
+        _enabled.pop()
+
+
+@contextlib.contextmanager
+def phase(description, total, unit="it"):
+    """A bar for one phase of ``total`` units; ``advance(n)`` moves the innermost one."""
+    bar = tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True,
+               disable=not enabled(), position=len(_bars))
+    _bars.append(bar)
+    try:
+        yield bar
+    finally:
+        _bars.pop()
+        bar.close()
+
+
+def advance(n=1):
+    """Move the innermost bar by ``n`` (nothing outside a phase)."""
+    if _bars:
+        _bars[-1].update(n)
