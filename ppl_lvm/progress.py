@@ -11,7 +11,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-__all__ = ["shown", "phase", "advance", "enabled"]
+__all__ = ["shown", "phase", "advance", "chunks", "enabled"]
 
 _enabled = [False]
 _bars = []
@@ -50,3 +50,11 @@ def advance(n=1):
     """Move the innermost bar by ``n`` (nothing outside a phase)."""
     if _bars:
         _bars[-1].update(n)
+
+
+def chunks(num_rows, rows_per_call, description, unit="row"):
+    """``range(0, num_rows, rows_per_call)`` in a phase whose bar counts the rows done."""
+    with phase(description, num_rows, unit=unit):
+        for start in range(0, num_rows, rows_per_call):
+            yield start
+            advance(min(rows_per_call, num_rows - start))
