@@ -375,7 +375,8 @@ def train_in(args, out, data_config, x_train, x_test):
 
 def epoch_log(log, args, steps_per_epoch):
     """fit's ``callback``: one JSON line per epoch in ``log`` (metrics.jsonl) as training goes:
-    the epoch's mean loss, the held-out ELBO when it was evaluated, the step-size factor of the
+    ``train_elbo`` (the epoch's mean minibatch ELBO per row, nats; higher is better), ``loss``
+    (the same with the optimiser's sign, -ELBO), ``heldout_elbo`` when it was evaluated, the step-size factor of the
     schedule at the epoch's last step and the wall time. ``compare`` and the curve PNG read it.
 
     The file is rewritten whole through ``atomic`` each epoch (it is small), so a killed run leaves
@@ -399,7 +400,9 @@ def epoch_log(log, args, steps_per_epoch):
     def record(epoch, result):
         if log is None:
             return False
-        entry = {"epoch": epoch, "loss": result.epoch_losses[-1], "step": result.step,
+        # one sign for the ELBOs (higher is better); "loss" is the optimiser's, -ELBO
+        entry = {"epoch": epoch, "train_elbo": -result.epoch_losses[-1],
+                 "loss": result.epoch_losses[-1], "step": result.step,
                  "lr_factor": lr_factor(args.lr_schedule, max(result.step - 1, 0),
                                         args.epochs * steps_per_epoch),
                  "wall_time_s": result.wall_time}
@@ -528,8 +531,6 @@ def compare(args):
     parameters of each run; a PNG of the held-out ELBO against epochs and wall time."""
     import json
 
-    import matplotlib.pyplot as plt
-
     from ppl_lvm.estimators import estimate_log_marginal
     from ppl_lvm.guides import amortization_gaps
 
@@ -576,21 +577,7 @@ def compare(args):
     atomic.write_json(Path(args.out).with_suffix(".json"), rows)
     logger.log(RESULT, f"wrote {Path(args.out).with_suffix('.json')}")
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for run, entries in curves.items():
-            points = [(e, e["heldout_elbo"]) for e in entries if "heldout_elbo" in e]
-            label, style = run, "-"
-            if not points:  # a per-datapoint guide has no φ for held-out rows while it trains
-                points, label, style = [(e, -e["loss"]) for e in entries], f"{run} (train)", "--"
-            for axis, key in zip(axes, ("epoch", "wall_time_s")):
-                axis.plot([e[key] for e, _ in points], [value for _, value in points], style,
-                          marker=".", label=label)
-        axes[0].set(xlabel="epoch", ylabel="ELBO (nats): held-out, or training (dashed)")
-        axes[1].set(xlabel="training time (s)", ylabel="ELBO (nats)")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        atomic.save_figure(fig, Path(args.out))
-        plt.close(fig)
+        plots.compare_curves(curves, Path(args.out))
         logger.log(RESULT, f"wrote {args.out}")
     return rows
 
@@ -689,7 +676,8 @@ def demo(args):
 def complete(args):
     """Complete held-out images of a trained run from the posterior p(x_miss | x_obs); write a PNG grid.
 
-    Rows: the originals, the observed pixels (missing ones grey), then ``--samples`` completions.
+    Rows: the originals, the observed pixels (missing ones in ``plots.MISSING_COLOR``), then
+    ``--samples`` completions.
     A plain VAE's encoder never saw missing pixels: q(z | zero-filled x) is a poor proposal, so its
     Metropolis-within-Gibbs chains propose z from q(z | x_obs and the current completion), a full
     image like those it was trained on (Rezende et al. 2014); a MaskedVAE proposes from q(z | x_obs).
@@ -714,12 +702,13 @@ def complete(args):
     # each completion drawn as E[x_miss | z_s] beside the observed pixels: smoother to read than
     # the Bernoulli draws themselves (result.samples), which carry the same z_s
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
-    observed = torch.where(mask, x, torch.full_like(x, 0.5))
     out = completion_path(args.out, args.run, args.mask)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = ["original", "observed"] + [f"sample {i + 1}" for i in range(args.samples)]
-    plots.image_grid([x, observed, *shown], out, row_labels=labels,
-                     title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) ({args.method})")
+    plots.image_grid([x, x, *shown], out, row_labels=labels,
+                     missing=[None, mask] + [None] * args.samples,
+                     title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
+                           f"({args.method}); missing pixels in {plots.MISSING_NAME}")
     scores = missing.imputation_scores(x, mask, result.mean,
                                        binary=bool(config["data"].get("binarize")))
     logger.log(RESULT, f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
@@ -1007,6 +996,23 @@ def report(error, args):
 
 EXPECTED = (CLIError, ValueError, OSError, DivergenceError, RuntimeError)
 
+# PPL_LVM_SMOKE=1 shrinks every command to seconds (the tests run the README's commands so, as
+# Pyro's tests smoke-run its examples): at most these epochs, samples, steps and rows
+SMOKE_LIMITS = {"epochs": 1, "num_samples": 5, "num_steps": 5, "n": 20, "local_steps": 5,
+                "elbo_samples": 5, "demo_samples": 5, "num_particles": 2, "inner_steps": 2}
+
+
+def smoke(args):
+    if os.environ.get("PPL_LVM_SMOKE", "") in ("", "0"):
+        return
+    for key, limit in SMOKE_LIMITS.items():
+        if hasattr(args, key):
+            value = getattr(args, key)
+            setattr(args, key, limit if value is None and key == "n" else
+                    value if value is None else min(value, limit))
+    logger.warning("PPL_LVM_SMOKE is set: epochs, samples, steps and rows cut to "
+                   f"{SMOKE_LIMITS} at most")
+
 
 def check_run_folder(run):
     """A folder written by ``train`` (checked before any work, so that a command over several
@@ -1048,6 +1054,7 @@ def main(argv=None):
         check_arguments(args)
         join_torchrun(args)
         configure_logging(args)
+        smoke(args)
         count = threads.set_threads(getattr(args, "threads", None))
         logger.debug(f"torch uses {count} CPU thread(s) (--threads to choose)")
         with bars.shown(not getattr(args, "quiet", False)):
