@@ -1,14 +1,19 @@
 """Pictures a person would rather look at than read: image grids and training curves."""
+from __future__ import annotations
+
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ppl_lvm import atomic
 
 
-def image_side(data_dim):
+def image_side(data_dim: int) -> int:
     """The side of a square image with ``data_dim`` pixels (784 -> 28, 64 -> 8)."""
     side = math.isqrt(data_dim)
     if side * side != data_dim:
@@ -20,7 +25,10 @@ MISSING_COLOR = (0.85, 0.33, 0.10)  # every figure draws a missing pixel in this
 MISSING_NAME = "orange"
 
 
-def image_grid(rows, path=None, row_labels=None, title=None, cmap="gray", missing=None):
+def image_grid(rows: Sequence[torch.Tensor] | torch.Tensor, path: str | Path | None = None,
+               row_labels: Sequence[str] | None = None, title: str | None = None,
+               cmap: str = "gray", missing: Sequence[torch.Tensor | None] | None = None
+               ) -> Figure:
     """Draw a grid of square images and optionally save it as a PNG.
 
     Args:
@@ -68,7 +76,7 @@ def _pixels(image, side, cmap, mask=None):
     return colours
 
 
-def compare_curves(curves, path=None):
+def compare_curves(curves: dict[str, list[dict]], path: str | Path | None = None) -> Figure:
     """``compare``'s figure: per run, the held-out ELBO by epoch and the training ELBO (minus the
     minibatch loss) by epoch in separate panels (different data and estimators: not comparable),
     and the held-out ELBO by training time.
@@ -100,7 +108,7 @@ def compare_curves(curves, path=None):
     return fig
 
 
-def training_curve(result, path=None, title="training"):
+def training_curve(result, path: str | Path | None = None, title: str = "training") -> Figure:
     """Plot the loss per datapoint by epoch and the held-out -ELBO (nats) from a FitResult."""
     fig, ax = plt.subplots(figsize=(5, 3.2))
     epochs = range(1, len(result.epoch_losses) + 1)

@@ -5,7 +5,10 @@ call prints nothing; on, a bar is drawn only on a terminal (a log file gets no p
 and only by rank 0 of a torchrun group. Code that loops calls ``with phase(...)`` and
 ``advance()``; a phase inside a phase is drawn below it.
 """
+from __future__ import annotations
+
 import contextlib
+from collections.abc import Iterator
 import os
 import sys
 
@@ -17,14 +20,14 @@ _enabled = [False]
 _bars = []
 
 
-def enabled():
+def enabled() -> bool:
     """Whether bars are drawn: asked for, on a terminal, and on rank 0."""
     return (_enabled[-1] and sys.stderr.isatty()
             and os.environ.get("RANK", "0") in ("", "0"))
 
 
 @contextlib.contextmanager
-def shown(on=True):
+def shown(on: bool = True) -> Iterator[None]:
     """Draw the bars of the phases inside (``on=False``: none)."""
     _enabled.append(bool(on))
     try:
@@ -34,7 +37,7 @@ def shown(on=True):
 
 
 @contextlib.contextmanager
-def phase(description, total, unit="it"):
+def phase(description: str, total: int, unit: str = "it") -> Iterator[tqdm]:
     """A bar for one phase of ``total`` units; ``advance(n)`` moves the innermost one."""
     bar = tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True,
                disable=not enabled(), position=len(_bars))
@@ -46,13 +49,14 @@ def phase(description, total, unit="it"):
         bar.close()
 
 
-def advance(n=1):
+def advance(n: int = 1) -> None:
     """Move the innermost bar by ``n`` (nothing outside a phase)."""
     if _bars:
         _bars[-1].update(n)
 
 
-def chunks(num_rows, rows_per_call, description, unit="row"):
+def chunks(num_rows: int, rows_per_call: int, description: str, unit: str = "row"
+           ) -> Iterator[int]:
     """``range(0, num_rows, rows_per_call)`` in a phase whose bar counts the rows done."""
     with phase(description, num_rows, unit=unit):
         for start in range(0, num_rows, rows_per_call):

@@ -6,6 +6,8 @@ already running other jobs, a 3-epoch VAE fit took 38 s with torch's default of 
 with 1, because OpenMP's workers wait for each other at every small op while the other jobs hold
 the cores (README, "Threads").
 """
+from __future__ import annotations
+
 import os
 from pathlib import Path
 
@@ -19,7 +21,7 @@ def _allowed_cpus():
         return list(range(os.cpu_count() or 1))
 
 
-def physical_cores():
+def physical_cores() -> int:
     """Physical cores among the CPUs this process may run on (hyperthread siblings count once),
     capped by a cgroup CPU quota (containers, CI runners)."""
     cpus = _allowed_cpus()
@@ -41,7 +43,7 @@ def physical_cores():
     return count
 
 
-def free_cores():
+def free_cores() -> int:
     """Physical cores not already busy with other work (the 1-minute load average, rounded)."""
     cores = physical_cores()
     try:
@@ -51,7 +53,7 @@ def free_cores():
     return max(1, cores - busy)
 
 
-def default_threads():
+def default_threads() -> int:
     """The thread count used when none is given: ``OMP_NUM_THREADS`` if set (the user chose), else
     the free physical cores divided among this machine's ``torchrun`` processes."""
     chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
@@ -61,7 +63,7 @@ def default_threads():
     return max(1, free_cores() // max(1, local_processes))
 
 
-def set_threads(num_threads=None):
+def set_threads(num_threads: int | None = None) -> int:
     """Set torch's intra-op thread count (``None``: ``default_threads()``); returns it."""
     import torch
 
