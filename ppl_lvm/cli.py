@@ -488,7 +488,10 @@ def evaluate(args):
     start = time.perf_counter()
     logger.info(f"{args.run}: log p(x) by {args.method}, K={args.num_samples}"
                 + (f", T={args.num_steps}" if args.method == "ais" else "")
-                + f", on {len(x_test)} held-out images")
+                + f", on {len(x_test)} held-out images" + (
+                    f" ({len(x_test) * args.num_samples * args.num_steps * 6:,} model gradient "
+                    "evaluations: 5 leapfrog steps and an acceptance test per temperature and "
+                    "chain; --n takes fewer images)" if args.method == "ais" else ""))
     guide, options, note = run_guide(vae, config, x_test)
     options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
     if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
