@@ -107,16 +107,17 @@ def _user_line(error, path):
 
 
 def user_module(spec, data_dim, options, copy_to=None, source=None):
-    """The object ``build(data_dim, **options)`` of a user's model file returns; an exception
-    raised inside build is one line naming the file, the function and the line."""
+    """The object ``build(data_dim, **options)`` of a user's model file returns (an exception
+    raised inside build propagates as it is: the CLI names the file, function and line)."""
     builder = load_builder(spec, copy_to, source)
-    path, _, name = str(spec).partition(":")
     try:
         built = builder(data_dim, **options)
-    except Exception as error:
-        raise ValueError(f"{name or 'build'}(data_dim={data_dim}, **{options}) in model file "
-                         f"{path} raised{_user_line(error, path)}: {type(error).__name__}: "
-                         f"{error}") from error
+    except TypeError as error:
+        if error.__traceback__.tb_next is not None:  # raised inside build: as it is
+            raise
+        path, _, name = str(spec).partition(":")
+        raise ValueError(f"model file {path}: {name or 'build'}(data_dim, **{options}) cannot "
+                         f"be called ({error}): check the --option names") from error
     if not (callable(getattr(built, "model", None)) and callable(getattr(built, "guide", None))):
         raise ValueError(f"{spec} returned {type(built).__name__}, which has no model and guide "
                          "methods")

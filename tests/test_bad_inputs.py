@@ -485,7 +485,7 @@ CLI += [
     ("train --out ''", ["train", "vae", "--out", "", *TINY], ["--out ''"]),
     # a model file's own errors: one line naming the file, the function and the line
     ("model build raises", ["train", "{build_raises}:build", "--out", "{out}", *TINY],
-     ["{build_raises}", "build(data_dim=64", "(line 2)", "ValueError: boom"]),
+     ["{build_raises}:2", "(in build)", "ValueError: boom"]),
     ("model import raises", ["train", "{import_raises}:build", "--out", "{out}", *TINY],
      ["{import_raises}", "failed to import (line 1)", "NameError"]),
     ("model syntax error", ["train", "{syntax_error}:build", "--out", "{out}", *TINY],
@@ -497,9 +497,9 @@ CLI += [
     *[(f"model option {value}", ["train", "{int_option}:build", "--out", "{out}", *TINY,
                                  "--option", value], words)
       for value, words in [("z_dim=nan", ["--option", "nan"]), ("z_dim=1e400", ["--option", "inf"]),
-                           ("z_dim=[1,2]", ["{int_option}", "z_dim", "[1,2]"]),
-                           ("z_dim='3'", ["{int_option}", "z_dim", "'3'"]),
-                           ("colour=red", ["{int_option}", "colour"])]],
+                           ("z_dim=[1,2]", ["{int_option}:2", "(in build)", "[1,2]"]),
+                           ("z_dim='3'", ["{int_option}:2", "(in build)", "'3'"]),
+                           ("colour=red", ["{int_option}", "colour", "--option"])]],
     ("evaluate a mixture by ais", ["evaluate", "{mog}", "--method", "ais"],
      ["{mog}", "mixture", "--method ais"]),
     ("bdmc on a mixture", ["bdmc", "{mog}", "--n", "1"], ["{mog}", "mixture"]),
