@@ -828,6 +828,18 @@ def _encoder_of(guide):
     return encoder
 
 
+def _rng_states(device):
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None, device)
+
+
+def _set_rng_states(states):
+    cpu, cuda, device = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 class _Mixed:
     """Scores importance weights under the equal mixture ½ q* + ½ q_amortized (both proposals'
     draws pooled: Veach & Guibas' balance heuristic, a deterministic mixture), per datapoint."""
@@ -857,8 +869,12 @@ class _Mixed:
             flat = optimal.sample((count,))  # [count, B, W]
             values = self.problem.values(flat, count * batch)
         else:
+            # a guide with randomness of its own (SemiAmortizedGuide's refinement noise) is scored
+            # at its draws under the same noise: the RNG is rewound for the scoring pass
+            before = _rng_states(x.device)
             with poutine.block():
                 trace = poutine.trace(self.guide).get_trace(x, **kwargs)
+            after = _rng_states(x.device)
             values = {n: s["value"].detach() for n, s in program.sample_sites(trace).items()
                       if not s["is_observed"]}
             if set(values) != set(self.optimal.site_shapes):
@@ -868,7 +884,11 @@ class _Mixed:
             flat = torch.cat([values[n].reshape(count, batch, -1) for n in self.optimal.site_shapes], -1)
         log_p = log_joint(self.model, values, x, **kwargs).reshape(count, batch)
         log_optimal = optimal.log_prob(flat).sum(-1)
+        if source != "optimal":
+            _set_rng_states(before)
         log_amortized = log_joint(self.guide, values, x, **kwargs).reshape(count, batch)
+        if source != "optimal":
+            _set_rng_states(after)
         mixture = torch.logaddexp(log_optimal, log_amortized) - math.log(2)
         alone = log_optimal if source == "optimal" else log_amortized
         return log_p - mixture, log_p - alone
