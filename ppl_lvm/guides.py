@@ -364,7 +364,8 @@ class _LocalProblem:
 
     def evaluate(self, rows, loc, log_scale, points, idx=None):
         """At φ [B, W] of ``rows`` [B] with points [S, B, W]: (elbo [B], grad_loc [B, W],
-        grad_log_scale [B, W], precision [B, W] = -E[∂² log p / ∂z²] by Price's theorem)."""
+        grad_log_scale [B, W], precision [B, W, W] = -E_q[∂² log p / ∂z ∂zᵀ] by Price's theorem,
+        E_q[∇² f] = E[∇f(z) εᵀ] diag(1 / σ), symmetrised)."""
         num_points, batch = points.shape[:2]
         args, kwargs = program.take((self.x,) + self.args, self.kwargs, rows, self.num_rows)
         repeat = lambda v: v.repeat(num_points, *([1] * (v.dim() - 1)))  # noqa: E731
@@ -379,8 +380,10 @@ class _LocalProblem:
             (grad_z,) = torch.autograd.grad(log_p.sum(), z)
         grad_loc = grad_z.mean(0)
         eg = (points * grad_z).mean(0)  # = E[ε ∂log p/∂z] = σ E[∂² log p/∂z²] (Price)
+        hessian = torch.einsum("sbi,sbj->bij", grad_z, points) / num_points / scale[:, None, :]
+        precision = -(hessian + hessian.transpose(-1, -2)) / 2
         elbo = log_p.detach().mean(0) + log_scale.sum(-1)
-        return elbo, grad_loc, scale * eg + 1.0, -eg / scale
+        return elbo, grad_loc, scale * eg + 1.0, precision
 
     @staticmethod
     def residual(log_scale, grad_loc, grad_log_scale):
@@ -441,14 +444,21 @@ def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_
             a = active.nonzero().flatten()
             elbo, grad_loc, grad_log_scale, precision = (s[a] for s in state)
             beta = step[a, None]
-            # Newton target for log σ where the Price Hessian is negative definite, else the
-            # natural-gradient step (Fisher 2 for log σ); at most a factor e per step
-            target = torch.where(precision > 0, -0.5 * precision.clamp(min=1e-30).log(),
+            # mean-field fixed point σ_j² = 1 / Λ_jj where the Price Hessian's diagonal is
+            # negative, else the natural-gradient step (Fisher 2 for log σ); at most a factor e
+            diagonal = precision.diagonal(dim1=-2, dim2=-1)
+            target = torch.where(diagonal > 0, -0.5 * diagonal.clamp(min=1e-30).log(),
                                  log_scale[a] + grad_log_scale / 2)
             new_log_scale = log_scale[a] + (beta * (target - log_scale[a])).clamp(-1.0, 1.0)
             variance = (2 * new_log_scale).exp()
+            # μ: a Newton step Λ⁻¹ E_q[∇ log p] (exact in one step for a Gaussian posterior, however
+            # correlated) where Λ is positive definite, else the natural-gradient step σ² ∇
+            root, info = torch.linalg.cholesky_ex(precision)
+            newton = torch.cholesky_solve(grad_loc[..., None], root).squeeze(-1)
+            direction = torch.where((info == 0)[:, None] & torch.isfinite(newton), newton,
+                                    variance * grad_loc)
             limit = 3 * torch.maximum(variance.sqrt(), log_scale[a].exp())
-            new_loc = loc[a] + (beta * variance * grad_loc).clamp(-limit, limit)
+            new_loc = loc[a] + (beta * direction).clamp(-limit, limit)
             proposal = problem.evaluate(local[a], new_loc, new_log_scale, points[:, a],
                                         rows[local[a]])
             # a rise, up to the rounding of the ELBO's dtype (near q* a step changes it by less)
