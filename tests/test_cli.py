@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ppl_lvm.cli import main
 
@@ -255,6 +257,12 @@ def test_compare_reports_what_evaluate_and_the_runs_say(tmp_path, capsys):
         assert (f"| {row['run']} | vae | {row['guide']} | {row['heldout_elbo']:.2f} | "
                 f"{row['heldout_log_px']:.2f} ± {row['log_px_stderr']:.2f} |") in printed
     assert png.is_file()
+    # the local run against the amortized one, on the same 20 held-out rows, paired
+    paired = rows[1]["paired"]
+    assert paired["baseline"] == str(runs[0]) and paired["stderr"] > 0 and paired["mc_stderr"] > 0
+    assert paired["mean"] == pytest.approx(rows[1]["heldout_log_px"] - rows[0]["heldout_log_px"],
+                                           abs=1e-4)
+    assert "paired s.e." in printed and f"{paired['mean']:+.3f} | {paired['stderr']:.3f}" in printed
 
 
 def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
@@ -462,6 +470,25 @@ def test_every_missing_mask_is_accepted_and_only_mcar_takes_a_rate():
             parse_missing_text(text)
 
 
+def test_paired_difference_on_the_same_rows_against_its_closed_form():
+    """Two 'runs' whose per-row log p(x) differ by a constant 0.05 plus small noise, on rows that
+    vary by several nats: the paired s.e. is the noise's std / √N (about 0.001), the unpaired one
+    is dominated by the rows' spread (about 0.3); the difference is not within noise. Pure noise
+    around the same values is."""
+    from ppl_lvm.cli import paired_difference
+    gen = torch.Generator().manual_seed(0)
+    rows = 3.0 * torch.randn(400, generator=gen, dtype=torch.float64) - 90.0
+    noise = 0.02 * torch.randn(400, generator=gen, dtype=torch.float64)
+    result = paired_difference(rows + 0.05 + noise, rows, torch.full((400,), 0.01),
+                               torch.full((400,), 0.01))
+    assert result["mean"] == pytest.approx(0.05 + noise.mean().item(), abs=1e-6)
+    assert result["stderr"] == pytest.approx(noise.double().std().item() / 20, rel=1e-6)
+    assert result["unpaired_stderr"] > 100 * result["stderr"]
+    assert result["mc_stderr"] == pytest.approx(math.sqrt(400 * 2 * 1e-4) / 400, rel=1e-6)
+    assert not result["within_noise"]
+    assert paired_difference(rows + noise, rows)["within_noise"]
+
+
 def test_every_command_checks_its_runs_before_any_work(tmp_path, capsys):
     """`compare` over a trained run and a missing one fails at once, naming the missing one, and
     writes nothing (it used to evaluate the first run for a minute first)."""
@@ -573,3 +600,14 @@ def test_threads_default_to_free_physical_cores_and_obey_the_option(monkeypatch)
         assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_evaluate_defaults_k_per_method(tmp_path, capsys):
+    """-K is 1,000 importance samples, but 16 AIS chains (each as costly as T samples)."""
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), *TINY]) == 0
+    assert main(["evaluate", str(out), "--method", "ais", "-T", "3", "--n", "4"]) == 0
+    assert "by ais, K=16, T=3" in capsys.readouterr().out
+    assert (out / "evaluate_ais_K16_T3.json").is_file()
+    assert main(["evaluate", str(out), "--method", "elbo", "--n", "4"]) == 0
+    assert "by elbo, K=1000" in capsys.readouterr().out
