@@ -53,6 +53,9 @@ def model_name(text):
         "path/to/file.py:build)")
 
 
+COMPILE_MODES = {"off": False, "on": True, "auto": "auto", "inductor": "inductor"}
+
+
 def add_train_options(parser, epochs):
     parser.add_argument("--config", default=None,
                         help="a TOML file of options (or a run's config.json, to repeat that "
@@ -68,6 +71,10 @@ def add_train_options(parser, epochs):
                         choices=["constant", "cosine", "exponential"],
                         help="decay every step size to 1/100 by the last step (non-amortized SVI "
                              "needs it to converge)")
+    parser.add_argument("--compile", default="off", choices=["off", "on", "auto", "inductor"],
+                        help="record each SVI step once as a static graph and replay it (checked "
+                             "against eager Pyro on its first batch; see ppl_lvm.compiled); auto: "
+                             "for long runs only; inductor: also torch.compile it")
     parser.add_argument("--z-dim", type=positive_int, default=20)
     parser.add_argument("--hidden-dim", type=positive_int, default=400)
     parser.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"])
@@ -269,7 +276,9 @@ def train_in(args, out, data_config, x_train, x_test):
                  transform=binarize, loss=loss, inner_steps=args.inner_steps,
                  inner_tol=args.inner_tol, local_lr=args.local_lr,
                  lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
-                 callback=record)
+                 callback=record, compile=COMPILE_MODES[getattr(args, "compile", "off")])
+    if result.compiled and not args.quiet and ddp.is_main():
+        print(result.compiled, file=sys.stderr)
     train_time = time.perf_counter() - start
     # what SVI fitted: θ and λ or the φ_i table (an unused encoder does not count), read before
     # the held-out φ are added

@@ -20,7 +20,7 @@ from pyro.distributions.util import scale_and_mask
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
-from ppl_lvm import program
+from ppl_lvm import compiled, program
 from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, svi_step
 
 NEW_ROWS_HINT = "new rows need their own φ: use ppl_lvm.guides.infer_local"
@@ -106,7 +106,7 @@ class LocalGuide:
             return torch.arange(self.num_data, device=x.device)
         if idx.shape != (x.shape[0],):
             raise ValueError(f"idx must have shape [{x.shape[0]}], got {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
+        if idx.numel() and not compiled.is_recording() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
             raise IndexError(f"this local guide was fitted on {self.num_data} rows; idx reaches "
                              f"{int(idx.max())}: {NEW_ROWS_HINT}")
         return idx.to(x.device)

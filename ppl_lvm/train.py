@@ -18,6 +18,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from ppl_lvm import compiled as compiling
 from ppl_lvm import distributed as ddp
 from ppl_lvm import program
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
@@ -50,6 +51,7 @@ class FitResult:
     wall_time: float = 0.0
     checkpoint: str = None
     inner_gains: list = dataclasses.field(default_factory=list)
+    compiled: str = None  # with fit(compile=...): graphs, compile time, steps on each path
 
 
 def accepts(fn, name):
@@ -83,17 +85,32 @@ def as_batch_tuple(data, device):
     if num_data == 0:
         raise ValueError("data is empty (N = 0)")
     first = tensors[0]
-    bad = ~torch.isfinite(first) if first.is_floating_point() else None
-    if bad is not None and len(tensors) > 1 and tensors[1].dtype == torch.bool and (
-            tensors[1].shape == first.shape):
-        # (x, mask) with mask True = observed: NaN where a value is missing is how missing data
-        # arrives; the model must keep it out of the likelihood (ppl_lvm.models.missing)
-        bad = bad & tensors[1]
-    if bad is not None and bad.any():
-        rows = bad.reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
+    # (x, mask) with mask True = observed: NaN where a value is missing is how missing data
+    # arrives; the model must keep it out of the likelihood (ppl_lvm.models.missing)
+    mask = tensors[1] if len(tensors) > 1 and tensors[1].dtype == torch.bool and (
+        tensors[1].shape == first.shape) else None
+    rows = nonfinite_rows(first, mask) if first.is_floating_point() else []
+    if rows:
         raise ValueError(f"data contains NaN or inf (first bad rows: {rows}); mask missing "
                          "values instead of passing them to the likelihood")
     return tuple(t.to(device) for t in tensors)
+
+
+def nonfinite_rows(x, mask=None, limit=5, chunk_elements=1 << 24):
+    """The first ``limit`` rows of ``x`` [N, ...] holding NaN or inf (where ``mask`` is True, if
+    given), checked ``chunk_elements`` at a time: the check never holds a mask of all of x."""
+    rows_per_chunk = max(1, chunk_elements // max(1, x[0].numel()))
+    found = []
+    for start in range(0, x.shape[0], rows_per_chunk):
+        bad = ~torch.isfinite(x[start:start + rows_per_chunk])
+        if mask is not None:
+            bad &= mask[start:start + rows_per_chunk]
+        if bad.any():
+            rows = bad.reshape(len(bad), -1).any(-1).nonzero()[:limit - len(found), 0] + start
+            found += rows.tolist()
+            if len(found) >= limit:
+                break
+    return found
 
 
 def take_rows(tensors, idx, transform=None):
@@ -554,11 +571,22 @@ def check_autoguide_rows(guide, structure, batch_size, num_data):
                 "ppl_lvm.LocalGuide for the local sites")
 
 
+def check_loss_rows(loss, model, guide, batch_size, num_data):
+    """Refuse a torch.jit-traced ELBO (``JitTrace_ELBO``...) for a program that takes the rows'
+    indices: the trace freezes the first batch's ``idx``, so a per-datapoint guide's later
+    minibatches would read and update the first batch's φ rows only."""
+    if batch_size < num_data and type(loss).__name__.startswith("Jit") and (
+            program.takes_rows(model) or program.takes_rows(guide)):
+        raise ValueError(f"{type(loss).__name__} freezes the first minibatch's row indices (idx), "
+                         "so a per-datapoint guide would only ever update those rows: use its "
+                         "non-Jit ELBO (e.g. Trace_ELBO), fit(compile=True), or a full batch")
+
+
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
         callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
-        plate_name=None, lr_schedule=None, inner_tol=None):
+        plate_name=None, lr_schedule=None, inner_tol=None, compile=False):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -611,6 +639,13 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             (``local$$$`` names) stay on the rank owning their rows. Rank 0 alone shows progress
             and writes ``checkpoint.pt`` (global params); each rank writes
             ``local-rank{r}-of-{P}.pt`` (its φ rows, its RNG state). Resume needs the same P.
+        compile: record each step's loss and gradients once as a static graph and replay it
+            (``ppl_lvm.compiled``): False (default), True, "auto" (on for runs of at least
+            ``compiled.AUTO_MIN_STEPS`` steps after the first epoch) or "inductor" (the graph
+            also goes through torch.compile). Each graph is checked against eager Pyro on its
+            first batch; a program it cannot follow runs eagerly, said in one warning line.
+            Steps run eagerly while Pyro's validation is on (the first epoch by default).
+            ``result.compiled`` says what happened.
 
     Returns:
         FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
@@ -637,6 +672,9 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if clear_params:
         pyro.clear_param_store()
     loss = loss or Trace_ELBO()
+    check_loss_rows(loss, model, guide, batch_size, num_data)
+    loss = compiling.compile_loss(loss, compile, epochs * ddp.steps_per_epoch(
+        num_data, batch_size, strategy.world))
     optim = optim or adam(lr, local_lr)
 
     # the program's structure, read once from its traces on a few (transformed) rows
@@ -723,6 +761,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     finally:
         pyro.enable_validation(validating)
         bar.close()
+        result.compiled = getattr(loss, "summary", lambda: None)()
     if checkpointer.path is None:  # never return a NaN parameter, checkpoint or not
         guard.check_state(optim, result.step, all_ranks=(
             strategy.all_true if strategy.active else None))

@@ -56,3 +56,15 @@ def test_model_files_do_not_import_the_trainer():
     for name, deps in graph().items():
         if name.startswith("ppl_lvm.models."):
             assert "ppl_lvm.train" not in deps, f"{name} imports ppl_lvm.train"
+
+
+def test_import_leaves_optional_libraries_unloaded():
+    # scikit-learn's clustering module alone cost ~1 s and ~100 MB at `import ppl_lvm`
+    import subprocess
+    import sys
+
+    code = ("import sys, ppl_lvm; print(sorted(m for m in ('sklearn', 'matplotlib', 'mlxtend', "
+            "'pandas', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "[]"

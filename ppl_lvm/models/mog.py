@@ -12,7 +12,6 @@ import pyro
 import pyro.distributions as dist
 import pyro.optim
 import torch
-from sklearn.cluster import kmeans_plusplus
 from torch import nn
 from torch.nn import functional as F
 
@@ -200,6 +199,8 @@ def kmeans_pp_centers(x, num_components, seed=0):
 
     The draws are made in float64 on the CPU, so the same data gives the same centres in any dtype.
     """
+    from sklearn.cluster import kmeans_plusplus  # optional: scikit-learn costs ~1 s to import
+
     _, indices = kmeans_plusplus(x.detach().cpu().double().numpy(), num_components, random_state=seed)
     return x[torch.as_tensor(indices, device=x.device)]
 
