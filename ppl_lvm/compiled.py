@@ -10,8 +10,10 @@ RNG state; a program that cannot be recorded (a tensor read as a Python number: 
 control flow) or that disagrees runs eagerly, said in one line.
 """
 import contextlib
+import copy
 import functools
 import importlib
+import sys
 import time
 import warnings
 
@@ -26,6 +28,8 @@ from ppl_lvm import program
 MODES = (True, False, "auto", "inductor")
 # fit's compile="auto": compile when this many steps remain after the validated first epoch
 AUTO_MIN_STEPS = 500
+# log_marginal(compile="auto"): compile at K ≥ this many samples per datapoint
+AUTO_MIN_SAMPLES = 100
 # graphs kept per loss: the full minibatch and the last, partial one of an epoch
 MAX_GRAPHS = 2
 # Pyro's ELBOs turn tensors into floats (torch_item) and test them for NaN (warn_if_nan): both read
@@ -343,3 +347,179 @@ def compile_loss(loss, compile=True, total_steps=None):
                       "running it eagerly", stacklevel=3)
         return loss
     return CompiledELBO(loss, backend="inductor" if compile == "inductor" else "fx")
+
+
+# ----------------------------------------------------------------------------------------------
+# estimators: the log weights of one chunk of rows, log w [K, n], as a recorded graph
+
+
+class CompiledWeights:
+    """An estimator's program (``ppl_lvm.estimators``' ``_Program``) whose ``log_weights(rows, K)``
+    replays a graph recorded per chunk shape: the guide's draws, the model replayed on them and
+    the per-datapoint sums, with the chunk's rows (x, the model's further per-row arguments,
+    the guide's ``idx``) and the param store's tensors as inputs.
+
+    The first chunk of each shape runs eagerly and the graph is checked against it from the same
+    RNG state; the observed values' support check is recorded too (a chunk that fails it runs
+    eagerly, which raises the usual error). Everything else is the wrapped program's.
+    """
+
+    def __init__(self, prog, max_graphs=4, rtol=1e-5, atol=1e-4):
+        self.prog, self.max_graphs, self.rtol, self.atol = prog, max_graphs, rtol, atol
+        self.graphs = {}
+        self.reason = None
+        self.compile_time = 0.0
+        self.steps = {"graph": 0, "eager": 0}
+
+    def __getattr__(self, name):
+        if name == "prog":
+            raise AttributeError(name)
+        return getattr(self.prog, name)
+
+    def _chunk(self, rows):
+        prog = self.prog
+        args, kwargs = program.take((prog.x,) + tuple(prog.rest), prog.model_kwargs, rows,
+                                    prog.num_rows)
+        idx = prog.idx[rows] if torch.is_tensor(prog.idx) else prog.idx
+        return args, kwargs, idx
+
+    def _view(self, args, kwargs, idx):
+        """The program bound to one chunk's rows as if they were all of x."""
+        view = copy.copy(self.prog)
+        view.x, view.rest, view.model_kwargs, view.idx = args[0], tuple(args[1:]), kwargs, idx
+        view.num_rows = args[0].shape[0]
+        return view
+
+    def _eager(self, rows, num_particles):
+        self.steps["eager"] += 1
+        return self.prog.log_weights(rows, num_particles)
+
+    def log_weights(self, rows, num_particles):
+        if self.reason is not None or not getattr(self.prog, "vectorized", False):
+            return self._eager(rows, num_particles)
+        args, kwargs, idx = self._chunk(rows)
+        tensors, rebuild = _flatten((args, kwargs, idx))
+        key = (_signature(tensors), num_particles)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= self.max_graphs:
+                return self._eager(rows, num_particles)
+            return self._record(key, rows, num_particles, tensors, rebuild)
+        store = pyro.get_param_store()
+        params = [store._params[name] for name in graph.names]
+        with torch.no_grad():
+            log_weights, inside = graph.module(params, tensors)
+        if not bool(inside):  # an observed value outside its support: eager says which
+            return self._eager(rows, num_particles)
+        self.steps["graph"] += 1
+        return log_weights
+
+    def _record(self, key, rows, num_particles, tensors, rebuild):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        rng = torch.get_rng_state()
+        expected = self._eager(rows, num_particles)
+        after = torch.get_rng_state()
+        start = time.perf_counter()
+        store = pyro.get_param_store()
+        names = list(store.keys())
+        module = sys.modules[type(self.prog).__module__]
+
+        def chunk_weights(params, tensors):
+            checks = []
+            view = self._view(*rebuild(tensors))
+            saved = module.check_observed_support
+            module.check_observed_support = functools.partial(_support_flags, checks)
+            try:
+                with recordable():
+                    log_weights = view.log_weights(slice(0, view.num_rows), num_particles)
+            finally:
+                module.check_observed_support = saved
+            inside = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool)
+            return log_weights, inside
+
+        try:
+            torch.set_rng_state(rng)
+            try:
+                recorded = make_fx(chunk_weights)([store._params[n] for n in names], tensors)
+            except Exception as error:  # noqa: BLE001 (any failure to record means: run eagerly)
+                raise NotCompilable(_why(error))
+            torch.set_rng_state(rng)
+            with torch.no_grad():
+                actual, inside = recorded([store._params[n] for n in names], tensors)
+            if not bool(inside) or actual.shape != expected.shape or not torch.allclose(
+                    actual, expected, rtol=self.rtol, atol=self.atol):
+                raise NotCompilable("the recorded log weights disagree with eager Pyro on the "
+                                    "first chunk")
+        except NotCompilable as error:
+            self.reason = str(error)
+            warnings.warn(f"compile: log weights run eagerly: {error}", stacklevel=4)
+            return expected
+        finally:
+            torch.set_rng_state(after)
+            self.compile_time += time.perf_counter() - start
+        self.graphs[key] = _Recorded(recorded, names)
+        return expected
+
+
+class _Recorded:
+    def __init__(self, module, names):
+        self.module, self.names = module, names
+
+
+def _support_flags(flags, trace, skip=()):
+    """``check_observed_support`` while recording: each observed site's support check as a
+    tensor flag (a graph output) instead of a raise."""
+    for name, site in program.sample_sites(trace).items():
+        if site["is_observed"] and name not in skip:
+            try:
+                inside = site["fn"].support.check(site["value"])
+            except (RuntimeError, ValueError, NotImplementedError):
+                raise NotCompilable(f"the support of observed site {name!r} cannot be checked "
+                                    "on batched values")
+            flags.append(inside.all())
+
+
+def _flatten(value):
+    """(tensors, rebuild): the tensors inside nested tuples/dicts, and a function that puts new
+    tensors back in their places."""
+    tensors = []
+
+    def walk(v):
+        if torch.is_tensor(v):
+            tensors.append(v)
+            return ("tensor", len(tensors) - 1)
+        if isinstance(v, tuple):
+            return ("tuple", [walk(item) for item in v])
+        if isinstance(v, dict):
+            return ("dict", [(k, walk(item)) for k, item in v.items()])
+        return ("value", v)
+
+    shape = walk(value)
+
+    def build(node, new):
+        kind, content = node
+        if kind == "tensor":
+            return new[content]
+        if kind == "tuple":
+            return tuple(build(item, new) for item in content)
+        if kind == "dict":
+            return {k: build(item, new) for k, item in content}
+        return content
+
+    return tensors, lambda new: build(shape, new)
+
+
+def compile_weights(prog, compile=True, num_samples=None):
+    """``prog`` (an estimator's program) with compiled log weights under ``compile`` (True, or
+    "auto": on a GPU for K = ``num_samples`` ≥ ``AUTO_MIN_SAMPLES``), else ``prog`` itself.
+
+    On a CPU a chunk's arithmetic outweighs Pyro's per-chunk Python work, and a graph is recorded
+    afresh per call and chunk shape, so "auto" leaves the CPU eager (measured: no gain at K ≤ 1000).
+    """
+    if compile not in MODES and compile is not None:
+        raise ValueError(f"compile must be one of {MODES}, got {compile!r}")
+    if not compile or (compile == "auto" and (
+            (num_samples or 0) < AUTO_MIN_SAMPLES or prog.x.device.type == "cpu")):
+        return prog
+    return CompiledWeights(prog)

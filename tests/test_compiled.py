@@ -164,3 +164,39 @@ def test_jit_trace_elbo_refused_for_per_datapoint_guide():
     with pytest.raises(ValueError, match="freezes the first minibatch's row indices"):
         fit(model, LocalGuide(60, {"z": 2}), x, epochs=1, batch_size=16, progress=False,
             loss=JitTrace_ELBO())
+
+
+def test_compiled_log_weights_equal_eager_chunk_by_chunk(monkeypatch):
+    from ppl_lvm import compiled
+    from ppl_lvm.estimators import estimate_log_marginal, log_weights
+
+    made = []
+    original = compiled.compile_weights
+    monkeypatch.setattr(compiled, "compile_weights",
+                        lambda *a: made.append(original(*a)) or made[-1])
+
+    x = binary_data(num_data=70)
+    model, guide = vae_pair()
+    pyro.clear_param_store()
+    local = LocalGuide(70, {"z": 2}, init_scale=0.5)
+    for guide_ in (guide, local):
+        # seeded: rows in blocks of 32 (70 = 32 + 32 + 6: two chunk shapes), K = 7
+        eager = estimate_log_marginal(model, guide_, x, num_samples=7, seed=3)
+        graph = estimate_log_marginal(model, guide_, x, num_samples=7, seed=3, compile=True)
+        assert torch.allclose(graph.log_px, eager.log_px, rtol=1e-6, atol=1e-5)
+        assert torch.allclose(graph.ess, eager.ess, rtol=1e-5)
+        steps = made[-1].steps  # 2 chunk shapes recorded (eagerly), the middle chunk replayed
+        assert steps == {"graph": 1, "eager": 2} and len(made[-1].graphs) == 2
+    weights = log_weights(model, local, x, num_samples=4, seed=1, compile=True)
+    assert torch.allclose(weights, log_weights(model, local, x, num_samples=4, seed=1), atol=1e-5)
+    assert weights.shape == (4, 70)
+
+
+def test_compiled_log_weights_still_check_the_data_support():
+    from ppl_lvm.estimators import log_marginal
+
+    x = binary_data(num_data=70)
+    model, guide = vae_pair()
+    x[50, 3] = 0.5  # in the second chunk: it replays the first chunk's graph
+    with pytest.raises(ValueError, match="outside the support"):
+        log_marginal(model, guide, x, num_samples=3, seed=0, compile=True)
