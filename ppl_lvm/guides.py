@@ -132,7 +132,8 @@ class LocalGuide:
             return torch.arange(self.num_data, device=x.device)
         if idx.shape != (x.shape[0],):
             raise ValueError(f"idx must have shape [{x.shape[0]}], got {tuple(idx.shape)}")
-        if idx.numel() and not compiled.is_recording() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
+        if idx.numel() and not compiled.is_recording() and (
+                int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
             raise IndexError(f"this local guide was fitted on {self.num_data} rows; idx reaches "
                              f"{int(idx.max())}: {NEW_ROWS_HINT}")
         return idx.to(x.device)

@@ -200,3 +200,27 @@ def test_compiled_log_weights_still_check_the_data_support():
     x[50, 3] = 0.5  # in the second chunk: it replays the first chunk's graph
     with pytest.raises(ValueError, match="outside the support"):
         log_marginal(model, guide, x, num_samples=3, seed=0, compile=True)
+
+
+def test_divergence_on_the_graph_is_still_caught():
+    from ppl_lvm.train import DivergenceError
+
+    x = binary_data()
+    model, guide = vae_pair()
+    # lr 1e3 blows the parameters up within a few steps, taken on the graph from step 2 on
+    with pytest.raises(DivergenceError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(model, guide, x, epochs=30, batch_size=16, lr=1e3, progress=False, compile=True,
+            validate=False)
+
+
+@pytest.mark.slow
+def test_inductor_step_draws_as_eager_does():
+    x = binary_data()
+    results = {}
+    for compile in (False, "inductor"):
+        model, guide = vae_pair()
+        results[compile] = fit(model, guide, x, epochs=3, batch_size=16, lr=1e-2, progress=False,
+                               seed=2, compile=compile)
+    assert "2 graph(s)" in results["inductor"].compiled
+    assert results["inductor"].losses == pytest.approx(results[False].losses, rel=1e-4)
