@@ -652,8 +652,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             ``local-rank{r}-of-{P}.pt`` (its φ rows, its RNG state). Resume needs the same P.
         compile: record each step's loss and gradients once as a static graph and replay it
             (``ppl_lvm.compiled``): False (default), True, "auto" (on for runs of at least
-            ``compiled.AUTO_MIN_STEPS`` steps after the first epoch) or "inductor" (the graph
-            also goes through torch.compile). Each graph is checked against eager Pyro on its
+            ``compiled.AUTO_MIN_STEPS`` steps) or "inductor" (the graph also goes through
+            torch.compile: ~10-60 s to compile, ~0.9x a hand-written step on one CPU thread). Each graph is checked against eager Pyro on its
             first batch; a program it cannot follow runs eagerly, said in one warning line.
             Steps run eagerly while Pyro's validation is on (the first epoch by default).
             ``result.compiled`` says what happened.
