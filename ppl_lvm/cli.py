@@ -215,7 +215,7 @@ def read_config_file(path, allowed=None):
         raise CLIError(f"--config {path} cannot be read: {error}") from error
     options = {key.replace("-", "_"): value for key, value in values.items()}
     known = set(EXPERIMENT_OPTIONS) | {"out", "device", "quiet", "tensorboard", "overwrite",
-                                       "demo_samples", "threads", "resume"}
+                                       "demo_samples", "threads", "resume", "compile"}
     unknown = sorted(set(options) - (known if allowed is None else set(allowed)))
     if unknown:
         raise CLIError(f"--config {path}: unknown options {unknown}")
