@@ -21,6 +21,7 @@ from ppl_lvm.estimators import (
     DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, data_frame, plate_nesting,
     sample_sites, site_log_prob, trace_bytes, vectorize,
 )
+from ppl_lvm import program
 from ppl_lvm.program import inspect_program, names_keywords
 
 SCHEDULES = ("sigmoid", "linear")
@@ -108,6 +109,7 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES} or pass a tensor")
 
 
+@program.in_evaluation_mode
 @torch.no_grad()
 def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule="sigmoid",
                      leapfrog_steps=5, step_size=0.1, target_accept=0.65, plate_name=None,
@@ -153,6 +155,7 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
                     model_kwargs=model_kwargs)
 
 
+@program.in_evaluation_mode
 @torch.no_grad()
 def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, device=None,
          num_steps=500, num_samples=16, schedule="sigmoid", leapfrog_steps=5, step_size=0.1,

@@ -13,7 +13,7 @@ import torch
 
 from ppl_lvm import data as datasets
 from ppl_lvm import distributed as ddp
-from ppl_lvm import atomic, plots
+from ppl_lvm import atomic, plots, program
 from ppl_lvm.checkpoint import check_epochs, load_checkpoint
 from ppl_lvm import experiment
 from ppl_lvm.runs import (RunLock, load_run, prepare_run_folder, run_data, save_run,
@@ -399,6 +399,7 @@ def run_guide(module, config, x_test, local_steps=300):
     return guide, {**kwargs, **extra}, note
 
 
+@program.in_evaluation_mode
 def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
@@ -444,6 +445,7 @@ def evaluate(args):
     return result
 
 
+@program.in_evaluation_mode
 def compare(args):
     """Side by side: held-out ELBO and IWAE-K (± s.e.), optionally the gaps, training time and
     parameters of each run; a PNG of the held-out ELBO against epochs and wall time."""
@@ -513,6 +515,7 @@ def compare(args):
     return rows
 
 
+@program.in_evaluation_mode
 def run_bdmc(args):
     """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
     from ppl_lvm.ais import bdmc
@@ -533,6 +536,7 @@ def run_bdmc(args):
     return summary
 
 
+@program.in_evaluation_mode
 def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
     from ppl_lvm.guides import amortization_gaps
@@ -600,6 +604,7 @@ def demo(args):
     return {**metrics, "log_px": estimate}
 
 
+@program.in_evaluation_mode
 def complete(args):
     """Complete held-out images of a trained run from the posterior p(x_miss | x_obs); write a PNG grid.
 

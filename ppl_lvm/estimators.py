@@ -156,6 +156,7 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
         num_global_samples=num_global_samples, num_steps=num_steps, **model_kwargs).log_px
 
 
+@program.in_evaluation_mode
 @torch.no_grad()
 def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
@@ -186,6 +187,7 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
     return _estimate(*call)
 
 
+@program.in_evaluation_mode
 def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
                 memory_bytes=None, globals=None, **kwargs):
     """The importance log weights log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n): [K, N].

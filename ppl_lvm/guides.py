@@ -329,6 +329,7 @@ def _site_layout(model, structure, args, kwargs, site_shapes):
     return event_dims, inner
 
 
+@program.in_evaluation_mode
 def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1e-2,
                 batch_size=None, num_particles=1, loss=None, name="new", seed=0,
                 globals_guide=None, num_steps=None, **model_kwargs):
@@ -477,6 +478,7 @@ def _encoder_of(guide):
     return encoder
 
 
+@program.in_evaluation_mode
 def amortization_gaps(model, guide, x, *args, encoder=None, site_shapes=None, num_samples=5000,
                       elbo_samples=100, local_steps=300, local_lr=1e-2, proposal="best",
                       seed=0, **model_kwargs):

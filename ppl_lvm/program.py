@@ -128,6 +128,59 @@ def sandbox(*devices):
                 del store[name]
 
 
+@contextlib.contextmanager
+def evaluation_mode(*programs):
+    """Run every torch module that the program calls in eval mode, and restore each one's mode.
+
+    Evaluation (the estimators, AIS, completion, ``ppl-lvm evaluate``) must score a network with
+    BatchNorm's running statistics and without Dropout, and must not move BatchNorm's running
+    statistics, whatever mode the user left the network in. A global forward pre-hook
+    (``torch.nn.modules.module.register_module_forward_pre_hook``) puts a module, and every module
+    inside it, in eval mode on its first call, however the program holds it (an attribute, a
+    closure, a global); on exit each module that was switched gets ``training=True`` back, also
+    after an exception. ``programs`` (the model, the guide): modules that are these callables or
+    own them as bound methods are switched up front as well, so a program that reads
+    ``self.training`` outside a forward sees eval mode too. Usable as a decorator.
+
+    Limits: a module whose mode is read before its first call (or read by a function that is not
+    its ``forward`` and not one of ``programs``' owners), a scripted module (``torch.jit``, which
+    bypasses hooks) and ``F.dropout(..., training=True)`` written in the program are not seen.
+    """
+    switched = []
+
+    def switch(module):
+        for sub in module.modules():
+            if sub.training:
+                sub.training = False
+                switched.append(sub)
+
+    def pre_hook(module, inputs):
+        if module.training:
+            switch(module)
+
+    for fn in programs:
+        owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            switch(owner)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module in switched:
+            module.training = True
+
+
+def in_evaluation_mode(fn):
+    """Decorator: ``fn`` runs under ``evaluation_mode``, its callable leading positional
+    arguments (the model, the guide) passed as its ``programs``."""
+    @functools.wraps(fn)
+    def evaluating(*args, **kwargs):
+        with evaluation_mode(*[a for a in args[:2] if callable(a) and not torch.is_tensor(a)]):
+            return fn(*args, **kwargs)
+    return evaluating
+
+
 def trace_of(fn, *args, **kwargs):
     """``poutine.trace(fn).get_trace(*args, **kwargs)`` inside ``sandbox``, with no gradients."""
     devices = [a.device for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]

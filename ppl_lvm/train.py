@@ -262,6 +262,7 @@ def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
+@program.in_evaluation_mode
 def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None,
                   distributed=False, plate_name=None):
     """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over

@@ -429,6 +429,7 @@ def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
         acceptance=acceptance, sample_means=state_mean.reshape(num_samples, rows, dim))
 
 
+@program.in_evaluation_mode
 @torch.no_grad()
 def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particles=1000,
              num_steps=200, proposal="observed", idx=None, seed=None):
