@@ -188,6 +188,31 @@ def trace_of(fn, *args, **kwargs):
         return poutine.trace(fn).get_trace(*args, **kwargs)
 
 
+def params_of(fn, *args, **kwargs):
+    """{name: shape} of every param that one call of ``fn`` reads (created in a sandbox: the
+    param store is left as it was)."""
+    trace = trace_of(fn, *args, **kwargs)
+    return {name: tuple(site["value"].shape) for name, site in trace.nodes.items()
+            if site["type"] == "param"}
+
+
+def per_row_params(shapes, num_rows):
+    """The params that hold one row per datapoint, from ``shapes`` = {rows passed: ``params_of``
+    at that many rows}: those whose shape follows the number of rows passed, and those whose first
+    dim is the data's N = ``num_rows`` (a table of all rows, indexed by position). Params of a
+    ``pyro.module`` (names with "$$$") are a network's weights, never per-row. Returns {name: shape
+    at the most rows passed}."""
+    found = {}
+    most = shapes[max(shapes)]
+    for name, shape in most.items():
+        if "$$$" in name:
+            continue
+        follows = len({s.get(name) for s in shapes.values()}) > 1
+        if follows or (len(shape) and shape[0] == num_rows):
+            found[name] = shape
+    return found
+
+
 def sample_sites(trace):
     """The trace's sample sites that are random variables (not a plate's subsample site)."""
     return {name: site for name, site in trace.nodes.items()

@@ -555,6 +555,38 @@ def check_autoguide_rows(guide, structure, batch_size, num_data):
                 "ppl_lvm.LocalGuide for the local sites")
 
 
+def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
+    """Refuse minibatches for a guide that holds a parameter with one row per datapoint (e.g.
+    ``pyro.param("alpha_q", torch.ones(x.size(0), k))`` as in Pyro's ``sparse_gamma_def.py``):
+    indexed by position, it would give each minibatch the rows of another. Read from the params the
+    guide creates on 2 and 3 rows in a sandbox (on all rows if the guide refuses so few); a guide
+    that names ``idx`` finds its own rows, and autoguides are checked by ``check_autoguide_rows``.
+    """
+    from pyro.nn import PyroModule
+
+    if batch_size >= num_data or program.takes_rows(guide) or isinstance(
+            getattr(guide, "__self__", guide), PyroModule):  # PyroParams live on the module
+        return
+    sizes = (2, 3) if num_data >= 3 else (1, 2)
+    try:
+        shapes = {n: program.params_of(guide, *take_rows(tensors, torch.arange(n, device=(
+            tensors[0].device)), transform), **kwargs) for n in sizes}
+    except Exception:  # the author's own checks (e.g. assert x.shape[0] == N): probe all rows
+        try:
+            shapes = {num_data: program.params_of(guide, *take_rows(tensors, torch.arange(
+                num_data, device=tensors[0].device), transform), **kwargs)}
+        except Exception:
+            return  # the first step will say what is wrong
+    found = program.per_row_params(shapes, num_data)
+    if found:
+        name, shape = next(iter(found.items()))
+        raise ValueError(
+            f"the guide's parameter {name!r} (shape {list(shape)} for {max(shapes)} rows) holds "
+            f"one row per datapoint, so it cannot follow minibatches (batch_size={batch_size} < "
+            f"N={num_data}): train with batch_size={num_data} (full batch; rows keep their "
+            "order), or use ppl_lvm.LocalGuide or an amortized guide for the local sites")
+
+
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
@@ -644,6 +676,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     probe_rows = torch.arange(min(num_data, 3), device=device)
     probe = (take_rows(tensors, probe_rows, transform), model_kwargs)
     structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
+
+    check_guide_rows(guide, tensors, model_kwargs, transform, batch_size, num_data)
 
     def bound(idx):
         return (bind_rows(model, idx, num_data, structure.plate_name),
