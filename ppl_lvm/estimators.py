@@ -27,10 +27,11 @@ METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact", "ais")
 GUIDE_METHODS = ("is", "iwae", "elbo")
 GLOBALS = (None, "median", "sample")
 # With a seed, rows are drawn in fixed blocks of SEED_BLOCK_ROWS rows and SEED_BLOCK_PARTICLES
-# particles, each from its own RNG stream seeded by (seed, row block, particle block): the
-# answer then cannot depend on chunk_size (it would if a stream covered a whole user chunk).
+# particles, each from its own RNG stream seeded by (seed, row block, particle block), one block per
+# vectorised call whatever chunk_size and memory_bytes say: the answer then depends only on
+# (seed, rows, K), not on the chunking, the memory budget or the device's default budget.
 SEED_BLOCK_ROWS = 32
-SEED_BLOCK_PARTICLES = 1024
+SEED_BLOCK_PARTICLES = 128
 # per vectorised call. On the CPU a small budget is faster: every chunk of a large one maps and
 # unmaps fresh memory (K = 1000 on 300 MNIST images: 1 GiB 5.8 s, 64 MiB 3.4 s, system time 2.4 s
 # -> 0.03 s); on a GPU large calls amortise the kernel launches.
@@ -63,9 +64,14 @@ class LogMarginalEstimate:
     vectorized: False when the model could not be vectorised and particles were looped.
     globals: how global latents were handled: None (the model has none), "median" (fixed at the
         guide's median: log p(x_n | globals)) or "sample:S" (log (1/S) Σ_s p(x_n | g_s), g_s ~ q).
+    mc_stderr: [N] the Monte Carlo standard error of each estimate from its own K weights (the
+        delta method on the log of the mean weight: sqrt(var(w) / K) / mean(w) =
+        sqrt((K / ESS - 1) / (K - 1)); for "elbo" std(log w) / √K; 0 for "exact"). It says how far
+        a rerun with another seed would move log p(x_n); ``stderr`` is the spread over datapoints.
     khat: [N] Pareto k̂ of the importance weights (PSIS, ``ppl_lvm.psis``): below 0.5 fine,
         0.5-0.7 slow convergence, above 0.7 the estimate cannot be trusted (``unreliable``);
-        inf when K is too small for a tail fit (K < ~25), -inf for constant weights.
+        inf where no tail can be fitted (K < ~25, or 4 or fewer weights above the cutoff: tied
+        or constant weights, as arviz).
     """
 
     log_px: torch.Tensor
@@ -77,6 +83,7 @@ class LogMarginalEstimate:
     vectorized: bool = True
     globals: str = None
     khat: torch.Tensor = None
+    mc_stderr: torch.Tensor = None
 
     @property
     def unreliable(self):
@@ -85,7 +92,7 @@ class LogMarginalEstimate:
         says nothing: False."""
         if self.khat is None:
             return torch.zeros_like(self.log_px, dtype=torch.bool)
-        return torch.isfinite(self.khat) & (self.khat > 0.7)  # inf: K too small to tell
+        return torch.isfinite(self.khat) & (self.khat > 0.7)  # inf: no tail to tell from
 
     @property
     def mean(self):
@@ -98,12 +105,22 @@ class LogMarginalEstimate:
         n = self.log_px.numel()
         return self.log_px.std().item() / math.sqrt(n) if n > 1 else 0.0
 
+    @property
+    def mean_mc_stderr(self):
+        """The Monte Carlo standard error of ``mean`` (rows are estimated independently):
+        sqrt(Σ_n mc_stderr_n²) / N; None where the estimator gave none."""
+        if self.mc_stderr is None:
+            return None
+        return (self.mc_stderr.double() ** 2).sum().sqrt().item() / self.log_px.numel()
+
     def __repr__(self):
         given = "" if self.globals is None else f", globals={self.globals!r}"
         khat = "" if self.khat is None or not torch.isfinite(self.khat).any() else (
             f", k̂ > 0.7 for {int(self.unreliable.sum())}/{self.log_px.numel()}")
+        mc = "" if self.mc_stderr is None else f" (Monte Carlo ± {self.mean_mc_stderr:.4f})"
         return (f"LogMarginalEstimate(method={self.method!r}, K={self.num_samples}, "
-                f"N={self.log_px.numel()}, mean={self.mean:.4f} ± {self.stderr:.4f}, "
+                f"N={self.log_px.numel()}, mean={self.mean:.4f} ± {self.stderr:.4f} over "
+                f"datapoints{mc}, "
                 f"median ESS={self.ess.median().item():.1f}{khat}{given})")
 
 
@@ -232,9 +249,14 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
         ess = torch.stack([d.ess for d in draws]).mean(0)
         first = draws[0]
         khat = torch.stack([d.khat for d in draws]).max(0).values
+        # delta method over the S draws (between) plus each draw's own error (within)
+        shares = torch.softmax(torch.stack([d.log_px for d in draws]), 0)  # [S, N]
+        count = len(draws)
+        between = ((count * (shares ** 2).sum(0) - 1) / max(count - 1, 1)).clamp(min=0)
+        within = (shares ** 2 * torch.stack([d.mc_stderr for d in draws]) ** 2).sum(0)
         return LogMarginalEstimate(log_px, ess, method, num_samples, first.rows_per_call,
                                    first.particles_per_call, first.vectorized,
-                                   f"sample:{num_global_samples}", khat)
+                                   f"sample:{num_global_samples}", khat, (between + within).sqrt())
     num_rows = x.shape[0]
     prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals, rest)
     if method == "exact":
@@ -246,13 +268,14 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             num_rows, num_samples, chunk_size, seed, memory_bytes, prog.bytes_per_unit,
             prog.row_bound)
 
-    log_px, ess, khat = [], [], []
+    log_px, ess, khat, mc_stderr = [], [], [], []
     for block, start in enumerate(range(0, num_rows, rows_per_call)):
         rows = slice(start, min(start + rows_per_call, num_rows))
         if method == "exact":
             log_px.append(prog.exact(rows))
             ess.append(torch.full_like(log_px[-1], float("nan")))
             khat.append(torch.full_like(log_px[-1], float("nan")))
+            mc_stderr.append(torch.zeros_like(log_px[-1]))
             continue
         totals = _RunningWeights(num_samples)
         for particle_block, first in enumerate(range(0, num_samples, particles_per_call)):
@@ -262,10 +285,11 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
         khat.append(totals.khat())
+        mc_stderr.append(totals.elbo_stderr() if method == "elbo" else totals.stderr())
     label = globals if isinstance(globals, str) else "given" if isinstance(globals, dict) else None
     return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
                                rows_per_call, particles_per_call, prog.vectorized, label,
-                               torch.cat(khat))
+                               torch.cat(khat), torch.cat(mc_stderr))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,12 +333,13 @@ def _plan(num_rows, num_samples, chunk_size, seed, memory_bytes, bytes_per_unit,
     every call takes all rows and only the particles are chunked.
     """
     units = max(1, memory_bytes // max(bytes_per_unit, 1))
+    if seed is not None:
+        # one seed block per call, whatever the budget: the draws must not depend on it (a block
+        # larger than a tiny budget is taken whole: "memory_bytes" is a rough budget)
+        rows = num_rows if row_bound else SEED_BLOCK_ROWS
+        return rows, max(1, min(num_samples, SEED_BLOCK_PARTICLES))
     if row_bound:
         return num_rows, max(1, min(num_samples, units // num_rows))
-    if seed is not None:
-        rows = SEED_BLOCK_ROWS
-        particles = max(1, min(num_samples, SEED_BLOCK_PARTICLES, units // rows))
-        return rows, particles
     rows = chunk_size or max(1, min(num_rows, units // num_samples))
     particles = max(1, min(num_samples, units // rows))
     return rows, particles
@@ -330,7 +355,7 @@ class _RunningWeights:
     largest M + 1 log weights for the Pareto k̂ (``ppl_lvm.psis``)."""
 
     def __init__(self, num_samples=None):
-        self.log_sum = self.log_sum_sq = self.sum_log = None
+        self.log_sum = self.log_sum_sq = self.sum_log = self.sum_log_sq = None
         self.count = 0
         self.num_samples = num_samples
         self.keep = None if num_samples is None else tail_size(num_samples) + 1
@@ -349,13 +374,14 @@ class _RunningWeights:
     def add(self, log_weights):  # [K', n]
         self.add_top(log_weights)
         parts = (torch.logsumexp(log_weights, 0), torch.logsumexp(2 * log_weights, 0),
-                 log_weights.sum(0))
+                 log_weights.sum(0), log_weights.double().pow(2).sum(0))
         if self.log_sum is None:
-            self.log_sum, self.log_sum_sq, self.sum_log = parts
+            self.log_sum, self.log_sum_sq, self.sum_log, self.sum_log_sq = parts
         else:
             self.log_sum = torch.logaddexp(self.log_sum, parts[0])
             self.log_sum_sq = torch.logaddexp(self.log_sum_sq, parts[1])
             self.sum_log = self.sum_log + parts[2]
+            self.sum_log_sq = self.sum_log_sq + parts[3]
         self.count += log_weights.shape[0]
 
     def log_mean_weight(self):
@@ -366,6 +392,22 @@ class _RunningWeights:
 
     def ess(self):
         return (2 * self.log_sum - self.log_sum_sq).exp().nan_to_num(1.0).clamp(1.0, self.count)
+
+    def stderr(self):
+        """[N] Monte Carlo standard error of log mean_k w_k by the delta method,
+        sqrt(var(w) / K) / mean(w) = sqrt((K Σw² / (Σw)² - 1) / (K - 1)) (NaN for K = 1)."""
+        if self.count < 2:
+            return torch.full_like(self.log_sum, math.nan)
+        ratio = (self.log_sum_sq.double() - 2 * self.log_sum.double()).exp()  # Σw² / (Σw)² = 1 / ESS
+        return ((self.count * ratio - 1) / (self.count - 1)).clamp(min=0).sqrt().to(self.log_sum.dtype)
+
+    def elbo_stderr(self):
+        """[N] Monte Carlo standard error of the ELBO estimate mean_k log w_k: std(log w) / √K."""
+        if self.count < 2:
+            return torch.full_like(self.sum_log, math.nan)
+        mean = self.sum_log.double() / self.count
+        variance = (self.sum_log_sq - self.count * mean ** 2) / (self.count - 1)
+        return (variance.clamp(min=0) / self.count).sqrt().to(self.sum_log.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

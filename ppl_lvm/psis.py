@@ -24,20 +24,22 @@ def tail_size(num_samples):
 
 @torch.no_grad()
 def pareto_khat(log_weights, num_samples=None):
-    """Per-datapoint Pareto k̂ of importance weights.
+    """Per-datapoint Pareto k̂ of importance weights, by arviz's rule (``arviz.psislw``, r_eff = 1).
 
     Args:
         log_weights: [K, N] log w_{k,n} (unnormalised: constants per datapoint do not matter),
-            or [K] for one datapoint. K ≥ 25 or so; with M ≤ 4 tail weights k̂ is +inf (as arviz).
+            or [K] for one datapoint. K ≥ 25 or so.
         num_samples: K when ``log_weights`` holds only the largest M + 1 or more of K weights
             per datapoint (what an estimator that streams over chunks of K keeps); None: all K.
 
     Returns:
-        [N] (or a 0-dim tensor for [K] input) k̂ on log_weights' device, float64: the shape of a
-        generalized Pareto fitted to the M largest weights minus the (M + 1)-th largest. A
-        datapoint whose M + 1 largest log weights agree up to rounding (1024 ulps of the dtype of
-        log_weights, relative to max |log w|; e.g. an exact posterior proposal, every weight p(x))
-        has k̂ = -inf: the weights are constant, every moment exists. NaN log weights give NaN.
+        [N] (or a 0-dim tensor for [K] input) k̂ on log_weights' device, float64. As arviz: the
+        cutoff is the (M + 1)-th largest weight, the tail the weights strictly above it, and a
+        generalized Pareto is fitted to the tail's exceedances; with 4 or fewer tail weights k̂
+        is +inf (no fit: K too small, or the largest weights tie, as discrete latents under
+        "prior" or "uniform" give, or all weights are equal, as an exact posterior proposal
+        gives). Log weights within rounding of the cutoff (1024 ulps of their dtype, relative to
+        max |log w|) count as ties. NaN log weights give NaN.
     """
     squeeze = log_weights.dim() == 1
     if squeeze:
@@ -50,42 +52,44 @@ def pareto_khat(log_weights, num_samples=None):
     out = torch.full((num_rows,), math.inf, dtype=torch.float64, device=log_weights.device)
     if tail <= 4 or tail >= num_samples or tail + 1 > given:
         return out[0] if squeeze else out
-    # weights equal up to the rounding of their dtype (an exact posterior proposal's) are constant
     rounding = _ROUNDING_ULPS * torch.finfo(log_weights.dtype).eps
     log_weights = log_weights.to(torch.float64).T  # [N, K]
     top = torch.topk(log_weights, tail + 1, dim=-1).values  # descending: [N, M + 1]
     scale = log_weights.abs().max(-1).values.clamp(min=1.0)
-    constant = (top[:, 0] - top[:, -1]) <= rounding * scale
     top = top - top[:, :1]
     cutoff = top[:, -1:].clamp(min=math.log(torch.finfo(torch.float64).tiny))
-    exceedances = (top[:, :-1].exp() - cutoff.exp()).clamp(min=0).flip(-1)  # ascending [N, M]
-    khat = _gpd_shape(exceedances)
-    khat = torch.where(constant, torch.full_like(khat, -math.inf), khat)
-    khat = torch.where(torch.isnan(log_weights).any(-1), torch.full_like(khat, math.nan), khat)
-    return khat[0] if squeeze else khat
+    # the tail: weights strictly above the cutoff (arviz's np.where(x > xcutoff))
+    above = top[:, :-1] > cutoff + rounding * scale[:, None]
+    counts = above.sum(-1)
+    exceedances = (top[:, :-1].exp() - cutoff.exp()).flip(-1)  # ascending [N, M]
+    for count in counts.unique().tolist():
+        if count <= 4:
+            continue  # arviz: not enough tail samples for gpdfit, k = inf
+        rows = (counts == count).nonzero().flatten()
+        out[rows] = _gpd_shape(exceedances[rows][:, -count:])
+    out = torch.where(torch.isnan(log_weights).any(-1), torch.full_like(out, math.nan), out)
+    return out[0] if squeeze else out
 
 
 def _gpd_shape(exceedances):
     """Zhang & Stephens' posterior-mean estimate of the GPD shape k = mean log(1 - b x) (the sign of
-    arviz and loo: k > 0 is a heavy tail), pulled toward 0.5 by their prior. exceedances: [N, M]
-    ascending, ≥ 0. Returns [N]."""
+    arviz and loo: k > 0 is a heavy tail), pulled toward 0.5 by their prior; arviz's ``_gpdfit``
+    line for line, batched. exceedances: [N, M] ascending, > 0. Returns [N]."""
     num_rows, size = exceedances.shape
     grid = _MIN_GRID + int(math.sqrt(size))
     j = torch.arange(1, grid + 1, dtype=exceedances.dtype, device=exceedances.device)
     quartile = exceedances[:, int(size / 4 + 0.5) - 1 : int(size / 4 + 0.5)]  # [N, 1]
     largest = exceedances[:, -1:]
-    # b = θ of the GPD profile likelihood, on a grid around 1 / x_max. Weights equal up to
-    # rounding tie in the tail: a zero quartile would put the grid at -inf, so it falls back to the
-    # smallest positive exceedance
     tiny = torch.finfo(exceedances.dtype).tiny
-    smallest_positive = torch.where(exceedances > 0, exceedances,
-                                    torch.full_like(exceedances, math.inf)).min(-1, keepdim=True)
-    safe_quartile = torch.where(quartile > 0, quartile, smallest_positive.values).clamp(min=tiny)
-    safe_largest = largest.clamp(min=tiny)
-    b = 1 / safe_largest + (1 - torch.sqrt(grid / (j - 0.5))) / (_PRIOR_BS * safe_quartile)
+    b = 1 / largest.clamp(min=tiny) + (1 - torch.sqrt(grid / (j - 0.5))) / (
+        _PRIOR_BS * quartile.clamp(min=tiny))
     k = torch.log1p(-b[:, :, None] * exceedances[:, None, :]).mean(-1)  # [N, grid]
     profile = size * (torch.log(-b / k) - k - 1)  # [N, grid]
     weights = torch.softmax(profile, dim=-1)
+    # arviz drops grid points of negligible weight before renormalising
+    weights = torch.where(weights >= 10 * torch.finfo(weights.dtype).eps, weights,
+                          torch.zeros_like(weights))
+    weights = weights / weights.sum(-1, keepdim=True)
     b_post = (weights * b).sum(-1, keepdim=True)
     k_post = torch.log1p(-b_post * exceedances).mean(-1)
     return (size * k_post + _PRIOR_K * 0.5) / (size + _PRIOR_K)
