@@ -9,6 +9,7 @@ Works for any Pyro program whose continuous latents live in the data plate: late
 a trace, moved to unconstrained space, and each energy is one vectorised trace over K × n chains.
 """
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -257,6 +258,48 @@ def _latent_names(model, x, model_kwargs):
 # the driver: chunks of rows, seeds by row block
 
 
+def _vectorisation_refused(run):
+    """AIS runs model and guide vectorised over its K chains (a plate of K particles left of the
+    program's plates, as Pyro's vectorised ELBOs do). A program that cannot be (it indexes or
+    reshapes assuming its own batch shape, a BatchNorm1d fed [K, B, D]) is refused in one line
+    that says so, instead of the raw IndexError / RuntimeError from deep inside the program."""
+    @functools.wraps(run)
+    def checked(model, guide, x, **kwargs):
+        try:
+            return run(model, guide, x, **kwargs)
+        except (IndexError, RuntimeError) as error:
+            failed = _fails_vectorised(model, guide, x, kwargs.get("model_kwargs") or {})
+            if failed is None:
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"AIS runs the {failed} vectorised over its K chains and this program cannot be "
+                f"({type(error).__name__}: {reason}); estimate log p(x) with method='iwae' "
+                "(importance sampling loops over particles when vectorising fails), or write "
+                "the program to broadcast over leading batch dims") from error
+    return checked
+
+
+def _fails_vectorised(model, guide, x, model_kwargs):
+    """'model' or 'guide' when that program fails on two rows under a plate of 2 particles but
+    runs without it; None otherwise."""
+    rows = x[:2]
+    kwargs = _slice_kwargs(model_kwargs, x.shape[0], slice(0, 2))
+    for role, fn in (("guide", guide), ("model", model)):
+        if fn is None:
+            continue
+        try:
+            nesting = plate_nesting(program.trace_of(fn, rows, **kwargs))
+        except Exception:
+            return None
+        try:
+            program.trace_of(vectorize(fn, 2, nesting, x.device), rows, **kwargs)
+        except Exception:
+            return role
+    return None
+
+
+@_vectorisation_refused
 def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_steps, step_size,
              target_accept, plate_name, seed, memory_bytes, chunk_size, idx, model_kwargs,
              posterior=None):

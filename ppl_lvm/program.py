@@ -322,6 +322,9 @@ class Structure:
     observed_sites, latent_sites: sample sites with / without ``obs``.
     event_shapes: {latent local site: the shape of one row's value, [*inner plates, *event]}.
     takes_rows: the function names ``idx`` and ``num_data`` (``ppl_lvm.data_plate``).
+    subsample_size: B when the program subsamples its own data plate
+        (``pyro.plate("data", N, subsample_size=B)``: each call scores B random rows, scaled by
+        N / B), else None.
     """
 
     plate_name: str
@@ -333,6 +336,7 @@ class Structure:
     latent_sites: tuple
     event_shapes: dict
     takes_rows: bool
+    subsample_size: int = None
 
     @property
     def local_latents(self):
@@ -353,6 +357,19 @@ def _call_rows(fn, args, kwargs, rows, num_rows, full_size=None):
     return trace_of(fn, *args, **kwargs)
 
 
+def trace_rows(fn, args, kwargs, size=2):
+    """A trace of ``fn`` on its first ``size`` rows (per-row arguments sliced), or on all rows where
+    the program refuses so few (an author's ``assert x.shape[0] == N``): a probe never turns the
+    author's own check into a crash of the package."""
+    num_rows = num_rows_of(args)
+    if size < num_rows:
+        try:
+            return _call_rows(fn, args, kwargs, slice(0, size), num_rows)
+        except Exception:
+            pass
+    return _call_rows(fn, args, kwargs, slice(0, num_rows), num_rows)
+
+
 def plate_length(site, frame):
     """The length of ``frame``'s dim at ``site``: its size, or for a plate given no size
     (``pyro.plate("data")``, as in Pyro's SS-VAE example) the site's batch length there."""
@@ -366,7 +383,8 @@ def _row_plates(trace, size):
     """Names of the plates whose batch length equals ``size`` (the rows passed)."""
     return {frame.name for site in sample_sites(trace).values()
             for frame in site["cond_indep_stack"]
-            if frame.vectorized and plate_length(site, frame) == size}
+            if frame.vectorized and size in (plate_length(site, frame),
+                                             getattr(frame, "full_size", None))}
 
 
 def row_plate(trace, num_rows):
@@ -383,7 +401,7 @@ def row_plate(trace, num_rows):
     return candidates.pop()
 
 
-def inspect_program(fn, *args, plate_name=None, **kwargs):
+def inspect_program(fn, *args, plate_name=None, allow_subsample=False, **kwargs):
     """Read ``fn``'s structure by tracing it on a few rows of its arguments (no side effects).
 
     Args:
@@ -392,7 +410,11 @@ def inspect_program(fn, *args, plate_name=None, **kwargs):
         *args, **kwargs: its arguments as for the full data: tensors whose first dim is N (the first
             tensor's) are per-row and are sliced.
         plate_name: the data plate's name, if known; by default it is the plate whose size follows
-            the number of rows passed (probed with 2 and 3 rows).
+            the number of rows passed (probed with 2 and 3 rows; where the program refuses so few,
+            e.g. an author's ``assert x.shape[0] == N`` or a plate with ``subsample_size``, on all
+            the rows passed).
+        allow_subsample: a program that subsamples its own data plate scores B random rows per
+            call; only training (``fit``) can use it, so by default it is refused, naming the plate.
 
     Returns:
         ``Structure``. Raises ValueError naming the plates found when no (or no unique) plate runs
@@ -400,7 +422,13 @@ def inspect_program(fn, *args, plate_name=None, **kwargs):
     """
     num_rows = num_rows_of(args)
     sizes = sorted({min(num_rows, 2), min(num_rows, 3)})
-    traces = [_call_rows(fn, args, kwargs, slice(0, size), num_rows) for size in sizes]
+    try:
+        traces = [_call_rows(fn, args, kwargs, slice(0, size), num_rows) for size in sizes]
+    except Exception:
+        if sizes == [num_rows]:
+            raise
+        sizes = [num_rows]  # the program's own checks refuse a few rows: probe on all of them
+        traces = [_call_rows(fn, args, kwargs, slice(0, num_rows), num_rows)]
     trace = traces[-1]
     found = plates_of(trace)
     if plate_name is None:
@@ -423,7 +451,63 @@ def inspect_program(fn, *args, plate_name=None, **kwargs):
     elif plate_name not in found:
         listing = ", ".join(repr(n) for n in found) or "none"
         raise ValueError(f"{_name(fn)}: no plate named {plate_name!r}; plates found: {listing}")
-    return structure_of(trace, plate_name, takes_rows(fn))
+    structure = structure_of(trace, plate_name, takes_rows(fn))
+    if structure.takes_rows:  # its plate follows the idx / num_data the probe passed, not its own
+        structure = dataclasses.replace(structure, subsample_size=None)
+    if structure.subsample_size is not None and not (allow_subsample or _SUBSAMPLES_GIVEN):
+        raise SubsampledPlate(_name(fn), plate_name, structure.subsample_size,
+                              plates_of(trace)[plate_name].full_size)
+    return structure
+
+
+class SubsampledPlate(ValueError):
+    """The program subsamples its own data plate (``pyro.plate(name, N, subsample_size=B)``): each
+    call scores B random rows. Per-datapoint tools refuse it (or score it B given rows at a time,
+    with ``given_subsample``); ``fit`` trains it as it is."""
+
+    def __init__(self, fn_name, plate_name, subsample_size, num_rows):
+        self.plate_name, self.subsample_size, self.num_rows = plate_name, subsample_size, num_rows
+        super().__init__(
+            f"{fn_name}: the data plate {plate_name!r} subsamples itself (subsample_size="
+            f"{subsample_size} of {num_rows} rows), so each call scores a random subset of the "
+            "rows; per-datapoint estimates need every row: score with a copy of the model without "
+            "subsample_size (ppl_lvm.fit trains it as it is)")
+
+
+_SUBSAMPLES_GIVEN = []  # non-empty inside subsamples_given(): inspect_program accepts the plate
+
+
+@contextlib.contextmanager
+def subsamples_given():
+    """Inside it, ``inspect_program`` reads a self-subsampling plate without refusing it: the
+    caller runs the program under ``given_subsample``, B rows of its choosing at a time."""
+    _SUBSAMPLES_GIVEN.append(True)
+    try:
+        yield
+    finally:
+        _SUBSAMPLES_GIVEN.pop()
+
+
+class given_subsample(Messenger):
+    """Run a program that subsamples its own plate ``plate_name`` on the rows ``idx`` [B] instead
+    of a random draw (its ``_Subsample`` site set, as Pyro's SVI replays the guide's draw into the
+    model), with the plate's N / B scale undone on the sites inside it: each row's terms count
+    once, as in a program without subsampling. ``idx`` must hold the plate's subsample_size rows
+    (Pyro checks it)."""
+
+    def __init__(self, plate_name, idx):
+        super().__init__()
+        self.plate_name, self.idx = plate_name, idx
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        if msg["name"] == self.plate_name and site_is_subsample(msg):
+            msg["value"] = self.idx
+            return
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == self.plate_name and frame.full_size and frame.size:
+                msg["scale"] = msg["scale"] * frame.size / frame.full_size
 
 
 def structure_of(trace, plate_name, rows_keywords=False):
@@ -445,7 +529,16 @@ def structure_of(trace, plate_name, rows_keywords=False):
     if plate_dim is None:
         plate_dim = plates_of(trace)[plate_name].dim
     return Structure(plate_name, plate_dim, plate_nesting(trace), tuple(local), tuple(global_),
-                     tuple(observed), tuple(latent), shapes, rows_keywords)
+                     tuple(observed), tuple(latent), shapes, rows_keywords,
+                     subsample_size_of(trace, plate_name))
+
+
+def subsample_size_of(trace, plate_name):
+    """B when the plate ``plate_name`` of ``trace`` drew a subsample of B < N of its indices (the
+    program wrote ``pyro.plate(plate_name, N, subsample_size=B)``), else None."""
+    frame = plates_of(trace).get(plate_name)
+    full_size = getattr(frame, "full_size", None)
+    return frame.size if full_size is not None and frame.size < full_size else None
 
 
 def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_only=False):

@@ -555,6 +555,23 @@ def check_autoguide_rows(guide, structure, batch_size, num_data):
                 "ppl_lvm.LocalGuide for the local sites")
 
 
+def read_structure(model, tensors, transform, kwargs, plate_name=None):
+    """The program's structure (``ppl_lvm.program.inspect_program``), read from its traces on its
+    first three (transformed) rows, or on all rows where the program refuses so few (an author's
+    own shape check, a plate that subsamples itself: ``pyro.plate("data", N, subsample_size=B)``)."""
+    num_data = len(tensors[0])
+    rows = torch.arange(min(num_data, 3), device=tensors[0].device)
+    try:
+        return program.inspect_program(model, *take_rows(tensors, rows, transform),
+                                       plate_name=plate_name, allow_subsample=True, **kwargs)
+    except Exception:
+        if num_data <= 3:
+            raise
+    rows = torch.arange(num_data, device=tensors[0].device)
+    return program.inspect_program(model, *take_rows(tensors, rows, transform),
+                                   plate_name=plate_name, allow_subsample=True, **kwargs)
+
+
 def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
     """Refuse minibatches for a guide that holds a parameter with one row per datapoint (e.g.
     ``pyro.param("alpha_q", torch.ones(x.size(0), k))`` as in Pyro's ``sparse_gamma_def.py``):
@@ -602,6 +619,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             In a pair (x, mask) with mask bool of x's shape (True = observed), x may hold NaN
             where mask is False; the model must keep those entries out of its likelihood.
         epochs: passes over the data; batch_size: B (the last batch of an epoch may be smaller).
+            batch_size >= N (full batch) keeps the rows in their order. A model that subsamples
+            its own data plate (``pyro.plate("data", N, subsample_size=B)``) is trained as Pyro's
+            SVI trains it: all rows passed at every step, the plate's own N / B scale, and
+            batch_size ignored; an epoch is then ceil(N / B) steps.
         lr: Adam's learning rate for θ when ``optim`` is None (the default is ``LazyAdam``, which
             also handles per-datapoint φ tables); optim: any ``pyro.optim.PyroOptim`` or
             ``LazyAdam`` (plain Pyro optimisers reject the sparse gradients of a ``LocalGuide``).
@@ -672,10 +693,14 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     loss = loss or Trace_ELBO()
     optim = optim or adam(lr, local_lr)
 
-    # the program's structure, read once from its traces on a few (transformed) rows
-    probe_rows = torch.arange(min(num_data, 3), device=device)
-    probe = (take_rows(tensors, probe_rows, transform), model_kwargs)
-    structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
+    structure = read_structure(model, tensors, transform, model_kwargs, plate_name)
+    own_subsample = structure.subsample_size
+    if own_subsample:  # the model subsamples its own plate: Pyro's SVI, all rows at every step
+        if strategy.active:
+            raise ValueError(f"the data plate {structure.plate_name!r} subsamples itself "
+                             f"(subsample_size={own_subsample}); distributed fit needs the rows "
+                             "passed to the model: remove subsample_size and set batch_size")
+        batch_size = num_data
 
     check_guide_rows(guide, tensors, model_kwargs, transform, batch_size, num_data)
 
@@ -701,7 +726,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if resume:
         result, start_epoch, start_batch = checkpointer.resume(register, device)
 
-    steps_per_epoch = ddp.steps_per_epoch(num_data, batch_size, strategy.world)
+    steps_per_epoch = -(-num_data // own_subsample) if own_subsample else ddp.steps_per_epoch(
+        num_data, batch_size, strategy.world)
     start_time = time.perf_counter() - result.wall_time
     bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_batch,
                disable=not progress or strategy.rank != 0, desc="fit", unit="step", leave=False,
@@ -710,6 +736,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     try:
         for epoch in range(start_epoch, epochs):
             batches = strategy.batches(num_data, epoch, seed, batch_size)
+            if own_subsample:
+                batches = batches * steps_per_epoch
             first = start_batch if epoch == start_epoch else 0
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             pyro.enable_validation(validating and (validate is True or (
@@ -750,7 +778,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 result.eval_epochs.append(epoch + 1)
                 result.eval_elbos.append(evaluate_elbo(
                     model, guide, eval_tensors, model_kwargs=model_kwargs,
-                    distributed=strategy.active, plate_name=structure.plate_name))
+                    distributed=strategy.active, plate_name=structure.plate_name,
+                    batch_size=len(eval_tensors[0]) if own_subsample else 512))
             result.wall_time = time.perf_counter() - start_time
             checkpointer.save(epoch + 1, 0, result)
             if callback is not None and callback(epoch + 1, result):

@@ -10,8 +10,12 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints
 from torch.nn.functional import softplus
 
-from ppl_lvm import estimate_log_marginal, fit, program
+from ppl_lvm import LocalGuide, estimate_log_marginal, fit, infer_local, log_marginal, program
+from ppl_lvm.ais import ais_log_marginal
+from ppl_lvm.models.missing import complete
+from ppl_lvm.train import read_structure
 from ppl_lvm import cli
+from tests.programs import linear_gaussian
 from tests.programs.prodlda import ProdLDA
 
 
@@ -144,3 +148,151 @@ def test_minibatches_are_refused_for_any_guide_parameter_with_one_row_per_datapo
 
     with pytest.raises(ValueError, match=r"parameter 'loc' \(shape \[20, 3\]"):
         fit(gamma_poisson_model, table_guide, x, epochs=1, batch_size=8, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# class 5: authors who subsample their own plate (Pyro's SVI tutorial part II, tensor shapes)
+
+
+def subsampled_model(data):
+    """Pyro's svi_part_ii.ipynb "observe_data" plate with subsample_size, around a conjugate mean."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    with pyro.plate("data", len(data), subsample_size=10) as ind:
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=data[ind])
+
+
+def subsampled_guide(data):
+    q_loc = pyro.param("q_loc", torch.tensor(0.0))
+    q_scale = pyro.param("q_scale", torch.tensor(1.0), constraint=constraints.positive)
+    pyro.sample("loc", dist.Normal(q_loc, q_scale))
+
+
+def test_a_model_that_subsamples_its_own_plate_trains_as_pyros_svi_trains_it():  # class 5
+    """Right answer: loc | x ~ N(Σx / (N + 0.01), 1 / (N + 0.01)), mean 3.037 here. Before: fit
+    crashed in its 3-row probe with Pyro's subsample message. Now all rows go in at every step
+    and the plate scales by its own N / B once: fit's 200 steps are Pyro's SVI's, bit for bit
+    (q_loc 3.081; a second N / B would have halved q_scale), an epoch is N / B = 10 steps."""
+    x = torch.randn(100, generator=torch.Generator().manual_seed(0)) + 3
+    posterior_mean = x.sum() / (100 + 0.01)
+
+    def optim():
+        return pyro.optim.ClippedAdam({"lr": 0.1, "lrd": 0.01 ** (1 / 200)})
+
+    pyro.set_rng_seed(0)
+    svi = SVI(subsampled_model, subsampled_guide, optim(), Trace_ELBO())
+    for _ in range(200):
+        svi.step(x)
+    expected = pyro.param("q_loc").item(), pyro.param("q_scale").item()
+    result = fit(subsampled_model, subsampled_guide, x, epochs=20, batch_size=8, optim=optim(),
+                 progress=False)
+    assert result.step == 200
+    assert (pyro.param("q_loc").item(), pyro.param("q_scale").item()) == expected
+    assert abs(expected[0] - posterior_mean) < 0.1
+
+
+def test_a_subsampling_model_is_scored_on_every_row_and_refused_by_ais_naming_the_plate():  # class 5
+    """z_n ~ N(0, 1), x_n ~ N(z_n, 1) in a plate with subsample_size=5 of 20 rows, the exact
+    posterior N(x_n / 2, 1/2) as its guide (subsampled alike). Right answer: every IWAE weight is
+    p(x_n) = N(x_n; 0, 2), for all 20 rows (before: Pyro's subsample message from the 2-row probe).
+    log_marginal scores the rows 5 at a time, the plate's draw replaced by those rows and its
+    N / B scale undone; AIS refuses in one line naming the plate and its subsample_size."""
+    def model(x):
+        with pyro.plate("data", len(x), subsample_size=5) as ind:
+            assert len(ind) == 5
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([5]))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x[ind])
+
+    def guide(x):
+        with pyro.plate("data", len(x), subsample_size=5) as ind:
+            pyro.sample("z", dist.Normal(x[ind] / 2, 0.5 ** 0.5))
+
+    x = torch.randn(18, generator=torch.Generator().manual_seed(2))  # a short last block of 3
+    right = dist.Normal(0.0, 2.0 ** 0.5).log_prob(x)
+    assert torch.allclose(log_marginal(model, guide, x, num_samples=4, seed=0), right, atol=1e-5)
+    message = r"data plate 'data' subsamples itself \(subsample_size=5 of 18 rows\)"
+    with pytest.raises(ValueError, match=message):
+        ais_log_marginal(model, guide, x, num_steps=2, num_samples=2)
+
+
+def test_the_structure_probe_respects_the_authors_own_shape_check():  # class 5
+    """A model that asserts its row count is read on all its rows, not crashed on two: fit's
+    structure, infer_local's layout (right answer: z_n | x_n = N(x_n / 2, 1/2))."""
+    x = torch.randn(12, generator=torch.Generator().manual_seed(1))
+
+    def model(x):
+        assert x.shape[0] == 12, "the author's own check"
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    structure = read_structure(model, (x,), None, {})
+    assert structure.plate_name == "data" and structure.local_latents == ("z",)
+    guide = infer_local(model, x, steps=100, lr=0.1, loss=TraceMeanField_ELBO(
+        num_particles=4, vectorize_particles=True, max_plate_nesting=1))
+    assert torch.allclose(guide.loc(), x / 2, atol=0.15)
+
+
+# ---------------------------------------------------------------------------------------------
+# class 7: crashes turned into right answers or one clear line
+
+
+def test_infer_local_proposes_a_positive_latent_inside_its_support():  # class 7
+    """The Gamma-Poisson layer of sparse_gamma_def: infer_local's LocalGuide is a log-normal for the
+    Gamma site. Right answer: log p(x_n) = Σ_k NegBinomial(x_nk; A, 1 / (B + 1)) in closed form;
+    IWAE with K=500 is within 0.06 nats of it on every row (before: a Normal proposed negative
+    rates and the model's Poisson raised)."""
+    x = _counts()
+    guide = infer_local(gamma_poisson_model, x, steps=300, lr=0.05)
+    exact = dist.NegativeBinomial(total_count=torch.tensor(A), probs=torch.tensor(1 / (B + 1))
+                                  ).log_prob(x).sum(-1)
+    estimate = log_marginal(gamma_poisson_model, guide, x, num_samples=500, seed=0)
+    assert (estimate - exact).abs().max() < 0.1
+
+
+def test_a_local_guide_refuses_a_support_it_cannot_reach_naming_the_site():  # class 7
+    with pytest.raises(ValueError, match=r"site 'theta' has support Simplex"):
+        LocalGuide(4, {"theta": 3}, supports={"theta": constraints.simplex})
+
+
+def test_ais_on_a_program_that_cannot_be_vectorised_is_one_clear_line():  # class 7
+    """ProdLDA's BatchNorm1d reads [K, B, V] as [batch, channels, length]: AIS's K chains cannot
+    run through it (before: RuntimeError 'running_mean should contain 30 elements not 12' from
+    inside torch). IWAE loops over particles and scores it."""
+    lda, docs = _prodlda()
+    with pytest.raises(ValueError, match=r"AIS runs the model vectorised.*method='iwae'"):
+        ais_log_marginal(lda.model, lda.guide, docs, num_steps=2, num_samples=2, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# class 8: completion's health check (factor analysis, tests/programs/linear_gaussian.py)
+
+
+def zero_filled_encoder(x):
+    """q(latent | x) = p(latent | x) for a fully observed x: complete feeds it the zero-filled
+    image, so where features are missing it proposes from the wrong place (a VAE encoder
+    trained on complete data, in closed form)."""
+    loc, covariance = linear_gaussian.posterior(x)
+    with pyro.plate("data", x.shape[0], dim=-2):
+        pyro.sample("latent", dist.MultivariateNormal(loc.unsqueeze(-2), covariance))
+
+
+def test_completion_reports_khat_and_defaults_to_what_is_right():  # class 8
+    """Right answer: E[x_miss | x_obs] of N(μ, W Wᵀ + σ² I) in closed form (conditional sd 1.0
+    and 1.7). SIR from the zero-filled encoder: max error 1.96 on the missing features, k̂ 0.73-1.11,
+    ESS 2.8-53 of 1000 (before: the default, and it said nothing; MwG with the observed proposal:
+    1.76). Now SIR reports k̂ and warns; the default ("auto") moves the rows SIR cannot be
+    trusted on to MwG with the completed proposal: max error 0.11 (256 chains, 100 steps)."""
+    x = linear_gaussian.make_data(num_data=4, seed=5)
+    mask = torch.tensor([True, False, True, False]).expand(4, 4)
+    w, mu, noise = linear_gaussian.WEIGHT, linear_gaussian.MEAN, linear_gaussian.NOISE
+    cov = w @ w.T + noise ** 2 * torch.eye(4)
+    o, m = mask[0], ~mask[0]
+    right = mu[m] + (x[:, o] - mu[o]) @ torch.linalg.solve(cov[o][:, o], cov[o][:, m])
+    with pytest.warns(RuntimeWarning, match="k̂"):
+        sir = complete(linear_gaussian.model, zero_filled_encoder, x, mask, method="sir", seed=0)
+    assert sir.khat.shape == (4,) and (sir.khat > 0.7).any() and not sir.trusted.all()
+    assert (sir.mean[:, m] - right).abs().max() > 1.0
+    default = complete(linear_gaussian.model, zero_filled_encoder, x, mask, num_samples=256,
+                       num_steps=100, seed=0)
+    assert default.trusted.all() and default.method in ("mwg", "sir+mwg")
+    assert (default.mean[:, m] - right).abs().max() < 0.3
