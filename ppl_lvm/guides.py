@@ -71,6 +71,13 @@ class LocalGuide:
             log-normal for a positive site), so every value it proposes is one the model accepts.
             A support that is not elementwise (a simplex, a correlation matrix) or is discrete is
             refused, naming the site.
+        refine_after_fit: at the end of ``fit``, with θ fixed at its final value, take every
+            row's φ_i to its q* (``solve_local``: per-row natural-gradient Newton steps until the
+            residual is below 1e-3, at most 200 steps); ``fit`` then reports the per-row
+            convergence (``FitResult.local_convergence``) and warns when rows did not converge.
+            Minibatch SGD on φ_i alone stalls far from q* (each row is updated once per epoch with
+            a noisy gradient); after the refinement the final φ_i are the lecture's
+            argmax_φ ELBO(θ, φ) for the θ that training produced. False: only measure them.
 
     Call as ``guide(x, idx=None, num_data=None)``: x [B, ...]; idx [B] long, the rows' indices
     (may be omitted only when B == N).
@@ -78,7 +85,7 @@ class LocalGuide:
 
     def __init__(self, num_data, site_shapes, init_loc=0.0, init_scale=1.0, name="phi",
                  plate_name="data", plate_dim=None, event_dims=None, inner_plates=None,
-                 supports=None):
+                 refine_after_fit=True, supports=None):
         if num_data < 1:
             raise ValueError(f"num_data must be >= 1, got {num_data}")
         if not site_shapes:
@@ -103,6 +110,27 @@ class LocalGuide:
             self._slices[site] = (slice(start, start + size), slice(start + size, start + 2 * size))
             start += 2 * size
         self.width = start
+        self.refine_after_fit = bool(refine_after_fit)
+        self.convergence = self.converged = None
+
+    def after_fit(self, model, data, model_kwargs=None, tol=1e-3, max_steps=200, seed=0):
+        """Called by ``fit`` at its end with the training rows ``data`` (a tuple of tensors [N, ...],
+        as the model takes them): q* of every row by ``solve_local`` (``refine_after_fit``) or
+        only a measurement (``local_convergence``). Sets and returns ``self.convergence``."""
+        x, args = data[0], tuple(data[1:])
+        kwargs = dict(model_kwargs or {})
+        rows = torch.arange(self.num_data, device=x.device)
+        if self.transforms:  # solve_local works in the Normal's own space, not through biject_to
+            self.convergence = self.converged = None
+            return None
+        if self.refine_after_fit:
+            self.convergence = solve_local(model, self, x, *args, rows=rows, max_steps=max_steps,
+                                           tol=tol, seed=seed, **kwargs)
+        else:
+            self.convergence = local_convergence(model, self, x, *args, rows=rows, tol=tol,
+                                                 seed=seed, **kwargs)
+        self.converged = self.convergence.converged
+        return self.convergence
 
     def __repr__(self):
         return (f"LocalGuide(num_data={self.num_data}, site_shapes="
@@ -290,6 +318,222 @@ def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z",
     return loc_out, log_scale_out.exp()
 
 
+# ----------------------------------------------------------------------------------------------
+# per-datapoint φ_i that converge and say so
+
+
+@dataclasses.dataclass
+class LocalConvergence:
+    """How far each row's φ_i = (μ_i, log σ_i) is from a stationary point of its ELBO.
+
+    residual: [M] the largest natural-gradient component of the row, in units that do not depend
+        on the model's scale: |σ ∂ELBO/∂μ| (how many σ the mean would still move) and
+        |∂ELBO/∂log σ| / 2 (how much log σ would still move), max over coordinates; at q* both
+        are 0. converged: [M] bool, residual < tol. num_steps: [M] steps each row took.
+    elbo: [M] the row's ELBO at the end (the estimate the solver climbed; nats).
+    """
+
+    converged: torch.Tensor
+    residual: torch.Tensor
+    num_steps: torch.Tensor
+    elbo: torch.Tensor
+    tol: float
+
+    @property
+    def fraction(self):
+        """The fraction of rows that converged (a float)."""
+        return self.converged.float().mean().item()
+
+    def __str__(self):
+        return (f"{int(self.converged.sum())}/{self.converged.numel()} rows converged "
+                f"(natural-gradient residual < {self.tol:g}; worst {self.residual.max().item():.2g}, "
+                f"median {self.residual.median().item():.2g}; steps ≤ {int(self.num_steps.max())})")
+
+
+def _table_columns(guide):
+    """Column indices of every site's μ and log σ in the table, in one flat order: ([W], [W])."""
+    loc_cols, scale_cols = [], []
+    for site in guide.site_shapes:
+        loc_slice, scale_slice = guide._slices[site]
+        loc_cols.extend(range(loc_slice.start, loc_slice.stop))
+        scale_cols.extend(range(scale_slice.start, scale_slice.stop))
+    return torch.tensor(loc_cols), torch.tensor(scale_cols)
+
+
+def _standard_points(num_pairs, num_rows, width, generator, dtype, device):
+    """Antithetic, whitened standard normal points ε [2m, B, W] per row: their mean is exactly 0
+    and their covariance exactly I, so E_q[f(μ + σ ε)] is exact for any quadratic f (a Gaussian
+    posterior's log-joint) and an unbiased-to-second-order Monte Carlo average otherwise."""
+    noise = torch.randn(num_pairs, num_rows, width, generator=generator, dtype=torch.float64)
+    second_moment = torch.einsum("mbi,mbj->bij", noise, noise) / num_pairs  # [B, W, W]
+    root = torch.linalg.cholesky(second_moment + 1e-12 * torch.eye(width, dtype=torch.float64))
+    white = torch.linalg.solve_triangular(root, noise.permute(1, 2, 0), upper=False)  # [B, W, m]
+    white = white.permute(2, 0, 1)
+    return torch.cat([white, -white]).to(dtype=dtype, device=device)
+
+
+class _LocalProblem:
+    """ELBO_i(μ_i, log σ_i) = E_ε[log p(x_i, μ_i + σ_i ε)] + Σ log σ_i + const over fixed points ε
+    (``_standard_points``), its gradient and the Price estimate of the Hessian's diagonal, for a
+    LocalGuide's sites of a model with θ fixed. Rows are independent: every quantity is [B, W]."""
+
+    def __init__(self, model, guide, x, args, kwargs, takes_idx):
+        self.model, self.guide, self.x, self.args, self.kwargs = model, guide, x, args, kwargs
+        self.takes_idx = takes_idx
+        self.num_rows = x.shape[0]
+        self.loc_cols, self.scale_cols = _table_columns(guide)
+
+    def values(self, z, count):
+        """{site: [S·B, *shape]} from z [S, B, W] (particle-major, as x.repeat lays out rows)."""
+        out, start = {}, 0
+        for site, shape in self.guide.site_shapes.items():
+            size = shape.numel()
+            out[site] = z[..., start:start + size].reshape(count, *shape)
+            start += size
+        return out
+
+    def evaluate(self, rows, loc, log_scale, points, idx=None):
+        """At φ [B, W] of ``rows`` [B] with points [S, B, W]: (elbo [B], grad_loc [B, W],
+        grad_log_scale [B, W], precision [B, W] = -E[∂² log p / ∂z²] by Price's theorem)."""
+        num_points, batch = points.shape[:2]
+        args, kwargs = program.take((self.x,) + self.args, self.kwargs, rows, self.num_rows)
+        repeat = lambda v: v.repeat(num_points, *([1] * (v.dim() - 1)))  # noqa: E731
+        args = tuple(repeat(a) if program.is_per_row(a, batch) else a for a in args)
+        kwargs = {k: repeat(v) if program.is_per_row(v, batch) else v for k, v in kwargs.items()}
+        idx = repeat(rows if idx is None else idx) if self.takes_idx else None
+        scale = log_scale.exp()
+        with torch.enable_grad():
+            z = (loc + scale * points).detach().requires_grad_()
+            log_p = log_joint(self.model, self.values(z, num_points * batch), args[0], idx, None,
+                              model_args=args[1:], **kwargs).reshape(num_points, batch)
+            (grad_z,) = torch.autograd.grad(log_p.sum(), z)
+        grad_loc = grad_z.mean(0)
+        eg = (points * grad_z).mean(0)  # = E[ε ∂log p/∂z] = σ E[∂² log p/∂z²] (Price)
+        elbo = log_p.detach().mean(0) + log_scale.sum(-1)
+        return elbo, grad_loc, scale * eg + 1.0, -eg / scale
+
+    @staticmethod
+    def residual(log_scale, grad_loc, grad_log_scale):
+        return torch.maximum(log_scale.exp() * grad_loc.abs(),
+                             grad_log_scale.abs() / 2).amax(-1)
+
+
+def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_particles=32,
+                seed=0, rows_per_call=None, **model_kwargs):
+    """Fit the Normal φ_i of ``guide`` (a ``LocalGuide``) for ``rows`` with θ fixed, each row until
+    its natural-gradient residual is below ``tol`` (or ``max_steps``): the mean-field q*.
+
+    Each row's step is a damped Newton step in the Normal family's natural geometry: σ_i² ←
+    1 / (-E_q[∂² log p / ∂z²]) (Price's theorem: the Hessian's diagonal from the same samples as
+    the gradient) and μ_i ← μ_i + σ_i² E_q[∂ log p / ∂z]; a row's step is halved until its ELBO
+    rises (and grows back after a success), so every row climbs monotonically. The expectations
+    use fixed antithetic whitened points per row (mean exactly 0, covariance exactly I, ≥ 2W of
+    them): for a Gaussian posterior they are exact and the fixed point is q* itself.
+
+    Args:
+        model: p_θ(x, z), θ fixed (its latent sites in the data plate must all be the guide's).
+        guide: a ``LocalGuide``; its table rows ``rows`` are updated in place.
+        x: [M, ...] the rows' data (``*args``/``**model_kwargs``: the model's further arguments;
+            per-row tensors follow x). rows: [M] the table rows of x's rows (default arange(M)).
+        max_steps: a cap per row; tol: the residual (see ``LocalConvergence``) a row must reach.
+        num_particles: points per row (at least 2W, W = the number of latent coordinates).
+        rows_per_call: rows per model evaluation (default: ~4096 / points).
+
+    Returns:
+        ``LocalConvergence`` over the M rows.
+    """
+    num_rows = x.shape[0]
+    device = x.device
+    rows = torch.arange(num_rows, device=device) if rows is None else rows.to(device)
+    table = guide.table(device)
+    problem = _LocalProblem(model, guide, x, args, model_kwargs, program.takes_rows(model))
+    width = len(problem.loc_cols)
+    num_pairs = max(num_particles // 2, width)
+    rows_per_call = rows_per_call or max(1, 4096 // (2 * num_pairs))
+    generator = torch.Generator().manual_seed(seed)
+    out = {name: [] for name in ("converged", "residual", "steps", "elbo")}
+    loc_cols, scale_cols = problem.loc_cols.to(device), problem.scale_cols.to(device)
+    for start in range(0, num_rows, rows_per_call):
+        local = torch.arange(start, min(start + rows_per_call, num_rows), device=device)
+        with torch.no_grad():
+            phi = table[rows[local]].detach()
+        loc, log_scale = phi[:, loc_cols].clone(), phi[:, scale_cols].clone()
+        points = _standard_points(num_pairs, len(local), width, generator, loc.dtype, device)
+        state = problem.evaluate(local, loc, log_scale, points, rows[local])
+        step = torch.ones(len(local), device=device)
+        steps = torch.zeros(len(local), dtype=torch.long, device=device)
+        residual = problem.residual(log_scale, state[1], state[2])
+        for _ in range(max_steps):
+            # a margin below tol, so a fresh measurement (local_convergence) agrees
+            active = (residual >= tol / 4) & (step > 1e-6)
+            if not active.any():
+                break
+            a = active.nonzero().flatten()
+            elbo, grad_loc, grad_log_scale, precision = (s[a] for s in state)
+            beta = step[a, None]
+            # Newton target for log σ where the Price Hessian is negative definite, else the
+            # natural-gradient step (Fisher 2 for log σ); at most a factor e per step
+            target = torch.where(precision > 0, -0.5 * precision.clamp(min=1e-30).log(),
+                                 log_scale[a] + grad_log_scale / 2)
+            new_log_scale = log_scale[a] + (beta * (target - log_scale[a])).clamp(-1.0, 1.0)
+            variance = (2 * new_log_scale).exp()
+            limit = 3 * torch.maximum(variance.sqrt(), log_scale[a].exp())
+            new_loc = loc[a] + (beta * variance * grad_loc).clamp(-limit, limit)
+            proposal = problem.evaluate(local[a], new_loc, new_log_scale, points[:, a],
+                                        rows[local[a]])
+            # a rise, up to the rounding of the ELBO's dtype (near q* a step changes it by less)
+            rounding = 16 * torch.finfo(elbo.dtype).eps * (elbo.abs() + 1)
+            better = proposal[0] >= elbo - rounding
+            steps[a] += 1
+            keep = a[better]
+            loc[keep], log_scale[keep] = new_loc[better], new_log_scale[better]
+            for s, p in zip(state, proposal):
+                s[keep] = p[better]
+            step[keep] = (2 * step[keep]).clamp(max=1.0)
+            step[a[~better]] /= 4
+            residual = problem.residual(log_scale, state[1], state[2])
+        with torch.no_grad():
+            table[rows[local][:, None], loc_cols[None, :]] = loc.to(table.dtype)
+            table[rows[local][:, None], scale_cols[None, :]] = log_scale.to(table.dtype)
+        out["converged"].append(residual < tol)
+        out["residual"].append(residual)
+        out["steps"].append(steps)
+        out["elbo"].append(state[0])
+    return LocalConvergence(torch.cat(out["converged"]), torch.cat(out["residual"]),
+                            torch.cat(out["steps"]), torch.cat(out["elbo"]), tol)
+
+
+def local_convergence(model, guide, x, *args, rows=None, tol=1e-3, num_particles=64, seed=0,
+                      **model_kwargs):
+    """Measure (without changing) how converged a ``LocalGuide``'s φ_i are on x's rows: the
+    natural-gradient residual of each row's ELBO from ``num_particles`` fresh antithetic whitened
+    points (exact for a Gaussian posterior). Returns ``LocalConvergence`` (num_steps 0)."""
+    num_rows = x.shape[0]
+    device = x.device
+    rows = torch.arange(num_rows, device=device) if rows is None else rows.to(device)
+    problem = _LocalProblem(model, guide, x, args, model_kwargs, program.takes_rows(model))
+    width = len(problem.loc_cols)
+    num_pairs = max(num_particles // 2, width)
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, 4096 // (2 * num_pairs))
+    residuals, elbos = [], []
+    with torch.no_grad():
+        table = guide.table(device).detach()
+    for start in range(0, num_rows, chunk):
+        local = torch.arange(start, min(start + chunk, num_rows), device=device)
+        phi = table[rows[local]]
+        loc = phi[:, problem.loc_cols.to(device)]
+        log_scale = phi[:, problem.scale_cols.to(device)]
+        points = _standard_points(num_pairs, len(local), width, generator, loc.dtype, device)
+        elbo, grad_loc, grad_log_scale, _ = problem.evaluate(local, loc, log_scale, points,
+                                                             rows[local])
+        residuals.append(problem.residual(log_scale, grad_loc, grad_log_scale))
+        elbos.append(elbo)
+    residual = torch.cat(residuals)
+    return LocalConvergence(residual < tol, residual, torch.zeros_like(residual, dtype=torch.long),
+                            torch.cat(elbos), tol)
+
+
 class SemiAmortizedGuide:
     """Semi-amortized q: φ_i starts at the encoder's f_λ(x_i) and is refined by S SVI steps.
 
@@ -358,13 +602,24 @@ def _site_layout(model, structure, args, kwargs, site_shapes):
 
 
 @program.in_evaluation_mode
-def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1e-2,
-                batch_size=None, num_particles=1, loss=None, name="new", seed=0,
-                globals_guide=None, num_steps=None, **model_kwargs):
+def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=1e-2,
+                batch_size=None, num_particles=None, loss=None, name="new", seed=0,
+                globals_guide=None, num_steps=None, method=None, tol=1e-3, **model_kwargs):
     """Fit per-datapoint φ_i for rows ``x`` with θ fixed: q*(z_i) = argmax ELBO_i (the decoder frozen).
 
     A ``LocalGuide`` fitted on training rows has no φ for new rows; this fits them. Every parameter
-    of the model stays as it is; only the new table changes.
+    of the model stays as it is; only the new table changes. Each row runs until it converges
+    (its natural-gradient residual below ``tol``) or hits the cap, and the result says which rows
+    did: ``guide.convergence`` (a ``LocalConvergence``), ``guide.converged`` [M] bool. A warning
+    names the rows that did not.
+
+    method: "natural" (the default when every latent site of the data plate is the guide's and
+        no ``loss`` is given): per-row damped Newton steps in the Normal family's natural geometry
+        (``solve_local``), which reach the mean-field q* of a Gaussian posterior exactly and
+        climb monotonically otherwise; ``num_particles`` (default 32) points per row, ``steps``
+        (default 200) a cap per row, ``lr`` unused. "adam": the earlier SGD on the ELBO (Pyro's
+        ``loss``, ``lr`` decayed along a cosine, ``steps`` default 200, ``num_particles``
+        default 1), its convergence measured at the end (``local_convergence``).
 
     Args:
         model: the trained model (its params already in the param store / its modules).
@@ -374,9 +629,9 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
             site in its data plate (whatever their names). encoder: optional x -> (loc, scale) for
             a single latent site: rows start at the encoder's output (then q* is at least as good
             as the amortized q up to optimisation noise).
-        steps (or ``num_steps``, the package-wide name): Adam steps per row; lr: their step size,
-            decayed to lr / 100 along a cosine so the final φ is not jittered by gradient noise;
-            batch_size: rows per step (default all).
+        steps (or ``num_steps``, the package-wide name): the cap on steps per row; lr: Adam's
+            step size ("adam" only), decayed to lr / 100 along a cosine so the final φ is not
+            jittered by gradient noise; batch_size: rows per step (default all).
         num_particles: samples per ELBO gradient (or give ``loss``, any Pyro ELBO, e.g. one with
             ``vectorize_particles=True``); name: the new table's name (any old table of that name
             is replaced).
@@ -384,9 +639,11 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
             ``median()`` fixes them (e.g. the trained autoguide).
 
     Returns:
-        LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once).
+        LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once),
+        with ``convergence`` and ``converged`` set.
     """
     steps = steps if num_steps is None else num_steps
+    steps = 200 if steps is None else steps
     structure = program.inspect_program(model, x, *args, allow_subsample=True, **model_kwargs)
     model = _fix_globals(model, structure, globals_guide, (x,) + args, model_kwargs)
     if site_shapes is None:
@@ -412,6 +669,49 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
             for start in range(0, num_rows, 1024):
                 loc, scale = encoder(x[start:start + 1024])
                 guide.initialize(loc, scale, rows=slice(start, start + 1024))
+    covered = set(site_shapes) >= set(structure.local_latents)
+    # the natural-gradient solver works on Normal φ in the latents' own space, on all rows at once:
+    # a site with a constrained support (its Normal goes through biject_to) or a model that
+    # subsamples its own plate takes Adam on Pyro's ELBO
+    plain = not guide.transforms and not structure.subsample_size
+    if method is None:
+        method = "natural" if loss is None and covered and plain else "adam"
+    if method not in ("natural", "adam"):
+        raise ValueError(f"method must be 'natural' or 'adam', got {method!r}")
+    if method == "natural" and not plain:
+        what = (f"site {next(iter(guide.transforms))!r} has a constrained support" if
+                guide.transforms else f"the data plate {structure.plate_name!r} subsamples itself")
+        raise ValueError(f"method 'natural' needs unconstrained latents on all rows; {what}: "
+                         "use method='adam'")
+    if method == "natural":
+        if not covered:
+            raise ValueError(f"method 'natural' needs every latent site of the data plate in the "
+                             f"guide; {sorted(set(structure.local_latents) - set(site_shapes))} "
+                             "are not: use method='adam'")
+        guide.convergence = solve_local(model, guide, x, *args, max_steps=steps, tol=tol,
+                                        num_particles=num_particles or 32, seed=seed,
+                                        rows_per_call=batch_size, **model_kwargs)
+    else:
+        _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, lr,
+                    batch_size, num_particles or 1, loss, seed)
+        guide.convergence = local_convergence(model, guide, x, *args, tol=tol, seed=seed,
+                                              **model_kwargs) if covered and plain else None
+        if guide.convergence is not None:
+            guide.convergence.num_steps.fill_(steps)
+    guide.converged = None if guide.convergence is None else guide.convergence.converged
+    if guide.convergence is not None and not guide.converged.all():
+        bad = (~guide.converged).nonzero().flatten()
+        warnings.warn(f"infer_local: φ of {bad.numel()}/{num_rows} rows did not converge within "
+                      f"{steps} steps (rows {bad[:8].tolist()}{' ...' if bad.numel() > 8 else ''}; "
+                      f"{guide.convergence}); raise steps= or check the model", RuntimeWarning)
+    return guide
+
+
+def _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, lr, batch_size,
+                num_particles, loss, seed):
+    """infer_local's "adam" method: SGD on Pyro's ELBO over the new table alone."""
+    num_rows = x.shape[0]
+    store = pyro.get_param_store()
     batch_size = batch_size or num_rows
     own = structure.subsample_size  # the model subsamples its own plate: steps of its B rows
     if own:
@@ -450,7 +750,6 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=200, lr=1
         finally:
             for p in frozen + module_params:
                 p.requires_grad_(True)
-    return guide
 
 
 def _given_rows(model, guide, idx, num_rows, plate_name, args, kwargs):
@@ -470,54 +769,117 @@ class Gaps:
 
     log p(x) - ELBO(q_amortized) = [log p(x) - ELBO(q*)] + [ELBO(q*) - ELBO(q_amortized)]
                                  = approximation gap     + amortization gap.
-    log_px, elbo_optimal, elbo_amortized: [N]; num_samples: K of the IWAE estimate of log p(x).
+    log_px, elbo_optimal, elbo_amortized: [N]; num_samples: K of the estimate of log p(x).
+    log_px_stderr, elbo_optimal_stderr, elbo_amortized_stderr: [N] their Monte Carlo standard
+        errors (independent draws, so a gap's is the root sum of squares of its two terms).
+    optimal_converged: [N] bool, whether q*'s φ_i converged (``LocalConvergence``); the means
+        are over the rows where it did. proposal: how log p(x) was estimated ("pooled": both
+        proposals' weights pooled, a deterministic mixture).
+    The ``*_stderr`` of a gap in ``summary()`` is the spread over datapoints (std / √N, the error
+    of the mean as an estimate over the data distribution); ``*_mc_stderr`` is the Monte Carlo
+    error of the mean over these rows (how far a rerun with another seed would move it).
     """
 
     log_px: torch.Tensor
     elbo_optimal: torch.Tensor
     elbo_amortized: torch.Tensor
     num_samples: int
+    log_px_stderr: torch.Tensor = None
+    elbo_optimal_stderr: torch.Tensor = None
+    elbo_amortized_stderr: torch.Tensor = None
+    optimal_converged: torch.Tensor = None
+    proposal: str = None
+
+    def _rows(self):
+        if self.optimal_converged is None:
+            return torch.ones_like(self.log_px, dtype=torch.bool)
+        return self.optimal_converged
+
+    def _mean(self, values):
+        return values[self._rows()].mean().item()
+
+    def _mc(self, *stderrs):
+        if any(s is None for s in stderrs):
+            return math.nan
+        rows = self._rows()
+        total = sum(s[rows].double() ** 2 for s in stderrs)
+        return total.sum().sqrt().item() / max(int(rows.sum()), 1)
 
     @property
     def approximation_gap(self):
         """mean over datapoints of log p(x) - ELBO(q*) (a float, nats)."""
-        return (self.log_px - self.elbo_optimal).mean().item()
+        return self._mean(self.log_px - self.elbo_optimal)
 
     @property
     def amortization_gap(self):
         """mean over datapoints of ELBO(q*) - ELBO(q_amortized) (a float, nats)."""
-        return (self.elbo_optimal - self.elbo_amortized).mean().item()
+        return self._mean(self.elbo_optimal - self.elbo_amortized)
 
     @property
     def inference_gap(self):
         """mean of log p(x) - ELBO(q_amortized): the sum of the two gaps."""
-        return (self.log_px - self.elbo_amortized).mean().item()
+        return self._mean(self.log_px - self.elbo_amortized)
+
+    @property
+    def approximation_gap_mc_stderr(self):
+        """Monte Carlo standard error of ``approximation_gap`` (a float)."""
+        return self._mc(self.log_px_stderr, self.elbo_optimal_stderr)
+
+    @property
+    def amortization_gap_mc_stderr(self):
+        """Monte Carlo standard error of ``amortization_gap`` (a float)."""
+        return self._mc(self.elbo_optimal_stderr, self.elbo_amortized_stderr)
+
+    @property
+    def negative_amortization_gap(self):
+        """True when the amortization gap is below zero by more than 3 Monte Carlo standard
+        errors: impossible if q_amortized is in q*'s family and q* converged, so either q* has
+        not reached its optimum or the amortized q is outside the mean-field family."""
+        return self.amortization_gap < -3 * self.amortization_gap_mc_stderr
 
     def stderr(self, values):
+        values = values[self._rows()]
         return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else 0.0
 
     def summary(self):
-        """A dict of floats: the three means, the two gaps and their standard errors."""
+        """A dict of floats: the three means, the two gaps and their standard errors (over
+        datapoints: ``*_stderr``; Monte Carlo: ``*_mc_stderr``) and the checks."""
+        rows = self._rows()
         return {"num_data": self.log_px.numel(), "num_samples": self.num_samples,
-                "log_px": self.log_px.mean().item(),
-                "elbo_optimal": self.elbo_optimal.mean().item(),
-                "elbo_amortized": self.elbo_amortized.mean().item(),
+                "num_converged": int(rows.sum()), "proposal": self.proposal,
+                "log_px": self._mean(self.log_px),
+                "log_px_mc_stderr": self._mc(self.log_px_stderr),
+                "elbo_optimal": self._mean(self.elbo_optimal),
+                "elbo_amortized": self._mean(self.elbo_amortized),
                 "approximation_gap": self.approximation_gap,
                 "approximation_gap_stderr": self.stderr(self.log_px - self.elbo_optimal),
+                "approximation_gap_mc_stderr": self.approximation_gap_mc_stderr,
                 "amortization_gap": self.amortization_gap,
                 "amortization_gap_stderr": self.stderr(self.elbo_optimal - self.elbo_amortized),
+                "amortization_gap_mc_stderr": self.amortization_gap_mc_stderr,
+                "negative_amortization_gap": self.negative_amortization_gap,
                 "inference_gap": self.inference_gap}
 
     def __str__(self):
         s = self.summary()
-        return "\n".join([
-            f"{s['num_data']} datapoints, log p(x) by IWAE with K={s['num_samples']}",
-            f"  log p(x)                 {s['log_px']:10.2f} nats",
-            f"  ELBO(q*)                 {s['elbo_optimal']:10.2f}",
-            f"  ELBO(q amortized)        {s['elbo_amortized']:10.2f}",
-            f"  approximation gap        {s['approximation_gap']:10.2f} ± {s['approximation_gap_stderr']:.2f}",
-            f"  amortization gap         {s['amortization_gap']:10.2f} ± {s['amortization_gap_stderr']:.2f}",
-        ])
+        lines = [
+            f"{s['num_data']} datapoints, log p(x) by {s['proposal'] or 'IWAE'} importance "
+            f"sampling with K={s['num_samples']}; ± spread over datapoints (Monte Carlo ±)",
+            f"  log p(x)                 {s['log_px']:10.3f}         (MC ± {s['log_px_mc_stderr']:.3f})",
+            f"  ELBO(q*)                 {s['elbo_optimal']:10.3f}",
+            f"  ELBO(q amortized)        {s['elbo_amortized']:10.3f}",
+            f"  approximation gap        {s['approximation_gap']:10.3f} ± {s['approximation_gap_stderr']:.3f}"
+            f" (MC ± {s['approximation_gap_mc_stderr']:.3f})",
+            f"  amortization gap         {s['amortization_gap']:10.3f} ± {s['amortization_gap_stderr']:.3f}"
+            f" (MC ± {s['amortization_gap_mc_stderr']:.3f})",
+        ]
+        if s["num_converged"] < s["num_data"]:
+            lines.append(f"  NOT CONVERGED: q* converged on {s['num_converged']}/{s['num_data']} "
+                         "rows only; the means are over those rows")
+        if s["negative_amortization_gap"]:
+            lines.append("  NEGATIVE AMORTIZATION GAP beyond 3 Monte Carlo errors: q amortized is "
+                         "outside q*'s (mean-field Normal) family, or q* is not its optimum")
+        return "\n".join(lines)
 
 
 def _encoder_of(guide):
@@ -527,10 +889,98 @@ def _encoder_of(guide):
     return encoder
 
 
+class _Mixed:
+    """Scores importance weights under the equal mixture ½ q* + ½ q_amortized (both proposals'
+    draws pooled: Veach & Guibas' balance heuristic, a deterministic mixture), per datapoint."""
+
+    def __init__(self, model, guide, optimal, x, kwargs):
+        self.model, self.guide, self.optimal, self.x, self.kwargs = model, guide, optimal, x, kwargs
+        self.problem = _LocalProblem(model, optimal, x, (), kwargs, False)
+        with torch.no_grad():
+            table = optimal.table(x.device).detach()
+        self.loc = table[:, self.problem.loc_cols.to(x.device)]
+        self.scale = table[:, self.problem.scale_cols.to(x.device)].exp()
+
+    def _repeat(self, rows, count):
+        _, kwargs = program.take((self.x,), self.kwargs, rows, self.x.shape[0])
+        batch = rows.stop - rows.start
+        repeat = lambda v: v.repeat(count, *([1] * (v.dim() - 1)))  # noqa: E731
+        return repeat(self.x[rows]), {k: repeat(v) if program.is_per_row(v, batch) else v
+                                     for k, v in kwargs.items()}
+
+    def log_weights(self, rows, count, source):
+        """[count, B] log p(x, z) - log(½ q*(z) + ½ q_a(z)) for z ~ ``source`` ("optimal" or
+        "amortized"), and the same with the source alone as the proposal."""
+        batch = rows.stop - rows.start
+        x, kwargs = self._repeat(rows, count)
+        optimal = dist.Normal(self.loc[rows], self.scale[rows])
+        if source == "optimal":
+            flat = optimal.sample((count,))  # [count, B, W]
+            values = self.problem.values(flat, count * batch)
+        else:
+            with poutine.block():
+                trace = poutine.trace(self.guide).get_trace(x, **kwargs)
+            values = {n: s["value"].detach() for n, s in program.sample_sites(trace).items()
+                      if not s["is_observed"]}
+            if set(values) != set(self.optimal.site_shapes):
+                raise ValueError(f"pooled proposals need the same latent sites in both guides: "
+                                 f"q* has {sorted(self.optimal.site_shapes)}, the amortized guide "
+                                 f"{sorted(values)}; use proposal='amortized'")
+            flat = torch.cat([values[n].reshape(count, batch, -1) for n in self.optimal.site_shapes], -1)
+        log_p = log_joint(self.model, values, x, **kwargs).reshape(count, batch)
+        log_optimal = optimal.log_prob(flat).sum(-1)
+        log_amortized = log_joint(self.guide, values, x, **kwargs).reshape(count, batch)
+        mixture = torch.logaddexp(log_optimal, log_amortized) - math.log(2)
+        alone = log_optimal if source == "optimal" else log_amortized
+        return log_p - mixture, log_p - alone
+
+
+def _log_mean_exp_stderr(parts):
+    """log of the pooled mean weight and its delta-method error from equal-size parts [K_j, N]
+    (each part's variance counted on its own: stratified, not i.i.d.)."""
+    pooled = torch.cat(parts, 0)
+    log_mean = pooled.logsumexp(0) - math.log(pooled.shape[0])
+    variance = 0.0
+    for part in parts:
+        count = part.shape[0]
+        relative = (part - log_mean).exp().double()  # w / mean(w)
+        variance = variance + relative.var(0) / count * (count / pooled.shape[0]) ** 2
+    return log_mean, variance.sqrt().to(log_mean.dtype)
+
+
+@torch.no_grad()
+def _pooled_log_px(model, guide, optimal, x, kwargs, num_samples, seed, sources):
+    """log p(x_n) [N] by importance sampling with the weights of ``sources`` pooled (K / 2 draws
+    from each of two: the balance heuristic), and its Monte Carlo standard error [N]."""
+    from ppl_lvm.estimators import SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, _seed_block
+
+    mixed = _Mixed(model, guide, optimal, x, kwargs)
+    num_rows = x.shape[0]
+    per_source = -(-num_samples // len(sources))
+    log_px, stderr = [], []
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for block, start in enumerate(range(0, num_rows, SEED_BLOCK_ROWS)):
+            rows = slice(start, min(start + SEED_BLOCK_ROWS, num_rows))
+            parts = []
+            for s, source in enumerate(sources):
+                weights = []
+                for particle_block, first in enumerate(range(0, per_source, SEED_BLOCK_PARTICLES)):
+                    _seed_block(seed + 1_000_003 * s, block, particle_block)
+                    count = min(SEED_BLOCK_PARTICLES, per_source - first)
+                    pooled, alone = mixed.log_weights(rows, count, source)
+                    weights.append(pooled if len(sources) > 1 else alone)
+                parts.append(torch.cat(weights, 0))
+            mean, error = _log_mean_exp_stderr(parts)
+            log_px.append(mean)
+            stderr.append(error)
+    return torch.cat(log_px), torch.cat(stderr)
+
+
 @program.in_evaluation_mode
 def amortization_gaps(model, guide, x, *args, encoder=None, site_shapes=None, num_samples=5000,
-                      elbo_samples=100, local_steps=300, local_lr=1e-2, proposal="best",
-                      seed=0, **model_kwargs):
+                      elbo_samples=1000, local_steps=None, local_lr=1e-2, proposal="pooled",
+                      seed=0, tol=1e-3, **model_kwargs):
     """Approximation and amortization gaps of a trained model on (held-out) rows x.
 
     Args:
@@ -540,41 +990,73 @@ def amortization_gaps(model, guide, x, *args, encoder=None, site_shapes=None, nu
             arguments (per-row tensors follow x's rows), passed to model and guide alike.
         encoder: x -> (loc, scale) to start q* from (default: ``guide.encoder`` or the encoder of
             the module a bound ``guide`` belongs to); site_shapes: needed without an encoder.
-        num_samples: K for the IWAE estimate of log p(x) (large: 5000 in Cremer et al.).
+        num_samples: K for the estimate of log p(x) (large: 5000 in Cremer et al.).
         elbo_samples: samples per datapoint for the two ELBO estimates.
-        local_steps, local_lr: the optimisation of q* = per-datapoint φ_i (``infer_local``).
-        proposal: "best": log p(x) per datapoint is the larger of the IWAE estimates with q* and
-            with q_amortized as proposals (both are lower bounds in expectation); "optimal" or
-            "amortized": only that one.
-        seed: seeds q*'s optimisation and the estimators.
+        local_steps: the cap on q*'s steps per row (``infer_local``, natural-gradient Newton
+            steps until converged; default 200); local_lr: unused (kept for old calls).
+        proposal: "pooled" (default): log p(x) by importance sampling with K / 2 draws from q*
+            and K / 2 from q_amortized, every weight scored under the mixture ½ q* + ½ q_amortized
+            (multiple importance sampling, balance heuristic): unbiased for p(x) and never worse
+            than the poorer proposal by more than log 2 in variance terms; "optimal" or
+            "amortized": that proposal alone; "best" (the earlier default, kept for old calls):
+            the larger of the two single-proposal estimates per row, biased upward.
+        seed: seeds q*'s solver and the estimators; tol: q*'s convergence tolerance.
 
     Returns:
-        ``Gaps`` (per datapoint values; ``summary()``, ``approximation_gap``, ``amortization_gap``).
+        ``Gaps`` (per datapoint values and their Monte Carlo errors; ``summary()``,
+        ``approximation_gap``, ``amortization_gap``). Warns when q* did not converge on some rows
+        (the means are then over the rows that did) and when the amortization gap is negative
+        beyond 3 Monte Carlo errors (``Gaps.negative_amortization_gap``).
     """
-    from ppl_lvm.estimators import log_marginal
+    from ppl_lvm.estimators import estimate_log_marginal
 
-    if proposal not in ("best", "optimal", "amortized"):
-        raise ValueError(f"proposal must be 'best', 'optimal' or 'amortized', got {proposal!r}")
+    if proposal not in ("pooled", "best", "optimal", "amortized"):
+        raise ValueError(f"proposal must be 'pooled', 'optimal', 'amortized' or 'best', got "
+                         f"{proposal!r}")
     encoder = encoder if encoder is not None else _encoder_of(guide)
     if args:
         raise ValueError("amortization_gaps passes the model's further arguments by keyword "
                          "(log_marginal calls model(x, **model_kwargs)); name them, e.g. y=y")
-    optimal = infer_local(model, x, site_shapes=site_shapes, encoder=encoder, steps=local_steps,
-                          lr=local_lr, name="gaps", seed=seed, **model_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # said below, with what it means here
+        optimal = infer_local(model, x, site_shapes=site_shapes, encoder=encoder,
+                              steps=local_steps, lr=local_lr, name="gaps", seed=seed, tol=tol,
+                              **model_kwargs)
     rows = torch.arange(x.shape[0], device=x.device)
-    elbo_optimal = log_marginal(model, optimal, x, method="elbo", num_samples=elbo_samples,
-                                seed=seed, idx=rows, **model_kwargs)
-    elbo_amortized = log_marginal(model, guide, x, method="elbo", num_samples=elbo_samples,
-                                  seed=seed + 1, **model_kwargs)
-    estimates = []
-    if proposal in ("best", "optimal"):
-        estimates.append(log_marginal(model, optimal, x, method="iwae", num_samples=num_samples,
-                                      seed=seed + 2, idx=rows, **model_kwargs))
-    if proposal in ("best", "amortized"):
-        estimates.append(log_marginal(model, guide, x, method="iwae", num_samples=num_samples,
-                                      seed=seed + 3, **model_kwargs))
-    log_px = torch.stack(estimates).max(0).values
-    return Gaps(log_px, elbo_optimal, elbo_amortized, num_samples)
+    elbo_optimal = estimate_log_marginal(model, optimal, x, method="elbo",
+                                         num_samples=elbo_samples, seed=seed, idx=rows,
+                                         **model_kwargs)
+    elbo_amortized = estimate_log_marginal(model, guide, x, method="elbo",
+                                           num_samples=elbo_samples, seed=seed + 1, **model_kwargs)
+    if proposal == "best":
+        estimates = [estimate_log_marginal(model, optimal, x, num_samples=num_samples,
+                                           seed=seed + 2, idx=rows, **model_kwargs),
+                     estimate_log_marginal(model, guide, x, num_samples=num_samples,
+                                           seed=seed + 3, **model_kwargs)]
+        best = torch.stack([e.log_px for e in estimates]).max(0)
+        log_px = best.values
+        log_px_stderr = torch.stack([e.mc_stderr for e in estimates]).gather(
+            0, best.indices[None]).squeeze(0)
+    else:
+        sources = {"pooled": ("optimal", "amortized"), "optimal": ("optimal",),
+                   "amortized": ("amortized",)}[proposal]
+        log_px, log_px_stderr = _pooled_log_px(model, guide, optimal, x, model_kwargs,
+                                               num_samples, seed + 2, sources)
+    converged = optimal.converged if optimal.converged is not None else torch.ones_like(
+        log_px, dtype=torch.bool)
+    gaps = Gaps(log_px, elbo_optimal.log_px, elbo_amortized.log_px, num_samples, log_px_stderr,
+                elbo_optimal.mc_stderr, elbo_amortized.mc_stderr, converged, proposal)
+    if not converged.all():
+        warnings.warn(f"amortization_gaps: q* did not converge on {int((~converged).sum())}/"
+                      f"{len(converged)} rows ({optimal.convergence}); the gaps are reported over "
+                      "the rows where it did: raise local_steps=", RuntimeWarning)
+    if gaps.negative_amortization_gap:
+        warnings.warn(f"amortization_gaps: the amortization gap {gaps.amortization_gap:.4f} is "
+                      f"negative beyond 3 Monte Carlo errors (± {gaps.amortization_gap_mc_stderr:.4f})"
+                      ": ELBO(q_amortized) > ELBO(q*) is impossible for an amortized q in q*'s "
+                      "(mean-field Normal) family; the amortized guide is outside it, or q* is "
+                      "not its optimum", RuntimeWarning)
+    return gaps
 
 
 def score_function_infer(baseline="decaying_average", beta=0.9, value=None, module=None,

@@ -8,6 +8,7 @@ the optimiser's state, every RNG's state and the step.
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import pyro
@@ -40,6 +41,8 @@ class FitResult:
         datapoint (nats).
     inner_gains: with ``inner_steps`` > 0, per step, how much the inner loop over the batch's φ_i
         raised its ELBO per datapoint (the first inner step's loss minus the θ step's; nats).
+    local_convergence: for a guide with per-datapoint φ_i (``LocalGuide``), the per-row
+        convergence of φ at the end (``ppl_lvm.guides.LocalConvergence``), else None.
     """
 
     losses: list = dataclasses.field(default_factory=list)
@@ -50,6 +53,7 @@ class FitResult:
     wall_time: float = 0.0
     checkpoint: str = None
     inner_gains: list = dataclasses.field(default_factory=list)
+    local_convergence: object = None
 
 
 def accepts(fn, name):
@@ -790,5 +794,19 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if checkpointer.path is None:  # never return a NaN parameter, checkpoint or not
         guard.check_state(optim, result.step, all_ranks=(
             strategy.all_true if strategy.active else None))
+    _finish_local(guide, model, tensors, model_kwargs, transform, strategy, result)
     result.wall_time = time.perf_counter() - start_time
     return result
+
+
+def _finish_local(guide, model, tensors, model_kwargs, transform, strategy, result):
+    """A per-datapoint guide (one with ``after_fit``, e.g. ``LocalGuide``) takes its φ_i to q* for
+    the final θ and reports their convergence; a warning when rows did not converge. Skipped with
+    a ``transform`` (the rows the φ_i were fitted to were drawn afresh) and across ranks."""
+    finish = getattr(guide, "after_fit", None)
+    if not callable(finish) or transform is not None or strategy.active:
+        return
+    result.local_convergence = finish(model, tensors, model_kwargs)
+    if result.local_convergence is not None and result.local_convergence.fraction < 1.0:
+        warnings.warn(f"fit: the per-datapoint φ_i have not all converged: "
+                      f"{result.local_convergence}", RuntimeWarning)

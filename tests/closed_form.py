@@ -71,3 +71,16 @@ def make_data(num_data=50, seed=0):
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(num_data, 2, generator=gen)
     return z @ WEIGHT.T + BIAS + NOISE * torch.randn(num_data, len(BIAS), generator=gen)
+
+
+def exact_guide(x, idx=None, num_data=None):
+    """q(z | x) = p(z | x), a correlated Normal: outside the mean-field family of q*."""
+    with data_plate(x, idx, num_data):
+        pyro.sample("z", dist.MultivariateNormal(posterior_mean(x), precision_matrix=precision()))
+
+
+def gaps(x):
+    """The closed-form (approximation gap, amortization gap) means for ``amortized_guide``."""
+    optimal = elbo(x, posterior_mean(x), optimal_scale().expand(x.shape[0], -1))
+    loc, scale = encoder(x)
+    return (log_px(x) - optimal).mean().item(), (optimal - elbo(x, loc, scale)).mean().item()
