@@ -534,11 +534,15 @@ def structure_of(trace, plate_name, rows_keywords=False):
 
 
 def subsample_size_of(trace, plate_name):
-    """B when the plate ``plate_name`` of ``trace`` drew a subsample of B < N of its indices (the
-    program wrote ``pyro.plate(plate_name, N, subsample_size=B)``), else None."""
-    frame = plates_of(trace).get(plate_name)
-    full_size = getattr(frame, "full_size", None)
-    return frame.size if full_size is not None and frame.size < full_size else None
+    """B when the plate ``plate_name`` of ``trace`` draws a random subsample of B < N of its
+    indices (the program wrote ``pyro.plate(plate_name, N, subsample_size=B)``), else None. A plate
+    given its indices (``subsample=idx``, as ``ppl_lvm.data_plate`` does for the rows passed) does
+    not subsample on its own."""
+    site = trace.nodes.get(plate_name)
+    if site is None or site["type"] != "sample" or not site_is_subsample(site):
+        return None
+    size, subsample_size = site["fn"].size, site["fn"].subsample_size
+    return subsample_size if subsample_size is not None and 0 < subsample_size < size else None
 
 
 def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_only=False):
