@@ -55,13 +55,13 @@ import time
 from pathlib import Path
 
 import pyro
-import pyro.poutine as poutine
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, not installed
 from ppl_lvm import VAE, binarize, fit, load_mnist, train_test_split  # noqa: E402
 from ppl_lvm.ais import ais_log_marginal, bdmc  # noqa: E402
-from ppl_lvm.estimators import estimate_log_marginal, log_joint, vectorize  # noqa: E402
+from ppl_lvm import densities  # noqa: E402
+from ppl_lvm.estimators import estimate_log_marginal, vectorize  # noqa: E402
 from ppl_lvm.psis import pareto_khat  # noqa: E402
 
 
@@ -71,14 +71,10 @@ def importance_log_weights(vae, x, num_samples, guide=True, rows=25):
     out = []
     for x_rows in x.split(rows):
         model = vectorize(vae.model, num_samples, 1, x.device)
-        if guide:
-            guide_trace = poutine.trace(vectorize(vae.guide, num_samples, 1, x.device)).get_trace(
-                x_rows)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x_rows)
-            out.append(log_joint(model_trace, "data", 1) - log_joint(guide_trace, "data", 1))
-        else:
-            model_trace = poutine.trace(model).get_trace(x_rows)
-            out.append(log_joint(model_trace, "data", 1, observed_only=True))
+        proposal = vectorize(vae.guide, num_samples, 1, x.device) if guide else None
+        guide_trace, model_trace = densities.trace_pair(model, proposal, (x_rows,))
+        out.append(densities.row_log_weights(model_trace, guide_trace, "data", len(x_rows), 1,
+                                             observed_only=not guide))
     return torch.cat(out, -1)
 
 

@@ -1,5 +1,6 @@
 """ppl_lvm: latent-variable models as Pyro programs, trained by SVI and measured by importance weighting."""
-from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal, log_marginal, log_weights
+from ppl_lvm.estimators import (LogMarginalEstimate, estimate_log_marginal, joint_log_marginal,
+                                log_marginal, log_weights)
 from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.data import binarize, load_digits, load_mnist, split_rows, train_test_split
 from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, amortization_gaps,
@@ -14,7 +15,7 @@ from ppl_lvm.train import DivergenceError, FitResult, fit
 __all__ = ["AmortizedGuide", "LocalGuide", "SemiAmortizedGuide", "amortization_gaps", "infer_local",
            "VAE", "DivergenceError", "FitResult", "IWAE_ELBO", "LogMarginalEstimate", "binarize",
            "data_plate", "estimate_log_marginal", "fit", "load_digits", "load_mnist",
-           "log_marginal", "log_weights", "split_rows", "train_test_split", "MixtureOfGaussians", "fit_mixture",
+           "log_marginal", "log_weights", "joint_log_marginal", "split_rows", "train_test_split", "MixtureOfGaussians", "fit_mixture",
            "select_components"]
 __all__ += ["MaskedVAE", "complete"]
 from ppl_lvm.ais import ais_log_marginal, bdmc  # noqa: E402

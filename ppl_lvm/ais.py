@@ -20,9 +20,10 @@ from torch.distributions import biject_to
 
 from ppl_lvm.estimators import (
     DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, data_frame, plate_nesting,
-    sample_sites, site_log_prob, trace_bytes, vectorize,
+    sample_sites, trace_bytes, vectorize,
 )
 from ppl_lvm import program
+from ppl_lvm import densities
 from ppl_lvm.program import inspect_program, names_keywords
 
 SCHEDULES = ("sigmoid", "linear")
@@ -532,13 +533,12 @@ class _Target:
         x, kwargs, guide_kwargs = self.args(rows)
         fn = self.model if program == "model" else self.guide
         fn = vectorize(fn, num_samples, self.nesting, x.device)
-        conditioned = poutine.condition(fn, data=values)
-        return poutine.trace(conditioned).get_trace(
-            x, **(kwargs if program == "model" else guide_kwargs))
+        return densities.trace_given(fn, values, (x,),
+                                     kwargs if program == "model" else guide_kwargs)
 
     def _per_row(self, site_record, tensor, num_rows):
         """A [K, *batch] tensor of a site folded to [K, n] (plates other than data summed)."""
-        folded = site_log_prob(site_record, tensor, self.plate_name, self.nesting)
+        folded = densities.fold(site_record, tensor, self.plate_name, self.nesting)
         return folded.reshape(-1, num_rows)
 
     def log_densities(self, rows, u):
@@ -548,13 +548,14 @@ class _Target:
         values = {site.name: site.transform(u[site.name]) for site in self.sites}
         model_trace = self._trace(rows, num_samples, values)
         nodes = sample_sites(model_trace)
-        log_prior, log_likelihood = 0.0, 0.0
-        for name, site in nodes.items():
-            term = self._per_row(site, site["fn"].log_prob(site["value"]), num_rows)
-            if name in values:
-                log_prior = log_prior + term
-            else:
-                log_likelihood = log_likelihood + term
+        latent = densities.split(model_trace, self.plate_name, self.nesting, scaled=False,
+                                 sites=lambda name, site: name in values)
+        observed = densities.split(model_trace, self.plate_name, self.nesting, scaled=False,
+                                   sites=lambda name, site: name not in values)
+        for terms in (latent, observed):
+            densities.refuse_globals(terms.global_terms, model_trace, self.plate_name, (), "model")
+        log_prior = latent.rows.reshape(-1, num_rows)
+        log_likelihood = observed.rows.reshape(-1, num_rows)
         log_det = 0.0
         for site in self.sites:
             z = values[site.name]
@@ -568,10 +569,8 @@ class _Target:
             log_base, log_ratio = log_prior, log_likelihood
         else:
             guide_trace = self._trace(rows, num_samples, values, program="guide")
-            log_base = 0.0
-            for site in sample_sites(guide_trace).values():
-                log_base = log_base + self._per_row(site, site["fn"].log_prob(site["value"]),
-                                                    num_rows)
+            log_base = densities.row_terms(model_trace, guide_trace, self.plate_name, num_rows,
+                                           self.nesting)[1]
             log_ratio = log_prior + log_likelihood - log_base
         shape = (num_samples, num_rows)
         return (log_base + log_det).expand(shape), log_ratio.expand(shape)

@@ -21,7 +21,7 @@ from pyro.infer import config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm import program
+from ppl_lvm import densities, program
 from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
 from ppl_lvm.psis import pareto_khat, tail_size
 
@@ -128,7 +128,7 @@ class LogMarginalEstimate:
 
 def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                  chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                 num_global_samples=10, num_steps=500, **model_kwargs):
+                 num_global_samples=10, num_steps=500, per_row=None, **model_kwargs):
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
@@ -172,7 +172,8 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
     return estimate_log_marginal(
         model, guide, x, *args, method=method, num_samples=num_samples, plate_name=plate_name,
         chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
-        num_global_samples=num_global_samples, num_steps=num_steps, **model_kwargs).log_px
+        num_global_samples=num_global_samples, num_steps=num_steps, per_row=per_row,
+        **model_kwargs).log_px
 
 
 def _rows_of_a_subsampling_model(estimate):
@@ -242,9 +243,10 @@ def _score_subsampled(estimate, plate, model, guide, x, args, kwargs):
 @torch.no_grad()
 def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                          num_global_samples=10, num_steps=500, **model_kwargs):
+                          num_global_samples=10, num_steps=500, per_row=None, **model_kwargs):
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
     ESS and Pareto k̂)."""
+    x, args, per_row = _data_tuple(x, args, per_row)
     num_samples = _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals,
                                 num_global_samples)
     if method == "ais":
@@ -255,6 +257,7 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
             raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
                              "not supported with it (fix them in the model)")
         from ppl_lvm.ais import ais_log_marginal  # ais builds on this module
+        _row_spec(model, x, args, model_kwargs, per_row)  # names an unknown per_row entry
         return ais_log_marginal(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
                                 chunk_size=chunk_size, idx=idx, **model_kwargs)
@@ -262,7 +265,7 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
     memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
     call = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
-            model_kwargs, globals, num_global_samples, args)
+            model_kwargs, globals, num_global_samples, args, per_row)
     if seed is not None:  # a seeded call leaves the global RNG as it found it
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return _estimate(*call)
@@ -271,24 +274,26 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
 
 @program.in_evaluation_mode
 def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
-                memory_bytes=None, globals=None, **kwargs):
+                memory_bytes=None, globals=None, per_row=None, **kwargs):
     """The importance log weights log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n): [K, N].
 
     z_k ~ q(z | x_n) (the guide; ``guide=None``: the prior, so w = p(x_n | z_k)). Every estimator of
     the lecture is one reduction of this matrix: IWAE_K = logmeanexp(w, 0), ELBO = w.mean(0).
-    ``args``: the model's positional arguments, the first a tensor [N, ...] of rows; tensors whose
-    first dim is N among ``args`` and ``kwargs`` are per-row. Other keywords as ``log_marginal``.
+    ``args``: the model's positional arguments, the first a tensor [N, ...] of rows (or a tuple of
+    per-row tensors); the others are passed whole unless named in ``per_row`` (see
+    ``log_marginal``). Other keywords as ``log_marginal``.
     """
-    x, rest = args[0], args[1:]
+    x, rest, per_row = _data_tuple(args[0], args[1:], per_row)
     method = "prior" if guide is None else "iwae"
     num_samples = _check_inputs(guide, x, method, num_samples, None, idx, globals, 1)
     idx = torch.arange(x.shape[0], device=x.device) if idx is None else idx.to(x.device)
     with torch.no_grad(), torch.random.fork_rng(
             devices=[x.device] if x.device.type == "cuda" and seed is not None else []):
-        prog = _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest)
+        prog = _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest, per_row)
         memory = default_memory_bytes(x.device) if memory_bytes is None else int(memory_bytes)
         rows_per_call, particles_per_call = _plan(x.shape[0], num_samples, None, seed, memory,
-                                                  prog.bytes_per_unit, prog.row_bound)
+                                                  prog.bytes_per_unit, prog.row_bound or
+                                                  bool(prog.ambiguous))
         blocks = []
         for block, start in enumerate(range(0, x.shape[0], rows_per_call)):
             rows = slice(start, min(start + rows_per_call, x.shape[0]))
@@ -300,8 +305,67 @@ def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=Non
         return torch.cat(blocks, 1)
 
 
+@torch.no_grad()
+def joint_log_marginal(model, guide, x, *args, method="iwae", num_samples=100, seed=None,
+                       **model_kwargs):
+    """The whole-data bound on log p(x_1..N): a 0-dim tensor (nats, for all rows together).
+
+    For guides whose density is joint over rows (AutoDiagonalNormal, AutoMultivariateNormal,
+    AutoLowRankMultivariateNormal over local latents), models with global latents or factors
+    outside the data plate: anything that has no per-datapoint split. Each of the K draws
+    z_k ~ q(z | x_1..N) gives log w_k = log p(x_1..N, z_k) - log q(z_k | x_1..N), every site
+    counted once (``ppl_lvm.densities.joint_log_weight``); "iwae": log (1/K) Σ_k w_k, "elbo":
+    (1/K) Σ_k log w_k. ``guide`` None: the prior as proposal (method "prior").
+    """
+    if method not in ("iwae", "elbo", "is", "prior"):
+        raise ValueError(f"joint_log_marginal: method must be 'iwae', 'elbo' or 'prior', got "
+                         f"{method!r}")
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples (K) must be an integer ≥ 1, got {num_samples!r}")
+    if method == "prior":
+        guide = None
+    elif guide is None:
+        raise ValueError(f"method {method!r} needs a guide; use method='prior' without one")
+    device = x.device if torch.is_tensor(x) else torch.device("cpu")
+    data = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        enumerated, nesting = _enumerated_sites(model, guide, data + args, model_kwargs)
+        weights = []
+        for _ in range(int(num_samples)):
+            with poutine.block():
+                if enumerated:  # the model's own enumerated latents are summed out exactly
+                    log_w = densities.enumerated_joint_log_weight(model, guide, data + args,
+                                                                  model_kwargs, nesting)
+                    weights.append(log_w.detach())
+                    continue
+                guide_trace, model_trace = densities.trace_pair(model, guide, data + args,
+                                                                model_kwargs)
+            if guide is None:  # w = p(x | z): the latents' own terms are the proposal's
+                log_w = densities.joint_log_weight(model_trace, None, observed_only=True)
+            else:
+                log_w = densities.joint_log_weight(model_trace, guide_trace)
+            weights.append(torch.as_tensor(log_w, dtype=torch.get_default_dtype()))
+    log_w = torch.stack(weights)
+    if method == "elbo":
+        return log_w.mean()
+    return torch.logsumexp(log_w, 0) - math.log(len(weights))
+
+
+def _enumerated_sites(model, guide, args, kwargs):
+    """(model latents marked for enumeration that the guide does not sample, plate nesting)."""
+    with program.sandbox(), torch.no_grad():
+        guide_trace, model_trace = densities.trace_pair(model, guide, args, kwargs)
+    names = [n for n, s in sample_sites(model_trace).items() if not s["is_observed"]
+             and s["infer"].get("enumerate") == "parallel"
+             and (guide_trace is None or n not in guide_trace.nodes)]
+    traces = [t for t in (guide_trace, model_trace) if t is not None]
+    return names, plate_nesting(*traces)
+
+
 def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
-              memory_bytes, model_kwargs, globals, num_global_samples, rest=()):
+              memory_bytes, model_kwargs, globals, num_global_samples, rest=(), per_row=None):
     if globals == "sample":
         # log (1/S) Σ_s p(x_n | g_s): one estimate per draw g_s ~ q(globals), then log-mean-exp
         draws = []
@@ -309,7 +373,7 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             _seed_block(None if seed is None else seed + 7919 * (s + 1), 0, 0)
             draws.append(_estimate(model, guide, x, method, num_samples, plate_name, chunk_size,
                                    None if seed is None else seed + s, idx, memory_bytes,
-                                   model_kwargs, ("draw", s), 1, rest))
+                                   model_kwargs, ("draw", s), 1, rest, per_row))
         log_px = torch.stack([d.log_px for d in draws]).logsumexp(0) - math.log(len(draws))
         ess = torch.stack([d.ess for d in draws]).mean(0)
         first = draws[0]
@@ -323,15 +387,15 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
                                    first.particles_per_call, first.vectorized,
                                    f"sample:{num_global_samples}", khat, (between + within).sqrt())
     num_rows = x.shape[0]
-    prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals, rest)
+    prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals, rest, per_row)
     if method == "exact":
-        rows_per_call = num_rows if prog.row_bound else (
+        rows_per_call = num_rows if prog.row_bound or (prog.ambiguous and not chunk_size) else (
             chunk_size or max(1, memory_bytes // max(prog.bytes_per_unit, 1)))
         particles_per_call = 1
     else:
         rows_per_call, particles_per_call = _plan(
             num_rows, num_samples, chunk_size, seed, memory_bytes, prog.bytes_per_unit,
-            prog.row_bound)
+            prog.row_bound or bool(prog.ambiguous and not chunk_size))
 
     log_px, ess, khat, mc_stderr = [], [], [], []
     for block, start in enumerate(range(0, num_rows, rows_per_call)):
@@ -359,6 +423,89 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
 
 # ----------------------------------------------------------------------------------------------
 # inputs, plans, seeds
+
+
+def _data_tuple(x, args, per_row):
+    """x given as a tuple (x, y, ...) of per-row tensors: (x, (y, ..., *args), per_row with the
+    tuple's other members declared per-row)."""
+    if not isinstance(x, (tuple, list)) or not x or not all(torch.is_tensor(v) for v in x):
+        return x, tuple(args), per_row  # not a tuple of tensors: _check_inputs says what x is
+    extra = len(x) - 1
+    declared = tuple(range(extra)) + tuple(
+        p + extra if isinstance(p, int) else p for p in (per_row or ()))
+    return x[0], tuple(x[1:]) + tuple(args), declared
+
+
+def _row_spec(model, x, rest, kwargs, per_row):
+    """Which arguments are per-row: (positions in (x, *rest), keyword names, ambiguous names).
+
+    x is per-row; the others are whole unless ``per_row`` names them (ints: positions in ``rest``,
+    strings: keyword names). With ``per_row`` None, a tensor whose first dim merely equals N is
+    *ambiguous*: passed whole, and a call that would split the rows is refused naming it.
+    """
+    num_rows = x.shape[0]
+    _refuse_keyword_only(model)
+    names = _positional_names(model, 1 + len(rest))
+    declared = () if per_row is None else (
+        (per_row,) if isinstance(per_row, (str, int)) else tuple(per_row))
+    row_args, row_kwargs = {0}, set()
+    for entry in declared:
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise ValueError(f"per_row entries are positions (int) of the arguments after x or "
+                             f"keyword names (str), got {entry!r}")
+        if isinstance(entry, int):
+            if not 0 <= entry < len(rest):
+                raise ValueError(f"per_row names position {entry}, but only {len(rest)} "
+                                 "arguments follow x")
+            value, label, target = rest[entry], names[entry + 1], row_args
+            target.add(entry + 1)
+        else:
+            if entry not in kwargs:
+                raise ValueError(f"per_row names {entry!r}, which is not among the keywords "
+                                 f"passed {sorted(kwargs)}")
+            value, label = kwargs[entry], entry
+            row_kwargs.add(entry)
+        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != num_rows:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"per-row argument {label!r} must have x's {num_rows} rows first, "
+                             f"got {shape}")
+    ambiguous = []
+    if per_row is None:
+        candidates = [(names[i + 1], v) for i, v in enumerate(rest)] + list(kwargs.items())
+        ambiguous = [label for label, value in candidates
+                     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows]
+    return frozenset(row_args), frozenset(row_kwargs), ambiguous
+
+
+def _refuse_keyword_only(fn):
+    """A model that takes its data by keyword only (``model(*, obs)``) cannot be given x."""
+    try:
+        target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+        return
+    keyword_only = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+    if keyword_only:
+        raise ValueError(
+            f"the model takes its data by keyword only ({', '.join(keyword_only)}): the package "
+            f"passes the rows x positionally; wrap it, e.g. lambda x: model({keyword_only[0]}=x), "
+            "and the guide the same way")
+
+
+def _positional_names(fn, count):
+    """Names of ``fn``'s first ``count`` positional parameters (``argument i`` where unknown)."""
+    names = [f"argument {i}" for i in range(count)]
+    try:
+        target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+        params = [p for p in inspect.signature(target).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return names
+    for i, param in enumerate(params[:count]):
+        names[i] = param.name
+    return names
 
 
 def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
@@ -490,80 +637,7 @@ def trace_bytes(traces):
     return total
 
 
-def latent_names(trace):
-    return [name for name, site in sample_sites(trace).items() if not site["is_observed"]]
-
-
-def data_frame(site, plate_name):
-    for frame in site["cond_indep_stack"]:
-        if frame.name == plate_name:
-            return frame
-    return None
-
-
-def check_data_plate(traces, plate_name):
-    """Every sample site must sit in the data plate (else no per-datapoint decomposition exists)."""
-    found, outside = set(), []
-    for trace in traces:
-        for name, site in sample_sites(trace).items():
-            found.update(frame.name for frame in site["cond_indep_stack"])
-            if data_frame(site, plate_name) is None:
-                outside.append(name)
-    if not any(data_frame(site, plate_name) is not None
-               for trace in traces for site in sample_sites(trace).values()):
-        plates = ", ".join(repr(p) for p in sorted(found)) or "none"
-        raise ValueError(f"no plate named {plate_name!r} over datapoints in the model; plates "
-                         f"found: {plates}. Put local sites in pyro.plate({plate_name!r}, N) or "
-                         "pass plate_name=")
-    if outside:
-        raise ValueError(f"sites {sorted(set(outside))} are outside the data plate {plate_name!r}: "
-                         "log p(x) does not split into per-datapoint terms with a global latent "
-                         "(integrate it out in the model, or fix it as a parameter)")
-
-
-def site_log_prob(site, log_prob, plate_name, nesting):
-    """A site's log-prob summed over all plate dims except the data plate's: [..., n].
-
-    ``log_prob`` is the unscaled log-density with the site's mask applied. Dims left of the
-    plates (the particle dim -(nesting + 1), enumeration dims further left) are kept.
-    """
-    mask = site["mask"]
-    if mask is not None:
-        if isinstance(mask, bool):
-            log_prob = log_prob if mask else torch.zeros_like(log_prob)
-        else:
-            log_prob = torch.where(mask, log_prob, torch.zeros_like(log_prob))
-    data_dim = data_frame(site, plate_name).dim
-    while log_prob.dim() < nesting:
-        log_prob = log_prob.unsqueeze(0)
-    sum_dims = [dim for dim in range(-nesting, 0) if dim != data_dim]
-    if sum_dims:
-        log_prob = log_prob.sum(sum_dims, keepdim=True)
-    return log_prob.reshape(log_prob.shape[:-nesting] + (log_prob.shape[data_dim],))
-
-
-def unscaled_log_prob(site):
-    """log p of the site's value, without the plate's N / B scale or poutine.scale (annealing)."""
-    if "unscaled_log_prob" not in site:
-        site["unscaled_log_prob"] = site["fn"].log_prob(site["value"], *site["args"],
-                                                        **site["kwargs"])
-    return site["unscaled_log_prob"]
-
-
-def log_joint(trace, plate_name, nesting, observed_only=False):
-    """Σ over the trace's sample sites in the data plate of log p, per datapoint: [..., n].
-
-    Sites outside the data plate (global latents held fixed, see ``log_marginal(globals=)``) are
-    not part of a datapoint's log p(x_n | globals) and are left out.
-    """
-    total = 0.0
-    for site in sample_sites(trace).values():
-        if observed_only and not site["is_observed"]:
-            continue
-        if data_frame(site, plate_name) is None:
-            continue
-        total = total + site_log_prob(site, unscaled_log_prob(site), plate_name, nesting)
-    return total
+data_frame = program.frame_of  # the site's frame of the data plate (None outside it)
 
 
 def check_observed_support(trace, skip=()):
@@ -577,7 +651,7 @@ def check_observed_support(trace, skip=()):
             except (RuntimeError, ValueError, NotImplementedError):
                 # a support that cannot check batched values (Pyro's MaskedMixture under the
                 # particle plate): the log-density itself must at least be a number
-                if torch.isnan(unscaled_log_prob(site)).any():
+                if torch.isnan(densities.site_log_prob(site)).any():
                     raise ValueError(f"observed site {name!r}: its log-density is NaN for some "
                                      "values of x") from None
                 continue
@@ -613,7 +687,7 @@ class _UniformProposal(Messenger):
         index = index.reshape((1,) + batch_shape + (1,) * len(fn.event_shape))
         msg["value"] = support.gather(0, index.expand((1,) + support.shape[1:])).squeeze(0)
         msg["done"] = True
-        msg["infer"]["_uniform_log_q"] = torch.full(batch_shape, -math.log(size),
+        msg["infer"]["proposal_log_prob"] = torch.full(batch_shape, -math.log(size),
                                                     device=support.device)
 
 
@@ -629,7 +703,7 @@ def _callable_key(fn):
     return (getattr(fn, "__func__", fn), owner) if owner is not None else fn
 
 
-def _probe_key(model, guide, x, method, plate_name, rest, kwargs):
+def _probe_key(model, guide, x, method, plate_name, rest, kwargs, per_row=None):
     def describe(value):
         if torch.is_tensor(value):
             return ("tensor", tuple(value.shape[1:]), value.dtype, str(value.device))
@@ -637,7 +711,8 @@ def _probe_key(model, guide, x, method, plate_name, rest, kwargs):
     try:
         key = (_callable_key(model), _callable_key(guide), method, plate_name,
                describe(x), tuple(describe(a) for a in rest),
-               tuple(sorted((k, describe(v)) for k, v in kwargs.items())))
+               tuple(sorted((k, describe(v)) for k, v in kwargs.items())),
+               None if per_row is None else tuple(sorted(map(str, per_row))))
         hash(key)
         return key
     except TypeError:  # an unhashable callable: no cache
@@ -656,14 +731,16 @@ class _Program:
     log weights of row chunks. Probing leaves the param store and the RNG as they were."""
 
     def __init__(self, model, guide, x, method, plate_name, idx, model_kwargs, globals=None,
-                 rest=()):
+                 rest=(), per_row=None):
         self.x, self.rest, self.method = x, tuple(rest), method
+        self.row_args, self.row_kwargs, self.ambiguous = _row_spec(model, x, self.rest,
+                                                                   model_kwargs, per_row)
         self.idx, self.model_kwargs = idx, model_kwargs
         self.uses_guide = method in GUIDE_METHODS
         self.guide_takes_idx = self.uses_guide and accepts(guide, "idx")
         self.num_rows = x.shape[0]
         key = None if globals is not None else _probe_key(model, guide, x, method, plate_name,
-                                                            self.rest, model_kwargs)
+                                                            self.rest, model_kwargs, per_row)
         known = _PROBES.get(key) if key is not None else None
         if known is not None and (not known["row_bound"] or known["num_rows"] == self.num_rows):
             # read before for this pair and these shapes: the probes' traces are skipped (a fixed
@@ -672,14 +749,16 @@ class _Program:
             self.__dict__.update({k: v for k, v in known.items() if k != "num_rows"})
             return
         try:
-            structure = program.inspect_program(model, x, *self.rest, plate_name=plate_name,
-                                                **model_kwargs)
+            structure = program.inspect_program(
+                model, x, *self.rest, plate_name=plate_name,
+                per_row=tuple(self.row_args) + tuple(self.row_kwargs), **model_kwargs)
         except _MODEL_ERRORS as error:
             if isinstance(error, ValueError) and "plate" in str(error):
                 raise
             raise self._shape_error(error, slice(0, min(self.num_rows, 3))) from error
         self.plate_name = structure.plate_name
-        outside = [n for n in structure.global_sites]
+        self.fixed, self.enumerates = (), False
+        outside = list(structure.global_latents)
         if outside and globals is None:
             raise ValueError(
                 f"sites {sorted(outside)} are outside the data plate {self.plate_name!r}: log p(x) "
@@ -691,6 +770,7 @@ class _Program:
             values = self._global_values(model, guide, structure, globals)
             model = poutine.condition(model, data=values)
             guide = guide and poutine.condition(guide, data=values)
+            self.fixed = tuple(values)
         self.model, self.guide = model, guide
         self.vectorized = True
         self.row_bound = False
@@ -701,12 +781,14 @@ class _Program:
             _remember(key, {"plate_name": self.plate_name, "nesting": self.nesting,
                             "vectorized": self.vectorized, "row_bound": self.row_bound,
                             "bytes_per_unit": self.bytes_per_unit, "unchecked": self.unchecked,
-                            "num_rows": self.num_rows})
+                            "num_rows": self.num_rows, "fixed": self.fixed,
+                            "enumerates": self.enumerates})
 
     def _check_guide_plate(self, structure):
         """Before the model is replayed on the guide's values: the guide's data plate must sit at
         the model's dim (else the two broadcast into a silently wrong log p(x))."""
-        args, _, guide_kwargs = self._args(slice(0, min(self.num_rows, 2)))
+        args, _, guide_kwargs = self._args(
+            slice(0, self.num_rows if self.ambiguous else min(self.num_rows, 2)))
         try:
             guide_trace = program.trace_of(self.guide, *args, **guide_kwargs)
         except _MODEL_ERRORS:
@@ -716,7 +798,14 @@ class _Program:
     # -- arguments
 
     def _args(self, rows):
-        args, kwargs = program.take((self.x,) + self.rest, self.model_kwargs, rows, self.num_rows)
+        if self.ambiguous and (rows.start or 0, rows.stop) != (0, self.num_rows):
+            raise ValueError(
+                f"argument {self.ambiguous[0]!r} has {self.num_rows} rows, as many as x, and this "
+                "call splits the rows into chunks: it is passed whole unless declared per-row. "
+                f"Pass per_row=({self.ambiguous[0]!r},) if it holds one entry per row of x, or "
+                "per_row=() if it is one whole tensor (e.g. training centres)")
+        args, kwargs = program.take((self.x,) + self.rest, self.model_kwargs, rows, self.num_rows,
+                                    per_row=tuple(self.row_args) + tuple(self.row_kwargs))
         guide_kwargs = dict(kwargs, idx=self.idx[rows]) if self.guide_takes_idx else kwargs
         return args, kwargs, guide_kwargs
 
@@ -752,13 +841,13 @@ class _Program:
             model = vectorize(model, num_particles, self.nesting, self.x.device)
             guide = guide and vectorize(guide, num_particles, self.nesting, self.x.device)
         if self.method == "uniform":
-            return None, poutine.trace(_UniformProposal()(model)).get_trace(*args, **kwargs)
+            return densities.trace_pair(_UniformProposal()(model), None, args, kwargs)
         if not self.uses_guide:
-            return None, poutine.trace(model).get_trace(*args, **kwargs)
-        guide_trace = poutine.trace(guide).get_trace(*args, **guide_kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs)
-        return guide_trace, model_trace
+            return densities.trace_pair(model, None, args, kwargs)
+        if self.enumerates:  # model latents the guide leaves out are summed out exactly
+            model = poutine.enum(model, first_available_dim=-(self.nesting + 2))
+        return densities.trace_pair(model, guide, args, model_kwargs=kwargs,
+                                    guide_kwargs=guide_kwargs)
 
     def _shape_error(self, error, rows):
         shape = tuple(self.x[rows].shape)
@@ -774,7 +863,8 @@ class _Program:
         return None
 
     def _probe(self):
-        rows = slice(0, min(self.num_rows, 2))
+        # with an argument of undeclared role the call cannot split the rows: probe on all of them
+        rows = slice(0, self.num_rows if self.ambiguous else min(self.num_rows, 2))
         with program.sandbox(self.x.device):
             try:
                 guide_trace, model_trace = self._traces(rows)
@@ -815,16 +905,26 @@ class _Program:
         if outside and any(not model_trace.nodes[n]["is_observed"] for n in outside):
             latent = [n for n in outside if not model_trace.nodes[n]["is_observed"]]
             raise ValueError(f"sites {latent} are outside the data plate {self.plate_name!r}")
-        if self.uses_guide:
-            program.check_pair(model_structure, guide_trace)
         traces = [t for t in (guide_trace, model_trace) if t is not None]
         self.nesting = plate_nesting(*traces)
+        enumerated = ()
+        if self.uses_guide:
+            enumerated = tuple(n for n, s in sample_sites(model_trace).items()
+                               if not s["is_observed"] and n not in guide_trace.nodes
+                               and s["infer"].get("enumerate") == "parallel")
+            program.check_pair(model_structure, guide_trace, enumerated=enumerated)
+        if enumerated:
+            self.enumerates = True
+            with program.sandbox(self.x.device):
+                guide_trace, model_trace = self._traces(rows)
         if self.method == "exact":
             self.bytes_per_unit = self._bytes(traces, rows.stop) * 8
             return
         with program.sandbox(self.x.device):
             try:
-                self._weights_from_traces(guide_trace, model_trace)
+                self._weights_from_traces(guide_trace, model_trace, rows.stop)
+            except densities.DensityError:
+                raise
             except _MODEL_ERRORS as error:
                 raise self._shape_error(error, rows) from error
             try:  # a vectorised probe: K = 2 particles
@@ -834,6 +934,8 @@ class _Program:
                 guide_trace, model_trace = self._last_traces
                 traces = [t for t in (guide_trace, model_trace) if t is not None]
                 self.bytes_per_unit = self._bytes(traces, 2 * rows.stop)
+            except densities.DensityError:
+                raise
             except _MODEL_ERRORS as error:
                 warnings.warn(f"the model/guide could not be vectorised over particles ({error}); "
                               "falling back to a loop over particles, which is slower",
@@ -862,24 +964,21 @@ class _Program:
                     raise ValueError(f"site {name!r} sits in more plates than the program had "
                                      "when it was read; call again after changing a model")
 
-    def _weights_from_traces(self, guide_trace, model_trace):
-        if self.method == "prior":
-            return log_joint(model_trace, self.plate_name, self.nesting, observed_only=True)
-        log_weights = log_joint(model_trace, self.plate_name, self.nesting)
-        if self.method == "uniform":
-            for site in sample_sites(model_trace).values():
-                if "_uniform_log_q" in site["infer"]:
-                    log_weights = log_weights - site_log_prob(
-                        site, site["infer"]["_uniform_log_q"], self.plate_name, self.nesting)
-            return log_weights
-        return log_weights - log_joint(guide_trace, self.plate_name, self.nesting)
+    def _weights_from_traces(self, guide_trace, model_trace, num_rows):
+        """[K, n] from one trace pair, through the density kernel (``ppl_lvm.densities``)."""
+        return densities.row_log_weights(model_trace, guide_trace, self.plate_name, num_rows,
+                                         self.nesting, fixed=self.fixed,
+                                         observed_only=self.method == "prior")
 
     def _log_weights_vectorized(self, rows, num_particles):
         guide_trace, model_trace = self._traces(rows, num_particles)
         self._last_traces = guide_trace, model_trace
-        log_weights = self._weights_from_traces(guide_trace, model_trace)
         num_rows = rows.stop - rows.start
-        return log_weights.reshape(-1, num_rows).expand(num_particles, num_rows)
+        log_weights = self._weights_from_traces(guide_trace, model_trace, num_rows)
+        if log_weights.shape[0] != num_particles:
+            raise RuntimeError(f"log weights for {log_weights.shape[0]} particles where "
+                               f"{num_particles} were drawn")
+        return log_weights
 
     def log_weights(self, rows, num_particles):
         """log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n) for the chunk: [K, n].
@@ -899,56 +998,15 @@ class _Program:
             for _ in range(num_particles):
                 guide_trace, model_trace = self._traces(rows)
                 check_observed_support(model_trace, self.unchecked)
-                weights.append(self._weights_from_traces(guide_trace, model_trace).reshape(-1))
+                weights.append(self._weights_from_traces(
+                    guide_trace, model_trace, rows.stop - rows.start).reshape(-1))
             return torch.stack(weights)
 
     def exact(self, rows):
         """log Σ_z p(x_n, z) by parallel enumeration of every latent site: [n]."""
         args, kwargs, _ = self._args(rows)
-        model = config_enumerate(self.model, "parallel")
-        enumerated = poutine.enum(model, first_available_dim=-(self.nesting + 1))
-        trace = poutine.trace(enumerated).get_trace(*args, **kwargs)
-        for name, site in sample_sites(trace).items():
-            if site["is_observed"]:
-                continue
-            if site["infer"].get("enumerate") != "parallel":
-                raise ValueError(f"method 'exact' needs every latent site discrete and "
-                                 f"enumerable; site {name!r} is {type(site['fn']).__name__}")
-            inner = [f.name for f in site["cond_indep_stack"]
-                     if f.vectorized and f.name != self.plate_name]
-            if inner:
-                raise ValueError(f"method 'exact' enumerates latents directly in the data plate "
-                                 f"only; site {name!r} is also in plates {inner}")
-        joint = 0.0
-        for site in sample_sites(trace).values():
-            if data_frame(site, self.plate_name) is None:
-                continue
-            log_prob = unscaled_log_prob(site)
-            if not site["is_observed"]:
-                log_prob, site = _uniform_where_masked(site, log_prob)
-            joint = joint + site_log_prob(site, log_prob, self.plate_name, self.nesting)
-        return joint.reshape(-1, joint.shape[-1]).logsumexp(0)  # [*enum dims, n] -> [n]
-
-
-def _uniform_where_masked(site, log_prob):
-    """An enumerated site masked out on some rows (e.g. the latent half of ``obs_mask``) plays no
-    part there: its C values must sum to one factor, not C. Where masked, each value gets
-    -log C; returns (log_prob, the site with its mask taken into account)."""
-    from pyro.distributions.torch_distribution import MaskedDistribution
-
-    keep = site["mask"]
-    fn = site["fn"]
-    if isinstance(fn, MaskedDistribution) and not isinstance(fn._mask, bool):
-        keep = fn._mask if keep is None or isinstance(keep, bool) else keep & fn._mask
-    elif isinstance(fn, MaskedDistribution) and fn._mask is False:
-        keep = False
-    if keep is None or keep is True:
-        return log_prob, site
-    dim = site["infer"].get("_enumerate_dim")
-    count = site["value"].shape[dim] if dim is not None and site["value"].dim() >= -dim else 1
-    uniform = torch.full_like(log_prob, -math.log(count))
-    log_prob = uniform if keep is False else torch.where(keep, log_prob, uniform)
-    return log_prob, {**site, "mask": None}
+        return densities.exact_rows(self.model, args, kwargs, self.plate_name, self.nesting,
+                                    self.fixed, num_rows=rows.stop - rows.start)
 
 
 def __getattr__(name):

@@ -16,12 +16,11 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
 from torch.distributions import biject_to, constraints
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
-from ppl_lvm import program
+from ppl_lvm import densities, program
 from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, svi_step
 
 NEW_ROWS_HINT = "new rows need their own φ: use ppl_lvm.guides.infer_local"
@@ -235,37 +234,32 @@ class AmortizedGuide:
             pyro.sample(self.site, dist.Normal(loc, scale).to_event(self.event_dim))
 
 
-def log_joint(model, values, x, idx=None, num_data=None, model_args=(), **kwargs):
+def log_joint(model, values, x, idx=None, num_data=None, model_args=(), plate_name=None,
+              **kwargs):
     """log p_θ(x_i, z_i) per datapoint, z given by ``values`` {site: [B, ...]}: returns [B].
 
-    Unscaled by N / B (but masks apply). Every latent sample site of ``model`` must be in
-    ``values``; the model's own sites are hidden from any enclosing trace. ``model_args``: the
-    model's positional arguments after x (e.g. labels y [B]).
+    Unscaled by N / B (but masks apply), through the density kernel (``ppl_lvm.densities``).
+    Every latent sample site of ``model`` must be in ``values``; the model's own sites are hidden
+    from any enclosing trace. ``model_args``: the model's positional arguments after x (e.g.
+    labels y [B]). ``plate_name``: the data plate (by default the one plate as long as x). A
+    term outside the data plate (an observed global, a factor) is constant in every z_i: it is
+    shared equally by the rows, so the rows still sum to log p(x, z).
     """
     call_kwargs = dict(kwargs)
     if program.takes_rows(model):
         call_kwargs.update(idx=idx, num_data=num_data)
     with poutine.block():
-        trace = poutine.trace(poutine.condition(model, data=values)).get_trace(
-            x, *model_args, **call_kwargs)
-    batch_size = x.shape[0]
-    total = x.new_zeros(batch_size)
-    nesting = program.plate_nesting(trace)
+        trace = densities.trace_given(model, values, (x,) + tuple(model_args), call_kwargs)
     for name, site in program.sample_sites(trace).items():
         if not site["is_observed"]:
             raise ValueError(f"model has latent site {name!r} that the guide does not cover "
                              f"(covered: {list(values)})")
-        log_prob = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
-        frame = next((f for f in site["cond_indep_stack"]
-                      if f.vectorized and f.size == batch_size), None)
-        if frame is not None:  # the data plate, wherever its dim: sum every other plate dim
-            while log_prob.dim() < nesting:
-                log_prob = log_prob.unsqueeze(0)
-            log_prob = log_prob.movedim(frame.dim, 0)
-            total = total + log_prob.reshape(batch_size, -1).sum(1)
-        else:  # a site outside the data plate: constant in z_i, shared by all rows
-            total = total + log_prob.sum() / batch_size
-    return total
+    batch_size = x.shape[0]
+    plate_name = plate_name or program.row_plate(trace, batch_size)
+    terms = densities.split(trace, plate_name, scaled=False)
+    rows = terms.rows.reshape(-1, batch_size).sum(0) if torch.is_tensor(terms.rows) else (
+        x.new_zeros(batch_size))
+    return rows + terms.global_total / batch_size
 
 
 def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z", idx=None,

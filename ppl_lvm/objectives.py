@@ -6,13 +6,11 @@ import warnings
 
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import detach
 from pyro.infer import ELBO
 
-from ppl_lvm import program
-from ppl_lvm.estimators import _MODEL_ERRORS, log_joint, site_log_prob, vectorize
+from ppl_lvm import densities, program
+from ppl_lvm.estimators import _MODEL_ERRORS, vectorize
 from ppl_lvm.program import sample_sites
-
 
 
 class IWAE_ELBO(ELBO):
@@ -59,9 +57,7 @@ class IWAE_ELBO(ELBO):
             return
         device = next((a.device for a in args if torch.is_tensor(a)), None)
         with program.sandbox(device), torch.no_grad():
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs)
+            guide_trace, model_trace = densities.trace_pair(model, guide, args, kwargs)
         if self.plate_name is None:
             self.plate_name = program.row_plate(model_trace, program.num_rows_of(args))
         structure = program.structure_of(model_trace, self.plate_name)
@@ -83,13 +79,14 @@ class IWAE_ELBO(ELBO):
             vectorized_model = vectorize(model, self.num_particles, nesting, device)
             vectorized_guide = vectorize(guide, self.num_particles, nesting, device)
             try:
-                guide_trace = poutine.trace(vectorized_guide).get_trace(*args, **kwargs)
-                model_trace = poutine.trace(poutine.replay(
-                    vectorized_model, trace=guide_trace)).get_trace(*args, **kwargs)
+                guide_trace, model_trace = densities.trace_pair(vectorized_model,
+                                                                vectorized_guide, args, kwargs)
                 size = program.num_rows_of(args)
-                log_joint(model_trace, self.plate_name, nesting).reshape(-1, size)
+                densities.row_log_weights(model_trace, guide_trace, self.plate_name, size, nesting)
                 self.vectorized = True
                 return [(guide_trace, model_trace)], vectorized_model
+            except densities.DensityError:
+                raise
             except _MODEL_ERRORS as error:
                 if self.vectorized:  # it worked before: a real error
                     raise
@@ -99,14 +96,15 @@ class IWAE_ELBO(ELBO):
                 self.vectorized = False
         pairs = []
         for _ in range(self.num_particles):
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs)
-            pairs.append((guide_trace, model_trace))
+            pairs.append(densities.trace_pair(model, guide, args, kwargs))
         return pairs, model
 
     def _stack(self, values, size):
-        return torch.cat([v.reshape(-1, size) for v in values], 0).expand(self.num_particles, size)
+        stacked = torch.cat([v.reshape(-1, size) for v in values], 0)
+        if stacked.shape[0] != self.num_particles:
+            raise RuntimeError(f"{stacked.shape[0]} particles' terms where {self.num_particles} "
+                               "were drawn")
+        return stacked
 
     def _surrogate(self, model, guide, args, kwargs, gradient=True):
         """(per-datapoint bound [B], surrogate whose gradient is the estimator's, scale s)."""
@@ -119,24 +117,21 @@ class IWAE_ELBO(ELBO):
                                           f"{name!r} ({type(site['fn']).__name__}) is not")
         scale = self._scale(*pairs[0])
         size = program.num_rows_of(args)
-        log_p = self._stack([log_joint(m, plate, nesting) for _, m in pairs], size)
-        log_q = self._stack([log_joint(g, plate, nesting) for g, _ in pairs], size)
+        terms = [densities.row_terms(m, g, plate, size, nesting) for g, m in pairs]
+        log_p = self._stack([p for p, _ in terms], size)
+        log_q = self._stack([q for _, q in terms], size)
         log_weights = log_p - log_q  # [K, B]
         bound = torch.logsumexp(log_weights, 0) - math.log(self.num_particles)  # [B]
         if not (self.dreg and gradient):
             return bound, bound, scale
         weights = torch.softmax(log_weights.detach(), 0)
         log_q_stopped, log_p_fixed_z = [], []
-        for guide_trace, _ in pairs:
-            stopped = 0.0
-            for site in sample_sites(guide_trace).values():
-                stopped = stopped + site_log_prob(site, detach(site["fn"]).log_prob(site["value"]),
-                                                  plate, nesting)
-            log_q_stopped.append(stopped)
+        for guide_trace, model_trace in pairs:
+            log_q_stopped.append(densities.row_terms(model_trace, guide_trace, plate, size, nesting,
+                                                     stop_guide_params=True)[1])
             values = {n: s["value"].detach() for n, s in sample_sites(guide_trace).items()}
-            fixed = poutine.trace(poutine.condition(particle_model, data=values)).get_trace(
-                *args, **kwargs)
-            log_p_fixed_z.append(log_joint(fixed, plate, nesting))
+            fixed = densities.trace_given(particle_model, values, args, kwargs)
+            log_p_fixed_z.append(densities.row_terms(fixed, None, plate, size, nesting)[0])
         path = log_p - self._stack(log_q_stopped, size)
         log_p_fixed_z = self._stack(log_p_fixed_z, size)
         # encoder φ: Σ_k w̃_k² ∂ log w_k / ∂z ∂z/∂φ; decoder θ: Σ_k w̃_k ∇θ log p(x, z_k)

@@ -301,8 +301,17 @@ def is_per_row(value, num_rows):
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows
 
 
-def take(args, kwargs, rows, num_rows):
-    """The positional and keyword arguments restricted to ``rows`` (per-row ones only)."""
+def take(args, kwargs, rows, num_rows, per_row=None):
+    """The positional and keyword arguments restricted to ``rows`` (per-row ones only).
+
+    per_row: the positions (in ``args``) and keyword names that are per-row; the others are passed
+    whole. None: every tensor whose first dim is N (a guess, kept for callers that declare
+    nothing)."""
+    if per_row is not None:
+        declared = set(per_row)
+        return (tuple(a[rows] if i in declared else a for i, a in enumerate(args)),
+                {k: (v[rows] if k in declared else v) for k, v in kwargs.items()})
+
     def pick(value):
         return value[rows] if is_per_row(value, num_rows) else value
     return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
@@ -347,8 +356,8 @@ class Structure:
         return tuple(n for n in self.latent_sites if n in self.global_sites)
 
 
-def _call_rows(fn, args, kwargs, rows, num_rows, full_size=None):
-    args, kwargs = take(args, kwargs, rows, num_rows)
+def _call_rows(fn, args, kwargs, rows, num_rows, full_size=None, per_row=None):
+    args, kwargs = take(args, kwargs, rows, num_rows, per_row)
     if takes_rows(fn):
         idx = torch.arange(num_rows)[rows]
         device = next((a.device for a in args if torch.is_tensor(a)), None)
@@ -401,7 +410,8 @@ def row_plate(trace, num_rows):
     return candidates.pop()
 
 
-def inspect_program(fn, *args, plate_name=None, allow_subsample=False, **kwargs):
+def inspect_program(fn, *args, plate_name=None, per_row=None, allow_subsample=False,
+                    **kwargs):
     """Read ``fn``'s structure by tracing it on a few rows of its arguments (no side effects).
 
     Args:
@@ -410,11 +420,15 @@ def inspect_program(fn, *args, plate_name=None, allow_subsample=False, **kwargs)
         *args, **kwargs: its arguments as for the full data: tensors whose first dim is N (the first
             tensor's) are per-row and are sliced.
         plate_name: the data plate's name, if known; by default it is the plate whose size follows
-            the number of rows passed (probed with 2 and 3 rows; where the program refuses so few,
-            e.g. an author's ``assert x.shape[0] == N`` or a plate with ``subsample_size``, on all
-            the rows passed).
+            the number of rows passed (probed with 2 and 3 rows; where the program does not run
+            on so few rows, e.g. it asserts its data's size or subsamples its own plate, it is
+            read from one trace on all rows).
+        per_row: positions in ``args`` and keyword names that are per-row (the others are
+            passed whole); None: tensors whose first dim is N.
         allow_subsample: a program that subsamples its own data plate scores B random rows per
-            call; only training (``fit``) can use it, so by default it is refused, naming the plate.
+            call; only training (``fit``) uses it as it is, so by default it is refused
+            (``SubsampledPlate``, naming the plate; the estimators then score it B given rows
+            at a time).
 
     Returns:
         ``Structure``. Raises ValueError naming the plates found when no (or no unique) plate runs
@@ -423,12 +437,13 @@ def inspect_program(fn, *args, plate_name=None, allow_subsample=False, **kwargs)
     num_rows = num_rows_of(args)
     sizes = sorted({min(num_rows, 2), min(num_rows, 3)})
     try:
-        traces = [_call_rows(fn, args, kwargs, slice(0, size), num_rows) for size in sizes]
-    except Exception:
+        traces = [_call_rows(fn, args, kwargs, slice(0, size), num_rows, per_row=per_row)
+                  for size in sizes]
+    except Exception:  # noqa: BLE001 (the author's own checks: read the program on real rows)
         if sizes == [num_rows]:
             raise
-        sizes = [num_rows]  # the program's own checks refuse a few rows: probe on all of them
-        traces = [_call_rows(fn, args, kwargs, slice(0, num_rows), num_rows)]
+        sizes = [num_rows]
+        traces = [_call_rows(fn, args, kwargs, slice(0, num_rows), num_rows, per_row=per_row)]
     trace = traces[-1]
     found = plates_of(trace)
     if plate_name is None:
@@ -545,15 +560,16 @@ def subsample_size_of(trace, plate_name):
     return subsample_size if subsample_size is not None and 0 < subsample_size < size else None
 
 
-def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_only=False):
-    """The guide must cover the model's latent sites and put them in the same data plate, at the
-    same dim (``dims_only``: check the dims of the sites both have). Returns the guide's
-    ``Structure``."""
+def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_only=False,
+               enumerated=()):
+    """The guide must cover the model's latent sites (but those in ``enumerated``, which the
+    model's enumeration sums out) and put them in the same data plate, at the same dim
+    (``dims_only``: check the dims of the sites both have). Returns the guide's ``Structure``."""
     model_name, guide_name = fn_names
     # an autoguide's auxiliary sites (e.g. AutoNormal's "z_unconstrained") are the guide's own
     guide_latents = {n for n, s in sample_sites(guide_trace).items()
                      if not s["is_observed"] and not s["infer"].get("is_auxiliary")}
-    model_latents = set(model_structure.latent_sites)
+    model_latents = set(model_structure.latent_sites) - set(enumerated)
     if not dims_only and guide_latents != model_latents:
         raise ValueError(
             f"the guide's sites do not match the model's latent sites: missing from the guide "
@@ -561,7 +577,7 @@ def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_o
             f"{sorted(guide_latents - model_latents)}")
     plate = model_structure.plate_name
     for name in model_structure.local_latents:
-        if dims_only and name not in guide_latents:
+        if name in enumerated or dims_only and name not in guide_latents:
             continue
         frame = frame_of(guide_trace.nodes[name], plate)
         if frame is None:
@@ -573,6 +589,8 @@ def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_o
                 f"the data plate {plate!r} is at dim {model_structure.plate_dim} in the "
                 f"{model_name} but at dim {frame.dim} in the {guide_name} (site {name!r}): the two "
                 "would broadcast against each other; give the plate the same dim= in both")
+    if plate not in plates_of(guide_trace):  # a guide of the global latents only
+        return None
     return structure_of(guide_trace, plate)
 
 

@@ -20,7 +20,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from ppl_lvm import distributed as ddp
-from ppl_lvm import program
+from ppl_lvm import densities, program
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
     DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, data_fingerprint,
     load_checkpoint, load_params, params_finite, save_checkpoint)
@@ -277,19 +277,22 @@ def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwa
     distributed: each rank takes a contiguous block of the rows and the sums are all-reduced.
     """
     tensors = data if isinstance(data, (tuple, list)) else (data,)
-    elbo = Trace_ELBO(num_particles=num_particles)
+    model_kwargs = model_kwargs or {}
+    if plate_name is None:
+        plate_name = program.inspect_program(model, *tensors, **model_kwargs).plate_name
     total = 0.0
     num_data = tensors[0].shape[0]
     rows = torch.tensor_split(torch.arange(num_data), ddp.world_size())[ddp.rank()] if distributed \
         else torch.arange(num_data)
     first, stop = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
-    with torch.no_grad():
+    with torch.no_grad(), poutine.block():
         for start in range(first, stop, batch_size):
             batch = tuple(t[start:min(start + batch_size, stop)] for t in tensors)
             share = len(batch[0]) / num_data
-            scaled = [program.scale_rows(fn, 1 / share, plate_name, len(batch[0]))
-                      for fn in (model, guide)]
-            total += share * elbo.loss(*scaled, *batch, **(model_kwargs or {}))
+            for _ in range(num_particles):
+                guide_trace, model_trace = densities.trace_pair(model, guide, batch, model_kwargs)
+                total -= float(densities.joint_log_weight(model_trace, guide_trace, plate_name,
+                                                          share)) / num_particles
     if distributed:
         total = ddp.allreduce_mean(total, 1.0, tensors[0].device)
     return -total / num_data
@@ -308,10 +311,8 @@ def check_program_values(model, guide, batch, kwargs, epoch):
     """
     def traces():
         with torch.no_grad(), program.sandbox(batch[0].device):
-            guide_trace = poutine.trace(guide).get_trace(*batch, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *batch, **kwargs)
-            model_trace.compute_log_prob()
+            guide_trace, model_trace = densities.trace_pair(model, guide, batch, kwargs)
+            densities.evaluate_sites(model_trace)  # validation checks each log-density
         return guide_trace, model_trace
 
     try:
@@ -567,13 +568,20 @@ def read_structure(model, tensors, transform, kwargs, plate_name=None):
     rows = torch.arange(min(num_data, 3), device=tensors[0].device)
     try:
         return program.inspect_program(model, *take_rows(tensors, rows, transform),
-                                       plate_name=plate_name, allow_subsample=True, **kwargs)
+                                       plate_name=plate_name, allow_subsample=True,
+                                       **_kwargs_of(kwargs, rows))
     except Exception as error:
         if num_data <= 3 or "plates found" in str(error):  # the package's own finding: final
             raise
     rows = torch.arange(num_data, device=tensors[0].device)
     return program.inspect_program(model, *take_rows(tensors, rows, transform),
-                                   plate_name=plate_name, allow_subsample=True, **kwargs)
+                                   plate_name=plate_name, allow_subsample=True,
+                                   **_kwargs_of(kwargs, rows))
+
+
+def _kwargs_of(kwargs, rows):
+    """The model's keywords for ``rows``: ``kwargs(rows)`` (fit's per-row slicing) or a dict."""
+    return kwargs(rows) if callable(kwargs) else kwargs
 
 
 def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
@@ -590,12 +598,16 @@ def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
         return
     sizes = (2, 3) if num_data >= 3 else (1, 2)
     try:
-        shapes = {n: program.params_of(guide, *take_rows(tensors, torch.arange(n, device=(
-            tensors[0].device)), transform), **kwargs) for n in sizes}
+        shapes = {}
+        for n in sizes:
+            rows = torch.arange(n, device=tensors[0].device)
+            shapes[n] = program.params_of(guide, *take_rows(tensors, rows, transform),
+                                          **_kwargs_of(kwargs, rows))
     except Exception:  # the author's own checks (e.g. assert x.shape[0] == N): probe all rows
         try:
-            shapes = {num_data: program.params_of(guide, *take_rows(tensors, torch.arange(
-                num_data, device=tensors[0].device), transform), **kwargs)}
+            rows = torch.arange(num_data, device=tensors[0].device)
+            shapes = {num_data: program.params_of(guide, *take_rows(tensors, rows, transform),
+                                                  **_kwargs_of(kwargs, rows))}
         except Exception:
             return  # the first step will say what is wrong
     found = program.per_row_params(shapes, num_data)
@@ -610,7 +622,8 @@ def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
 
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, transform=None,
+        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, per_row=(),
+        transform=None,
         callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
         plate_name=None, lr_schedule=None, inner_tol=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
@@ -639,7 +652,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             ``checkpoint_every`` steps; resume: continue from it exactly.
         clear_params: start from an empty param store (so two fits in one process don't share
             parameters that happen to have the same names).
-        model_kwargs: extra keywords for model and guide.
+        model_kwargs: extra keywords for model and guide, passed whole to every step.
+        per_row: names of ``model_kwargs`` that are per-row ([N, ...], e.g. a conditional VAE's
+            labels): each step gets the rows of its minibatch. Nothing is taken as per-row from
+            its shape alone; per-row data can also ride in ``data`` as a tuple ``(x, y)``.
         validate: Pyro's argument and support checks: "first_epoch" (default) runs them while
             every row is seen once, then steps without them (they cost ~20 % of a VAE step; a
             parameter going bad later still trips the divergence guard); True or False: always
@@ -690,6 +706,27 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
     num_data = tensors[0].shape[0]
     model_kwargs = dict(model_kwargs or {})
+    per_row = (per_row,) if isinstance(per_row, str) else tuple(per_row or ())
+    for name in per_row:
+        value = model_kwargs.get(name)
+        if name not in model_kwargs:
+            raise ValueError(f"per_row names {name!r}, which is not among model_kwargs "
+                             f"{sorted(model_kwargs)}")
+        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != num_data:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"per-row keyword {name!r} must be a tensor with the data's "
+                             f"{num_data} rows first, got {shape}")
+        model_kwargs[name] = value.to(device)
+    if per_row and eval_data is not None:
+        raise ValueError(f"eval_data with per-row keywords {list(per_row)}: their rows are the "
+                         "training data's; pass eval_data as a tuple (x, y) holding its own")
+
+    def row_kwargs(idx):
+        """model_kwargs with the per-row ones restricted to the rows ``idx``."""
+        if not per_row:
+            return model_kwargs
+        return {k: (v[idx] if k in per_row else v) for k, v in model_kwargs.items()}
+
     for module in _owners(model, guide):
         module.to(device)
     if clear_params:
@@ -697,7 +734,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     loss = loss or Trace_ELBO()
     optim = optim or adam(lr, local_lr)
 
-    structure = read_structure(model, tensors, transform, model_kwargs, plate_name)
+    structure = read_structure(model, tensors, transform, row_kwargs, plate_name)
     own_subsample = structure.subsample_size
     if own_subsample:  # the model subsamples its own plate: Pyro's SVI, all rows at every step
         if strategy.active:
@@ -706,7 +743,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                              "passed to the model: remove subsample_size and set batch_size")
         batch_size = num_data
 
-    check_guide_rows(guide, tensors, model_kwargs, transform, batch_size, num_data)
+    check_guide_rows(guide, tensors, row_kwargs, transform, batch_size, num_data)
 
     def bound(idx):
         return (bind_rows(model, idx, num_data, structure.plate_name),
@@ -716,7 +753,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
 
     def register():
         register_params(*bound(owned[:2]), take_rows(tensors, owned[:2], transform), loss,
-                        model_kwargs)
+                        row_kwargs(owned[:2]))
 
     guard = DivergenceGuard(None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME)
     checkpointer = _Checkpointer(checkpoint_dir, optim, strategy,
@@ -754,7 +791,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                     set_lr_factor(optim, lr_factor(lr_schedule, result.step,
                                                    epochs * steps_per_epoch))
                 try:
-                    value, before = take_step(*bound(idx), optim, loss, batch, model_kwargs,
+                    value, before = take_step(*bound(idx), optim, loss, batch, row_kwargs(idx),
                                               inner_steps, strategy, weight, inner_tol)
                 except ValueError as error:  # Pyro's validation meeting NaN: say where it diverged
                     raise guard.step_error(error)
@@ -777,7 +814,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             guard.check_state(optim, result.step, all_ranks=(
                 strategy.all_true if strategy.active else None))
             if len(idx):
-                check_program_values(*bound(idx), batch, model_kwargs, epoch + 1)
+                check_program_values(*bound(idx), batch, row_kwargs(idx), epoch + 1)
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
                 result.eval_elbos.append(evaluate_elbo(

@@ -236,10 +236,18 @@ def test_tensor_keywords_are_sliced_with_x(ppca):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(torch.zeros(Z_DIM), 1.0).to_event(1))
 
+    # declared per-row: each chunk of 8 rows gets its 8 scales
     estimate = log_marginal(weighted_model, prior_guide, x, num_samples=2, chunk_size=8,
-                            row_scale=weights)
+                            row_scale=weights, per_row=("row_scale",))
     expected = dist.Normal(0.0, weights[:, None]).log_prob(x).sum(-1)
     assert torch.allclose(estimate, expected, atol=1e-4)
+    # undeclared, its N rows are a coincidence to the package: a call that splits rows refuses
+    with pytest.raises(ValueError, match="'row_scale' has 40 rows"):
+        log_marginal(weighted_model, prior_guide, x, num_samples=2, chunk_size=8,
+                     row_scale=weights)
+    # unsplit, it is passed whole, which is the same thing
+    whole = log_marginal(weighted_model, prior_guide, x, num_samples=2, row_scale=weights)
+    assert torch.allclose(whole, expected, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,6 +670,69 @@ def test_ais_through_log_marginal_and_khat_beside_the_ess(ppca):
 
 
 # ---------------------------------------------------------------------------------------------
+# the density kernel's refusals and the whole-data bound (issue 18, class 1)
+
+
+def _conjugate_rows():
+    """z_n ~ N(0, 1), x_n | z_n ~ N(z_n, 1): p(x_n) = N(0, 2), p(z_n | x_n) = N(x_n / 2, 1 / 2)."""
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+    return model, torch.tensor([0.3, -1.2, 2.0, 0.7])
+
+
+def test_a_joint_guide_is_refused_per_datapoint_and_its_whole_data_bound_is_exact():
+    from pyro.infer.autoguide import AutoDiagonalNormal
+    from pyro.nn import PyroParam
+    from torch.distributions import constraints
+    from ppl_lvm import joint_log_marginal
+    pyro.clear_param_store()
+    model, x = _conjugate_rows()
+    guide = AutoDiagonalNormal(model)
+    guide(x)
+    # q = the exact posterior: every log weight equals log p(x_1..N)
+    guide.loc = PyroParam(x / 2)
+    guide.scale = PyroParam(torch.full_like(x, 0.5 ** 0.5), constraint=constraints.positive)
+    truth = dist.Normal(0.0, 2 ** 0.5).log_prob(x).sum()
+    with pytest.raises(ValueError, match="_AutoDiagonalNormal_latent"):
+        log_marginal(model, guide, x, num_samples=4)
+    for method in ("elbo", "iwae"):
+        estimate = joint_log_marginal(model, guide, x, method=method, num_samples=5, seed=0)
+        assert torch.allclose(estimate, truth, atol=1e-4), (method, estimate, truth)
+    # the prior as proposal: unbiased for p(x), a lower bound in log
+    prior = joint_log_marginal(model, None, x, method="prior", num_samples=20000, seed=0)
+    assert abs(prior.item() - truth.item()) < 0.3
+
+
+def test_a_point_mass_guide_is_refused_as_a_proposal():
+    from pyro.infer.autoguide import AutoDelta
+    pyro.clear_param_store()
+    model, x = _conjugate_rows()
+    guide = AutoDelta(model)
+    with pytest.raises(ValueError, match="'z' is a Delta"):
+        log_marginal(model, guide, x, num_samples=4)
+
+
+def test_a_factor_outside_the_data_plate_is_named_as_a_factor():
+    def model(x):
+        pyro.factor("prior_penalty", torch.tensor(-3.0))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5))
+    x = torch.tensor([0.3, -1.2])
+    with pytest.raises(ValueError, match="'prior_penalty' \\(a pyro.factor\\)"):
+        log_marginal(model, guide, x, num_samples=4)
+    from ppl_lvm import joint_log_marginal
+    truth = dist.Normal(0.0, 2 ** 0.5).log_prob(x).sum() - 3.0
+    assert torch.allclose(joint_log_marginal(model, guide, x, num_samples=3, seed=1), truth,
+                          atol=1e-4)
+
+
 # Monte Carlo errors and seeds that depend only on (seed, rows, K)
 
 

@@ -56,3 +56,25 @@ def test_model_files_do_not_import_the_trainer():
     for name, deps in graph().items():
         if name.startswith("ppl_lvm.models."):
             assert "ppl_lvm.train" not in deps, f"{name} imports ppl_lvm.train"
+
+
+# the one place that sums a trace's log-densities (issue 18): a trace's site log-probs, the
+# replayed trace pair and Pyro's per-trace sums are read in ppl_lvm/densities.py only. Closed-form
+# model code (a mixture's or PPCA's own density) is the model's math, not a trace's, and is free.
+TRACE_DENSITY_PATTERNS = ("poutine.replay(", "log_prob_sum", '["fn"].log_prob', "['fn'].log_prob",
+                          "unscaled_log_prob", "compute_log_prob", "pack_tensors",
+                          "contract_to_tensor", "site_log_prob(")
+
+
+def test_only_the_kernel_sums_a_traces_log_densities():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "densities.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if any(pattern in code for pattern in TRACE_DENSITY_PATTERNS) and \
+                    "densities." not in code:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert not offenders, "log-densities summed outside ppl_lvm/densities.py:\n" + "\n".join(
+        offenders)

@@ -276,21 +276,33 @@ def test_model_and_guide_plates_at_different_dims_are_refused_naming_both():  # 
 
 
 def test_pyro_example_vae_on_grey_levels_is_scored_as_its_author_wrote_it():  # class 5
-    """validate_args=False on a relaxed Bernoulli: log_marginal respects it. With a Delta guide
-    at the encoder's mean the log weight is known: Σ_d x log p + (1 - x) log(1 - p) + log N(μ)."""
+    """validate_args=False on a relaxed Bernoulli: log_marginal respects it. A Delta guide is no
+    proposal (refused by name); a Normal guide of scale σ at the encoder's mean gives, per row,
+    log w = log p(x, μ) + O(σ) - log q(z) with -log q(z) = 2 log σ + log 2π + |ε|²/2 (z in 2-d):
+    the estimate lies in [truth + 2 log σ + log 2π, that + 8]."""
     x = load_digits()[0][:8].repeat(1, 13)[:, :784]  # grey levels in [0, 1]
     vae = ExampleVAE(z_dim=2, hidden_dim=8)
+    sigma = 1e-3
 
     def delta_guide(x):
         with pyro.plate("data", x.shape[0]):
             loc, _ = vae.encoder(x)
             pyro.sample("latent", dist.Delta(loc).to_event(1))
+
+    def narrow_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            loc, _ = vae.encoder(x)
+            pyro.sample("latent", dist.Normal(loc, sigma).to_event(1))
     with torch.no_grad():
         loc, _ = vae.encoder(x)
         p = vae.decoder(loc)
         truth = (x * p.log() + (1 - x) * (1 - p).log()).sum(-1) + dist.Normal(0.0, 1.0).log_prob(
             loc).sum(-1)
-    assert torch.allclose(log_marginal(vae.model, delta_guide, x, num_samples=3), truth, atol=1e-4)
+    with pytest.raises(ValueError, match="'latent' is a Delta"):
+        log_marginal(vae.model, delta_guide, x, num_samples=3)
+    estimate = log_marginal(vae.model, narrow_guide, x, num_samples=1, seed=0)
+    low = truth - 2 * math.log(1 / sigma) + math.log(2 * math.pi)
+    assert ((estimate - low) > -0.1).all() and ((estimate - low) < 8).all(), estimate - low
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from ppl_lvm import program
-from ppl_lvm.estimators import log_joint, log_marginal, plate_nesting, sample_sites
+from ppl_lvm import densities
+from ppl_lvm.estimators import log_marginal, plate_nesting, sample_sites
 from ppl_lvm.models.vae import VAE, Encoder
 from ppl_lvm.plate import data_plate
 from ppl_lvm.psis import pareto_khat
@@ -354,14 +355,16 @@ def _traces(masked, model, guide, x, mask, guide_x, guide_mask, values=None, gui
     Returns log w [R] = log p(x, z) - log q(z | guide input), the latent values and p(x | z).
     """
     guide_fn = guide if values is None else poutine.condition(guide, data=values)
-    guide_trace = poutine.trace(masked.call_guide(guide_fn, guide_x, guide_mask,
-                                                  guide_kwargs or {})).get_trace()
-    model_fn = (poutine.replay(model, trace=guide_trace) if values is None
-                else poutine.condition(model, data=values))  # replay needs sampled, not observed, z
-    model_trace = poutine.trace(masked.call_model(model_fn, x, mask)).get_trace()
+    guide_call = masked.call_guide(guide_fn, guide_x, guide_mask, guide_kwargs or {})
+    model_call = masked.call_model(model, x, mask)
+    if values is None:
+        guide_trace, model_trace = densities.trace_pair(model_call, guide_call)
+    else:  # replay needs sampled, not observed, z
+        guide_trace = densities.trace_pair(guide_call, None)[1]
+        model_trace = densities.trace_given(model_call, values)
     nesting = plate_nesting(guide_trace, model_trace)
-    log_weights = (log_joint(model_trace, masked.plate_name, nesting)
-                   - log_joint(guide_trace, masked.plate_name, nesting)).reshape(-1)
+    log_weights = densities.row_log_weights(model_trace, guide_trace, masked.plate_name,
+                                            x.shape[0], nesting).reshape(-1)
     latents = {name: site["value"] for name, site in sample_sites(guide_trace).items()}
     return log_weights, latents, model_trace.nodes[masked.site]["fn"]
 

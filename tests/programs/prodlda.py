@@ -1,6 +1,9 @@
-"""ProdLDA of Pyro's tutorial tutorial/source/prodlda.ipynb (pyro-ppl/pyro commit ff6ae1c95):
-Encoder, Decoder and ProdLDA copied unchanged. Its networks hold BatchNorm1d and Dropout, so its
-log p(x) depends on the modules' mode: evaluation must run them in eval mode."""
+"""Pyro's ProdLDA tutorial (tutorial/source/prodlda.ipynb, pyro-ppl/pyro commit
+ff6ae1c9572591791aae8842bcd702fcf0b46fd6): the Encoder (Dropout, BatchNorm1d), Decoder (Dropout,
+BatchNorm1d) and ProdLDA model/guide, copied unchanged; the 20 Newsgroups loading is left out
+(tests pass small count vectors). Its networks behave differently in train and eval mode: an
+estimate of log p(x) must run them in eval mode.
+"""
 import pyro
 import pyro.distributions as dist
 import torch.nn as nn
@@ -65,7 +68,7 @@ class ProdLDA(nn.Module):
                 "logtheta", dist.Normal(logtheta_loc, logtheta_scale).to_event(1))
             theta = F.softmax(logtheta, -1)
 
-            # conditional distribution of 𝑤𝑛 is defined as
+            # conditional distribution of 𝑤𝑛 is defined as 
             # 𝑤𝑛|𝛽,𝜃 ~ Categorical(𝜎(𝛽𝜃))
             count_param = self.decoder(theta)
             # Currently, PyTorch Multinomial requires `total_count` to be homogeneous.
