@@ -262,8 +262,9 @@ def _latent_names(model, x, model_kwargs):
 def _vectorisation_refused(run):
     """AIS runs model and guide vectorised over its K chains (a plate of K particles left of the
     program's plates, as Pyro's vectorised ELBOs do). A program that cannot be (it indexes or
-    reshapes assuming its own batch shape, a BatchNorm1d fed [K, B, D]) is refused in one line
-    that says so, instead of the raw IndexError / RuntimeError from deep inside the program."""
+    reshapes assuming its own batch shape, a BatchNorm1d fed [K, B, D]) is run again with a loop
+    over the chains (one trace per chain: K times slower, the same answer); where even that fails,
+    it is refused in one line that says so, not with the raw error from inside the program."""
     @functools.wraps(run)
     def checked(model, guide, x, **kwargs):
         try:
@@ -272,6 +273,10 @@ def _vectorisation_refused(run):
             failed = _fails_vectorised(model, guide, x, kwargs.get("model_kwargs") or {})
             if failed is None:
                 raise
+            try:
+                return run(model, guide, x, loop_chains=True, **kwargs)
+            except (IndexError, RuntimeError):
+                pass
             reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ValueError(
                 f"AIS runs the {failed} vectorised over its K chains and this program cannot be "
@@ -303,7 +308,7 @@ def _fails_vectorised(model, guide, x, model_kwargs):
 @_vectorisation_refused
 def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_steps, step_size,
              target_accept, plate_name, seed, memory_bytes, chunk_size, idx, model_kwargs,
-             posterior=None):
+             posterior=None, loop_chains=False):
     _check_inputs(x, num_samples, leapfrog_steps, step_size, target_accept, chunk_size, idx)
     num_rows, device = x.shape[0], x.device
     betas = schedule_betas(num_steps, schedule, device=device)
@@ -316,6 +321,7 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
         plate_name = inspect_program(model, x, **model_kwargs).plate_name
     with _forked_rng(device, seed is not None):
         target = _Target(model, guide, x, plate_name, idx.to(device), model_kwargs)
+        target.loop = loop_chains
         if posterior is not None:
             posterior = target.match_posterior(posterior)
         rows_per_call = chunk_size or max(
@@ -429,7 +435,12 @@ class _Site:
 
 
 class _Target:
-    """log π_β(u) = log f_0(z) + log |dz/du| + β (log p(x, z) - log f_0(z))."""
+    """log π_β(u) = log f_0(z) + log |dz/du| + β (log p(x, z) - log f_0(z)).
+
+    loop: trace each chain on its own (no particle plate), for a program that cannot be
+    vectorised over the chains."""
+
+    loop = False
 
     def __init__(self, model, guide, x, plate_name, idx, model_kwargs):
         self.model, self.guide, self.x, self.plate_name = model, guide, x, plate_name
@@ -519,11 +530,19 @@ class _Target:
                 torch.manual_seed(block_seed)
             x, kwargs, guide_kwargs = self.args(block_rows)
             program = self.guide if self.guide is not None else self.model
-            program = vectorize(program, num_samples, self.nesting, x.device)
-            trace = poutine.trace(program).get_trace(
-                x, **(guide_kwargs if self.guide is not None else kwargs))
+            call_kwargs = guide_kwargs if self.guide is not None else kwargs
+            if self.loop:  # one trace per chain, stacked: [K, ...]
+                traces = [poutine.trace(program).get_trace(x, **call_kwargs)
+                          for _ in range(num_samples)]
+                draws = {site.name: torch.stack([t.nodes[site.name]["value"].detach()
+                                                 for t in traces]) for site in self.sites}
+            else:
+                program = vectorize(program, num_samples, self.nesting, x.device)
+                trace = poutine.trace(program).get_trace(x, **call_kwargs)
+                draws = {site.name: trace.nodes[site.name]["value"].detach()
+                         for site in self.sites}
             for site in self.sites:
-                u = site.transform.inv(trace.nodes[site.name]["value"].detach())
+                u = site.transform.inv(draws[site.name])
                 parts[site.name].append(u.narrow(u.dim() + site.data_dim, within.start,
                                                  within.stop - within.start))
         return {site.name: torch.cat(parts[site.name], site.data_dim).contiguous()
@@ -532,7 +551,8 @@ class _Target:
     def _trace(self, rows, num_samples, values, program="model"):
         x, kwargs, guide_kwargs = self.args(rows)
         fn = self.model if program == "model" else self.guide
-        fn = vectorize(fn, num_samples, self.nesting, x.device)
+        if not self.loop:
+            fn = vectorize(fn, num_samples, self.nesting, x.device)
         return densities.trace_given(fn, values, (x,),
                                      kwargs if program == "model" else guide_kwargs)
 
@@ -543,8 +563,15 @@ class _Target:
 
     def log_densities(self, rows, u):
         """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)): each [K, n], differentiable."""
-        num_rows = rows.stop - rows.start
         num_samples = next(iter(u.values())).shape[0]
+        if not self.loop:
+            return self._log_densities(rows, u, num_samples)
+        parts = [self._log_densities(rows, {name: value[k] for name, value in u.items()}, 1)
+                 for k in range(num_samples)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _log_densities(self, rows, u, num_samples):
+        num_rows = rows.stop - rows.start
         values = {site.name: site.transform(u[site.name]) for site in self.sites}
         model_trace = self._trace(rows, num_samples, values)
         nodes = sample_sites(model_trace)

@@ -254,13 +254,16 @@ def test_a_local_guide_refuses_a_support_it_cannot_reach_naming_the_site():  # c
         LocalGuide(4, {"theta": 3}, supports={"theta": constraints.simplex})
 
 
-def test_ais_on_a_program_that_cannot_be_vectorised_is_one_clear_line():  # class 7
+@pytest.mark.slow
+def test_ais_on_a_program_that_cannot_be_vectorised_loops_over_its_chains():  # class 7
     """ProdLDA's BatchNorm1d reads [K, B, V] as [batch, channels, length]: AIS's K chains cannot
-    run through it (before: RuntimeError 'running_mean should contain 30 elements not 12' from
-    inside torch). IWAE loops over particles and scores it."""
+    run through it vectorised (before: RuntimeError 'running_mean should contain 30 elements not
+    12' from inside torch). AIS then traces chain by chain: a lower bound near IWAE's (here mean
+    -22.30 against IWAE-200's -22.31 with K=4, T=20; K=2, T=5 below), every row finite."""
     lda, docs = _prodlda()
-    with pytest.raises(ValueError, match=r"AIS runs the model vectorised.*method='iwae'"):
-        ais_log_marginal(lda.model, lda.guide, docs, num_steps=2, num_samples=2, seed=0)
+    iwae = log_marginal(lda.model, lda.guide, docs, num_samples=50, seed=0)
+    ais = ais_log_marginal(lda.model, lda.guide, docs, num_steps=5, num_samples=2, seed=0)
+    assert torch.isfinite(ais.log_px).all() and abs(ais.log_px.mean() - iwae.mean()) < 1.0
 
 
 # ---------------------------------------------------------------------------------------------

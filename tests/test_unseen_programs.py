@@ -55,12 +55,6 @@ def linear_gaussian_data(n=5, seed=0):
     return z @ linear_gaussian.WEIGHT.T + linear_gaussian.MEAN + 0.5 * torch.randn(n, 4, generator=g)
 
 
-# strict: a pass must drop the mark. AIS vectorises over its chains; a program that cannot be
-# (ProdLDA's BatchNorm1d reads [K, B, V] as channels) needs a loop over chains: refused for now
-PENDING_CLASS_6 = pytest.mark.xfail(strict=True, reason="issue 18 class 6: AIS needs a loop over "
-                                    "chains for a program that cannot be vectorised")
-
-
 # ---------------------------------------------------------------------------------------------
 # class 1: a guide whose density lives outside the data plate; a point-mass proposal
 
@@ -550,7 +544,6 @@ def test_prodlda_is_scored_in_eval_mode_and_the_mode_restored():  # class 6
     assert torch.allclose(got, right, atol=0.25)  # K = 500 against 20000: within 0.09 in eval mode
 
 
-@PENDING_CLASS_6
 def test_prodlda_ais_runs_in_eval_mode():  # class 6
     """AIS too: the same seed in train and eval mode gives the same numbers; modes restored.
     before: RuntimeError "running_mean should contain 5 elements not 6" (BatchNorm in train mode
