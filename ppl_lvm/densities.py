@@ -145,37 +145,37 @@ def split(trace, plate_name, nesting=None, sites=None, check=True, scaled=True, 
     identity then holds against each site's log_prob_sum / scale.
     """
     nesting = program.plate_nesting(trace) if nesting is None else nesting
-    rows, globals_, placed, expected, magnitude = 0.0, {}, [], 0.0, 0.0
+    rows, globals_, placed, checks = 0.0, {}, [], []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or (sites is not None and not sites(name, site)):
             continue
+        if program.site_is_subsample(site):
+            continue  # a plate's index site: log-density 0
         log_prob = site_log_prob(site)
-        reference = _reference_sum(site)
         if scaled and not _unit_scale(site):
             log_prob = scale_and_mask(log_prob, site["scale"], None)
-            reference = _log_prob_sum(site)
-        expected = expected + reference
-        magnitude = magnitude + float(log_prob.detach().abs().sum())
-        if program.site_is_subsample(site):
-            continue
         frame = frame_of(site, plate_name)
         if frame is None:
             term = log_prob.reshape(log_prob.shape[:max(log_prob.dim() - nesting, 0)] + (-1,))
             globals_[name] = term.sum(-1)
-            got = globals_[name].sum()
+            got = globals_[name]
         else:
             term = fold(site, log_prob, plate_name, nesting)
             rows = rows + term
             placed.append(name)
-            got = term.sum()
-        if check:
-            _check_equal(got, reference, float(log_prob.detach().abs().sum()), name)
+            got = term
+        if check:  # the site's own sum (as the trace's log_prob_sum takes it) against its place
+            checks.append((name, got.detach().sum(), log_prob.detach().sum(),
+                           log_prob.detach().abs().sum()))
     if not torch.is_tensor(rows):  # no site in the data plate: zero per row
         rows = _plate_rows(trace, plate_name) if num_rows is None else torch.zeros(num_rows)
-    if check and torch.is_tensor(expected):
-        total = (rows.sum() if torch.is_tensor(rows) else 0.0) + sum(
-            g.sum() for g in globals_.values())
-        _check_equal(total, expected, magnitude, "the trace's total")
+    if checks:
+        placed_total = rows.detach().sum() + sum(g.detach().sum() for g in globals_.values())
+        numbers = torch.stack([torch.stack(c[1:]) for c in checks]).double().tolist()  # one sync
+        for (name, *_), (got, expected, magnitude) in zip(checks, numbers):
+            _check_equal(got, expected, magnitude, name)
+        _check_equal(float(placed_total), sum(n[1] for n in numbers),
+                     sum(n[2] for n in numbers), "the trace's total")
     return Terms(rows, globals_, tuple(placed))
 
 
