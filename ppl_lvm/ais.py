@@ -22,8 +22,7 @@ from ppl_lvm.estimators import (
     DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, data_frame, plate_nesting,
     sample_sites, trace_bytes, vectorize,
 )
-from ppl_lvm import program
-from ppl_lvm import densities
+from ppl_lvm import densities, program, progress
 from ppl_lvm.program import inspect_program, names_keywords
 
 SCHEDULES = ("sigmoid", "linear")
@@ -327,14 +326,18 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
         rows_per_call = chunk_size or max(
             1, min(num_rows, memory_bytes // max(1, target.bytes_per_unit * num_samples)))
         log_weights, acceptance, step_sizes = [], [], []
-        for start in range(0, num_rows, rows_per_call):
-            rows = slice(start, min(start + rows_per_call, num_rows))
-            noise = _Noise(seed, rows, device)
-            result = _anneal(target, rows, num_samples, betas, leapfrog_steps, step_size,
-                             target_accept, noise, posterior)
-            log_weights.append(result[0])
-            acceptance.append(result[1])
-            step_sizes.append(result[2])
+        num_calls = -(-num_rows // rows_per_call)
+        description = "reverse AIS" if posterior is not None else "AIS"
+        with progress.phase(f"{description}, {num_rows} rows x {num_samples} chains",
+                            num_calls * (betas.numel() - 1), unit="temperature"):
+            for start in range(0, num_rows, rows_per_call):
+                rows = slice(start, min(start + rows_per_call, num_rows))
+                noise = _Noise(seed, rows, device)
+                result = _anneal(target, rows, num_samples, betas, leapfrog_steps, step_size,
+                                 target_accept, noise, posterior)
+                log_weights.append(result[0])
+                acceptance.append(result[1])
+                step_sizes.append(result[2])
     log_weights = torch.cat(log_weights, -1)  # [K, N]
     if posterior is not None:  # reverse weights estimate 1 / p(x): upper = -log mean w̃
         log_px = -(torch.logsumexp(log_weights, 0) - math.log(num_samples))
@@ -726,6 +729,7 @@ def _anneal(target, rows, num_samples, betas, leapfrog_steps, step_size, target_
     betas = betas.tolist()
     num_transitions = len(betas) - 2
     for t in range(1, len(betas)):
+        progress.advance()
         log_weights = log_weights + (betas[t] - betas[t - 1]) * state.log_ratio
         if t == len(betas) - 1:  # no transition after the last temperature
             break

@@ -21,7 +21,7 @@ from pyro.infer import config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm import densities, program
+from ppl_lvm import densities, program, progress
 from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
 from ppl_lvm.psis import pareto_khat, tail_size
 
@@ -398,7 +398,8 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             prog.row_bound or bool(prog.ambiguous and not chunk_size))
 
     log_px, ess, khat, mc_stderr = [], [], [], []
-    for block, start in enumerate(range(0, num_rows, rows_per_call)):
+    for block, start in enumerate(progress.chunks(num_rows, rows_per_call,
+                                                  f"log p(x) by {method}")):
         rows = slice(start, min(start + rows_per_call, num_rows))
         if method == "exact":
             log_px.append(prog.exact(rows))

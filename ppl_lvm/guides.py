@@ -20,7 +20,7 @@ from torch.distributions import biject_to, constraints
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
-from ppl_lvm import densities, program
+from ppl_lvm import densities, program, progress
 from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, svi_step
 
 NEW_ROWS_HINT = "new rows need their own φ: use ppl_lvm.guides.infer_local"
@@ -447,7 +447,7 @@ def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_
     generator = torch.Generator().manual_seed(seed)
     out = {name: [] for name in ("converged", "residual", "steps", "elbo")}
     loc_cols, scale_cols = problem.loc_cols.to(device), problem.scale_cols.to(device)
-    for start in range(0, num_rows, rows_per_call):
+    for start in progress.chunks(num_rows, rows_per_call, "q*(z | x) per row (natural gradient)"):
         local = torch.arange(start, min(start + rows_per_call, num_rows), device=device)
         with torch.no_grad():
             phi = table[rows[local]].detach()
@@ -726,7 +726,7 @@ def _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, 
         try:
             for p in frozen + module_params:
                 p.requires_grad_(False)
-            for step in range(steps):
+            for step in progress.chunks(steps, 1, "q(z | x) per row (Adam)", unit="step"):
                 optim.set_lr_factor(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):

@@ -22,7 +22,7 @@ import torch
 
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm import program
+from ppl_lvm import program, progress
 from ppl_lvm import densities
 from ppl_lvm.estimators import log_marginal, plate_nesting, sample_sites
 from ppl_lvm.models.vae import VAE, Encoder
@@ -379,6 +379,14 @@ def _guide_kwargs(guide, idx, copies):
         "idx": idx.repeat(copies)}
 
 
+def _steps(num_steps):
+    """range(num_steps) with a progress bar (Metropolis-within-Gibbs sweeps)."""
+    with progress.phase("Metropolis-within-Gibbs", num_steps, unit="sweep"):
+        for step in range(num_steps):
+            yield step
+            progress.advance()
+
+
 def _sir(masked, model, guide, x, mask, num_samples, num_particles, idx):
     """Sampling-importance-resampling: z_k ~ q(z | x_obs), resample by w_k, x_miss ~ p(x_miss | z)."""
     rows, dim = x.shape
@@ -420,7 +428,7 @@ def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
     current = torch.where(mask_rep, x_rep, x_fn.sample())
     accepted = torch.zeros(rows * num_samples, device=x.device)
     mean_sum, mean_count = torch.zeros_like(x_rep), 0
-    for step in range(num_steps):
+    for step in _steps(num_steps):
         guide_x, guide_mask = (x_rep, mask_rep) if proposal == "observed" else (current, every)
         log_w_new, proposed, fn_new = _traces(masked, model, guide, current, every, guide_x,
                                               guide_mask,
