@@ -100,8 +100,10 @@ class LocalGuide:
         self.event_dims = {s: len(shape) for s, shape in self.site_shapes.items()}
         self.event_dims.update(event_dims or {})
         self.inner_plates = {s: list(p) for s, p in (inner_plates or {}).items()}
-        self.transforms = {s: _to_support(s, c) for s, c in (supports or {}).items()
-                           if s in self.site_shapes}
+        # {site: biject_to its support} for the sites whose support is not the real line
+        transforms = {s: _to_support(s, c) for s, c in (supports or {}).items()
+                      if s in self.site_shapes}
+        self.transforms = {s: t for s, t in transforms.items() if t is not None}
         self.param_name = LOCAL_PREFIX + name
         self._slices, start = {}, 0
         for site, shape in self.site_shapes.items():

@@ -215,8 +215,9 @@ def test_a_subsampling_model_is_scored_on_every_row_and_refused_by_ais_naming_th
 
 
 def test_the_structure_probe_respects_the_authors_own_shape_check():  # class 5
-    """A model that asserts its row count is read on all its rows, not crashed on two: fit's
-    structure, infer_local's layout (right answer: z_n | x_n = N(x_n / 2, 1/2))."""
+    """A model that asserts its row count is read on all its rows, not crashed on two, and fit
+    trains it full batch. Right answer: z_n | x_n = N(x_n / 2, 1/2); a guide with one (loc, scale)
+    per row (rows kept in order) reaches loc = x / 2."""
     x = torch.randn(12, generator=torch.Generator().manual_seed(1))
 
     def model(x):
@@ -225,11 +226,17 @@ def test_the_structure_probe_respects_the_authors_own_shape_check():  # class 5
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
 
+    def guide(x):
+        loc = pyro.param("loc", lambda: torch.zeros(len(x)))
+        scale = pyro.param("scale", lambda: torch.ones(len(x)), constraint=constraints.positive)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(loc, scale))
+
     structure = read_structure(model, (x,), None, {})
     assert structure.plate_name == "data" and structure.local_latents == ("z",)
-    guide = infer_local(model, x, steps=100, lr=0.1, loss=TraceMeanField_ELBO(
-        num_particles=4, vectorize_particles=True, max_plate_nesting=1))
-    assert torch.allclose(guide.loc(), x / 2, atol=0.15)
+    fit(model, guide, x, epochs=300, batch_size=12, lr=0.05, lr_schedule="cosine",
+        loss=Trace_ELBO(num_particles=8, vectorize_particles=True), progress=False)
+    assert torch.allclose(pyro.param("loc").detach(), x / 2, atol=0.1)
 
 
 # ---------------------------------------------------------------------------------------------
