@@ -505,7 +505,8 @@ def complete(model, guide, x, mask, num_samples=16, *, method="auto", num_partic
         else:
             completion = _complete_rows(masked, model, guide, x, mask, num_samples, "sir",
                                         num_particles, num_steps, proposal, idx)
-            bad = ~completion.trusted | (completion.khat > KHAT_GOOD)
+            khat = completion.khat
+            bad = ~completion.trusted | (torch.isfinite(khat) & (khat > KHAT_GOOD))
             if method == "auto" and bad.any():
                 # SIR cannot be trusted on these rows: MwG from the encoder fed its own completion
                 rows = bad.nonzero()[:, 0]
