@@ -477,6 +477,9 @@ def run_guide(module, config, x_test, local_steps=300):
     return guide, {**kwargs, **extra}, note
 
 
+AIS_CHAINS = 16  # evaluate --method ais's default K, as ais_log_marginal's
+
+
 @program.in_evaluation_mode
 def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
@@ -487,6 +490,8 @@ def evaluate(args):
     if args.n is not None:
         x_test = x_test[:args.n]
     start = time.perf_counter()
+    if args.num_samples is None:
+        args.num_samples = AIS_CHAINS if args.method == "ais" else 1000
     logger.info(f"{args.run}: log p(x) by {args.method}, K={args.num_samples}"
                 + (f", T={args.num_steps}" if args.method == "ais" else "")
                 + f", on {len(x_test)} held-out images" + (
@@ -808,8 +813,9 @@ def build_parser():
                    help="iwae: the importance-weighted bound with q(z | x); elbo: Jensen's bound; "
                         "prior: naive Monte Carlo with z ~ p(z); ais: annealed importance sampling "
                         "from q(z | x), K chains of T HMC steps (a tighter lower bound)")
-    p.add_argument("-K", "--num-samples", type=positive_int, default=1000,
-                   help="importance samples per image (AIS: chains per image)")
+    p.add_argument("-K", "--num-samples", type=positive_int, default=None,
+                   help="importance samples per image (default: 1000), or AIS chains per image "
+                        f"(default: {AIS_CHAINS}, each as costly as T importance samples)")
     p.add_argument("-T", "--num-steps", type=positive_int, default=500,
                    help="AIS temperatures (HMC transitions) per chain, for --method ais")
     p.add_argument("--n", type=positive_int, default=None,
@@ -1016,7 +1022,7 @@ def smoke(args):
     for key, limit in SMOKE_LIMITS.items():
         if hasattr(args, key):
             value = getattr(args, key)
-            setattr(args, key, limit if value is None and key == "n" else
+            setattr(args, key, limit if value is None and key in ("n", "num_samples") else
                     value if value is None else min(value, limit))
     logger.warning("PPL_LVM_SMOKE is set: epochs, samples, steps and rows cut to "
                    f"{SMOKE_LIMITS} at most")

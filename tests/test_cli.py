@@ -450,3 +450,14 @@ def test_threads_default_to_free_physical_cores_and_obey_the_option(monkeypatch)
         assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_evaluate_defaults_k_per_method(tmp_path, capsys):
+    """-K is 1,000 importance samples, but 16 AIS chains (each as costly as T samples)."""
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), *TINY]) == 0
+    assert main(["evaluate", str(out), "--method", "ais", "-T", "3", "--n", "4"]) == 0
+    assert "by ais, K=16, T=3" in capsys.readouterr().out
+    assert (out / "evaluate_ais_K16_T3.json").is_file()
+    assert main(["evaluate", str(out), "--method", "elbo", "--n", "4"]) == 0
+    assert "by elbo, K=1000" in capsys.readouterr().out
