@@ -7,6 +7,7 @@ DEBUG).
 """
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -535,16 +536,39 @@ def evaluate(args):
     return result
 
 
+def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None):
+    """The difference of two runs' per-datapoint log p(x_n) [N] on the same held-out rows.
+
+    mean: mean_n (log_px_n - baseline_n); stderr: the paired standard error std_n(d_n) / √N (the
+    rows' own variation cancels: far smaller than the unpaired sqrt(s_a² + s_b²)); mc_stderr: the
+    Monte Carlo part, sqrt(Σ_n (e_n² + e'_n²)) / N from each estimate's own error; within_noise:
+    |mean| < 2 × stderr (the difference is not distinguishable from the rows' and samplers'
+    noise at about 95 %)."""
+    diff = (log_px.double() - baseline.double())
+    count = diff.numel()
+    stderr = diff.std().item() / math.sqrt(count) if count > 1 else math.inf
+    unpaired = math.sqrt(log_px.double().var().item() / count + baseline.double().var().item() / count) \
+        if count > 1 else math.inf
+    mc = None
+    if mc_stderr is not None and baseline_mc_stderr is not None:
+        mc = math.sqrt((mc_stderr.double() ** 2 + baseline_mc_stderr.double() ** 2).sum().item()) / count
+    mean = diff.mean().item()
+    return {"mean": mean, "stderr": stderr, "unpaired_stderr": unpaired, "mc_stderr": mc,
+            "within_noise": abs(mean) < 2 * stderr}
+
+
 @program.in_evaluation_mode
 def compare(args):
     """Side by side: held-out ELBO and IWAE-K (± s.e.), optionally the gaps, training time and
-    parameters of each run; a PNG of the held-out ELBO against epochs and wall time."""
+    parameters of each run; the difference of each run's log p(x) from the first run's on the
+    same held-out rows with its paired standard error; a PNG of the held-out ELBO against epochs
+    and wall time."""
     import json
 
     from ppl_lvm.estimators import estimate_log_marginal
     from ppl_lvm.guides import amortization_gaps
 
-    rows, curves = [], {}
+    rows, curves, per_row = [], {}, []
     for run in args.runs:
         logger.info(f"{run}: held-out ELBO (K=100) and IWAE (K={args.num_samples}) on the first "
                     f"{args.n} held-out rows" + (", then the gaps" if args.gaps else ""))
@@ -558,11 +582,12 @@ def compare(args):
                                      num_samples=100, seed=args.seed, **kwargs)
         iwae = estimate_log_marginal(module.model, guide, x_test, method=method or "iwae",
                                      num_samples=args.num_samples, seed=args.seed, **kwargs)
+        per_row.append((x_test, iwae))
         row = {"run": str(run), "model": config.get("model"),
                "guide": config.get("cli", {}).get("guide", "amortized"),
                "heldout_elbo": elbo.mean, "heldout_log_px": iwae.mean,
-               "log_px_stderr": iwae.stderr, "train_time_s": metrics.get("train_time_s",
-                                                                          metrics.get("wall_time_s")),
+               "log_px_stderr": iwae.stderr, "log_px_mc_stderr": iwae.mean_mc_stderr,
+               "train_time_s": metrics.get("train_time_s", metrics.get("wall_time_s")),
                "num_parameters": metrics.get("num_parameters"), "note": note.strip()}
         if args.gaps and method is None and row["guide"] == "amortized" and not kwargs:
             encoder = experiment.gap_encoder(module, module.guide, x_test)
@@ -570,7 +595,10 @@ def compare(args):
                                      num_samples=args.num_samples, local_steps=args.local_steps,
                                      seed=args.seed).summary()
             row.update(approximation_gap=gaps["approximation_gap"],
-                       amortization_gap=gaps["amortization_gap"])
+                       amortization_gap=gaps["amortization_gap"],
+                       approximation_gap_mc_stderr=gaps["approximation_gap_mc_stderr"],
+                       amortization_gap_mc_stderr=gaps["amortization_gap_mc_stderr"],
+                       negative_amortization_gap=gaps["negative_amortization_gap"])
         rows.append(row)
         log = Path(run) / "metrics.jsonl"
         if log.is_file():
@@ -584,12 +612,36 @@ def compare(args):
         logger.log(RESULT, f"| {r['run']} | {r['model']} | {r['guide']} | {r['heldout_elbo']:.2f} | "
               f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {gap('approximation_gap')} | "
               f"{gap('amortization_gap')} | {r['train_time_s']:.1f} | {r['num_parameters']} |")
+    _print_paired(rows, per_row)
     atomic.write_json(Path(args.out).with_suffix(".json"), rows)
     logger.log(RESULT, f"wrote {Path(args.out).with_suffix('.json')}")
     if curves:
         plots.compare_curves(curves, Path(args.out))
         logger.log(RESULT, f"wrote {args.out}")
     return rows
+
+
+def _print_paired(rows, per_row):
+    """Each run against the first on the same held-out rows: Δ log p(x) with its paired s.e."""
+    if len(rows) < 2:
+        return
+    base_x, base = per_row[0]
+    logger.log(RESULT, f"differences from {rows[0]['run']} on the same held-out rows (paired: the rows' own "
+          "variation cancels; within noise: |Δ| < 2 paired s.e.)")
+    logger.log(RESULT, "| run | Δ log p(x) | paired s.e. | Monte Carlo s.e. | unpaired s.e. | |")
+    logger.log(RESULT, "|" + "---|" * 6)
+    for row, (x_test, estimate) in zip(rows[1:], per_row[1:]):
+        if x_test.shape != base_x.shape or not torch.equal(x_test, base_x):
+            row["paired"] = None
+            logger.log(RESULT, f"| {row['run']} | — | — | — | — | other held-out rows: not paired |")
+            continue
+        paired = paired_difference(estimate.log_px, base.log_px, estimate.mc_stderr,
+                                   base.mc_stderr)
+        row["paired"] = {"baseline": rows[0]["run"], **paired}
+        mc = "—" if paired["mc_stderr"] is None else f"{paired['mc_stderr']:.3f}"
+        verdict = "within noise" if paired["within_noise"] else "differs"
+        logger.log(RESULT, f"| {row['run']} | {paired['mean']:+.3f} | {paired['stderr']:.3f} | {mc} | "
+              f"{paired['unpaired_stderr']:.3f} | {verdict} |")
 
 
 @program.in_evaluation_mode

@@ -390,7 +390,8 @@ class _LocalProblem:
 
     def evaluate(self, rows, loc, log_scale, points, idx=None):
         """At φ [B, W] of ``rows`` [B] with points [S, B, W]: (elbo [B], grad_loc [B, W],
-        grad_log_scale [B, W], precision [B, W] = -E[∂² log p / ∂z²] by Price's theorem)."""
+        grad_log_scale [B, W], precision [B, W, W] = -E_q[∂² log p / ∂z ∂zᵀ] by Price's theorem,
+        E_q[∇² f] = E[∇f(z) εᵀ] diag(1 / σ), symmetrised)."""
         num_points, batch = points.shape[:2]
         args, kwargs = program.take((self.x,) + self.args, self.kwargs, rows, self.num_rows)
         repeat = lambda v: v.repeat(num_points, *([1] * (v.dim() - 1)))  # noqa: E731
@@ -405,8 +406,10 @@ class _LocalProblem:
             (grad_z,) = torch.autograd.grad(log_p.sum(), z)
         grad_loc = grad_z.mean(0)
         eg = (points * grad_z).mean(0)  # = E[ε ∂log p/∂z] = σ E[∂² log p/∂z²] (Price)
+        hessian = torch.einsum("sbi,sbj->bij", grad_z, points) / num_points / scale[:, None, :]
+        precision = -(hessian + hessian.transpose(-1, -2)) / 2
         elbo = log_p.detach().mean(0) + log_scale.sum(-1)
-        return elbo, grad_loc, scale * eg + 1.0, -eg / scale
+        return elbo, grad_loc, scale * eg + 1.0, precision
 
     @staticmethod
     def residual(log_scale, grad_loc, grad_log_scale):
@@ -467,14 +470,21 @@ def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_
             a = active.nonzero().flatten()
             elbo, grad_loc, grad_log_scale, precision = (s[a] for s in state)
             beta = step[a, None]
-            # Newton target for log σ where the Price Hessian is negative definite, else the
-            # natural-gradient step (Fisher 2 for log σ); at most a factor e per step
-            target = torch.where(precision > 0, -0.5 * precision.clamp(min=1e-30).log(),
+            # mean-field fixed point σ_j² = 1 / Λ_jj where the Price Hessian's diagonal is
+            # negative, else the natural-gradient step (Fisher 2 for log σ); at most a factor e
+            diagonal = precision.diagonal(dim1=-2, dim2=-1)
+            target = torch.where(diagonal > 0, -0.5 * diagonal.clamp(min=1e-30).log(),
                                  log_scale[a] + grad_log_scale / 2)
             new_log_scale = log_scale[a] + (beta * (target - log_scale[a])).clamp(-1.0, 1.0)
             variance = (2 * new_log_scale).exp()
+            # μ: a Newton step Λ⁻¹ E_q[∇ log p] (exact in one step for a Gaussian posterior, however
+            # correlated) where Λ is positive definite, else the natural-gradient step σ² ∇
+            root, info = torch.linalg.cholesky_ex(precision)
+            newton = torch.cholesky_solve(grad_loc[..., None], root).squeeze(-1)
+            direction = torch.where((info == 0)[:, None] & torch.isfinite(newton), newton,
+                                    variance * grad_loc)
             limit = 3 * torch.maximum(variance.sqrt(), log_scale[a].exp())
-            new_loc = loc[a] + (beta * variance * grad_loc).clamp(-limit, limit)
+            new_loc = loc[a] + (beta * direction).clamp(-limit, limit)
             proposal = problem.evaluate(local[a], new_loc, new_log_scale, points[:, a],
                                         rows[local[a]])
             # a rise, up to the rounding of the ELBO's dtype (near q* a step changes it by less)
@@ -885,6 +895,18 @@ def _encoder_of(guide):
     return encoder
 
 
+def _rng_states(device):
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None, device)
+
+
+def _set_rng_states(states):
+    cpu, cuda, device = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 class _Mixed:
     """Scores importance weights under the equal mixture ½ q* + ½ q_amortized (both proposals'
     draws pooled: Veach & Guibas' balance heuristic, a deterministic mixture), per datapoint."""
@@ -914,8 +936,12 @@ class _Mixed:
             flat = optimal.sample((count,))  # [count, B, W]
             values = self.problem.values(flat, count * batch)
         else:
+            # a guide with randomness of its own (SemiAmortizedGuide's refinement noise) is scored
+            # at its draws under the same noise: the RNG is rewound for the scoring pass
+            before = _rng_states(x.device)
             with poutine.block():
                 trace = poutine.trace(self.guide).get_trace(x, **kwargs)
+            after = _rng_states(x.device)
             values = {n: s["value"].detach() for n, s in program.sample_sites(trace).items()
                       if not s["is_observed"]}
             if set(values) != set(self.optimal.site_shapes):
@@ -925,7 +951,11 @@ class _Mixed:
             flat = torch.cat([values[n].reshape(count, batch, -1) for n in self.optimal.site_shapes], -1)
         log_p = log_joint(self.model, values, x, **kwargs).reshape(count, batch)
         log_optimal = optimal.log_prob(flat).sum(-1)
+        if source != "optimal":
+            _set_rng_states(before)
         log_amortized = log_joint(self.guide, values, x, **kwargs).reshape(count, batch)
+        if source != "optimal":
+            _set_rng_states(after)
         mixture = torch.logaddexp(log_optimal, log_amortized) - math.log(2)
         alone = log_optimal if source == "optimal" else log_amortized
         return log_p - mixture, log_p - alone

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ppl_lvm.cli import main
 
@@ -249,6 +251,12 @@ def test_compare_reports_what_evaluate_and_the_runs_say(tmp_path, capsys):
         assert (f"| {row['run']} | vae | {row['guide']} | {row['heldout_elbo']:.2f} | "
                 f"{row['heldout_log_px']:.2f} ± {row['log_px_stderr']:.2f} |") in printed
     assert png.is_file()
+    # the local run against the amortized one, on the same 20 held-out rows, paired
+    paired = rows[1]["paired"]
+    assert paired["baseline"] == str(runs[0]) and paired["stderr"] > 0 and paired["mc_stderr"] > 0
+    assert paired["mean"] == pytest.approx(rows[1]["heldout_log_px"] - rows[0]["heldout_log_px"],
+                                           abs=1e-4)
+    assert "paired s.e." in printed and f"{paired['mean']:+.3f} | {paired['stderr']:.3f}" in printed
 
 
 def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
@@ -340,6 +348,25 @@ def test_every_model_and_guide_trains_and_evaluates_on_cuda(argv, tmp_path, caps
     assert main(["evaluate", str(out), "-K", "20", "--n", "20", "--device", "cuda"]) == 0, \
         capsys.readouterr().err
     assert json.loads((out / "evaluate_iwae_K20.json").read_text())["num_images"] == 20
+
+
+def test_paired_difference_on_the_same_rows_against_its_closed_form():
+    """Two 'runs' whose per-row log p(x) differ by a constant 0.05 plus small noise, on rows that
+    vary by several nats: the paired s.e. is the noise's std / √N (about 0.001), the unpaired one
+    is dominated by the rows' spread (about 0.3); the difference is not within noise. Pure noise
+    around the same values is."""
+    from ppl_lvm.cli import paired_difference
+    gen = torch.Generator().manual_seed(0)
+    rows = 3.0 * torch.randn(400, generator=gen, dtype=torch.float64) - 90.0
+    noise = 0.02 * torch.randn(400, generator=gen, dtype=torch.float64)
+    result = paired_difference(rows + 0.05 + noise, rows, torch.full((400,), 0.01),
+                               torch.full((400,), 0.01))
+    assert result["mean"] == pytest.approx(0.05 + noise.mean().item(), abs=1e-6)
+    assert result["stderr"] == pytest.approx(noise.double().std().item() / 20, rel=1e-6)
+    assert result["unpaired_stderr"] > 100 * result["stderr"]
+    assert result["mc_stderr"] == pytest.approx(math.sqrt(400 * 2 * 1e-4) / 400, rel=1e-6)
+    assert not result["within_noise"]
+    assert paired_difference(rows + noise, rows)["within_noise"]
 
 
 def test_every_command_checks_its_runs_before_any_work(tmp_path, capsys):
