@@ -19,8 +19,8 @@ import torch
 from torch.distributions import biject_to
 
 from ppl_lvm.estimators import (
-    DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, data_frame, plate_nesting,
-    sample_sites, trace_bytes, vectorize,
+    DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, data_frame,
+    plate_nesting, sample_sites, trace_bytes, vectorize,
 )
 from ppl_lvm import densities, program, progress
 from ppl_lvm.program import inspect_program, names_keywords
@@ -346,7 +346,12 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
     ess = (2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0)).exp()
     ess = ess.nan_to_num(1.0).clamp(1.0, num_samples)
     method = "ais-reverse" if posterior is not None else "ais"
+    # the Monte Carlo error of log mean_k w_k (and of its negative, the reverse bound), by the
+    # delta method from the K chains' own weights, as for importance sampling
+    totals = _RunningWeights(num_samples)
+    totals.add(log_weights)
     return AISEstimate(log_px=log_px, ess=ess, method=method, num_samples=num_samples,
+                       mc_stderr=totals.stderr(),
                        rows_per_call=rows_per_call, particles_per_call=num_samples,
                        num_steps=betas.numel() - 1, log_weights=log_weights,
                        acceptance=torch.cat(acceptance), step_size=torch.cat(step_sizes))
