@@ -18,7 +18,7 @@ import torch
 
 from ppl_lvm import data as datasets
 from ppl_lvm import distributed as ddp
-from ppl_lvm import atomic, plots, threads
+from ppl_lvm import atomic, plots, program, threads
 from ppl_lvm import progress as bars
 from ppl_lvm.checkpoint import check_epochs, load_checkpoint
 from ppl_lvm import experiment
@@ -490,6 +490,7 @@ def run_guide(module, config, x_test, local_steps=300):
 AIS_CHAINS = 16  # evaluate --method ais's default K, as ais_log_marginal's
 
 
+@program.in_evaluation_mode
 def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
@@ -565,6 +566,7 @@ def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None)
             "within_noise": abs(mean) < 2 * stderr}
 
 
+@program.in_evaluation_mode
 def compare(args):
     """Side by side: held-out ELBO and IWAE-K (± s.e.), optionally the gaps, training time and
     parameters of each run; the difference of each run's log p(x) from the first run's on the
@@ -651,6 +653,7 @@ def _print_paired(rows, per_row):
               f"{paired['unpaired_stderr']:.3f} | {verdict} |")
 
 
+@program.in_evaluation_mode
 def run_bdmc(args):
     """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
     from ppl_lvm.ais import bdmc
@@ -673,6 +676,7 @@ def run_bdmc(args):
     return summary
 
 
+@program.in_evaluation_mode
 def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
     from ppl_lvm.guides import amortization_gaps
@@ -742,6 +746,7 @@ def demo(args):
     return {**metrics, "log_px": estimate}
 
 
+@program.in_evaluation_mode
 def complete(args):
     """Complete held-out images of a trained run from the posterior p(x_miss | x_obs); write a PNG grid.
 

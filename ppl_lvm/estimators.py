@@ -9,6 +9,7 @@ runs over the rows and which sites are local), vectorised over K, chunked over d
 """
 import ctypes
 import dataclasses
+import functools
 import inspect
 import math
 import sys
@@ -202,6 +203,70 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
         **model_kwargs).log_px
 
 
+def _rows_of_a_subsampling_model(estimate):
+    """Entry-point wrapper: a model that subsamples its own data plate
+    (``pyro.plate("data", N, subsample_size=B)``) is scored B given rows at a time
+    (``program.given_subsample``: its plate's draw replaced by those rows, the N / B scale undone),
+    so every row gets its estimate; the program's own shape checks see the B rows they expect."""
+    @functools.wraps(estimate)
+    def scoring(model, guide, x, *args, **kwargs):
+        try:
+            return estimate(model, guide, x, *args, **kwargs)
+        except program.SubsampledPlate as plate:
+            if kwargs.get("method") == "ais" or plate.num_rows != x.shape[0]:
+                raise
+            return _score_subsampled(estimate, plate, model, guide, x, args, kwargs)
+    return scoring
+
+
+def _score_subsampled(estimate, plate, model, guide, x, args, kwargs):
+    options = {k: v for k, v in kwargs.items() if k in inspect.signature(estimate).parameters}
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in options}
+    seed, user_idx = options.pop("seed", None), options.pop("idx", None)
+    for name in ("chunk_size", "per_row"):
+        options.pop(name, None)
+    num_rows, size = x.shape[0], plate.subsample_size
+    guide_takes_idx = guide is not None and program.names_keywords(guide, "idx")
+    parts = []
+    for block, start in enumerate(range(0, num_rows, size)):
+        first = min(start, num_rows - size)  # a short last block: the last B rows, new ones kept
+        rows = torch.arange(first, first + size, device=x.device)
+
+        def given(fn, x_rows):
+            # the rows of this block that the estimator passed (all B, or its probe's first few)
+            start = next((o for o in range(size - len(x_rows) + 1)
+                          if torch.equal(x[rows[o:o + len(x_rows)]], x_rows)), 0)
+            part = rows[start:start + len(x_rows)]
+            return program.given_subsample(plate.plate_name, part)(fn), part
+
+        def block_model(x_rows, *_, **__):
+            fn, _ = given(model, x_rows)
+            return fn(x, *args, **model_kwargs)
+
+        def block_guide(x_rows, *_, **__):
+            fn, part = given(guide, x_rows)
+            if guide_takes_idx:  # a per-datapoint guide (LocalGuide) reads φ of these rows
+                return fn(x[part], idx=part if user_idx is None else user_idx.to(x.device)[part])
+            return fn(x, *args, **model_kwargs)
+
+        with program.subsamples_given():
+            estimate_ = estimate(block_model, None if guide is None else block_guide, x[rows],
+                                 seed=None if seed is None else seed + block, chunk_size=size,
+                                 **options)
+        parts.append((estimate_, start - first))
+    first = parts[0][0]
+
+    def joined(name):
+        values = [getattr(e, name) for e, _ in parts]
+        if any(v is None for v in values):
+            return None
+        return torch.cat([v[skip:] for v, (_, skip) in zip(values, parts)])
+    return dataclasses.replace(first, log_px=joined("log_px"), ess=joined("ess"),
+                               khat=joined("khat"))
+
+
+@_rows_of_a_subsampling_model
+@program.in_evaluation_mode
 @torch.no_grad()
 def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
@@ -236,6 +301,7 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
     return _estimate(*call)
 
 
+@program.in_evaluation_mode
 def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
                 memory_bytes=None, globals=None, per_row=None, compile=False, **kwargs):
     """The importance log weights log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n): [K, N].

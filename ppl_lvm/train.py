@@ -285,6 +285,7 @@ def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
+@program.in_evaluation_mode
 def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None,
                   distributed=False, plate_name=None):
     """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
@@ -589,6 +590,66 @@ def check_loss_rows(loss, model, guide, batch_size, num_data):
                          "non-Jit ELBO (e.g. Trace_ELBO), fit(compile=True), or a full batch")
 
 
+def read_structure(model, tensors, transform, kwargs, plate_name=None):
+    """The program's structure (``ppl_lvm.program.inspect_program``), read from its traces on its
+    first three (transformed) rows, or on all rows where the program refuses so few (an author's
+    own shape check, a plate that subsamples itself: ``pyro.plate("data", N, subsample_size=B)``)."""
+    num_data = len(tensors[0])
+    rows = torch.arange(min(num_data, 3), device=tensors[0].device)
+    try:
+        return program.inspect_program(model, *take_rows(tensors, rows, transform),
+                                       plate_name=plate_name, allow_subsample=True,
+                                       **_kwargs_of(kwargs, rows))
+    except Exception as error:
+        if num_data <= 3 or "plates found" in str(error):  # the package's own finding: final
+            raise
+    rows = torch.arange(num_data, device=tensors[0].device)
+    return program.inspect_program(model, *take_rows(tensors, rows, transform),
+                                   plate_name=plate_name, allow_subsample=True,
+                                   **_kwargs_of(kwargs, rows))
+
+
+def _kwargs_of(kwargs, rows):
+    """The model's keywords for ``rows``: ``kwargs(rows)`` (fit's per-row slicing) or a dict."""
+    return kwargs(rows) if callable(kwargs) else kwargs
+
+
+def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
+    """Refuse minibatches for a guide that holds a parameter with one row per datapoint (e.g.
+    ``pyro.param("alpha_q", torch.ones(x.size(0), k))`` as in Pyro's ``sparse_gamma_def.py``):
+    indexed by position, it would give each minibatch the rows of another. Read from the params the
+    guide creates on 2 and 3 rows in a sandbox (on all rows if the guide refuses so few); a guide
+    that names ``idx`` finds its own rows, and autoguides are checked by ``check_autoguide_rows``.
+    """
+    from pyro.nn import PyroModule
+
+    if batch_size >= num_data or program.takes_rows(guide) or isinstance(
+            getattr(guide, "__self__", guide), PyroModule):  # PyroParams live on the module
+        return
+    sizes = (2, 3) if num_data >= 3 else (1, 2)
+    try:
+        shapes = {}
+        for n in sizes:
+            rows = torch.arange(n, device=tensors[0].device)
+            shapes[n] = program.params_of(guide, *take_rows(tensors, rows, transform),
+                                          **_kwargs_of(kwargs, rows))
+    except Exception:  # the author's own checks (e.g. assert x.shape[0] == N): probe all rows
+        try:
+            rows = torch.arange(num_data, device=tensors[0].device)
+            shapes = {num_data: program.params_of(guide, *take_rows(tensors, rows, transform),
+                                                  **_kwargs_of(kwargs, rows))}
+        except Exception:
+            return  # the first step will say what is wrong
+    found = program.per_row_params(shapes, num_data)
+    if found:
+        name, shape = next(iter(found.items()))
+        raise ValueError(
+            f"the guide's parameter {name!r} (shape {list(shape)} for {max(shapes)} rows) holds "
+            f"one row per datapoint, so it cannot follow minibatches (batch_size={batch_size} < "
+            f"N={num_data}): train with batch_size={num_data} (full batch; rows keep their "
+            "order), or use ppl_lvm.LocalGuide or an amortized guide for the local sites")
+
+
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, per_row=(),
@@ -605,6 +666,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             In a pair (x, mask) with mask bool of x's shape (True = observed), x may hold NaN
             where mask is False; the model must keep those entries out of its likelihood.
         epochs: passes over the data; batch_size: B (the last batch of an epoch may be smaller).
+            batch_size >= N (full batch) keeps the rows in their order. A model that subsamples
+            its own data plate (``pyro.plate("data", N, subsample_size=B)``) is trained as Pyro's
+            SVI trains it: all rows passed at every step, the plate's own N / B scale, and
+            batch_size ignored; an epoch is then ceil(N / B) steps.
         lr: Adam's learning rate for θ when ``optim`` is None (the default is ``LazyAdam``, which
             also handles per-datapoint φ tables); optim: any ``pyro.optim.PyroOptim`` or
             ``LazyAdam`` (plain Pyro optimisers reject the sparse gradients of a ``LocalGuide``).
@@ -709,10 +774,16 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
         num_data, batch_size, strategy.world))
     optim = optim or adam(lr, local_lr)
 
-    # the program's structure, read once from its traces on a few (transformed) rows
-    probe_rows = torch.arange(min(num_data, 3), device=device)
-    probe = (take_rows(tensors, probe_rows, transform), row_kwargs(probe_rows))
-    structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
+    structure = read_structure(model, tensors, transform, row_kwargs, plate_name)
+    own_subsample = structure.subsample_size
+    if own_subsample:  # the model subsamples its own plate: Pyro's SVI, all rows at every step
+        if strategy.active:
+            raise ValueError(f"the data plate {structure.plate_name!r} subsamples itself "
+                             f"(subsample_size={own_subsample}); distributed fit needs the rows "
+                             "passed to the model: remove subsample_size and set batch_size")
+        batch_size = num_data
+
+    check_guide_rows(guide, tensors, row_kwargs, transform, batch_size, num_data)
 
     def bound(idx):
         return (bind_rows(model, idx, num_data, structure.plate_name),
@@ -736,7 +807,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if resume:
         result, start_epoch, start_batch = checkpointer.resume(register, device)
 
-    steps_per_epoch = ddp.steps_per_epoch(num_data, batch_size, strategy.world)
+    steps_per_epoch = -(-num_data // own_subsample) if own_subsample else ddp.steps_per_epoch(
+        num_data, batch_size, strategy.world)
     start_time = time.perf_counter() - result.wall_time
     bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_batch,
                disable=not progress or strategy.rank != 0, desc="fit", unit="step", leave=False,
@@ -745,6 +817,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     try:
         for epoch in range(start_epoch, epochs):
             batches = strategy.batches(num_data, epoch, seed, batch_size)
+            if own_subsample:
+                batches = batches * steps_per_epoch
             first = start_batch if epoch == start_epoch else 0
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             pyro.enable_validation(validating and (validate is True or (
@@ -785,7 +859,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 result.eval_epochs.append(epoch + 1)
                 result.eval_elbos.append(evaluate_elbo(
                     model, guide, eval_tensors, model_kwargs=model_kwargs,
-                    distributed=strategy.active, plate_name=structure.plate_name))
+                    distributed=strategy.active, plate_name=structure.plate_name,
+                    batch_size=len(eval_tensors[0]) if own_subsample else 512))
             result.wall_time = time.perf_counter() - start_time
             checkpointer.save(epoch + 1, 0, result)
             if callback is not None and callback(epoch + 1, result):
@@ -810,6 +885,6 @@ def _finish_local(guide, model, tensors, model_kwargs, transform, strategy, resu
     if not callable(finish) or transform is not None or strategy.active:
         return
     result.local_convergence = finish(model, tensors, model_kwargs)
-    if result.local_convergence.fraction < 1.0:
+    if result.local_convergence is not None and result.local_convergence.fraction < 1.0:
         warnings.warn(f"fit: the per-datapoint φ_i have not all converged: "
                       f"{result.local_convergence}", RuntimeWarning)
