@@ -18,7 +18,7 @@ import torch
 
 from ppl_lvm import data as datasets
 from ppl_lvm import distributed as ddp
-from ppl_lvm import atomic, plots, threads
+from ppl_lvm import atomic, plots, program, threads
 from ppl_lvm import progress as bars
 from ppl_lvm.checkpoint import check_epochs, load_checkpoint
 from ppl_lvm import experiment
@@ -84,6 +84,9 @@ def model_name(text):
         "path/to/file.py:build)")
 
 
+COMPILE_MODES = {"off": False, "on": True, "auto": "auto", "inductor": "inductor"}
+
+
 # what `demo` fixes (the README's VAE on the bundled MNIST): not options of `demo`, so that a
 # user who gives one is told so instead of having it ignored
 DEMO_FIXED = ("data", "data_path", "guide", "semi_steps", "local_lr", "inner_steps", "inner_tol",
@@ -117,6 +120,10 @@ def add_train_options(parser, epochs, demo=False):
     add("--lr-schedule", default="constant", choices=["constant", "cosine", "exponential"],
         help="decay every step size to 1/100 by the last step (non-amortized SVI needs it to "
              "converge)")
+    add("--compile", default="off", choices=list(COMPILE_MODES),
+        help="record each SVI step once as a static graph and replay it (checked against eager "
+             "Pyro on its first batch; see ppl_lvm.compiled); auto: for long runs only; "
+             "inductor: also torch.compile it")
     add("--z-dim", type=positive_int, default=20, help="size of the latent z")
     add("--hidden-dim", type=positive_int, default=400, help="hidden units of the MLPs")
     add("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
@@ -285,7 +292,7 @@ def read_config_file(path, allowed=None):
             raise CLIError(f"--config {path}: {key!r} is not taken from a file (it decides which "
                            f"folder is written or deleted); give --{key} on the command line")
     known = set(EXPERIMENT_OPTIONS) | {"out", "device", "quiet", "tensorboard", "overwrite",
-                                       "demo_samples", "threads", "resume"}
+                                       "demo_samples", "threads", "resume", "compile"}
     unknown = sorted(set(options) - (known if allowed is None else set(allowed)))
     if unknown:
         raise CLIError(f"--config {path}: unknown options {unknown}")
@@ -499,7 +506,9 @@ def train_in(args, out, data_config, x_train, x_test):
                  transform=binarize, loss=loss, inner_steps=args.inner_steps,
                  inner_tol=args.inner_tol, local_lr=args.local_lr,
                  lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
-                 callback=record)
+                 callback=record, compile=COMPILE_MODES[getattr(args, "compile", "off")])
+    if result.compiled and ddp.is_main():
+        logger.info(result.compiled)
     train_time = time.perf_counter() - start
     # what SVI fitted: θ and λ or the φ_i table (an unused encoder does not count), read before
     # the held-out φ are added
@@ -639,6 +648,7 @@ def run_guide(module, config, x_test, local_steps=300):
 AIS_CHAINS = 16  # evaluate --method ais's default K, as ais_log_marginal's
 
 
+@program.in_evaluation_mode
 def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
@@ -719,6 +729,7 @@ def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None)
             "within_noise": abs(mean) < 2 * stderr}
 
 
+@program.in_evaluation_mode
 def compare(args):
     """Side by side: held-out ELBO and IWAE-K (± s.e.), optionally the gaps, training time and
     parameters of each run; the difference of each run's log p(x) from the first run's on the
@@ -816,6 +827,7 @@ def _print_paired(rows, per_row):
               f"{paired['unpaired_stderr']:.3f} | {verdict} |")
 
 
+@program.in_evaluation_mode
 def run_bdmc(args):
     """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
     from ppl_lvm.ais import bdmc
@@ -848,6 +860,7 @@ def run_bdmc(args):
     return summary
 
 
+@program.in_evaluation_mode
 def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
     from ppl_lvm.guides import amortization_gaps
@@ -926,6 +939,7 @@ def demo(args):
     return {**metrics, "log_px": estimate}
 
 
+@program.in_evaluation_mode
 def complete(args):
     """Complete held-out images of a trained run from the posterior p(x_miss | x_obs); write a PNG grid.
 

@@ -101,6 +101,7 @@ SMALL = ["--data", "digits", "--epochs", "2", "--z-dim", "2", "--hidden-dim", "1
     ["ppca", "--guide", "local", "--lr-schedule", "exponential"],
     ["masked-vae", "--missing", "bottom_half", "--objective", "iwae", "-K", "2", "--dreg"],
     ["mog", "--components", "2", "--covariance", "full"],
+    ["vae", "--compile", "on", "--objective", "iwae", "-K", "2"],
 ], ids=" ".join)
 def test_every_model_guide_and_objective_trains_and_evaluates(argv, tmp_path, capsys):
     """Each combination trains, writes its run, and `evaluate` rebuilds the same guide kind and
