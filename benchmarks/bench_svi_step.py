@@ -1,6 +1,7 @@
 """Benchmark: the cost of one SVI step (batch 128) for amortized, local and semi-amortized guides.
 
-Claims checked (the script exits 1 when one fails):
+Claims checked (the script exits 1 when one fails) (``--inductor`` adds fit(compile="inductor")'s
+step; the compiled rows are fit(compile=True)'s steady-state step, ``ppl_lvm.compiled``):
   1. an amortized step through ppl_lvm as ``fit`` takes it after its first epoch (Pyro model/guide,
      svi_step and LazyAdam; ``fit(validate="first_epoch")`` runs Pyro's argument/support checks
      while every row is seen once, then steps without them) costs at most 1.15x
@@ -27,6 +28,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch.nn import functional as F
 
+from ppl_lvm.compiled import CompiledELBO
 from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.train import adam, bind_rows, svi_step
@@ -122,8 +124,8 @@ class HandWrittenSemiAmortized(HandWritten):
         return loss.item()
 
 
-def make_pyro_step(model, guide, num_data, pool, batch_size, optim):
-    loss = Trace_ELBO()
+def make_pyro_step(model, guide, num_data, pool, batch_size, optim, loss=None):
+    loss = loss or Trace_ELBO()
     gen = torch.Generator().manual_seed(1)
 
     def step():
@@ -143,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--semi-steps", type=int, default=5, help="refinement steps S")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-check", action="store_true", help="print only; exit 0")
+    parser.add_argument("--inductor", action="store_true",
+                        help="also time fit(compile='inductor')'s step (torch.compile: ~10-60 s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 20 if args.quick else args.steps
@@ -178,6 +182,21 @@ def main(argv=None):
         finally:
             pyro.enable_validation(True)
     methods["amortized (ppl_lvm)"] = unvalidated_step
+
+    backends = ("fx", "inductor") if args.inductor else ("fx",)
+    for backend in backends:  # fit(compile=...)'s step: the recorded graph, validation off
+        torch.manual_seed(0)
+        graph_vae = VAE(data_dim, z_dim, hidden).to(device)
+        graph_step = make_pyro_step(graph_vae.model, graph_vae.guide, 60_000, pool, batch, adam(),
+                                    CompiledELBO(Trace_ELBO(), backend=backend))
+
+        def compiled_step(graph_step=graph_step):
+            pyro.enable_validation(False)
+            try:
+                return graph_step()
+            finally:
+                pyro.enable_validation(True)
+        methods[f"amortized, compiled {backend} (ppl_lvm)"] = compiled_step
 
     for num_data in LOCAL_SIZES:
         torch.manual_seed(0)
@@ -237,6 +256,8 @@ def main(argv=None):
 
     checks = [
         ("amortized <= 1.15x hand-written", median["amortized (ppl_lvm)"] / base, 1.15),
+        ("compiled (fx) step <= the eager one", median["amortized, compiled fx (ppl_lvm)"]
+         / median["amortized (ppl_lvm)"], 1.0),
         (f"semi-amortized S={args.semi_steps} <= 1.15x its hand-written refinement",
          median[f"semi-amortized S={args.semi_steps}, 1 particle (ppl_lvm)"]
          / median[f"hand-written semi-amortized S={args.semi_steps}"], 1.15),

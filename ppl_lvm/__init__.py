@@ -21,4 +21,9 @@ __all__ += ["MaskedVAE", "complete"]
 from ppl_lvm.ais import ais_log_marginal, bdmc  # noqa: E402
 from ppl_lvm.psis import pareto_khat  # noqa: E402
 __all__ += ["ais_log_marginal", "bdmc", "pareto_khat"]
-__version__ = "0.1.0"
+try:  # the one version, pyproject.toml's, as installed
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("ppl-lvm")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

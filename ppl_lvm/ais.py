@@ -9,6 +9,7 @@ Works for any Pyro program whose continuous latents live in the data plate: late
 a trace, moved to unconstrained space, and each energy is one vectorised trace over K × n chains.
 """
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -17,9 +18,10 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import biject_to
 
-from ppl_lvm import densities
+from ppl_lvm import densities, program, progress
 from ppl_lvm.particles import (
-    DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, trace_bytes, vectorize,
+    DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, trace_bytes,
+    vectorize,
 )
 from ppl_lvm.program import frame_of as data_frame
 from ppl_lvm.program import inspect_program, names_keywords, plate_nesting, sample_sites
@@ -109,6 +111,7 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
     raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES} or pass a tensor")
 
 
+@program.in_evaluation_mode
 @torch.no_grad()
 def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule="sigmoid",
                      leapfrog_steps=5, step_size=0.1, target_accept=0.65, plate_name=None,
@@ -154,6 +157,7 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
                     model_kwargs=model_kwargs)
 
 
+@program.in_evaluation_mode
 @torch.no_grad()
 def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, device=None,
          num_steps=500, num_samples=16, schedule="sigmoid", leapfrog_steps=5, step_size=0.1,
@@ -255,9 +259,56 @@ def _latent_names(model, x, model_kwargs):
 # the driver: chunks of rows, seeds by row block
 
 
+def _vectorisation_refused(run):
+    """AIS runs model and guide vectorised over its K chains (a plate of K particles left of the
+    program's plates, as Pyro's vectorised ELBOs do). A program that cannot be (it indexes or
+    reshapes assuming its own batch shape, a BatchNorm1d fed [K, B, D]) is run again with a loop
+    over the chains (one trace per chain: K times slower, the same answer); where even that fails,
+    it is refused in one line that says so, not with the raw error from inside the program."""
+    @functools.wraps(run)
+    def checked(model, guide, x, **kwargs):
+        try:
+            return run(model, guide, x, **kwargs)
+        except (IndexError, RuntimeError) as error:
+            failed = _fails_vectorised(model, guide, x, kwargs.get("model_kwargs") or {})
+            if failed is None:
+                raise
+            try:
+                return run(model, guide, x, loop_chains=True, **kwargs)
+            except (IndexError, RuntimeError):
+                pass
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ValueError(
+                f"AIS runs the {failed} vectorised over its K chains and this program cannot be "
+                f"({type(error).__name__}: {reason}); estimate log p(x) with method='iwae' "
+                "(importance sampling loops over particles when vectorising fails), or write "
+                "the program to broadcast over leading batch dims") from error
+    return checked
+
+
+def _fails_vectorised(model, guide, x, model_kwargs):
+    """'model' or 'guide' when that program fails on two rows under a plate of 2 particles but
+    runs without it; None otherwise."""
+    rows = x[:2]
+    kwargs = _slice_kwargs(model_kwargs, x.shape[0], slice(0, 2))
+    for role, fn in (("guide", guide), ("model", model)):
+        if fn is None:
+            continue
+        try:
+            nesting = plate_nesting(program.trace_of(fn, rows, **kwargs))
+        except Exception:
+            return None
+        try:
+            program.trace_of(vectorize(fn, 2, nesting, x.device), rows, **kwargs)
+        except Exception:
+            return role
+    return None
+
+
+@_vectorisation_refused
 def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_steps, step_size,
              target_accept, plate_name, seed, memory_bytes, chunk_size, idx, model_kwargs,
-             posterior=None):
+             posterior=None, loop_chains=False):
     _check_inputs(x, num_samples, leapfrog_steps, step_size, target_accept, chunk_size, idx)
     num_rows, device = x.shape[0], x.device
     betas = schedule_betas(num_steps, schedule, device=device)
@@ -270,19 +321,24 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
         plate_name = inspect_program(model, x, **model_kwargs).plate_name
     with _forked_rng(device, seed is not None):
         target = _Target(model, guide, x, plate_name, idx.to(device), model_kwargs)
+        target.loop = loop_chains
         if posterior is not None:
             posterior = target.match_posterior(posterior)
         rows_per_call = chunk_size or max(
             1, min(num_rows, memory_bytes // max(1, target.bytes_per_unit * num_samples)))
         log_weights, acceptance, step_sizes = [], [], []
-        for start in range(0, num_rows, rows_per_call):
-            rows = slice(start, min(start + rows_per_call, num_rows))
-            noise = _Noise(seed, rows, device)
-            result = _anneal(target, rows, num_samples, betas, leapfrog_steps, step_size,
-                             target_accept, noise, posterior)
-            log_weights.append(result[0])
-            acceptance.append(result[1])
-            step_sizes.append(result[2])
+        num_calls = -(-num_rows // rows_per_call)
+        description = "reverse AIS" if posterior is not None else "AIS"
+        with progress.phase(f"{description}, {num_rows} rows x {num_samples} chains",
+                            num_calls * (betas.numel() - 1), unit="temperature"):
+            for start in range(0, num_rows, rows_per_call):
+                rows = slice(start, min(start + rows_per_call, num_rows))
+                noise = _Noise(seed, rows, device)
+                result = _anneal(target, rows, num_samples, betas, leapfrog_steps, step_size,
+                                 target_accept, noise, posterior)
+                log_weights.append(result[0])
+                acceptance.append(result[1])
+                step_sizes.append(result[2])
     log_weights = torch.cat(log_weights, -1)  # [K, N]
     if posterior is not None:  # reverse weights estimate 1 / p(x): upper = -log mean w̃
         log_px = -(torch.logsumexp(log_weights, 0) - math.log(num_samples))
@@ -291,7 +347,12 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
     ess = (2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0)).exp()
     ess = ess.nan_to_num(1.0).clamp(1.0, num_samples)
     method = "ais-reverse" if posterior is not None else "ais"
+    # the Monte Carlo error of log mean_k w_k (and of its negative, the reverse bound), by the
+    # delta method from the K chains' own weights, as for importance sampling
+    totals = _RunningWeights(num_samples)
+    totals.add(log_weights)
     return AISEstimate(log_px=log_px, ess=ess, method=method, num_samples=num_samples,
+                       mc_stderr=totals.stderr(),
                        rows_per_call=rows_per_call, particles_per_call=num_samples,
                        num_steps=betas.numel() - 1, log_weights=log_weights,
                        acceptance=torch.cat(acceptance), step_size=torch.cat(step_sizes))
@@ -383,7 +444,12 @@ class _Site:
 
 
 class _Target:
-    """log π_β(u) = log f_0(z) + log |dz/du| + β (log p(x, z) - log f_0(z))."""
+    """log π_β(u) = log f_0(z) + log |dz/du| + β (log p(x, z) - log f_0(z)).
+
+    loop: trace each chain on its own (no particle plate), for a program that cannot be
+    vectorised over the chains."""
+
+    loop = False
 
     def __init__(self, model, guide, x, plate_name, idx, model_kwargs):
         self.model, self.guide, self.x, self.plate_name = model, guide, x, plate_name
@@ -473,11 +539,19 @@ class _Target:
                 torch.manual_seed(block_seed)
             x, kwargs, guide_kwargs = self.args(block_rows)
             program = self.guide if self.guide is not None else self.model
-            program = vectorize(program, num_samples, self.nesting, x.device)
-            trace = poutine.trace(program).get_trace(
-                x, **(guide_kwargs if self.guide is not None else kwargs))
+            call_kwargs = guide_kwargs if self.guide is not None else kwargs
+            if self.loop:  # one trace per chain, stacked: [K, ...]
+                traces = [poutine.trace(program).get_trace(x, **call_kwargs)
+                          for _ in range(num_samples)]
+                draws = {site.name: torch.stack([t.nodes[site.name]["value"].detach()
+                                                 for t in traces]) for site in self.sites}
+            else:
+                program = vectorize(program, num_samples, self.nesting, x.device)
+                trace = poutine.trace(program).get_trace(x, **call_kwargs)
+                draws = {site.name: trace.nodes[site.name]["value"].detach()
+                         for site in self.sites}
             for site in self.sites:
-                u = site.transform.inv(trace.nodes[site.name]["value"].detach())
+                u = site.transform.inv(draws[site.name])
                 parts[site.name].append(u.narrow(u.dim() + site.data_dim, within.start,
                                                  within.stop - within.start))
         return {site.name: torch.cat(parts[site.name], site.data_dim).contiguous()
@@ -486,7 +560,8 @@ class _Target:
     def _trace(self, rows, num_samples, values, program="model"):
         x, kwargs, guide_kwargs = self.args(rows)
         fn = self.model if program == "model" else self.guide
-        fn = vectorize(fn, num_samples, self.nesting, x.device)
+        if not self.loop:
+            fn = vectorize(fn, num_samples, self.nesting, x.device)
         return densities.trace_given(fn, values, (x,),
                                      kwargs if program == "model" else guide_kwargs)
 
@@ -497,8 +572,15 @@ class _Target:
 
     def log_densities(self, rows, u):
         """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)): each [K, n], differentiable."""
-        num_rows = rows.stop - rows.start
         num_samples = next(iter(u.values())).shape[0]
+        if not self.loop:
+            return self._log_densities(rows, u, num_samples)
+        parts = [self._log_densities(rows, {name: value[k] for name, value in u.items()}, 1)
+                 for k in range(num_samples)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _log_densities(self, rows, u, num_samples):
+        num_rows = rows.stop - rows.start
         values = {site.name: site.transform(u[site.name]) for site in self.sites}
         model_trace = self._trace(rows, num_samples, values)
         nodes = sample_sites(model_trace)
@@ -653,6 +735,7 @@ def _anneal(target, rows, num_samples, betas, leapfrog_steps, step_size, target_
     betas = betas.tolist()
     num_transitions = len(betas) - 2
     for t in range(1, len(betas)):
+        progress.advance()
         log_weights = log_weights + (betas[t] - betas[t - 1]) * state.log_ratio
         if t == len(betas) - 1:  # no transition after the last temperature
             break

@@ -1,8 +1,13 @@
-"""The command line: `ppl-lvm train | evaluate | gaps | bdmc | complete | demo` (or `python -m ppl_lvm`).
+"""The command line: `ppl-lvm train | evaluate | compare | gaps | bdmc | complete | demo` (or `python -m ppl_lvm`).
 
-Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback.
+Bad names, paths and option values end in one line `ppl-lvm: error: ...`, never a traceback
+(`--debug` shows it). Messages go through `logging` (logger "ppl_lvm"): results and what was
+written where at level RESULT, progress at INFO (`--quiet` hides it and the bars, `--verbose` adds
+DEBUG).
 """
 import argparse
+import logging
+import math
 import os
 import sys
 import time
@@ -13,20 +18,40 @@ import torch
 
 from ppl_lvm import data as datasets
 from ppl_lvm import distributed as ddp
-from ppl_lvm import atomic, plots
+from ppl_lvm import atomic, plots, program, threads
+from ppl_lvm import progress as bars
 from ppl_lvm.checkpoint import check_epochs, load_checkpoint
 from ppl_lvm import experiment
-from ppl_lvm.runs import (RunLock, load_run, prepare_run_folder, run_data, save_run,
+from ppl_lvm.runs import (RunLock, holds_run, load_run, prepare_run_folder, run_data, save_run,
                           state_module)
 from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, fit
 from ppl_lvm.models.vae import VAE
+
+
+logger = logging.getLogger("ppl_lvm")
+RESULT = 25  # between INFO and WARNING: results and files written, shown even with --quiet
+logging.addLevelName(RESULT, "RESULT")
 
 
 class CLIError(Exception):
     """An error for the user: printed as one line."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help line (not for flags, nor where there is none), and
+    examples kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
@@ -53,64 +78,112 @@ def model_name(text):
         "path/to/file.py:build)")
 
 
-def add_train_options(parser, epochs):
-    parser.add_argument("--config", default=None,
-                        help="a TOML file of options (or a run's config.json, to repeat that "
-                             "run); options on the command line override it")
-    parser.add_argument("--data", default="mnist", choices=sorted(datasets.DATASETS),
-                        help="bundled data set (mnist: 5,000 real MNIST digits; digits: sklearn 8x8)")
-    parser.add_argument("--data-path", default=None,
-                        help="a folder of MNIST IDX files (gzipped or not) or an .npz, instead of the bundled set")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--lr-schedule", default="constant",
-                        choices=["constant", "cosine", "exponential"],
-                        help="decay every step size to 1/100 by the last step (non-amortized SVI "
-                             "needs it to converge)")
-    parser.add_argument("--z-dim", type=positive_int, default=20)
-    parser.add_argument("--hidden-dim", type=positive_int, default=400)
-    parser.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"])
-    parser.add_argument("--guide", default="amortized", choices=list(experiment.GUIDES),
-                        help="amortized: the model's encoder q(z | x); local: one φ_i per "
-                             "training row (non-amortized SVI); semi-amortized: the encoder's "
-                             "output refined by --semi-steps steps")
-    parser.add_argument("--semi-steps", type=positive_int, default=5)
-    parser.add_argument("--local-lr", type=positive_float, default=1e-2,
-                        help="step size of the per-datapoint φ tables")
-    parser.add_argument("--inner-steps", type=int, default=0,
-                        help="S > 0: the lecture's two-step procedure, S steps on the batch's φ_i "
-                             "then one on θ (with --guide local)")
-    parser.add_argument("--inner-tol", type=float, default=None,
-                        help="stop a batch's inner loop once a step improves it by less than this "
-                             "fraction (--inner-steps is then a cap)")
-    parser.add_argument("--objective", default="elbo", choices=list(experiment.OBJECTIVES))
-    parser.add_argument("-K", "--num-particles", type=positive_int, default=1,
-                        help="samples per datapoint in the objective (IWAE's K)")
-    parser.add_argument("--dreg", action="store_true",
-                        help="doubly-reparameterised gradients for --objective iwae")
-    parser.add_argument("--missing", default=None,
-                        help="train with missing pixels (masked-vae): top_half, bottom_half, "
-                             "left_half, right_half, blocks or mcar:RATE")
-    parser.add_argument("--components", type=positive_int, default=10, help="mog: K components")
-    parser.add_argument("--covariance", default="diag", choices=["diag", "full", "tied"])
-    parser.add_argument("--mog-method", default="em",
-                        choices=["em", "enum", "reinforce", "amortized"],
-                        help="mog: how the mixture is fitted (em: the exact posterior as q)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="an option for a model file's build(data_dim, **options); repeat")
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--eval-every", type=positive_int, default=5)
-    parser.add_argument("--checkpoint-every", type=positive_int, default=None,
-                        help="also checkpoint every N steps (always at each epoch's end)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run OUT already holds (its files are deleted first)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--tensorboard", action="store_true",
-                        help="also write OUT/tensorboard/ event files (needs the tensorboard package)")
+COMPILE_MODES = {"off": False, "on": True, "auto": "auto", "inductor": "inductor"}
+
+
+# what `demo` fixes (the README's VAE on the bundled MNIST): not options of `demo`, so that a
+# user who gives one is told so instead of having it ignored
+DEMO_FIXED = ("data", "data_path", "guide", "semi_steps", "local_lr", "inner_steps", "inner_tol",
+              "objective", "num_particles", "dreg", "missing", "components", "covariance",
+              "mog_method", "option")
+
+
+def add_train_options(parser, epochs, demo=False):
+    fixed = {}
+
+    def add(*flags, **kwargs):
+        action = parser.add_argument(*flags, **kwargs)
+        if demo and action.dest in DEMO_FIXED:  # recorded in the run's config, not offered
+            parser._remove_action(action)
+            for flag in action.option_strings:
+                parser._option_string_actions.pop(flag, None)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            fixed[action.dest] = action.default
+
+    add("--data", default="mnist", choices=sorted(datasets.DATASETS),
+        help="bundled data set (mnist: 5,000 real MNIST digits; digits: sklearn 8x8)")
+    add("--data-path", default=None,
+        help="a folder of MNIST IDX files (gzipped or not) or an .npz, instead of the bundled set")
+    add("--epochs", type=int, default=epochs, help="passes over the training rows")
+    add("--batch-size", type=positive_int, default=128, help="rows per optimiser step")
+    add("--lr", type=positive_float, default=1e-3, help="Adam's step size for θ (and λ)")
+    add("--lr-schedule", default="constant", choices=["constant", "cosine", "exponential"],
+        help="decay every step size to 1/100 by the last step (non-amortized SVI needs it to "
+             "converge)")
+    add("--compile", default="off", choices=list(COMPILE_MODES),
+        help="record each SVI step once as a static graph and replay it (checked against eager "
+             "Pyro on its first batch; see ppl_lvm.compiled); auto: for long runs only; "
+             "inductor: also torch.compile it")
+    add("--z-dim", type=positive_int, default=20, help="size of the latent z")
+    add("--hidden-dim", type=positive_int, default=400, help="hidden units of the MLPs")
+    add("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
+        help="p(x | z): Bernoulli (data binarized) or Gaussian")
+    add("--guide", default="amortized", choices=list(experiment.GUIDES),
+        help="amortized: the model's encoder q(z | x); local: one φ_i per training row "
+             "(non-amortized SVI); semi-amortized: the encoder's output refined by --semi-steps "
+             "steps")
+    add("--semi-steps", type=positive_int, default=5,
+        help="refinement steps of --guide semi-amortized")
+    add("--local-lr", type=positive_float, default=1e-2, help="step size of the per-datapoint φ tables")
+    add("--inner-steps", type=int, default=0,
+        help="S > 0: the lecture's two-step procedure, S steps on the batch's φ_i then one on θ "
+             "(with --guide local)")
+    add("--inner-tol", type=float, default=None,
+        help="stop a batch's inner loop once a step improves it by less than this fraction "
+             "(--inner-steps is then a cap; default: no early stop)")
+    add("--objective", default="elbo", choices=list(experiment.OBJECTIVES),
+        help="the training loss: the ELBO or the importance-weighted bound IWAE-K")
+    add("-K", "--num-particles", type=positive_int, default=1,
+        help="samples per datapoint in the objective (IWAE's K)")
+    add("--dreg", action="store_true", help="doubly-reparameterised gradients for --objective iwae")
+    add("--missing", default=None,
+        help="train with missing pixels (masked-vae): top_half, bottom_half, left_half, "
+             "right_half, blocks or mcar:RATE")
+    add("--components", type=positive_int, default=10, help="mog: K components")
+    add("--covariance", default="diag", choices=["diag", "full", "tied"],
+        help="mog: covariance of each component")
+    add("--mog-method", default="em", choices=["em", "enum", "reinforce", "amortized"],
+        help="mog: how the mixture is fitted (em: the exact posterior as q)")
+    add("--option", action="append", default=[], metavar="KEY=VALUE",
+        help="an option for a model file's build(data_dim, **options); repeat")
+    add("--test-fraction", type=float, default=0.2, help="share of the rows held out")
+    add("--eval-every", type=positive_int, default=5,
+        help="held-out ELBO every N epochs (metrics.jsonl, the curve)")
+    add("--checkpoint-every", type=positive_int, default=None,
+        help="also checkpoint every N steps (always at each epoch's end)")
+    add("--seed", type=int, default=0, help="seed of the split, the initial weights and SVI")
+    add("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add("--overwrite", action="store_true",
+        help="replace the run OUT already holds (its files are deleted first)")
+    add("--tensorboard", action="store_true",
+        help="also write OUT/tensorboard/ event files (needs the tensorboard package)")
+    if fixed:
+        parser.set_defaults(**fixed)
+
+
+def add_common_options(parser, config=True):
+    """Options every command takes: threads, how much it says, and config files."""
+    group = parser.add_argument_group("common options")
+    group.add_argument("--threads", type=positive_int, default=None,
+                       help="torch CPU threads (default: $OMP_NUM_THREADS if set, else the "
+                            "physical cores not busy with other work, shared among torchrun's "
+                            "processes)")
+    group.add_argument("--quiet", action="store_true",
+                       help="no progress bars or progress messages: results and files written only")
+    group.add_argument("--verbose", action="store_true", help="also debugging messages")
+    group.add_argument("--debug", action="store_true",
+                       help="on an error, the full traceback instead of one line")
+    if config:
+        group.add_argument("--config", default=None,
+                           help="a TOML (or JSON) file of this command's options, names as on "
+                                "the command line (- or _); for train also a run's config.json, "
+                                "to repeat that run; options on the command line override it")
+        group.add_argument("--print-config", action="store_true",
+                           help="print this command's full resolved configuration as TOML (which "
+                                "--config reads back) and stop")
 
 
 # options that describe the experiment (recorded in config.json; --config reads them back)
@@ -121,8 +194,9 @@ EXPERIMENT_OPTIONS = (
     "option", "test_fraction", "eval_every", "checkpoint_every", "seed")
 
 
-def read_config_file(path):
-    """Options from a TOML file (names as on the command line, - or _) or a run's config.json."""
+def read_config_file(path, allowed=None):
+    """Options from a TOML file (names as on the command line, - or _) or a run's config.json;
+    ``allowed``: the option names the command takes (default: ``train``'s)."""
     import json
 
     path = Path(path)
@@ -135,15 +209,15 @@ def read_config_file(path):
         else:
             try:
                 import tomllib
-            except ImportError:  # Python 3.10
-                raise CLIError(f"--config {path}: reading TOML needs Python 3.11 or newer; "
-                               "give the options as a .json file instead") from None
+            except ImportError:  # Python 3.10: the same parser, installed as tomli
+                import tomli as tomllib
             values = tomllib.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise CLIError(f"--config {path} cannot be read: {error}") from error
     options = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(options) - set(EXPERIMENT_OPTIONS)
-                     - {"out", "device", "quiet", "tensorboard", "overwrite", "demo_samples"})
+    known = set(EXPERIMENT_OPTIONS) | {"out", "device", "quiet", "tensorboard", "overwrite",
+                                       "demo_samples", "threads", "resume", "compile"}
+    unknown = sorted(set(options) - (known if allowed is None else set(allowed)))
     if unknown:
         raise CLIError(f"--config {path}: unknown options {unknown}")
     return options
@@ -177,15 +251,25 @@ def train(args):
     data_path = None if args.data_path is None else os.path.abspath(args.data_path)
     data_config = {"name": args.data, "path": data_path, "test_fraction": args.test_fraction,
                    "split_seed": args.seed, "binarize": args.likelihood == "bernoulli"}
+    logger.info(f"loading {args.data}" + (f" from {data_path}" if data_path else ""))
     x_train, x_test = run_data(data_config, args.device)
     if not ddp.is_main():
         return train_in(args, out, data_config, x_train, x_test)
-    with RunLock(out):  # before the folder is judged: a run writing it now holds it
-        prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
-        if args.resume and (out / CHECKPOINT_NAME).is_file():
-            check_epochs(load_checkpoint(out / CHECKPOINT_NAME, "cpu"), out / CHECKPOINT_NAME,
-                         args.epochs)
-        return train_in(args, out, data_config, x_train, x_test)
+    created = not out.exists()
+    try:
+        with RunLock(out):  # before the folder is judged: a run writing it now holds it
+            prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
+            if args.resume and (out / CHECKPOINT_NAME).is_file():
+                check_epochs(load_checkpoint(out / CHECKPOINT_NAME, "cpu"),
+                             out / CHECKPOINT_NAME, args.epochs)
+            return train_in(args, out, data_config, x_train, x_test)
+    except BaseException:
+        # a run that failed before its first checkpoint leaves no folder it made behind
+        if created and out.is_dir() and not holds_run(out):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def build_experiment(args, data_dim, out=None):
@@ -235,8 +319,7 @@ def train_in(args, out, data_config, x_train, x_test):
     torch.manual_seed(args.seed)
     module, model_entries = build_experiment(args, x_train.shape[1], out if ddp.is_main() else None)
     state_module(module).to(x_train.device)  # guides are read from the model on the data's device
-    say = (lambda *a: None) if args.quiet or not ddp.is_main() else print
-    say(f"training {args.model} ({args.guide} guide, {args.objective}) on {args.data}: "
+    logger.info(f"training {args.model} ({args.guide} guide, {args.objective}) on {args.data}: "
         f"{len(x_train)} train / {len(x_test)} held-out rows of {x_train.shape[1]} values, "
         f"{args.epochs} epochs on {args.device}")
     start = time.perf_counter()
@@ -264,12 +347,14 @@ def train_in(args, out, data_config, x_train, x_test):
     eval_data = None if args.guide == "local" else (test_data if len(test_data) > 1 else x_test)
     result = fit(module.model, guide, data if len(data) > 1 else x_train, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-                 progress=not args.quiet, eval_data=eval_data, eval_every=args.eval_every,
+                 progress=bars.enabled(), eval_data=eval_data, eval_every=args.eval_every,
                  checkpoint_dir=out, checkpoint_every=args.checkpoint_every, resume=args.resume,
                  transform=binarize, loss=loss, inner_steps=args.inner_steps,
                  inner_tol=args.inner_tol, local_lr=args.local_lr,
                  lr_schedule=None if args.lr_schedule == "constant" else args.lr_schedule,
-                 callback=record)
+                 callback=record, compile=COMPILE_MODES[getattr(args, "compile", "off")])
+    if result.compiled and ddp.is_main():
+        logger.info(result.compiled)
     train_time = time.perf_counter() - start
     # what SVI fitted: θ and λ or the φ_i table (an unused encoder does not count), read before
     # the held-out φ are added
@@ -293,14 +378,15 @@ def train_in(args, out, data_config, x_train, x_test):
         write_pictures(module, x_test, result, out)
     else:
         plots.training_curve(result, out / "training_curve.png", title=f"{args.model} training")
-    print(f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, 10 samples each{note}); "
+    logger.log(RESULT, f"held-out ELBO: {elbo:.2f} nats/image ({len(x_test)} images, 10 samples each{note}); "
           f"{metrics['wall_time_s']:.0f} s; wrote {out}")
     return metrics
 
 
 def epoch_log(log, args, steps_per_epoch):
     """fit's ``callback``: one JSON line per epoch in ``log`` (metrics.jsonl) as training goes:
-    the epoch's mean loss, the held-out ELBO when it was evaluated, the step-size factor of the
+    ``train_elbo`` (the epoch's mean minibatch ELBO per row, nats; higher is better), ``loss``
+    (the same with the optimiser's sign, -ELBO), ``heldout_elbo`` when it was evaluated, the step-size factor of the
     schedule at the epoch's last step and the wall time. ``compare`` and the curve PNG read it.
 
     The file is rewritten whole through ``atomic`` each epoch (it is small), so a killed run leaves
@@ -324,7 +410,9 @@ def epoch_log(log, args, steps_per_epoch):
     def record(epoch, result):
         if log is None:
             return False
-        entry = {"epoch": epoch, "loss": result.epoch_losses[-1], "step": result.step,
+        # one sign for the ELBOs (higher is better); "loss" is the optimiser's, -ELBO
+        entry = {"epoch": epoch, "train_elbo": -result.epoch_losses[-1],
+                 "loss": result.epoch_losses[-1], "step": result.step,
                  "lr_factor": lr_factor(args.lr_schedule, max(result.step - 1, 0),
                                         args.epochs * steps_per_epoch),
                  "wall_time_s": result.wall_time}
@@ -359,7 +447,7 @@ def train_mixture(args, out, module, run_config, x_train, x_test, start):
                "eval_epochs": [], "eval_elbos": [],
                "num_parameters": sum(p.numel() for p in module.parameters())}
     save_run(out, "mog", module, run_config, metrics)
-    print(f"held-out log p(x): {metrics['heldout_log_px']:.2f} nats/row (exact, {len(x_test)} rows; "
+    logger.log(RESULT, f"held-out log p(x): {metrics['heldout_log_px']:.2f} nats/row (exact, {len(x_test)} rows; "
           f"{args.mog_method}, {fitted.epochs} iterations); wrote {out}")
     return metrics
 
@@ -399,6 +487,10 @@ def run_guide(module, config, x_test, local_steps=300):
     return guide, {**kwargs, **extra}, note
 
 
+AIS_CHAINS = 16  # evaluate --method ais's default K, as ais_log_marginal's
+
+
+@program.in_evaluation_mode
 def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
@@ -408,6 +500,14 @@ def evaluate(args):
     if args.n is not None:
         x_test = x_test[:args.n]
     start = time.perf_counter()
+    if args.num_samples is None:
+        args.num_samples = AIS_CHAINS if args.method == "ais" else 1000
+    logger.info(f"{args.run}: log p(x) by {args.method}, K={args.num_samples}"
+                + (f", T={args.num_steps}" if args.method == "ais" else "")
+                + f", on {len(x_test)} held-out images" + (
+                    f" ({len(x_test) * args.num_samples * args.num_steps * 6:,} model gradient "
+                    "evaluations: 5 leapfrog steps and an acceptance test per temperature and "
+                    "chain; --n takes fewer images)" if args.method == "ais" else ""))
     guide, options, note = run_guide(vae, config, x_test)
     options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
     if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
@@ -435,27 +535,52 @@ def evaluate(args):
             ess += f"; Pareto k̂ > 0.7 (not to be trusted) for {unreliable} images"
         steps = f", T={args.num_steps}" if args.method == "ais" else ""
         samples = "" if method == "exact" else f", K={args.num_samples}{steps}"
-        print(f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f} ± "
+        logger.log(RESULT, f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f} ± "
               f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s){note}")
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
             f"_T{args.num_steps}" if args.method == "ais" else "")
         path = Path(args.run) / f"{name}.json"
         atomic.write_json(path, result)
+        logger.log(RESULT, f"wrote {path}")
     return result
 
 
+def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None):
+    """The difference of two runs' per-datapoint log p(x_n) [N] on the same held-out rows.
+
+    mean: mean_n (log_px_n - baseline_n); stderr: the paired standard error std_n(d_n) / √N (the
+    rows' own variation cancels: far smaller than the unpaired sqrt(s_a² + s_b²)); mc_stderr: the
+    Monte Carlo part, sqrt(Σ_n (e_n² + e'_n²)) / N from each estimate's own error; within_noise:
+    |mean| < 2 × stderr (the difference is not distinguishable from the rows' and samplers'
+    noise at about 95 %)."""
+    diff = (log_px.double() - baseline.double())
+    count = diff.numel()
+    stderr = diff.std().item() / math.sqrt(count) if count > 1 else math.inf
+    unpaired = math.sqrt(log_px.double().var().item() / count + baseline.double().var().item() / count) \
+        if count > 1 else math.inf
+    mc = None
+    if mc_stderr is not None and baseline_mc_stderr is not None:
+        mc = math.sqrt((mc_stderr.double() ** 2 + baseline_mc_stderr.double() ** 2).sum().item()) / count
+    mean = diff.mean().item()
+    return {"mean": mean, "stderr": stderr, "unpaired_stderr": unpaired, "mc_stderr": mc,
+            "within_noise": abs(mean) < 2 * stderr}
+
+
+@program.in_evaluation_mode
 def compare(args):
     """Side by side: held-out ELBO and IWAE-K (± s.e.), optionally the gaps, training time and
-    parameters of each run; a PNG of the held-out ELBO against epochs and wall time."""
+    parameters of each run; the difference of each run's log p(x) from the first run's on the
+    same held-out rows with its paired standard error; a PNG of the held-out ELBO against epochs
+    and wall time."""
     import json
-
-    import matplotlib.pyplot as plt
 
     from ppl_lvm.estimators import estimate_log_marginal
     from ppl_lvm.guides import amortization_gaps
 
-    rows, curves = [], {}
+    rows, curves, per_row = [], {}, []
     for run in args.runs:
+        logger.info(f"{run}: held-out ELBO (K=100) and IWAE (K={args.num_samples}) on the first "
+                    f"{args.n} held-out rows" + (", then the gaps" if args.gaps else ""))
         module, config = load_run(run, args.device)
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         _, x_test = run_data(config["data"], args.device)
@@ -466,11 +591,12 @@ def compare(args):
                                      num_samples=100, seed=args.seed, **kwargs)
         iwae = estimate_log_marginal(module.model, guide, x_test, method=method or "iwae",
                                      num_samples=args.num_samples, seed=args.seed, **kwargs)
+        per_row.append((x_test, iwae))
         row = {"run": str(run), "model": config.get("model"),
                "guide": config.get("cli", {}).get("guide", "amortized"),
                "heldout_elbo": elbo.mean, "heldout_log_px": iwae.mean,
-               "log_px_stderr": iwae.stderr, "train_time_s": metrics.get("train_time_s",
-                                                                          metrics.get("wall_time_s")),
+               "log_px_stderr": iwae.stderr, "log_px_mc_stderr": iwae.mean_mc_stderr,
+               "train_time_s": metrics.get("train_time_s", metrics.get("wall_time_s")),
                "num_parameters": metrics.get("num_parameters"), "note": note.strip()}
         if args.gaps and method is None and row["guide"] == "amortized" and not kwargs:
             encoder = experiment.gap_encoder(module, module.guide, x_test)
@@ -478,41 +604,56 @@ def compare(args):
                                      num_samples=args.num_samples, local_steps=args.local_steps,
                                      seed=args.seed).summary()
             row.update(approximation_gap=gaps["approximation_gap"],
-                       amortization_gap=gaps["amortization_gap"])
+                       amortization_gap=gaps["amortization_gap"],
+                       approximation_gap_mc_stderr=gaps["approximation_gap_mc_stderr"],
+                       amortization_gap_mc_stderr=gaps["amortization_gap_mc_stderr"],
+                       negative_amortization_gap=gaps["negative_amortization_gap"])
         rows.append(row)
         log = Path(run) / "metrics.jsonl"
         if log.is_file():
             curves[str(run)] = [json.loads(line) for line in log.read_text().splitlines() if line]
     header = (f"| run | model | guide | held-out ELBO | log p(x), IWAE-{args.num_samples} | "
               "approx. gap | amort. gap | train s | parameters |")
-    print(header)
-    print("|" + "---|" * 9)
+    logger.log(RESULT, header)
+    logger.log(RESULT, "|" + "---|" * 9)
     for r in rows:
         gap = lambda key: f"{r[key]:.2f}" if key in r else "—"  # noqa: E731
-        print(f"| {r['run']} | {r['model']} | {r['guide']} | {r['heldout_elbo']:.2f} | "
+        logger.log(RESULT, f"| {r['run']} | {r['model']} | {r['guide']} | {r['heldout_elbo']:.2f} | "
               f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {gap('approximation_gap')} | "
               f"{gap('amortization_gap')} | {r['train_time_s']:.1f} | {r['num_parameters']} |")
+    _print_paired(rows, per_row)
     atomic.write_json(Path(args.out).with_suffix(".json"), rows)
+    logger.log(RESULT, f"wrote {Path(args.out).with_suffix('.json')}")
     if curves:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for run, entries in curves.items():
-            points = [(e, e["heldout_elbo"]) for e in entries if "heldout_elbo" in e]
-            label, style = run, "-"
-            if not points:  # a per-datapoint guide has no φ for held-out rows while it trains
-                points, label, style = [(e, -e["loss"]) for e in entries], f"{run} (train)", "--"
-            for axis, key in zip(axes, ("epoch", "wall_time_s")):
-                axis.plot([e[key] for e, _ in points], [value for _, value in points], style,
-                          marker=".", label=label)
-        axes[0].set(xlabel="epoch", ylabel="ELBO (nats): held-out, or training (dashed)")
-        axes[1].set(xlabel="training time (s)", ylabel="ELBO (nats)")
-        axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        atomic.save_figure(fig, Path(args.out))
-        plt.close(fig)
-        print(f"wrote {args.out}")
+        plots.compare_curves(curves, Path(args.out))
+        logger.log(RESULT, f"wrote {args.out}")
     return rows
 
 
+def _print_paired(rows, per_row):
+    """Each run against the first on the same held-out rows: Δ log p(x) with its paired s.e."""
+    if len(rows) < 2:
+        return
+    base_x, base = per_row[0]
+    logger.log(RESULT, f"differences from {rows[0]['run']} on the same held-out rows (paired: the rows' own "
+          "variation cancels; within noise: |Δ| < 2 paired s.e.)")
+    logger.log(RESULT, "| run | Δ log p(x) | paired s.e. | Monte Carlo s.e. | unpaired s.e. | |")
+    logger.log(RESULT, "|" + "---|" * 6)
+    for row, (x_test, estimate) in zip(rows[1:], per_row[1:]):
+        if x_test.shape != base_x.shape or not torch.equal(x_test, base_x):
+            row["paired"] = None
+            logger.log(RESULT, f"| {row['run']} | — | — | — | — | other held-out rows: not paired |")
+            continue
+        paired = paired_difference(estimate.log_px, base.log_px, estimate.mc_stderr,
+                                   base.mc_stderr)
+        row["paired"] = {"baseline": rows[0]["run"], **paired}
+        mc = "—" if paired["mc_stderr"] is None else f"{paired['mc_stderr']:.3f}"
+        verdict = "within noise" if paired["within_noise"] else "differs"
+        logger.log(RESULT, f"| {row['run']} | {paired['mean']:+.3f} | {paired['stderr']:.3f} | {mc} | "
+              f"{paired['unpaired_stderr']:.3f} | {verdict} |")
+
+
+@program.in_evaluation_mode
 def run_bdmc(args):
     """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
     from ppl_lvm.ais import bdmc
@@ -526,13 +667,16 @@ def run_bdmc(args):
     summary = {"num_images": args.n, "num_steps": args.num_steps, "num_samples": args.num_samples,
                "lower": result.lower.mean().item(), "upper": result.upper.mean().item(),
                "gap": result.gap.mean().item(), "wall_time_s": seconds}
-    print(f"BDMC on {args.n} simulated images, T={args.num_steps}, K={args.num_samples}: "
+    logger.log(RESULT, f"BDMC on {args.n} simulated images, T={args.num_steps}, K={args.num_samples}: "
           f"{summary['lower']:.2f} <= log p(x) <= {summary['upper']:.2f} nats/image "
           f"(gap {summary['gap']:.2f}; {seconds:.1f} s)")
-    atomic.write_json(Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json", summary)
+    path = Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json"
+    atomic.write_json(path, summary)
+    logger.log(RESULT, f"wrote {path}")
     return summary
 
 
+@program.in_evaluation_mode
 def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
     from ppl_lvm.guides import amortization_gaps
@@ -540,7 +684,7 @@ def gaps(args):
     vae, config = load_run(args.run, args.device)
     _, x_test = run_data(config["data"], args.device)
     x_test = x_test[:args.n]
-    print(f"gaps of {args.run} on {len(x_test)} held-out images: q* by {args.local_steps} steps "
+    logger.info(f"gaps of {args.run} on {len(x_test)} held-out images: q* by {args.local_steps} steps "
           f"per image, log p(x) by IWAE with K={args.num_samples}")
     start = time.perf_counter()
     result = amortization_gaps(vae.model, vae.guide, x_test, num_samples=args.num_samples,
@@ -550,8 +694,8 @@ def gaps(args):
     summary = {**result.summary(), "local_steps": args.local_steps,
                "wall_time_s": time.perf_counter() - start}
     atomic.write_json(Path(args.run) / "gaps.json", summary)
-    print(result)
-    print(f"wrote {Path(args.run) / 'gaps.json'}")
+    logger.log(RESULT, result)
+    logger.log(RESULT, f"wrote {Path(args.run) / 'gaps.json'}")
     return summary
 
 
@@ -561,12 +705,14 @@ def add_gaps_parser(commands):
     p.add_argument("-K", "--num-samples", type=positive_int, default=5000,
                    help="importance samples for log p(x) (IWAE)")
     p.add_argument("--n", type=positive_int, default=200, help="the first n held-out images")
-    p.add_argument("--elbo-samples", type=positive_int, default=100)
+    p.add_argument("--elbo-samples", type=positive_int, default=100,
+                   help="samples of each ELBO (amortized q and q*)")
     p.add_argument("--local-steps", type=positive_int, default=300,
                    help="optimisation steps of each image's own q* (decoder frozen)")
-    p.add_argument("--local-lr", type=positive_float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--local-lr", type=positive_float, default=1e-2, help="step size of q*'s steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and q*'s start")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_common_options(p)
     p.set_defaults(func=gaps)
 
 
@@ -587,7 +733,7 @@ def demo(args):
                                 num_particles=1000, num_steps=200, rate=0.5, block_size=14,
                                 out=None))
     out = args.out
-    print(f"demo done in {time.perf_counter() - start:.0f} s: held-out ELBO {metrics['heldout_elbo']:.2f}, "
+    logger.log(RESULT, f"demo done in {time.perf_counter() - start:.0f} s: held-out ELBO {metrics['heldout_elbo']:.2f}, "
           f"log p(x) by IWAE-{args.demo_samples} {estimate['mean']:.2f} ± {estimate['stderr']:.2f} "
           f"nats/image (median ESS {estimate['median_ess']:.1f}); pictures in {out}/\n"
           "next, try:\n"
@@ -600,10 +746,12 @@ def demo(args):
     return {**metrics, "log_px": estimate}
 
 
+@program.in_evaluation_mode
 def complete(args):
     """Complete held-out images of a trained run from the posterior p(x_miss | x_obs); write a PNG grid.
 
-    Rows: the originals, the observed pixels (missing ones grey), then ``--samples`` completions.
+    Rows: the originals, the observed pixels (missing ones in ``plots.MISSING_COLOR``), then
+    ``--samples`` completions.
     A plain VAE's encoder never saw missing pixels: q(z | zero-filled x) is a poor proposal, so its
     Metropolis-within-Gibbs chains propose z from q(z | x_obs and the current completion), a full
     image like those it was trained on (Rezende et al. 2014); a MaskedVAE proposes from q(z | x_obs).
@@ -628,15 +776,16 @@ def complete(args):
     # each completion drawn as E[x_miss | z_s] beside the observed pixels: smoother to read than
     # the Bernoulli draws themselves (result.samples), which carry the same z_s
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
-    observed = torch.where(mask, x, torch.full_like(x, 0.5))
     out = completion_path(args.out, args.run, args.mask)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = ["original", "observed"] + [f"sample {i + 1}" for i in range(args.samples)]
-    plots.image_grid([x, observed, *shown], out, row_labels=labels,
-                     title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) ({args.method})")
+    plots.image_grid([x, x, *shown], out, row_labels=labels,
+                     missing=[None, mask] + [None] * args.samples,
+                     title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
+                           f"({args.method}); missing pixels in {plots.MISSING_NAME}")
     scores = missing.imputation_scores(x, mask, result.mean,
                                        binary=bool(config["data"].get("binarize")))
-    print(f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
+    logger.log(RESULT, f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
           f"{args.method}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" of the posterior mean; wrote {out}")
     return scores
@@ -669,9 +818,10 @@ def add_complete_parser(commands):
     p.add_argument("--num-steps", type=positive_int, default=200, help="MwG steps")
     p.add_argument("--rate", type=float, default=0.5, help="missing rate for --mask mcar")
     p.add_argument("--block-size", type=positive_int, default=14, help="side for --mask blocks")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask and the samplers")
     p.add_argument("--out", default=None, help="PNG path (default RUN/completions_MASK.png)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_common_options(p)
     p.set_defaults(func=complete)
 
 
@@ -686,17 +836,36 @@ def join_torchrun(args):
         args.device = str(ddp.local_device())
 
 
+EXAMPLES = """examples:
+  ppl-lvm demo                                      # the README's VAE on the bundled MNIST
+  ppl-lvm train vae --data digits --epochs 20 --out runs/vae
+  ppl-lvm evaluate runs/vae -K 1000                 # held-out log p(x) by IWAE
+  ppl-lvm train vae --print-config > exp.toml       # every option, to edit and rerun:
+  ppl-lvm train --config exp.toml --out runs/exp
+  ppl-lvm COMMAND --help                            # a command's options and their defaults
+"""
+
+
 def build_parser():
-    parser = Parser(prog="ppl-lvm", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from ppl_lvm import __version__
+
+    parser = Parser(prog="ppl-lvm", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    parser.add_argument("--version", action="version",
+                        version=f"ppl-lvm {__version__} (torch {torch.__version__}, "
+                                f"pyro {pyro.__version__})")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                     metavar="COMMAND")
 
     p = commands.add_parser("train", help="fit a model (SVI) and write a run folder")
     p.add_argument("model", nargs="?", type=model_name, default=None,
-                   help=f"one of {', '.join(experiment.BUILTIN)}, or path/to/file.py:build for "
-                        "your own model (build(data_dim, **options) returns an object with model "
-                        "and guide)")
-    p.add_argument("--out", default=None, help="run folder to write (checkpoint, weights, PNGs)")
+                   help=f"required, here or in --config: one of {', '.join(experiment.BUILTIN)}, "
+                        "or path/to/file.py:build for your own model (build(data_dim, **options) "
+                        "returns an object with model and guide)")
+    p.add_argument("--out", default=None,
+                   help="required, here or in --config: the run folder to write (checkpoint, "
+                        "weights, metrics, PNGs)")
     add_train_options(p, epochs=50)
+    add_common_options(p)
     p.set_defaults(func=train)
 
     p = commands.add_parser("evaluate", help="held-out log p(x) estimates for a trained run")
@@ -705,58 +874,89 @@ def build_parser():
                    help="iwae: the importance-weighted bound with q(z | x); elbo: Jensen's bound; "
                         "prior: naive Monte Carlo with z ~ p(z); ais: annealed importance sampling "
                         "from q(z | x), K chains of T HMC steps (a tighter lower bound)")
-    p.add_argument("-K", "--num-samples", type=positive_int, default=1000)
+    p.add_argument("-K", "--num-samples", type=positive_int, default=None,
+                   help="importance samples per image (default: 1000), or AIS chains per image "
+                        f"(default: {AIS_CHAINS}, each as costly as T importance samples)")
     p.add_argument("-T", "--num-steps", type=positive_int, default=500,
                    help="AIS temperatures (HMC transitions) per chain, for --method ais")
-    p.add_argument("--n", type=positive_int, default=None, help="only the first n held-out images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="only the first n held-out images (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_common_options(p)
     p.set_defaults(func=evaluate)
 
     add_gaps_parser(commands)
 
     p = commands.add_parser("compare", help="runs side by side: held-out ELBO, IWAE log p(x), "
-                                            "gaps, time; a PNG of held-out ELBO over training")
+                                            "gaps, time; a PNG of their training curves")
     p.add_argument("runs", nargs="+", help="folders written by `ppl-lvm train`")
-    p.add_argument("-K", "--num-samples", type=positive_int, default=1000)
+    p.add_argument("-K", "--num-samples", type=positive_int, default=1000,
+                   help="importance samples per row for log p(x) (IWAE)")
     p.add_argument("--n", type=positive_int, default=200, help="the first n held-out rows")
     p.add_argument("--gaps", action="store_true", help="approximation and amortization gaps")
-    p.add_argument("--local-steps", type=positive_int, default=300)
-    p.add_argument("--out", default="compare.png", help="the PNG to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--local-steps", type=positive_int, default=300,
+                   help="optimisation steps of each row's own q* (gaps, per-datapoint runs)")
+    p.add_argument("--out", default="compare.png", help="the PNG to write (and a .json beside it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_common_options(p)
     p.set_defaults(func=compare)
 
     p = commands.add_parser("bdmc", help="BDMC: AIS lower and reverse-AIS upper bounds of log p(x) "
                                          "on images simulated from a trained run")
     p.add_argument("run", help="a folder written by `ppl-lvm train`")
     p.add_argument("--n", type=positive_int, default=50, help="images to simulate")
-    p.add_argument("-T", "--num-steps", type=positive_int, default=500)
+    p.add_argument("-T", "--num-steps", type=positive_int, default=500,
+                   help="AIS temperatures (HMC transitions) per chain, each direction")
     p.add_argument("-K", "--num-samples", type=positive_int, default=4, help="chains per image")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the chains")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_common_options(p)
     p.set_defaults(func=run_bdmc)
 
-    p = commands.add_parser("demo", help="train the VAE on the bundled MNIST (a few minutes on CPU)")
-    p.add_argument("--out", default="runs/demo")
+    p = commands.add_parser("demo", help="train the VAE on the bundled MNIST, evaluate it, draw it "
+                                         "(a few minutes on a CPU)")
+    p.add_argument("--out", default="runs/demo", help="the run folder to write")
     p.add_argument("--demo-samples", type=positive_int, default=500,
                    help="K of the demo's IWAE estimate of held-out log p(x)")
-    add_train_options(p, epochs=200)
+    add_train_options(p, epochs=200, demo=True)
+    add_common_options(p)
     p.set_defaults(func=demo)
 
     add_complete_parser(commands)
     return parser
 
 
+def subparser(parser, command):
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def parse_known(parser, argv):
+    args, extras = parser.parse_known_args(argv)
+    if extras and args.command == "demo" and any(
+            extra.split("=")[0] in ("--" + name.replace("_", "-") for name in DEMO_FIXED)
+            for extra in extras):
+        raise CLIError(f"demo does not take {' '.join(extras)}: it trains the README's VAE "
+                       "(amortized guide, ELBO) on the bundled MNIST; for other data, guides, "
+                       "objectives, missing pixels or a model file use `ppl-lvm train`")
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def parse(parser, argv):
     """Parse ``argv``; with ``--config FILE`` the file's options become the defaults, so the
     command line overrides them."""
-    args = parser.parse_args(argv)
+    args = parse_known(parser, argv)
     if getattr(args, "config", None):
-        options = read_config_file(args.config)
-        for action in parser._subparsers._group_actions:
-            action.choices[args.command].set_defaults(**options)
-        args = parser.parse_args(argv)
+        command = subparser(parser, args.command)
+        allowed = {action.dest for action in command._actions} - {"help", "config", "print_config"}
+        options = read_config_file(args.config, allowed if args.command != "train" else None)
+        command.set_defaults(**options)
+        args = parse_known(parser, argv)
+    if getattr(args, "print_config", False):
+        return args
     if args.command == "train" and args.model is None:
         raise CLIError("train needs a model (vae, masked-vae, ppca, mog or path/to/file.py:build),"
                        " on the command line or in --config")
@@ -765,22 +965,186 @@ def parse(parser, argv):
     return args
 
 
+# not part of a command's configuration
+NOT_CONFIG = ("func", "command", "config", "print_config", "debug", "verbose")
+
+
+def print_config(parser, args):
+    """The command's full resolved configuration as TOML: every option with its value (defaults,
+    then --config, then the command line), which ``--config`` reads back."""
+    import json
+
+    command = subparser(parser, args.command)
+    positional = {action.dest for action in command._actions if not action.option_strings}
+    lines = [f"# ppl-lvm {args.command}: every option, resolved (defaults < --config < command "
+             "line).", f"# Save it (ppl-lvm {args.command} ... --print-config > exp.toml), edit "
+             f"it, and run `ppl-lvm {args.command} --config exp.toml`.",
+             "# Options left at `None` (no value) are commented out."]
+    for key, value in vars(args).items():
+        if key in NOT_CONFIG:
+            continue
+        text = json.dumps(value, ensure_ascii=False)  # a TOML string, number, bool or array too
+        if value is None:
+            lines.append(f"# {key} = ")
+        elif key in positional and args.command != "train":
+            lines.append(f"# {key} = {text}  (given on the command line)")
+        else:
+            lines.append(f"{key} = {text}")
+    print("\n".join(lines))
+    return 0
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record is emitted (pytest swaps it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(args):
+    """Results and progress messages on stdout (levels: --quiet RESULT, default INFO, --verbose
+    DEBUG); rank > 0 of a torchrun group says nothing."""
+    for handler in list(logger.handlers):
+        if getattr(handler, "ppl_lvm_cli", False):
+            logger.removeHandler(handler)
+    handler = _Stdout()
+    handler.ppl_lvm_cli = True
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.propagate = False
+    level = (logging.DEBUG if getattr(args, "verbose", False) else
+             RESULT if getattr(args, "quiet", False) else logging.INFO)
+    logger.setLevel(level if ddp.rank() == 0 else logging.ERROR)
+
+
+def user_frame(error, files=()):
+    """(file, line, function) of the innermost traceback frame in the user's own code: a model
+    file, or any file outside ppl_lvm, the standard library and installed packages (the error
+    itself, or the one it was raised from)."""
+    chain = []
+    while error is not None and error not in chain:  # the error, then what it was raised from
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for error in reversed(chain):
+        found = _user_frame(error, files)
+        if found is not None:
+            return found
+    return None
+
+
+def _user_frame(error, files):
+    import site
+    import sysconfig
+    import traceback
+
+    package = str(Path(__file__).resolve().parent)
+    system = [str(Path(p).resolve()) for p in
+              {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+               sysconfig.get_paths()["platlib"], *site.getsitepackages()}]
+    found = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        path = str(Path(frame.filename).resolve())
+        if frame.filename.startswith("<") or path.startswith(package):
+            continue
+        if any(path.startswith(prefix) for prefix in system) and path not in files:
+            continue
+        found = (frame.filename, frame.lineno, frame.name)
+    return found
+
+
+def report(error, args):
+    """One line for an error (the user's file and line where their code raised it)."""
+    where = f" (rank {ddp.rank()})" if ddp.active() else ""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    frame = None if isinstance(error, CLIError) else user_frame(error)
+    if frame is not None:
+        name = type(error).__name__
+        message = (f"{frame[0]}:{frame[1]} (in {frame[2]}): {name}: {message} "
+                   "(--debug for the traceback)")
+    print(f"ppl-lvm: error{where}: {message}", file=sys.stderr)
+
+
+EXPECTED = (CLIError, ValueError, OSError, DivergenceError, RuntimeError)
+
+# PPL_LVM_SMOKE=1 shrinks every command to seconds (the tests run the README's commands so, as
+# Pyro's tests smoke-run its examples): at most these epochs, samples, steps and rows
+SMOKE_LIMITS = {"epochs": 1, "num_samples": 5, "num_steps": 5, "n": 20, "local_steps": 5,
+                "elbo_samples": 5, "demo_samples": 5, "num_particles": 2, "inner_steps": 2}
+
+
+def smoke(args):
+    if os.environ.get("PPL_LVM_SMOKE", "") in ("", "0"):
+        return
+    for key, limit in SMOKE_LIMITS.items():
+        if hasattr(args, key):
+            value = getattr(args, key)
+            setattr(args, key, limit if value is None and key in ("n", "num_samples") else
+                    value if value is None else min(value, limit))
+    logger.warning("PPL_LVM_SMOKE is set: epochs, samples, steps and rows cut to "
+                   f"{SMOKE_LIMITS} at most")
+
+
+def check_run_folder(run):
+    """A folder written by ``train`` (checked before any work, so that a command over several
+    runs fails at once)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CLIError(f"{run} not found: is it a folder written by `ppl-lvm train`?")
+    if not (run / "model.pt").is_file():
+        raise CLIError(f"{run / 'model.pt'} not found: is {run} a folder written by `ppl-lvm "
+                       "train` (and did it finish)?")
+
+
+def check_arguments(args):
+    """Every path a command names exists, before it loads data or computes anything."""
+    for run in getattr(args, "runs", None) or [getattr(args, "run", None)]:
+        if run is not None:
+            check_run_folder(run)
+    if args.command in ("train", "demo"):
+        model = str(getattr(args, "model", "") or "")
+        if ".py" in model and not Path(model.partition(":")[0]).is_file():
+            raise CLIError(f"model file {model.partition(':')[0]} not found (give "
+                           "path/to/file.py:build)")
+        if args.data_path is not None and not Path(args.data_path).exists():
+            raise CLIError(f"--data-path {args.data_path} not found")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise CLIError(f"--out {args.out} is a file, not a folder")
+        check_combination(args) if args.command == "train" else None
+
+
 def main(argv=None):
     parser = build_parser()
+    args = None
     try:
         args = parse(parser, argv)
+        if getattr(args, "print_config", False):
+            return print_config(parser, args)
         if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise CLIError("--device cuda was asked for but CUDA is not available on this machine")
+        check_arguments(args)
         join_torchrun(args)
-        args.func(args)
-    except (CLIError, ValueError, OSError, DivergenceError, RuntimeError) as error:
-        where = f" (rank {ddp.rank()})" if ddp.active() else ""
-        print(f"ppl-lvm: error{where}: {error}", file=sys.stderr)
-        return 2
+        configure_logging(args)
+        smoke(args)
+        count = threads.set_threads(getattr(args, "threads", None))
+        logger.debug(f"torch uses {count} CPU thread(s) (--threads to choose)")
+        with bars.shown(not getattr(args, "quiet", False)):
+            args.func(args)
     except KeyboardInterrupt:
         print("ppl-lvm: interrupted; rerun with --resume to continue from the last checkpoint",
               file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001: one line for the user, the traceback with --debug
+        if getattr(args, "debug", False):
+            raise
+        if not isinstance(error, EXPECTED) and user_frame(error) is None:
+            raise  # a bug in ppl_lvm itself: the traceback is what a report needs
+        report(error, args)
+        return 2
     finally:
         if ddp.active():
             ddp.dist.destroy_process_group()

@@ -4,6 +4,8 @@ The lecture fits p(x) = ∫ p(x | z) p(z) dz to real images; a Bernoulli likelih
 binary pixels, so ``binarize`` turns grey levels into {0, 1} (by a threshold, or stochastically as
 x ~ Bernoulli(grey level)). Every loader returns images [N, D] and labels [N] long on ``device``.
 """
+from __future__ import annotations
+
 import functools
 import gzip
 import math
@@ -13,6 +15,8 @@ import zlib
 
 import numpy as np
 import torch
+
+Device = str | torch.device  # where tensors are made: "cpu", "cuda", "cuda:1" or a torch.device
 
 DATASETS = ("digits", "mnist")
 SPLITS = ("all", "train", "test")
@@ -28,7 +32,7 @@ IDX_FILES = {
 # checks
 
 
-def check_data(x, name="x"):
+def check_data(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     """Check that a user tensor is data a loader could have returned: 2-D, float, finite, in [0, 1].
 
     Args:
@@ -226,7 +230,8 @@ def _read_npz_split(file, part):
 # loaders
 
 
-def load_digits(device="cpu", split="all", dtype=torch.float32):
+def load_digits(device: Device = "cpu", split: str = "all",
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 8x8 handwritten digits, grey levels 0..16 scaled to [0, 1].
 
     Args:
@@ -247,7 +252,8 @@ def load_digits(device="cpu", split="all", dtype=torch.float32):
     return _bundled_split(x, y, split)
 
 
-def load_mnist(path=None, device="cpu", split="all", dtype=torch.float32):
+def load_mnist(path: str | os.PathLike | None = None, device: Device = "cpu", split: str = "all",
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST digits as x [N, 784] in [0, 1] and labels y [N].
 
     Args:
@@ -299,7 +305,9 @@ def load_mnist(path=None, device="cpu", split="all", dtype=torch.float32):
     return torch.cat(xs), torch.cat(ys)
 
 
-def load_dataset(name, path=None, device="cpu", split="all", dtype=torch.float32):
+def load_dataset(name: str, path: str | os.PathLike | None = None, device: Device = "cpu",
+                 split: str = "all", dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a data set by name: "mnist" (see ``load_mnist``) or "digits" (see ``load_digits``).
 
     Returns:
@@ -318,7 +326,8 @@ def load_dataset(name, path=None, device="cpu", split="all", dtype=torch.float32
 # transforms
 
 
-def binarize(x, method="threshold", threshold=0.5, seed=None):
+def binarize(x: torch.Tensor, method: str = "threshold", threshold: float = 0.5,
+             seed: int | None = None) -> torch.Tensor:
     """Binary pixels for a Bernoulli likelihood.
 
     Args:
@@ -346,7 +355,8 @@ def binarize(x, method="threshold", threshold=0.5, seed=None):
     raise ValueError(f"unknown binarize method {method!r}; use 'threshold' or 'stochastic'")
 
 
-def split_rows(x, y=None, test_fraction=0.2, seed=0):
+def split_rows(x: torch.Tensor, y: torch.Tensor | None = None, test_fraction: float = 0.2,
+               seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Split rows into train and test by a seeded random permutation (the same seed, the same split).
 
     (Not scikit-learn's ``train_test_split``: a fraction and a seed, tensors in and out. The old

@@ -130,8 +130,13 @@ def rank_batches(num_data, epoch, seed, rank, world, batch_size):
 
     weight = B_r / Σ_r' B_r' is this rank's share of the global batch, the factor its gradients
     get in the all-reduce. When shards differ in size, a rank's last batch may be empty (weight 0):
-    it still joins the all-reduce.
+    it still joins the all-reduce. A batch that holds a whole shard (full batch) keeps the rows in
+    their order: a guide whose parameters are indexed by position (one row of a table per datapoint,
+    ``AutoNormal`` over local sites) must meet the same row at every step, as in Pyro's own SVI.
     """
+    if steps_per_epoch(num_data, batch_size, world) == 1:
+        rows = owned_rows(num_data, rank, world)
+        return [(rows, len(rows) / num_data)]
     shards = [shard_indices(num_data, epoch, seed, r, world) for r in range(world)]
     batches = []
     for b in range(steps_per_epoch(num_data, batch_size, world)):

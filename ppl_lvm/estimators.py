@@ -7,8 +7,12 @@ All of them read off one matrix, ``log_weights`` [K, N]: IWAE is its log-mean-ex
 its mean. The weights are built site by site from the traces (``ppl_lvm.program`` says which plate
 runs over the rows and which sites are local), vectorised over K, chunked over datapoints.
 """
+import ctypes
+import dataclasses
+import functools
 import inspect
 import math
+import sys
 import warnings
 
 import pyro
@@ -17,7 +21,7 @@ import torch
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm import densities, program
+from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.ais import ais_log_marginal
 from ppl_lvm.objectives import IWAE_ELBO  # noqa: F401  (its old path: ppl_lvm.estimators.IWAE_ELBO)
 from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
@@ -30,6 +34,23 @@ from ppl_lvm.particles import (  # noqa: F401  (public here too)
 METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact", "ais")
 GUIDE_METHODS = ("is", "iwae", "elbo")
 GLOBALS = (None, "median", "sample")
+_KEPT = []
+
+
+def keep_freed_memory(device, threshold=1 << 28):
+    """On the CPU (glibc), keep freed chunk buffers in the process instead of returning them to
+    the OS: each chunk's [K, n, D] tensors would otherwise be mapped afresh and fault in page by
+    page (K = 1000 on 200 MNIST images: 0.44 M minor page faults and ~25 % of the CPU time).
+    Raises glibc's mmap and trim thresholds to ``threshold`` bytes, once per process."""
+    if _KEPT or torch.device(device).type != "cpu" or not sys.platform.startswith("linux"):
+        return
+    _KEPT.append(True)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, int(threshold))  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def accepts(fn, name):
@@ -41,7 +62,8 @@ def accepts(fn, name):
 
 def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                  chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                 num_global_samples=10, num_steps=500, per_row=None, **model_kwargs):
+                 num_global_samples=10, num_steps=500, per_row=None, compile=False,
+                 **model_kwargs):
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
@@ -77,6 +99,10 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
             guide's ``median()`` and estimate log p(x_n | globals); "sample": average
             p(x_n | g_s) over ``num_global_samples`` draws g_s from the guide; a dict
             {site: value}: fix them there (e.g. an autoguide's ``median()``).
+        compile: record each chunk's log weights once as a graph and replay it for the other
+            chunks of that shape (``ppl_lvm.compiled.CompiledWeights``; checked against eager on
+            its first chunk, eager with one warning line when it cannot be recorded): False,
+            True or "auto" (on a GPU for K ≥ ``compiled.AUTO_MIN_SAMPLES``).
         **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.
 
     Returns:
@@ -86,13 +112,79 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
         model, guide, x, *args, method=method, num_samples=num_samples, plate_name=plate_name,
         chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
         num_global_samples=num_global_samples, num_steps=num_steps, per_row=per_row,
+        compile=compile,
         **model_kwargs).log_px
 
 
+def _rows_of_a_subsampling_model(estimate):
+    """Entry-point wrapper: a model that subsamples its own data plate
+    (``pyro.plate("data", N, subsample_size=B)``) is scored B given rows at a time
+    (``program.given_subsample``: its plate's draw replaced by those rows, the N / B scale undone),
+    so every row gets its estimate; the program's own shape checks see the B rows they expect."""
+    @functools.wraps(estimate)
+    def scoring(model, guide, x, *args, **kwargs):
+        try:
+            return estimate(model, guide, x, *args, **kwargs)
+        except program.SubsampledPlate as plate:
+            if kwargs.get("method") == "ais" or plate.num_rows != x.shape[0]:
+                raise
+            return _score_subsampled(estimate, plate, model, guide, x, args, kwargs)
+    return scoring
+
+
+def _score_subsampled(estimate, plate, model, guide, x, args, kwargs):
+    options = {k: v for k, v in kwargs.items() if k in inspect.signature(estimate).parameters}
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in options}
+    seed, user_idx = options.pop("seed", None), options.pop("idx", None)
+    for name in ("chunk_size", "per_row"):
+        options.pop(name, None)
+    num_rows, size = x.shape[0], plate.subsample_size
+    guide_takes_idx = guide is not None and program.names_keywords(guide, "idx")
+    parts = []
+    for block, start in enumerate(range(0, num_rows, size)):
+        first = min(start, num_rows - size)  # a short last block: the last B rows, new ones kept
+        rows = torch.arange(first, first + size, device=x.device)
+
+        def given(fn, x_rows):
+            # the rows of this block that the estimator passed (all B, or its probe's first few)
+            start = next((o for o in range(size - len(x_rows) + 1)
+                          if torch.equal(x[rows[o:o + len(x_rows)]], x_rows)), 0)
+            part = rows[start:start + len(x_rows)]
+            return program.given_subsample(plate.plate_name, part)(fn), part
+
+        def block_model(x_rows, *_, **__):
+            fn, _ = given(model, x_rows)
+            return fn(x, *args, **model_kwargs)
+
+        def block_guide(x_rows, *_, **__):
+            fn, part = given(guide, x_rows)
+            if guide_takes_idx:  # a per-datapoint guide (LocalGuide) reads φ of these rows
+                return fn(x[part], idx=part if user_idx is None else user_idx.to(x.device)[part])
+            return fn(x, *args, **model_kwargs)
+
+        with program.subsamples_given():
+            estimate_ = estimate(block_model, None if guide is None else block_guide, x[rows],
+                                 seed=None if seed is None else seed + block, chunk_size=size,
+                                 **options)
+        parts.append((estimate_, start - first))
+    first = parts[0][0]
+
+    def joined(name):
+        values = [getattr(e, name) for e, _ in parts]
+        if any(v is None for v in values):
+            return None
+        return torch.cat([v[skip:] for v, (_, skip) in zip(values, parts)])
+    return dataclasses.replace(first, log_px=joined("log_px"), ess=joined("ess"),
+                               khat=joined("khat"))
+
+
+@_rows_of_a_subsampling_model
+@program.in_evaluation_mode
 @torch.no_grad()
 def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                          num_global_samples=10, num_steps=500, per_row=None, **model_kwargs):
+                          num_global_samples=10, num_steps=500, per_row=None, compile=False,
+                 **model_kwargs):
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
     ESS and Pareto k̂)."""
     x, args, per_row = _data_tuple(x, args, per_row)
@@ -110,18 +202,20 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
                                 chunk_size=chunk_size, idx=idx, **model_kwargs)
     device = x.device
+    keep_freed_memory(device)
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
     memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
     call = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
-            model_kwargs, globals, num_global_samples, args, per_row)
+            model_kwargs, globals, num_global_samples, args, per_row, compile)
     if seed is not None:  # a seeded call leaves the global RNG as it found it
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return _estimate(*call)
     return _estimate(*call)
 
 
+@program.in_evaluation_mode
 def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
-                memory_bytes=None, globals=None, per_row=None, **kwargs):
+                memory_bytes=None, globals=None, per_row=None, compile=False, **kwargs):
     """The importance log weights log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n): [K, N].
 
     z_k ~ q(z | x_n) (the guide; ``guide=None``: the prior, so w = p(x_n | z_k)). Every estimator of
@@ -133,10 +227,13 @@ def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=Non
     x, rest, per_row = _data_tuple(args[0], args[1:], per_row)
     method = "prior" if guide is None else "iwae"
     num_samples = _check_inputs(guide, x, method, num_samples, None, idx, globals, 1)
+    keep_freed_memory(x.device)
     idx = torch.arange(x.shape[0], device=x.device) if idx is None else idx.to(x.device)
     with torch.no_grad(), torch.random.fork_rng(
             devices=[x.device] if x.device.type == "cuda" and seed is not None else []):
-        prog = _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest, per_row)
+        prog = compiled.compile_weights(
+            _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest, per_row),
+            compile, num_samples)
         memory = default_memory_bytes(x.device) if memory_bytes is None else int(memory_bytes)
         rows_per_call, particles_per_call = _plan(x.shape[0], num_samples, None, seed, memory,
                                                   prog.bytes_per_unit, prog.row_bound or
@@ -212,7 +309,8 @@ def _enumerated_sites(model, guide, args, kwargs):
 
 
 def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx,
-              memory_bytes, model_kwargs, globals, num_global_samples, rest=(), per_row=None):
+              memory_bytes, model_kwargs, globals, num_global_samples, rest=(), per_row=None,
+              compile=False):
     if globals == "sample":
         # log (1/S) Σ_s p(x_n | g_s): one estimate per draw g_s ~ q(globals), then log-mean-exp
         draws = []
@@ -220,7 +318,7 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             _seed_block(None if seed is None else seed + 7919 * (s + 1), 0, 0)
             draws.append(_estimate(model, guide, x, method, num_samples, plate_name, chunk_size,
                                    None if seed is None else seed + s, idx, memory_bytes,
-                                   model_kwargs, ("draw", s), 1, rest, per_row))
+                                   model_kwargs, ("draw", s), 1, rest, per_row, compile))
         log_px = torch.stack([d.log_px for d in draws]).logsumexp(0) - math.log(len(draws))
         ess = torch.stack([d.ess for d in draws]).mean(0)
         first = draws[0]
@@ -235,6 +333,8 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
                                    f"sample:{num_global_samples}", khat, (between + within).sqrt())
     num_rows = x.shape[0]
     prog = _Program(model, guide, x, method, plate_name, idx, model_kwargs, globals, rest, per_row)
+    if method != "exact":
+        prog = compiled.compile_weights(prog, compile, num_samples)
     if method == "exact":
         rows_per_call = num_rows if prog.row_bound or (prog.ambiguous and not chunk_size) else (
             chunk_size or max(1, memory_bytes // max(prog.bytes_per_unit, 1)))
@@ -245,7 +345,8 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             prog.row_bound or bool(prog.ambiguous and not chunk_size))
 
     log_px, ess, khat, mc_stderr = [], [], [], []
-    for block, start in enumerate(range(0, num_rows, rows_per_call)):
+    for block, start in enumerate(progress.chunks(num_rows, rows_per_call,
+                                                  f"log p(x) by {method}")):
         rows = slice(start, min(start + rows_per_call, num_rows))
         if method == "exact":
             log_px.append(prog.exact(rows))

@@ -16,10 +16,11 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from torch.distributions import biject_to, constraints
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
-from ppl_lvm import densities, program
+from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, svi_step
 
 NEW_ROWS_HINT = "new rows need their own φ: use ppl_lvm.guides.infer_local"
@@ -27,6 +28,21 @@ NEW_ROWS_HINT = "new rows need their own φ: use ppl_lvm.guides.infer_local"
 
 def _shape(size):
     return torch.Size((size,) if isinstance(size, int) else tuple(size))
+
+
+def _to_support(site, support):
+    """The elementwise bijection from the real line onto ``support`` (None for the real line), or
+    ValueError naming the site when a Normal cannot be carried there elementwise."""
+    base = support
+    while isinstance(base, constraints.independent):
+        base = base.base_constraint
+    if base is constraints.real:
+        return None
+    if base.is_discrete or base.event_dim != 0:
+        raise ValueError(
+            f"site {site!r} has support {support}, which a per-datapoint Normal cannot reach "
+            "elementwise: give it a guide of its own (or enumerate it, if discrete)")
+    return biject_to(base)
 
 
 class LocalGuide:
@@ -48,6 +64,12 @@ class LocalGuide:
             reads them); event_dims: {site: how many right dims of its shape are event dims}
             (default: all); inner_plates: {site: [(name, size, dim)] of the model's other plates
             around it}, entered so that the guide's values line up with the model's.
+        supports: {site: the model's support of it} (``infer_local`` reads them): a site whose
+            support is not the real line (a Gamma, LogNormal or Exponential site: positive; a Beta:
+            the unit interval) gets the Normal pushed through ``biject_to(support)`` (e.g. a
+            log-normal for a positive site), so every value it proposes is one the model accepts.
+            A support that is not elementwise (a simplex, a correlation matrix) or is discrete is
+            refused, naming the site.
         refine_after_fit: at the end of ``fit``, with θ fixed at its final value, take every
             row's φ_i to its q* (``solve_local``: per-row natural-gradient Newton steps until the
             residual is below 1e-3, at most 200 steps); ``fit`` then reports the per-row
@@ -62,7 +84,7 @@ class LocalGuide:
 
     def __init__(self, num_data, site_shapes, init_loc=0.0, init_scale=1.0, name="phi",
                  plate_name="data", plate_dim=None, event_dims=None, inner_plates=None,
-                 refine_after_fit=True):
+                 refine_after_fit=True, supports=None):
         if num_data < 1:
             raise ValueError(f"num_data must be >= 1, got {num_data}")
         if not site_shapes:
@@ -78,6 +100,10 @@ class LocalGuide:
         self.event_dims = {s: len(shape) for s, shape in self.site_shapes.items()}
         self.event_dims.update(event_dims or {})
         self.inner_plates = {s: list(p) for s, p in (inner_plates or {}).items()}
+        # {site: biject_to its support} for the sites whose support is not the real line
+        transforms = {s: _to_support(s, c) for s, c in (supports or {}).items()
+                      if s in self.site_shapes}
+        self.transforms = {s: t for s, t in transforms.items() if t is not None}
         self.param_name = LOCAL_PREFIX + name
         self._slices, start = {}, 0
         for site, shape in self.site_shapes.items():
@@ -95,6 +121,9 @@ class LocalGuide:
         x, args = data[0], tuple(data[1:])
         kwargs = dict(model_kwargs or {})
         rows = torch.arange(self.num_data, device=x.device)
+        if self.transforms:  # solve_local works in the Normal's own space, not through biject_to
+            self.convergence = self.converged = None
+            return None
         if self.refine_after_fit:
             self.convergence = solve_local(model, self, x, *args, rows=rows, max_steps=max_steps,
                                            tol=tol, seed=seed, **kwargs)
@@ -131,7 +160,8 @@ class LocalGuide:
             return torch.arange(self.num_data, device=x.device)
         if idx.shape != (x.shape[0],):
             raise ValueError(f"idx must have shape [{x.shape[0]}], got {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
+        if idx.numel() and not compiled.is_recording() and (
+                int(idx.min()) < 0 or int(idx.max()) >= self.num_data):
             raise IndexError(f"this local guide was fitted on {self.num_data} rows; idx reaches "
                              f"{int(idx.max())}: {NEW_ROWS_HINT}")
         return idx.to(x.device)
@@ -147,7 +177,10 @@ class LocalGuide:
                 with contextlib.ExitStack() as plates:
                     for plate_name, size, plate_dim in self.inner_plates.get(site, ()):
                         plates.enter_context(pyro.plate(plate_name, size, dim=plate_dim))
-                    pyro.sample(site, dist.Normal(loc, scale).to_event(self.event_dims[site]))
+                    q = dist.Normal(loc, scale)
+                    if self.transforms.get(site) is not None:
+                        q = dist.TransformedDistribution(q, self.transforms[site])
+                    pyro.sample(site, q.to_event(self.event_dims[site]))
 
     @torch.no_grad()
     def loc(self, site=None):
@@ -358,7 +391,8 @@ class _LocalProblem:
 
     def evaluate(self, rows, loc, log_scale, points, idx=None):
         """At φ [B, W] of ``rows`` [B] with points [S, B, W]: (elbo [B], grad_loc [B, W],
-        grad_log_scale [B, W], precision [B, W] = -E[∂² log p / ∂z²] by Price's theorem)."""
+        grad_log_scale [B, W], precision [B, W, W] = -E_q[∂² log p / ∂z ∂zᵀ] by Price's theorem,
+        E_q[∇² f] = E[∇f(z) εᵀ] diag(1 / σ), symmetrised)."""
         num_points, batch = points.shape[:2]
         args, kwargs = program.take((self.x,) + self.args, self.kwargs, rows, self.num_rows)
         repeat = lambda v: v.repeat(num_points, *([1] * (v.dim() - 1)))  # noqa: E731
@@ -373,8 +407,10 @@ class _LocalProblem:
             (grad_z,) = torch.autograd.grad(log_p.sum(), z)
         grad_loc = grad_z.mean(0)
         eg = (points * grad_z).mean(0)  # = E[ε ∂log p/∂z] = σ E[∂² log p/∂z²] (Price)
+        hessian = torch.einsum("sbi,sbj->bij", grad_z, points) / num_points / scale[:, None, :]
+        precision = -(hessian + hessian.transpose(-1, -2)) / 2
         elbo = log_p.detach().mean(0) + log_scale.sum(-1)
-        return elbo, grad_loc, scale * eg + 1.0, -eg / scale
+        return elbo, grad_loc, scale * eg + 1.0, precision
 
     @staticmethod
     def residual(log_scale, grad_loc, grad_log_scale):
@@ -417,7 +453,7 @@ def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_
     generator = torch.Generator().manual_seed(seed)
     out = {name: [] for name in ("converged", "residual", "steps", "elbo")}
     loc_cols, scale_cols = problem.loc_cols.to(device), problem.scale_cols.to(device)
-    for start in range(0, num_rows, rows_per_call):
+    for start in progress.chunks(num_rows, rows_per_call, "q*(z | x) per row (natural gradient)"):
         local = torch.arange(start, min(start + rows_per_call, num_rows), device=device)
         with torch.no_grad():
             phi = table[rows[local]].detach()
@@ -435,14 +471,21 @@ def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_
             a = active.nonzero().flatten()
             elbo, grad_loc, grad_log_scale, precision = (s[a] for s in state)
             beta = step[a, None]
-            # Newton target for log σ where the Price Hessian is negative definite, else the
-            # natural-gradient step (Fisher 2 for log σ); at most a factor e per step
-            target = torch.where(precision > 0, -0.5 * precision.clamp(min=1e-30).log(),
+            # mean-field fixed point σ_j² = 1 / Λ_jj where the Price Hessian's diagonal is
+            # negative, else the natural-gradient step (Fisher 2 for log σ); at most a factor e
+            diagonal = precision.diagonal(dim1=-2, dim2=-1)
+            target = torch.where(diagonal > 0, -0.5 * diagonal.clamp(min=1e-30).log(),
                                  log_scale[a] + grad_log_scale / 2)
             new_log_scale = log_scale[a] + (beta * (target - log_scale[a])).clamp(-1.0, 1.0)
             variance = (2 * new_log_scale).exp()
+            # μ: a Newton step Λ⁻¹ E_q[∇ log p] (exact in one step for a Gaussian posterior, however
+            # correlated) where Λ is positive definite, else the natural-gradient step σ² ∇
+            root, info = torch.linalg.cholesky_ex(precision)
+            newton = torch.cholesky_solve(grad_loc[..., None], root).squeeze(-1)
+            direction = torch.where((info == 0)[:, None] & torch.isfinite(newton), newton,
+                                    variance * grad_loc)
             limit = 3 * torch.maximum(variance.sqrt(), log_scale[a].exp())
-            new_loc = loc[a] + (beta * variance * grad_loc).clamp(-limit, limit)
+            new_loc = loc[a] + (beta * direction).clamp(-limit, limit)
             proposal = problem.evaluate(local[a], new_loc, new_log_scale, points[:, a],
                                         rows[local[a]])
             # a rise, up to the rounding of the ELBO's dtype (near q* a step changes it by less)
@@ -548,13 +591,12 @@ def _fix_globals(model, structure, globals_guide, args, kwargs):
 
 
 def _site_layout(model, structure, args, kwargs, site_shapes):
-    """Per latent site: its event dims and the model's other plates around it (name, size, dim),
-    read from a trace of the model on two rows, so a LocalGuide's values line up with the model's
-    whatever its plate dims."""
-    rows = slice(0, min(2, program.num_rows_of(args)))
-    call_args, call_kwargs = program.take(args, kwargs, rows, program.num_rows_of(args))
-    trace = program.trace_of(model, *call_args, **call_kwargs)
-    event_dims, inner = {}, {}
+    """Per latent site: its event dims, the model's other plates around it (name, size, dim) and
+    its support, read from a trace of the model on two rows (all rows where the model refuses two),
+    so a LocalGuide's values line up with the model's whatever its plate dims and lie in the
+    site's support."""
+    trace = program.trace_rows(model, args, kwargs, size=2)
+    event_dims, inner, supports = {}, {}, {}
     for name in site_shapes:
         site = trace.nodes.get(name)
         if site is None or site["type"] != "sample":
@@ -562,9 +604,11 @@ def _site_layout(model, structure, args, kwargs, site_shapes):
         event_dims[name] = site["fn"].event_dim
         inner[name] = [(f.name, f.size, f.dim) for f in site["cond_indep_stack"]
                        if f.vectorized and f.name != structure.plate_name]
-    return event_dims, inner
+        supports[name] = site["fn"].support
+    return event_dims, inner, supports
 
 
+@program.in_evaluation_mode
 def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=1e-2,
                 batch_size=None, num_particles=None, loss=None, name="new", seed=0,
                 globals_guide=None, num_steps=None, method=None, tol=1e-3, **model_kwargs):
@@ -607,7 +651,7 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=
     """
     steps = steps if num_steps is None else num_steps
     steps = 200 if steps is None else steps
-    structure = program.inspect_program(model, x, *args, **model_kwargs)
+    structure = program.inspect_program(model, x, *args, allow_subsample=True, **model_kwargs)
     model = _fix_globals(model, structure, globals_guide, (x,) + args, model_kwargs)
     if site_shapes is None:
         site_shapes = {n: structure.event_shapes[n] for n in structure.local_latents}
@@ -618,9 +662,11 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=
         raise ValueError(f"an encoder gives one (loc, scale); the model has latent sites "
                          f"{list(site_shapes)}: pass site_shapes= for one of them or no encoder")
     num_rows = x.shape[0]
-    event_dims, inner = _site_layout(model, structure, (x,) + args, model_kwargs, site_shapes)
+    event_dims, inner, supports = _site_layout(model, structure, (x,) + args, model_kwargs,
+                                               site_shapes)
     guide = LocalGuide(num_rows, site_shapes, name=name, plate_name=structure.plate_name,
-                       plate_dim=structure.plate_dim, event_dims=event_dims, inner_plates=inner)
+                       plate_dim=structure.plate_dim, event_dims=event_dims, inner_plates=inner,
+                       supports=supports)
     store = pyro.get_param_store()
     if guide.param_name in store:
         del store[guide.param_name]
@@ -631,10 +677,19 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=
                 loc, scale = encoder(x[start:start + 1024])
                 guide.initialize(loc, scale, rows=slice(start, start + 1024))
     covered = set(site_shapes) >= set(structure.local_latents)
+    # the natural-gradient solver works on Normal φ in the latents' own space, on all rows at once:
+    # a site with a constrained support (its Normal goes through biject_to) or a model that
+    # subsamples its own plate takes Adam on Pyro's ELBO
+    plain = not guide.transforms and not structure.subsample_size
     if method is None:
-        method = "natural" if loss is None and covered else "adam"
+        method = "natural" if loss is None and covered and plain else "adam"
     if method not in ("natural", "adam"):
         raise ValueError(f"method must be 'natural' or 'adam', got {method!r}")
+    if method == "natural" and not plain:
+        what = (f"site {next(iter(guide.transforms))!r} has a constrained support" if
+                guide.transforms else f"the data plate {structure.plate_name!r} subsamples itself")
+        raise ValueError(f"method 'natural' needs unconstrained latents on all rows; {what}: "
+                         "use method='adam'")
     if method == "natural":
         if not covered:
             raise ValueError(f"method 'natural' needs every latent site of the data plate in the "
@@ -647,7 +702,7 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=
         _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, lr,
                     batch_size, num_particles or 1, loss, seed)
         guide.convergence = local_convergence(model, guide, x, *args, tol=tol, seed=seed,
-                                              **model_kwargs) if covered else None
+                                              **model_kwargs) if covered and plain else None
         if guide.convergence is not None:
             guide.convergence.num_steps.fill_(steps)
     guide.converged = None if guide.convergence is None else guide.convergence.converged
@@ -665,6 +720,9 @@ def _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, 
     num_rows = x.shape[0]
     store = pyro.get_param_store()
     batch_size = batch_size or num_rows
+    own = structure.subsample_size  # the model subsamples its own plate: steps of its B rows
+    if own:
+        batch_size = own
     optim = adam(local_lr=lr)
     elbo = loss or pyro.infer.Trace_ELBO(num_particles=num_particles)
     only_this_table = lambda param_name: param_name == guide.param_name  # noqa: E731
@@ -681,19 +739,35 @@ def _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, 
         try:
             for p in frozen + module_params:
                 p.requires_grad_(False)
-            for step in range(steps):
+            for step in progress.chunks(steps, 1, "q(z | x) per row (Adam)", unit="step"):
                 optim.set_lr_factor(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):
                     idx = order[start:start + batch_size]
+                    if own:
+                        idx = order[-own:] if len(idx) < own else idx
                     # every per-row argument follows the same rows as x
                     batch, kwargs = program.take((x,) + args, model_kwargs, idx, num_rows)
-                    svi_step(bind_rows(model, idx, num_rows, structure.plate_name),
-                             bind_rows(guide, idx, num_rows, structure.plate_name),
-                             optim, elbo, batch, kwargs, param_filter=only_this_table)
+                    pair = (bind_rows(model, idx, num_rows, structure.plate_name),
+                            bind_rows(guide, idx, num_rows, structure.plate_name))
+                    if own:
+                        pair = _given_rows(model, guide, idx, num_rows, structure.plate_name,
+                                           (x,) + args, model_kwargs)
+                    svi_step(*pair, optim, elbo, batch, kwargs, param_filter=only_this_table)
         finally:
             for p in frozen + module_params:
                 p.requires_grad_(True)
+
+
+def _given_rows(model, guide, idx, num_rows, plate_name, args, kwargs):
+    """(model, guide) for the rows ``idx`` of a model that subsamples its own plate: the model runs
+    on all its arguments with its draw replaced by ``idx``, the guide on those rows; both at
+    scale 1 (``program.given_subsample``)."""
+    given = program.given_subsample(plate_name, idx)
+
+    def model_rows(*_, **__):
+        return given(model)(*args, **kwargs)
+    return model_rows, given(bind_rows(guide, idx, num_rows, plate_name))
 
 
 @dataclasses.dataclass
@@ -822,6 +896,18 @@ def _encoder_of(guide):
     return encoder
 
 
+def _rng_states(device):
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None, device)
+
+
+def _set_rng_states(states):
+    cpu, cuda, device = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 class _Mixed:
     """Scores importance weights under the equal mixture ½ q* + ½ q_amortized (both proposals'
     draws pooled: Veach & Guibas' balance heuristic, a deterministic mixture), per datapoint."""
@@ -851,8 +937,12 @@ class _Mixed:
             flat = optimal.sample((count,))  # [count, B, W]
             values = self.problem.values(flat, count * batch)
         else:
+            # a guide with randomness of its own (SemiAmortizedGuide's refinement noise) is scored
+            # at its draws under the same noise: the RNG is rewound for the scoring pass
+            before = _rng_states(x.device)
             with poutine.block():
                 trace = poutine.trace(self.guide).get_trace(x, **kwargs)
+            after = _rng_states(x.device)
             values = {n: s["value"].detach() for n, s in program.sample_sites(trace).items()
                       if not s["is_observed"]}
             if set(values) != set(self.optimal.site_shapes):
@@ -862,7 +952,11 @@ class _Mixed:
             flat = torch.cat([values[n].reshape(count, batch, -1) for n in self.optimal.site_shapes], -1)
         log_p = log_joint(self.model, values, x, **kwargs).reshape(count, batch)
         log_optimal = optimal.log_prob(flat).sum(-1)
+        if source != "optimal":
+            _set_rng_states(before)
         log_amortized = log_joint(self.guide, values, x, **kwargs).reshape(count, batch)
+        if source != "optimal":
+            _set_rng_states(after)
         mixture = torch.logaddexp(log_optimal, log_amortized) - math.log(2)
         alone = log_optimal if source == "optimal" else log_amortized
         return log_p - mixture, log_p - alone
@@ -910,6 +1004,7 @@ def _pooled_log_px(model, guide, optimal, x, kwargs, num_samples, seed, sources)
     return torch.cat(log_px), torch.cat(stderr)
 
 
+@program.in_evaluation_mode
 def amortization_gaps(model, guide, x, *args, encoder=None, site_shapes=None, num_samples=5000,
                       elbo_samples=1000, local_steps=None, local_lr=1e-2, proposal="pooled",
                       seed=0, tol=1e-3, **model_kwargs):

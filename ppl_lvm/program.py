@@ -128,11 +128,89 @@ def sandbox(*devices):
                 del store[name]
 
 
+@contextlib.contextmanager
+def evaluation_mode(*programs):
+    """Run every torch module that the program calls in eval mode, and restore each one's mode.
+
+    Evaluation (the estimators, AIS, completion, ``ppl-lvm evaluate``) must score a network with
+    BatchNorm's running statistics and without Dropout, and must not move BatchNorm's running
+    statistics, whatever mode the user left the network in. A global forward pre-hook
+    (``torch.nn.modules.module.register_module_forward_pre_hook``) puts a module, and every module
+    inside it, in eval mode on its first call, however the program holds it (an attribute, a
+    closure, a global); on exit each module that was switched gets ``training=True`` back, also
+    after an exception. ``programs`` (the model, the guide): modules that are these callables or
+    own them as bound methods are switched up front as well, so a program that reads
+    ``self.training`` outside a forward sees eval mode too. Usable as a decorator.
+
+    Limits: a module whose mode is read before its first call (or read by a function that is not
+    its ``forward`` and not one of ``programs``' owners), a scripted module (``torch.jit``, which
+    bypasses hooks) and ``F.dropout(..., training=True)`` written in the program are not seen.
+    """
+    switched = []
+
+    def switch(module):
+        for sub in module.modules():
+            if sub.training:
+                sub.training = False
+                switched.append(sub)
+
+    def pre_hook(module, inputs):
+        if module.training:
+            switch(module)
+
+    for fn in programs:
+        owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            switch(owner)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module in switched:
+            module.training = True
+
+
+def in_evaluation_mode(fn):
+    """Decorator: ``fn`` runs under ``evaluation_mode``, its callable leading positional
+    arguments (the model, the guide) passed as its ``programs``."""
+    @functools.wraps(fn)
+    def evaluating(*args, **kwargs):
+        with evaluation_mode(*[a for a in args[:2] if callable(a) and not torch.is_tensor(a)]):
+            return fn(*args, **kwargs)
+    return evaluating
+
+
 def trace_of(fn, *args, **kwargs):
     """``poutine.trace(fn).get_trace(*args, **kwargs)`` inside ``sandbox``, with no gradients."""
     devices = [a.device for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
     with sandbox(*devices[:1]), torch.no_grad():
         return poutine.trace(fn).get_trace(*args, **kwargs)
+
+
+def params_of(fn, *args, **kwargs):
+    """{name: shape} of every param that one call of ``fn`` reads (created in a sandbox: the
+    param store is left as it was)."""
+    trace = trace_of(fn, *args, **kwargs)
+    return {name: tuple(site["value"].shape) for name, site in trace.nodes.items()
+            if site["type"] == "param"}
+
+
+def per_row_params(shapes, num_rows):
+    """The params that hold one row per datapoint, from ``shapes`` = {rows passed: ``params_of``
+    at that many rows}: those whose shape follows the number of rows passed, and those whose first
+    dim is the data's N = ``num_rows`` (a table of all rows, indexed by position). Params of a
+    ``pyro.module`` (names with "$$$") are a network's weights, never per-row. Returns {name: shape
+    at the most rows passed}."""
+    found = {}
+    most = shapes[max(shapes)]
+    for name, shape in most.items():
+        if "$$$" in name:
+            continue
+        follows = len({s.get(name) for s in shapes.values()}) > 1
+        if follows or (len(shape) and shape[0] == num_rows):
+            found[name] = shape
+    return found
 
 
 def sample_sites(trace):
@@ -253,6 +331,9 @@ class Structure:
     observed_sites, latent_sites: sample sites with / without ``obs``.
     event_shapes: {latent local site: the shape of one row's value, [*inner plates, *event]}.
     takes_rows: the function names ``idx`` and ``num_data`` (``ppl_lvm.data_plate``).
+    subsample_size: B when the program subsamples its own data plate
+        (``pyro.plate("data", N, subsample_size=B)``: each call scores B random rows, scaled by
+        N / B), else None.
     """
 
     plate_name: str
@@ -264,6 +345,7 @@ class Structure:
     latent_sites: tuple
     event_shapes: dict
     takes_rows: bool
+    subsample_size: int = None
 
     @property
     def local_latents(self):
@@ -284,6 +366,19 @@ def _call_rows(fn, args, kwargs, rows, num_rows, full_size=None, per_row=None):
     return trace_of(fn, *args, **kwargs)
 
 
+def trace_rows(fn, args, kwargs, size=2):
+    """A trace of ``fn`` on its first ``size`` rows (per-row arguments sliced), or on all rows where
+    the program refuses so few (an author's ``assert x.shape[0] == N``): a probe never turns the
+    author's own check into a crash of the package."""
+    num_rows = num_rows_of(args)
+    if size < num_rows:
+        try:
+            return _call_rows(fn, args, kwargs, slice(0, size), num_rows)
+        except Exception:
+            pass
+    return _call_rows(fn, args, kwargs, slice(0, num_rows), num_rows)
+
+
 def plate_length(site, frame):
     """The length of ``frame``'s dim at ``site``: its size, or for a plate given no size
     (``pyro.plate("data")``, as in Pyro's SS-VAE example) the site's batch length there."""
@@ -297,7 +392,8 @@ def _row_plates(trace, size):
     """Names of the plates whose batch length equals ``size`` (the rows passed)."""
     return {frame.name for site in sample_sites(trace).values()
             for frame in site["cond_indep_stack"]
-            if frame.vectorized and plate_length(site, frame) == size}
+            if frame.vectorized and size in (plate_length(site, frame),
+                                             getattr(frame, "full_size", None))}
 
 
 def row_plate(trace, num_rows):
@@ -314,7 +410,8 @@ def row_plate(trace, num_rows):
     return candidates.pop()
 
 
-def inspect_program(fn, *args, plate_name=None, per_row=None, **kwargs):
+def inspect_program(fn, *args, plate_name=None, per_row=None, allow_subsample=False,
+                    **kwargs):
     """Read ``fn``'s structure by tracing it on a few rows of its arguments (no side effects).
 
     Args:
@@ -328,6 +425,10 @@ def inspect_program(fn, *args, plate_name=None, per_row=None, **kwargs):
             read from one trace on all rows).
         per_row: positions in ``args`` and keyword names that are per-row (the others are
             passed whole); None: tensors whose first dim is N.
+        allow_subsample: a program that subsamples its own data plate scores B random rows per
+            call; only training (``fit``) uses it as it is, so by default it is refused
+            (``SubsampledPlate``, naming the plate; the estimators then score it B given rows
+            at a time).
 
     Returns:
         ``Structure``. Raises ValueError naming the plates found when no (or no unique) plate runs
@@ -339,6 +440,8 @@ def inspect_program(fn, *args, plate_name=None, per_row=None, **kwargs):
         traces = [_call_rows(fn, args, kwargs, slice(0, size), num_rows, per_row=per_row)
                   for size in sizes]
     except Exception:  # noqa: BLE001 (the author's own checks: read the program on real rows)
+        if sizes == [num_rows]:
+            raise
         sizes = [num_rows]
         traces = [_call_rows(fn, args, kwargs, slice(0, num_rows), num_rows, per_row=per_row)]
     trace = traces[-1]
@@ -363,7 +466,63 @@ def inspect_program(fn, *args, plate_name=None, per_row=None, **kwargs):
     elif plate_name not in found:
         listing = ", ".join(repr(n) for n in found) or "none"
         raise ValueError(f"{_name(fn)}: no plate named {plate_name!r}; plates found: {listing}")
-    return structure_of(trace, plate_name, takes_rows(fn))
+    structure = structure_of(trace, plate_name, takes_rows(fn))
+    if structure.takes_rows:  # its plate follows the idx / num_data the probe passed, not its own
+        structure = dataclasses.replace(structure, subsample_size=None)
+    if structure.subsample_size is not None and not (allow_subsample or _SUBSAMPLES_GIVEN):
+        raise SubsampledPlate(_name(fn), plate_name, structure.subsample_size,
+                              plates_of(trace)[plate_name].full_size)
+    return structure
+
+
+class SubsampledPlate(ValueError):
+    """The program subsamples its own data plate (``pyro.plate(name, N, subsample_size=B)``): each
+    call scores B random rows. Per-datapoint tools refuse it (or score it B given rows at a time,
+    with ``given_subsample``); ``fit`` trains it as it is."""
+
+    def __init__(self, fn_name, plate_name, subsample_size, num_rows):
+        self.plate_name, self.subsample_size, self.num_rows = plate_name, subsample_size, num_rows
+        super().__init__(
+            f"{fn_name}: the data plate {plate_name!r} subsamples itself (subsample_size="
+            f"{subsample_size} of {num_rows} rows), so each call scores a random subset of the "
+            "rows; per-datapoint estimates need every row: score with a copy of the model without "
+            "subsample_size (ppl_lvm.fit trains it as it is)")
+
+
+_SUBSAMPLES_GIVEN = []  # non-empty inside subsamples_given(): inspect_program accepts the plate
+
+
+@contextlib.contextmanager
+def subsamples_given():
+    """Inside it, ``inspect_program`` reads a self-subsampling plate without refusing it: the
+    caller runs the program under ``given_subsample``, B rows of its choosing at a time."""
+    _SUBSAMPLES_GIVEN.append(True)
+    try:
+        yield
+    finally:
+        _SUBSAMPLES_GIVEN.pop()
+
+
+class given_subsample(Messenger):
+    """Run a program that subsamples its own plate ``plate_name`` on the rows ``idx`` [B] instead
+    of a random draw (its ``_Subsample`` site set, as Pyro's SVI replays the guide's draw into the
+    model), with the plate's N / B scale undone on the sites inside it: each row's terms count
+    once, as in a program without subsampling. ``idx`` must hold the plate's subsample_size rows
+    (Pyro checks it)."""
+
+    def __init__(self, plate_name, idx):
+        super().__init__()
+        self.plate_name, self.idx = plate_name, idx
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample":
+            return
+        if msg["name"] == self.plate_name and site_is_subsample(msg):
+            msg["value"] = self.idx
+            return
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == self.plate_name and frame.full_size and frame.size:
+                msg["scale"] = msg["scale"] * frame.size / frame.full_size
 
 
 def structure_of(trace, plate_name, rows_keywords=False):
@@ -385,7 +544,20 @@ def structure_of(trace, plate_name, rows_keywords=False):
     if plate_dim is None:
         plate_dim = plates_of(trace)[plate_name].dim
     return Structure(plate_name, plate_dim, plate_nesting(trace), tuple(local), tuple(global_),
-                     tuple(observed), tuple(latent), shapes, rows_keywords)
+                     tuple(observed), tuple(latent), shapes, rows_keywords,
+                     subsample_size_of(trace, plate_name))
+
+
+def subsample_size_of(trace, plate_name):
+    """B when the plate ``plate_name`` of ``trace`` draws a random subsample of B < N of its
+    indices (the program wrote ``pyro.plate(plate_name, N, subsample_size=B)``), else None. A plate
+    given its indices (``subsample=idx``, as ``ppl_lvm.data_plate`` does for the rows passed) does
+    not subsample on its own."""
+    site = trace.nodes.get(plate_name)
+    if site is None or site["type"] != "sample" or not site_is_subsample(site):
+        return None
+    size, subsample_size = site["fn"].size, site["fn"].subsample_size
+    return subsample_size if subsample_size is not None and 0 < subsample_size < size else None
 
 
 def check_pair(model_structure, guide_trace, fn_names=("model", "guide"), dims_only=False,

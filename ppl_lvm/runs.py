@@ -1,6 +1,5 @@
 """A trained run on disk: its config, weights, data split and metrics, so later commands
 (`evaluate`, `gaps`, `complete`) rebuild exactly what `train` fitted."""
-import fcntl
 import json
 import os
 import time
@@ -34,7 +33,8 @@ def run_data(data_config, device="cpu"):
     return x_train, x_test
 
 
-LOCK_NAME = ".ppl-lvm.lock"
+LOCK_NAME = ".ppl-lvm.lock"  # the pid of the run writing the folder
+GUARD_NAME = ".ppl-lvm.guard"  # what the operating system locks
 # what `train` writes (and `evaluate`, `gaps`, `complete` add): --overwrite deletes these, and
 # nothing else a user keeps in the folder
 RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
@@ -77,68 +77,62 @@ def prepare_run_folder(out_dir, resume=False, overwrite=False):
 
 
 class RunLock:
-    """Holds ``out_dir/.lock`` while a run writes the folder, so that a second run into it stops
-    naming the first one's pid.
+    """Holds the run folder while a run writes it, so that a second run into it stops naming the
+    first one's pid.
 
-    The file is created with O_CREAT | O_EXCL and holds our pid; we also hold an flock on it, which
-    the kernel drops when the process dies however it dies: a lock file left by a dead process is
-    taken over (no guessing from pids, which get reused).
+    The lock is ``filelock``'s (flock on POSIX, msvcrt on Windows) on ``out_dir/.ppl-lvm.guard``:
+    the operating system drops it when the process dies however it dies, so a run left by a dead
+    process is taken over (no guessing from pids, which get reused). The holder writes its pid
+    into ``out_dir/.ppl-lvm.lock`` and removes it when done; the guard file stays (empty).
     """
 
     def __init__(self, out_dir):
         self.path = Path(out_dir) / LOCK_NAME
-        self.fd = None
+        self.guard = None
 
     def __enter__(self):
+        import filelock
+
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise RunFolderError(f"{self.path.parent} is a file, not a run folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-            except FileExistsError:
-                try:
-                    fd = os.open(self.path, os.O_RDWR)
-                except FileNotFoundError:  # its owner just removed it
-                    continue
-            except PermissionError as error:
-                raise RunFolderError(f"cannot write into {self.path.parent} ({error.strerror}): is "
-                                     "it read-only? choose another --out") from error
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = _read_pid(fd)
-                os.close(fd)
-                raise RunFolderError(
-                    f"{self.path.parent} is in use by another run (pid {owner}, lock file "
-                    f"{self.path}); wait for it to finish or stop it, or choose another --out"
-                ) from None
-            try:  # the file we locked may have been removed (and replaced) meanwhile
-                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                current = False
-            if not current:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            self.fd = fd
-            return self
-        raise RunFolderError(f"could not take the lock {self.path}: other runs keep taking it")
+        guard = filelock.FileLock(str(self.path.parent / GUARD_NAME), timeout=0)
+        try:
+            guard.acquire()
+        except filelock.Timeout:
+            raise RunFolderError(
+                f"{self.path.parent} is in use by another run (pid {_read_pid(self.path)}, lock "
+                f"file {self.path}); wait for it to finish or stop it, or choose another --out"
+            ) from None
+        except PermissionError as error:
+            raise RunFolderError(f"cannot write into {self.path.parent} ({error.strerror}): is "
+                                 "it read-only? choose another --out") from error
+        try:
+            atomic.write_text(self.path, f"{os.getpid()}\n")
+        except OSError as error:
+            guard.release()
+            reason = getattr(error.__cause__, "strerror", None) or error.strerror or error
+            raise RunFolderError(f"cannot write into {self.path.parent} ({reason}): is it "
+                                 "read-only? choose another --out") from error
+        self.guard = guard
+        return self
 
     def __exit__(self, *exc):
-        if self.fd is not None:
+        if self.guard is not None:
             try:
-                self.path.unlink()  # while still locked: a waiter then finds it gone and retries
+                self.path.unlink()  # while still holding the guard
             except FileNotFoundError:
                 pass
-            os.close(self.fd)
-            self.fd = None
+            self.guard.release()
+            self.guard = None
 
 
-def _read_pid(fd):
-    for _ in range(3):  # its owner may be between creating the file and writing its pid
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+def _read_pid(path):
+    for _ in range(3):  # its owner may be between taking the guard and writing its pid
+        try:
+            text = path.read_text(errors="replace").strip()
+        except OSError:
+            text = ""
         if text:
             return text
         time.sleep(0.1)

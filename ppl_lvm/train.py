@@ -19,6 +19,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from ppl_lvm import compiled as compiling
 from ppl_lvm import distributed as ddp
 from ppl_lvm import densities, program
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
@@ -54,6 +55,7 @@ class FitResult:
     checkpoint: str = None
     inner_gains: list = dataclasses.field(default_factory=list)
     local_convergence: object = None
+    compiled: str = None  # with fit(compile=...): graphs, compile time, steps on each path
 
 
 def accepts(fn, name):
@@ -87,17 +89,34 @@ def as_batch_tuple(data, device):
     if num_data == 0:
         raise ValueError("data is empty (N = 0)")
     first = tensors[0]
-    bad = ~torch.isfinite(first) if first.is_floating_point() else None
-    if bad is not None and len(tensors) > 1 and tensors[1].dtype == torch.bool and (
-            tensors[1].shape == first.shape):
-        # (x, mask) with mask True = observed: NaN where a value is missing is how missing data
-        # arrives; the model must keep it out of the likelihood (ppl_lvm.models.missing)
-        bad = bad & tensors[1]
-    if bad is not None and bad.any():
-        rows = bad.reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
+    # (x, mask) with mask True = observed: NaN where a value is missing is how missing data
+    # arrives; the model must keep it out of the likelihood (ppl_lvm.models.missing)
+    mask = tensors[1] if len(tensors) > 1 and tensors[1].dtype == torch.bool and (
+        tensors[1].shape == first.shape) else None
+    rows = nonfinite_rows(first, mask) if first.is_floating_point() else []
+    if rows:
         raise ValueError(f"data contains NaN or inf (first bad rows: {rows}); mask missing "
                          "values instead of passing them to the likelihood")
     return tuple(t.to(device) for t in tensors)
+
+
+def nonfinite_rows(x, mask=None, limit=5, chunk_elements=1 << 20):
+    """The first ``limit`` rows of ``x`` [N, ...] holding NaN or inf (where ``mask`` is True, if
+    given), checked ``chunk_elements`` at a time: the check never holds a mask of all of x
+    (``torch.isfinite`` also makes a float temporary of its input's size: [100,000, 784] peaked
+    526 MB above the data in one piece, 164 MB in chunks of 2^24 elements, ~10 MB in 2^20)."""
+    rows_per_chunk = max(1, chunk_elements // max(1, x[0].numel()))
+    found = []
+    for start in range(0, x.shape[0], rows_per_chunk):
+        bad = ~torch.isfinite(x[start:start + rows_per_chunk])
+        if mask is not None:
+            bad &= mask[start:start + rows_per_chunk]
+        if bad.any():
+            rows = bad.reshape(len(bad), -1).any(-1).nonzero()[:limit - len(found), 0] + start
+            found += rows.tolist()
+            if len(found) >= limit:
+                break
+    return found
 
 
 def take_rows(tensors, idx, transform=None):
@@ -266,6 +285,7 @@ def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
+@program.in_evaluation_mode
 def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None,
                   distributed=False, plate_name=None):
     """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
@@ -559,12 +579,83 @@ def check_autoguide_rows(guide, structure, batch_size, num_data):
                 "ppl_lvm.LocalGuide for the local sites")
 
 
+def check_loss_rows(loss, model, guide, batch_size, num_data):
+    """Refuse a torch.jit-traced ELBO (``JitTrace_ELBO``...) for a program that takes the rows'
+    indices: the trace freezes the first batch's ``idx``, so a per-datapoint guide's later
+    minibatches would read and update the first batch's φ rows only."""
+    if batch_size < num_data and type(loss).__name__.startswith("Jit") and (
+            program.takes_rows(model) or program.takes_rows(guide)):
+        raise ValueError(f"{type(loss).__name__} freezes the first minibatch's row indices (idx), "
+                         "so a per-datapoint guide would only ever update those rows: use its "
+                         "non-Jit ELBO (e.g. Trace_ELBO), fit(compile=True), or a full batch")
+
+
+def read_structure(model, tensors, transform, kwargs, plate_name=None):
+    """The program's structure (``ppl_lvm.program.inspect_program``), read from its traces on its
+    first three (transformed) rows, or on all rows where the program refuses so few (an author's
+    own shape check, a plate that subsamples itself: ``pyro.plate("data", N, subsample_size=B)``)."""
+    num_data = len(tensors[0])
+    rows = torch.arange(min(num_data, 3), device=tensors[0].device)
+    try:
+        return program.inspect_program(model, *take_rows(tensors, rows, transform),
+                                       plate_name=plate_name, allow_subsample=True,
+                                       **_kwargs_of(kwargs, rows))
+    except Exception as error:
+        if num_data <= 3 or "plates found" in str(error):  # the package's own finding: final
+            raise
+    rows = torch.arange(num_data, device=tensors[0].device)
+    return program.inspect_program(model, *take_rows(tensors, rows, transform),
+                                   plate_name=plate_name, allow_subsample=True,
+                                   **_kwargs_of(kwargs, rows))
+
+
+def _kwargs_of(kwargs, rows):
+    """The model's keywords for ``rows``: ``kwargs(rows)`` (fit's per-row slicing) or a dict."""
+    return kwargs(rows) if callable(kwargs) else kwargs
+
+
+def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
+    """Refuse minibatches for a guide that holds a parameter with one row per datapoint (e.g.
+    ``pyro.param("alpha_q", torch.ones(x.size(0), k))`` as in Pyro's ``sparse_gamma_def.py``):
+    indexed by position, it would give each minibatch the rows of another. Read from the params the
+    guide creates on 2 and 3 rows in a sandbox (on all rows if the guide refuses so few); a guide
+    that names ``idx`` finds its own rows, and autoguides are checked by ``check_autoguide_rows``.
+    """
+    from pyro.nn import PyroModule
+
+    if batch_size >= num_data or program.takes_rows(guide) or isinstance(
+            getattr(guide, "__self__", guide), PyroModule):  # PyroParams live on the module
+        return
+    sizes = (2, 3) if num_data >= 3 else (1, 2)
+    try:
+        shapes = {}
+        for n in sizes:
+            rows = torch.arange(n, device=tensors[0].device)
+            shapes[n] = program.params_of(guide, *take_rows(tensors, rows, transform),
+                                          **_kwargs_of(kwargs, rows))
+    except Exception:  # the author's own checks (e.g. assert x.shape[0] == N): probe all rows
+        try:
+            rows = torch.arange(num_data, device=tensors[0].device)
+            shapes = {num_data: program.params_of(guide, *take_rows(tensors, rows, transform),
+                                                  **_kwargs_of(kwargs, rows))}
+        except Exception:
+            return  # the first step will say what is wrong
+    found = program.per_row_params(shapes, num_data)
+    if found:
+        name, shape = next(iter(found.items()))
+        raise ValueError(
+            f"the guide's parameter {name!r} (shape {list(shape)} for {max(shapes)} rows) holds "
+            f"one row per datapoint, so it cannot follow minibatches (batch_size={batch_size} < "
+            f"N={num_data}): train with batch_size={num_data} (full batch; rows keep their "
+            "order), or use ppl_lvm.LocalGuide or an amortized guide for the local sites")
+
+
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, per_row=(),
         transform=None,
         callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
-        plate_name=None, lr_schedule=None, inner_tol=None):
+        plate_name=None, lr_schedule=None, inner_tol=None, compile=False):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -575,6 +666,10 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             In a pair (x, mask) with mask bool of x's shape (True = observed), x may hold NaN
             where mask is False; the model must keep those entries out of its likelihood.
         epochs: passes over the data; batch_size: B (the last batch of an epoch may be smaller).
+            batch_size >= N (full batch) keeps the rows in their order. A model that subsamples
+            its own data plate (``pyro.plate("data", N, subsample_size=B)``) is trained as Pyro's
+            SVI trains it: all rows passed at every step, the plate's own N / B scale, and
+            batch_size ignored; an epoch is then ceil(N / B) steps.
         lr: Adam's learning rate for θ when ``optim`` is None (the default is ``LazyAdam``, which
             also handles per-datapoint φ tables); optim: any ``pyro.optim.PyroOptim`` or
             ``LazyAdam`` (plain Pyro optimisers reject the sparse gradients of a ``LocalGuide``).
@@ -620,6 +715,13 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             (``local$$$`` names) stay on the rank owning their rows. Rank 0 alone shows progress
             and writes ``checkpoint.pt`` (global params); each rank writes
             ``local-rank{r}-of-{P}.pt`` (its φ rows, its RNG state). Resume needs the same P.
+        compile: record each step's loss and gradients once as a static graph and replay it
+            (``ppl_lvm.compiled``): False (default), True, "auto" (on for runs of at least
+            ``compiled.AUTO_MIN_STEPS`` steps) or "inductor" (the graph also goes through
+            torch.compile: ~10-60 s to compile, ~0.9x a hand-written step on one CPU thread). Each graph is checked against eager Pyro on its
+            first batch; a program it cannot follow runs eagerly, said in one warning line.
+            Steps run eagerly while Pyro's validation is on (the first epoch by default).
+            ``result.compiled`` says what happened.
 
     Returns:
         FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
@@ -667,12 +769,21 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if clear_params:
         pyro.clear_param_store()
     loss = loss or Trace_ELBO()
+    check_loss_rows(loss, model, guide, batch_size, num_data)
+    loss = compiling.compile_loss(loss, compile, epochs * ddp.steps_per_epoch(
+        num_data, batch_size, strategy.world))
     optim = optim or adam(lr, local_lr)
 
-    # the program's structure, read once from its traces on a few (transformed) rows
-    probe_rows = torch.arange(min(num_data, 3), device=device)
-    probe = (take_rows(tensors, probe_rows, transform), row_kwargs(probe_rows))
-    structure = program.inspect_program(model, *probe[0], plate_name=plate_name, **probe[1])
+    structure = read_structure(model, tensors, transform, row_kwargs, plate_name)
+    own_subsample = structure.subsample_size
+    if own_subsample:  # the model subsamples its own plate: Pyro's SVI, all rows at every step
+        if strategy.active:
+            raise ValueError(f"the data plate {structure.plate_name!r} subsamples itself "
+                             f"(subsample_size={own_subsample}); distributed fit needs the rows "
+                             "passed to the model: remove subsample_size and set batch_size")
+        batch_size = num_data
+
+    check_guide_rows(guide, tensors, row_kwargs, transform, batch_size, num_data)
 
     def bound(idx):
         return (bind_rows(model, idx, num_data, structure.plate_name),
@@ -696,7 +807,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     if resume:
         result, start_epoch, start_batch = checkpointer.resume(register, device)
 
-    steps_per_epoch = ddp.steps_per_epoch(num_data, batch_size, strategy.world)
+    steps_per_epoch = -(-num_data // own_subsample) if own_subsample else ddp.steps_per_epoch(
+        num_data, batch_size, strategy.world)
     start_time = time.perf_counter() - result.wall_time
     bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_batch,
                disable=not progress or strategy.rank != 0, desc="fit", unit="step", leave=False,
@@ -705,6 +817,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     try:
         for epoch in range(start_epoch, epochs):
             batches = strategy.batches(num_data, epoch, seed, batch_size)
+            if own_subsample:
+                batches = batches * steps_per_epoch
             first = start_batch if epoch == start_epoch else 0
             epoch_losses = result.losses[len(result.losses) - first:] if first else []
             pyro.enable_validation(validating and (validate is True or (
@@ -745,7 +859,8 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
                 result.eval_epochs.append(epoch + 1)
                 result.eval_elbos.append(evaluate_elbo(
                     model, guide, eval_tensors, model_kwargs=model_kwargs,
-                    distributed=strategy.active, plate_name=structure.plate_name))
+                    distributed=strategy.active, plate_name=structure.plate_name,
+                    batch_size=len(eval_tensors[0]) if own_subsample else 512))
             result.wall_time = time.perf_counter() - start_time
             checkpointer.save(epoch + 1, 0, result)
             if callback is not None and callback(epoch + 1, result):
@@ -753,6 +868,7 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
     finally:
         pyro.enable_validation(validating)
         bar.close()
+        result.compiled = getattr(loss, "summary", lambda: None)()
     if checkpointer.path is None:  # never return a NaN parameter, checkpoint or not
         guard.check_state(optim, result.step, all_ranks=(
             strategy.all_true if strategy.active else None))
@@ -769,6 +885,6 @@ def _finish_local(guide, model, tensors, model_kwargs, transform, strategy, resu
     if not callable(finish) or transform is not None or strategy.active:
         return
     result.local_convergence = finish(model, tensors, model_kwargs)
-    if result.local_convergence.fraction < 1.0:
+    if result.local_convergence is not None and result.local_convergence.fraction < 1.0:
         warnings.warn(f"fit: the per-datapoint φ_i have not all converged: "
                       f"{result.local_convergence}", RuntimeWarning)

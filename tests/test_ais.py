@@ -472,3 +472,33 @@ def test_ais_beats_iwae_at_matched_cost_and_bdmc_brackets_on_mnist_vae():
     assert at_least(simulated.upper, iwae_sim.log_px) and at_least(iwae_sim.log_px, simulated.lower)
     assert at_least(simulated.upper, ais_sim.log_px) and at_least(ais_sim.log_px, simulated.lower)
     assert simulated.gap.mean() < 1.0
+
+
+def test_ais_estimates_carry_their_monte_carlo_error():
+    """Issue 19: AIS gives each row its Monte Carlo standard error from its K chains' weights,
+    sqrt((K Σw² / (Σw)² - 1) / (K - 1)) (the delta method on log mean w), as importance sampling
+    does: 0 where every chain's weight is p(x) (the exact posterior as f_0), > 0 from the prior."""
+    import math as _math
+
+    import pyro.distributions as _dist
+
+    from ppl_lvm.ais import ais_log_marginal
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", _dist.Normal(0.0, 1.0))
+            pyro.sample("x", _dist.Normal(z, 1.0), obs=x)
+
+    def exact_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", _dist.Normal(x / 2, _math.sqrt(0.5)))
+    x = torch.tensor([0.5, -1.0, 2.0])
+    exact = ais_log_marginal(model, exact_guide, x, num_samples=8, num_steps=5, seed=0)
+    assert torch.allclose(exact.mc_stderr, torch.zeros(3), atol=1e-3)
+    prior = ais_log_marginal(model, None, x, num_samples=8, num_steps=5, seed=0)
+    weights = prior.log_weights.double()
+    ratio = (torch.logsumexp(2 * weights, 0) - 2 * torch.logsumexp(weights, 0)).exp()
+    expected = ((8 * ratio - 1) / 7).clamp(min=0).sqrt()
+    assert (prior.mc_stderr > 0).all()
+    assert torch.allclose(prior.mc_stderr.double(), expected, atol=1e-5)
+    assert prior.mean_mc_stderr > 0

@@ -1,10 +1,13 @@
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ppl_lvm.cli import main
 
@@ -98,6 +101,7 @@ SMALL = ["--data", "digits", "--epochs", "2", "--z-dim", "2", "--hidden-dim", "1
     ["ppca", "--guide", "local", "--lr-schedule", "exponential"],
     ["masked-vae", "--missing", "bottom_half", "--objective", "iwae", "-K", "2", "--dreg"],
     ["mog", "--components", "2", "--covariance", "full"],
+    ["vae", "--compile", "on", "--objective", "iwae", "-K", "2"],
 ], ids=" ".join)
 def test_every_model_guide_and_objective_trains_and_evaluates(argv, tmp_path, capsys):
     """Each combination trains, writes its run, and `evaluate` rebuilds the same guide kind and
@@ -248,11 +252,17 @@ def test_compare_reports_what_evaluate_and_the_runs_say(tmp_path, capsys):
         assert (f"| {row['run']} | vae | {row['guide']} | {row['heldout_elbo']:.2f} | "
                 f"{row['heldout_log_px']:.2f} ± {row['log_px_stderr']:.2f} |") in printed
     assert png.is_file()
+    # the local run against the amortized one, on the same 20 held-out rows, paired
+    paired = rows[1]["paired"]
+    assert paired["baseline"] == str(runs[0]) and paired["stderr"] > 0 and paired["mc_stderr"] > 0
+    assert paired["mean"] == pytest.approx(rows[1]["heldout_log_px"] - rows[0]["heldout_log_px"],
+                                           abs=1e-4)
+    assert "paired s.e." in printed and f"{paired['mean']:+.3f} | {paired['stderr']:.3f}" in printed
 
 
 def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
-    """The bar refreshes at most once a second and sets its postfix once an epoch: a 50-epoch
-    run's progress output, written to a file, stays small."""
+    """Bars are drawn on a terminal only: a 50-epoch run's output written to a file holds its
+    messages and no per-step lines."""
     log = tmp_path / "log.txt"
     with open(log, "w") as handle:
         done = subprocess.run([sys.executable, "-m", "ppl_lvm", "train", "vae", "--data", "digits",
@@ -262,8 +272,10 @@ def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
                               stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, log.read_text()[-2000:]
-    assert "step/s" in log.read_text()  # the bar was on
-    assert log.stat().st_size < 20_000, log.stat().st_size
+    text = log.read_text()
+    assert "step/s" not in text and "\r" not in text  # no bar in a file
+    assert text.startswith("loading digits") and f"wrote {tmp_path / 'run'}" in text
+    assert log.stat().st_size < 2_000, log.stat().st_size
 
 
 def test_evaluate_fits_held_out_phi_of_a_per_datapoint_run_as_the_python_api_does(tmp_path, capsys):
@@ -337,3 +349,143 @@ def test_every_model_and_guide_trains_and_evaluates_on_cuda(argv, tmp_path, caps
     assert main(["evaluate", str(out), "-K", "20", "--n", "20", "--device", "cuda"]) == 0, \
         capsys.readouterr().err
     assert json.loads((out / "evaluate_iwae_K20.json").read_text())["num_images"] == 20
+
+
+def test_paired_difference_on_the_same_rows_against_its_closed_form():
+    """Two 'runs' whose per-row log p(x) differ by a constant 0.05 plus small noise, on rows that
+    vary by several nats: the paired s.e. is the noise's std / √N (about 0.001), the unpaired one
+    is dominated by the rows' spread (about 0.3); the difference is not within noise. Pure noise
+    around the same values is."""
+    from ppl_lvm.cli import paired_difference
+    gen = torch.Generator().manual_seed(0)
+    rows = 3.0 * torch.randn(400, generator=gen, dtype=torch.float64) - 90.0
+    noise = 0.02 * torch.randn(400, generator=gen, dtype=torch.float64)
+    result = paired_difference(rows + 0.05 + noise, rows, torch.full((400,), 0.01),
+                               torch.full((400,), 0.01))
+    assert result["mean"] == pytest.approx(0.05 + noise.mean().item(), abs=1e-6)
+    assert result["stderr"] == pytest.approx(noise.double().std().item() / 20, rel=1e-6)
+    assert result["unpaired_stderr"] > 100 * result["stderr"]
+    assert result["mc_stderr"] == pytest.approx(math.sqrt(400 * 2 * 1e-4) / 400, rel=1e-6)
+    assert not result["within_noise"]
+    assert paired_difference(rows + noise, rows)["within_noise"]
+
+
+def test_every_command_checks_its_runs_before_any_work(tmp_path, capsys):
+    """`compare` over a trained run and a missing one fails at once, naming the missing one, and
+    writes nothing (it used to evaluate the first run for a minute first)."""
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert main(["compare", str(out), str(tmp_path / "missing"), "--out",
+                 str(tmp_path / "c.png")]) == 2
+    assert time.perf_counter() - start < 2.0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tmp_path / 'missing'} not found" in err
+    assert not (tmp_path / "c.json").exists()
+    for command in (["evaluate"], ["gaps"], ["bdmc"], ["complete"]):
+        assert main(command + [str(tmp_path)]) == 2  # a folder, but no run in it
+        assert "model.pt not found" in capsys.readouterr().err
+
+
+def test_a_failing_model_file_is_one_line_naming_its_line_and_leaves_no_folder(tmp_path, capsys):
+    model_file = tmp_path / "broken.py"
+    model_file.write_text("def build(data_dim, **options):\n    return no_such_name(data_dim)\n")
+    out = tmp_path / "never"
+    assert main(["train", f"{model_file}:build", "--data", "digits", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ppl-lvm: error: {model_file}:2 (in build): NameError: name 'no_such_name' "
+                   "is not defined (--debug for the traceback)")
+    assert not out.exists()  # a failed run leaves no empty run folder
+    with pytest.raises(NameError):
+        main(["train", f"{model_file}:build", "--data", "digits", "--out", str(out), "--debug"])
+    assert not out.exists()
+
+
+def test_demo_refuses_the_options_it_does_not_take(capsys):
+    for option in (["--guide", "local"], ["--data", "digits"], ["--objective", "iwae"],
+                   ["--missing", "top_half"], ["--option", "a=1"]):
+        assert main(["demo", *option]) == 2
+        err = capsys.readouterr().err
+        assert f"demo does not take {' '.join(option)}" in err and "ppl-lvm train" in err
+
+
+def test_help_shows_every_command_default_and_version(capsys):
+    from ppl_lvm import __version__
+    from ppl_lvm.cli import build_parser, subparser
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("train", "evaluate", "compare", "gaps", "bdmc", "complete", "demo"):
+        assert f"    {command} " in text, command
+        for action in subparser(parser, command)._actions:
+            assert action.help, (command, action.dest)  # every option says what it is
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1000)" in text and "(default: 500)" in text and "--threads" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "required, here or in --config" in text and "(default: 0.001)" in text
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith(f"ppl-lvm {__version__} (torch")
+
+
+def test_print_config_is_a_toml_that_config_reads_back(tmp_path, capsys):
+    from ppl_lvm.cli import build_parser, parse
+
+    argv = ["train", "vae", "--data", "digits", "--epochs", "3", "--lr-schedule", "cosine",
+            "--option", "a=1", "--out", str(tmp_path / "x")]
+    assert main([*argv, "--print-config"]) == 0
+    config = tmp_path / "exp.toml"
+    config.write_text(capsys.readouterr().out)
+    assert not (tmp_path / "x").exists()  # printed, nothing done
+    expected = vars(parse(build_parser(), argv))
+    again = vars(parse(build_parser(), ["train", "--config", str(config)]))
+    skip = {"func", "config"}
+    assert {k: v for k, v in again.items() if k not in skip} == {
+        k: v for k, v in expected.items() if k not in skip}
+    assert main(["evaluate", "runs/x", "-K", "7", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert "num_samples = 7" in text and '# run = "runs/x"' in text
+    (tmp_path / "e.toml").write_text("num-samples = 9\nnot_an_option = 1\n")
+    assert main(["evaluate", "runs/x", "--config", str(tmp_path / "e.toml")]) == 2
+    assert "unknown options ['not_an_option']" in capsys.readouterr().err
+
+
+def test_threads_default_to_free_physical_cores_and_obey_the_option(monkeypatch):
+    import torch
+
+    from ppl_lvm import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.default_threads() == 3  # the user's choice
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads, "physical_cores", lambda: 8)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 0, 0))
+    assert threads.free_cores() == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert threads.default_threads() == 2  # 5 free cores shared by 2 processes
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (20.0, 0, 0))
+    assert threads.default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        assert main(["evaluate", "/no/such/run", "--threads", "1"]) == 2
+        assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_evaluate_defaults_k_per_method(tmp_path, capsys):
+    """-K is 1,000 importance samples, but 16 AIS chains (each as costly as T samples)."""
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), *TINY]) == 0
+    assert main(["evaluate", str(out), "--method", "ais", "-T", "3", "--n", "4"]) == 0
+    assert "by ais, K=16, T=3" in capsys.readouterr().out
+    assert (out / "evaluate_ais_K16_T3.json").is_file()
+    assert main(["evaluate", str(out), "--method", "elbo", "--n", "4"]) == 0
+    assert "by elbo, K=1000" in capsys.readouterr().out

@@ -72,6 +72,18 @@ def test_model_files_do_not_import_the_trainer():
             assert "ppl_lvm.train" not in deps, f"{name} imports ppl_lvm.train"
 
 
+def test_import_leaves_optional_libraries_unloaded():
+    # scikit-learn's clustering module alone cost ~1 s and ~100 MB at `import ppl_lvm`
+    import subprocess
+    import sys
+
+    code = ("import sys, ppl_lvm; print(sorted(m for m in ('sklearn', 'matplotlib', 'mlxtend', "
+            "'pandas', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "[]"
+
+
 # the one place that sums a trace's log-densities (issue 18): a trace's site log-probs, the
 # replayed trace pair and Pyro's per-trace sums are read in ppl_lvm/densities.py only. Closed-form
 # model code (a mixture's or PPCA's own density) is the model's math, not a trace's, and is free.

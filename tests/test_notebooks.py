@@ -20,7 +20,8 @@ EXPECTED = {
     "02_estimating_log_px.ipynb": [r"small mode", r"IS, exact posterior .* gap [+-]0\.000"],
     "03_amortized_vs_local_svi.ipynb": [r"held-out images, nats per image", r"amortized \(encoder\)",
                                         r"non-amortized \(local", r"semi-amortized",
-                                        r"semi \{'epoch': \d+"],
+                                        r"semi \{'epoch': \d+", r"paired s\.e\.",
+                                        r"rows converged"],
     "04_mixture_of_gaussians.ipynb": [],
     "05_missing_pixels.ipynb": [r"KNNImputer", r"log p\(x_obs\)"],
 }

@@ -229,3 +229,18 @@ def test_first_epoch_validation_catches_non_binary_pixels():
     with pytest.raises(ValueError, match="support"):
         fit(vae.model, vae.guide, x, epochs=2, batch_size=20, progress=False)
     assert pyro.infer.util.is_validation_enabled()
+
+
+def test_nonfinite_rows_are_found_chunk_by_chunk():
+    from ppl_lvm.train import nonfinite_rows
+
+    x = torch.zeros(50, 3)
+    x[[7, 8, 31, 49], [0, 2, 1, 0]] = torch.tensor([math.nan, math.inf, -math.inf, math.nan])
+    mask = torch.ones(50, 3, dtype=torch.bool)
+    mask[8, 2] = False  # a missing value, masked out, is allowed to be NaN/inf
+    for chunk_elements in (1, 7, 1 << 24):  # chunks of 1 row, 2 rows, all rows
+        assert nonfinite_rows(x, chunk_elements=chunk_elements) == [7, 8, 31, 49]
+        assert nonfinite_rows(x, mask, chunk_elements=chunk_elements) == [7, 31, 49]
+        assert nonfinite_rows(x, limit=2, chunk_elements=chunk_elements) == [7, 8]
+    with pytest.raises(ValueError, match=r"first bad rows: \[7, 8, 31, 49\]"):
+        fit(lambda x: None, lambda x: None, x, epochs=0, progress=False)

@@ -55,14 +55,6 @@ def linear_gaussian_data(n=5, seed=0):
     return z @ linear_gaussian.WEIGHT.T + linear_gaussian.MEAN + 0.5 * torch.randn(n, 4, generator=g)
 
 
-# classes 4-8 land with the branch that builds them (i18b); strict: a pass there must drop the mark
-PENDING_CLASS_4 = pytest.mark.xfail(strict=True, reason="issue 18 class 4: lands with branch i18b")
-PENDING_CLASS_5 = pytest.mark.xfail(strict=True, reason="issue 18 class 5: lands with branch i18b")
-PENDING_CLASS_6 = pytest.mark.xfail(strict=True, reason="issue 18 class 6: lands with branch i18b")
-PENDING_CLASS_7 = pytest.mark.xfail(strict=True, reason="issue 18 class 7: lands with branch i18b")
-PENDING_CLASS_8 = pytest.mark.xfail(strict=True, reason="issue 18 class 8: lands with branch i18b")
-
-
 # ---------------------------------------------------------------------------------------------
 # class 1: a guide whose density lives outside the data plate; a point-mass proposal
 
@@ -403,7 +395,6 @@ def test_parzen_with_fewer_centres_than_rows():  # class 3 (control: nothing to 
 # class 4: per-row parameter tables in a guide (sparse_gamma_def.py's custom guide)
 
 
-@PENDING_CLASS_4
 def test_sparse_gamma_def_guide_tables_are_refused_on_minibatches():  # class 4
     """sparse_gamma_def's guide holds pyro.param("alpha_z_q_top", [N, width]) indexed by position:
     a minibatch would read other rows' parameters. Refused, naming a table.
@@ -434,7 +425,6 @@ def per_row_table_program(n):
     return model, guide
 
 
-@PENDING_CLASS_4
 def test_full_batch_fit_keeps_row_order_for_a_per_row_table():  # class 4
     """fit(batch_size=N) must not shuffle rows: the table's row n meets datapoint n every step, and
     its mean reaches the exact posterior mean x_n / 2.
@@ -448,7 +438,6 @@ def test_full_batch_fit_keeps_row_order_for_a_per_row_table():  # class 4
     assert torch.allclose(pyro.param("mean_z_q").detach(), x / 2, atol=0.1)
 
 
-@PENDING_CLASS_4
 def test_full_batch_fit_keeps_row_order_for_autonormal_over_locals():  # class 4
     """The same with AutoNormal over the local site (one loc per row).
     right: x / 2 (Pyro's SVI: max error 0.031-0.046 over 3 seeds); before: [-0.32, -0.25, -0.18,
@@ -469,7 +458,6 @@ def subsampled_data():
     return torch.tensor([0.3, -1.2, 2.0, 0.7, -0.4, 1.1])  # N = 6, the author's subsample is 3
 
 
-@PENDING_CLASS_5
 def test_subsampling_author_log_marginal_is_the_closed_form():  # class 5
     """The exact posterior as guide: every IWAE weight equals p(x_n), so log_marginal is
     log N(x_n; loc, 2) for every one of the N rows, whatever the author's subsample size.
@@ -491,7 +479,6 @@ def test_subsampling_author_fit_reaches_the_maximum_likelihood():  # class 5
     assert pyro.param("loc").item() == pytest.approx(x.mean().item(), abs=0.1)
 
 
-@PENDING_CLASS_5
 def test_subsampling_author_infer_local():  # class 5
     """infer_local on the author's model: per-row Normal q*(z_n) reaches the exact posterior, so its
     ELBO is log p(x_n) up to optimisation noise.
@@ -535,7 +522,6 @@ def prodlda_iwae_eval(net, docs, num_samples, seed=0):
     return log_w.logsumexp(0) - math.log(num_samples)
 
 
-@PENDING_CLASS_6
 def test_prodlda_is_scored_in_eval_mode_and_the_mode_restored():  # class 6
     """The estimate equals the same seeded estimate with the networks in eval mode, and every
     module is back in train mode afterwards.
@@ -558,7 +544,6 @@ def test_prodlda_is_scored_in_eval_mode_and_the_mode_restored():  # class 6
     assert torch.allclose(got, right, atol=0.25)  # K = 500 against 20000: within 0.09 in eval mode
 
 
-@PENDING_CLASS_6
 def test_prodlda_ais_runs_in_eval_mode():  # class 6
     """AIS too: the same seed in train and eval mode gives the same numbers; modes restored.
     before: RuntimeError "running_mean should contain 5 elements not 6" (BatchNorm in train mode
@@ -688,7 +673,6 @@ def test_keyword_only_model_is_run_or_refused_in_one_line():  # class 7
         assert torch.allclose(got, dist.Normal(0.0, math.sqrt(2.0)).log_prob(x), atol=1e-4)
 
 
-@PENDING_CLASS_7
 def test_positive_latent_under_infer_local_is_proposed_in_its_support():  # class 7
     """sparse_gamma_def's Gamma latents under infer_local: a plain Normal q proposes negatives.
     Either q* lives on (0, ∞) (every draw positive, a finite ELBO) or the call is refused naming
@@ -716,7 +700,6 @@ def test_positive_latent_under_infer_local_is_proposed_in_its_support():  # clas
     assert torch.isfinite(estimate).all()
 
 
-@PENDING_CLASS_7
 def test_ais_on_a_program_that_cannot_be_vectorised():  # class 7
     """cvae's model indexes with a boolean mask and .view(batch_size, -1): it cannot be vectorised
     over particles. IWAE loops over particles; AIS must run too (or refuse in one ValueError line).
@@ -796,7 +779,6 @@ def conditional_mean(x, mask):
     return out
 
 
-@PENDING_CLASS_8
 def test_completion_reports_its_health_and_warns_or_is_right():  # class 8
     """complete's default on a sharp posterior with a poor proposal: it reports k̂ of its weights,
     and either its conditional mean is right (max error < 0.1 against the closed form) or it warns
@@ -828,7 +810,6 @@ def encoder_guide(x):
         pyro.sample("z", dist.MultivariateNormal(x @ LOADINGS @ cov / SHARP_NOISE ** 2, cov))
 
 
-@PENDING_CLASS_8
 def test_completion_default_with_an_encoder_fed_zeros_is_right_or_warns():  # class 8
     """The same sharp model with an encoder-like guide: complete's default must give the closed-form
     conditional mean (max error < 0.1) or warn. MwG with the "completed" proposal (the encoder fed

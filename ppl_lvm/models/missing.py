@@ -12,6 +12,7 @@ Gaussians ``mixture_conditional`` gives the exact conditional.
 import contextlib
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -21,14 +22,20 @@ import torch
 
 from pyro.poutine.messenger import Messenger
 
-from ppl_lvm import program
+from ppl_lvm import program, progress
 from ppl_lvm import densities
 from ppl_lvm.estimators import log_marginal, plate_nesting, sample_sites
 from ppl_lvm.models.vae import VAE, Encoder
 from ppl_lvm.plate import data_plate
+from ppl_lvm.psis import pareto_khat
 
 MASKS = ("top_half", "bottom_half", "left_half", "right_half", "mcar", "blocks")
-COMPLETION_METHODS = ("sir", "mwg")
+COMPLETION_METHODS = ("auto", "sir", "mwg")
+# a row's SIR completion is trusted when its weights' Pareto k̂ is at most this (PSIS's rule);
+# method="auto" leaves SIR already above KHAT_GOOD (0.5-0.7: usable, but converging slowly) ...
+KHAT_TRUSTED, KHAT_GOOD = 0.7, 0.5
+# ... and an MwG chain when it accepts at least this share of its z moves (else it barely moves)
+ACCEPTANCE_TRUSTED = 0.05
 # rows × particles per traced call in ``complete``: bounds memory (≈ 4 · this · D floats)
 ROWS_PER_CALL = 1 << 17
 
@@ -245,8 +252,13 @@ class Completion:
     samples: [S, N, D] completions x ~ p(x_miss | x_obs) (one per posterior draw).
     mean: [N, D] the posterior mean E[x | x_obs] (for Bernoulli pixels: P(x_d = 1 | x_obs)).
     ess: [N] effective sample size of the importance weights (SIR), else None.
-    acceptance: [N] the Metropolis acceptance rate of z moves (MwG), else None.
+    acceptance: [N] the Metropolis acceptance rate of z moves (MwG; NaN for rows that SIR
+        completed), else None.
     log_weights: [K, N] the importance log weights log p(x_obs, z_k) - log q(z_k | x_obs) (SIR).
+    khat: [N] Pareto k̂ of those weights (``ppl_lvm.psis``): above 0.7 SIR's completion of the row
+        cannot be trusted (+inf where too few or tied weights allow no fit; then ESS decides).
+    trusted: [N] bool, whether the row's completion passed its health check (SIR: k̂ ≤ 0.7, or
+        no k̂ and ESS ≥ K / 2; MwG: acceptance ≥ 5 %).
     sample_means: [S, N, D] E[x | z_s] for the z_s behind each sample (the image a sample is a
         noisy draw of: easier to look at, and as diverse as the posterior over z).
     """
@@ -258,6 +270,8 @@ class Completion:
     ess: torch.Tensor = None
     acceptance: torch.Tensor = None
     log_weights: torch.Tensor = None
+    khat: torch.Tensor = None
+    trusted: torch.Tensor = None
 
     def most_probable(self):
         """Per-pixel most probable completion of binary pixels: 1{P(x_d = 1 | x_obs) > 1/2}, [N, D]."""
@@ -365,6 +379,14 @@ def _guide_kwargs(guide, idx, copies):
         "idx": idx.repeat(copies)}
 
 
+def _steps(num_steps):
+    """range(num_steps) with a progress bar (Metropolis-within-Gibbs sweeps)."""
+    with progress.phase("Metropolis-within-Gibbs", num_steps, unit="sweep"):
+        for step in range(num_steps):
+            yield step
+            progress.advance()
+
+
 def _sir(masked, model, guide, x, mask, num_samples, num_particles, idx):
     """Sampling-importance-resampling: z_k ~ q(z | x_obs), resample by w_k, x_miss ~ p(x_miss | z)."""
     rows, dim = x.shape
@@ -406,7 +428,7 @@ def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
     current = torch.where(mask_rep, x_rep, x_fn.sample())
     accepted = torch.zeros(rows * num_samples, device=x.device)
     mean_sum, mean_count = torch.zeros_like(x_rep), 0
-    for step in range(num_steps):
+    for step in _steps(num_steps):
         guide_x, guide_mask = (x_rep, mask_rep) if proposal == "observed" else (current, every)
         log_w_new, proposed, fn_new = _traces(masked, model, guide, current, every, guide_x,
                                               guide_mask,
@@ -432,8 +454,9 @@ def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
         acceptance=acceptance, sample_means=state_mean.reshape(num_samples, rows, dim))
 
 
+@program.in_evaluation_mode
 @torch.no_grad()
-def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particles=1000,
+def complete(model, guide, x, mask, num_samples=16, *, method="auto", num_particles=1000,
              num_steps=200, proposal="observed", idx=None, seed=None):
     """Samples of the missing pixels from the posterior p(x_miss | x_obs), and its mean.
 
@@ -446,7 +469,11 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
             ``mask=`` if it names it, else the zero-filled image.
         x: [N, D] images (NaN allowed where mask is False); mask: [N, D] bool, True = observed.
         num_samples: S completions per image.
-        method: "sir": sampling-importance-resampling, z_k ~ q(z | x_obs) for k ≤ K
+        method: "auto" (default): SIR, checked row by row (Pareto k̂ of its weights); the rows
+            where k̂ > 0.5 (or, with too few weights for a fit, ESS < K / 2) are completed by MwG
+            with the "completed" proposal instead, and a warning names what is still untrusted
+            (an MwG chain that barely moves).
+            "sir": sampling-importance-resampling, z_k ~ q(z | x_obs) for k ≤ K
             (``num_particles``), w_k = p(x_obs, z_k) / q(z_k | x_obs), S indices resampled by w,
             then x_miss ~ p(x_miss | z); the mean is the self-normalised Σ_k w̃_k E[x | z_k].
             "mwg": Metropolis-within-Gibbs, S chains of ``num_steps`` steps (see ``proposal``).
@@ -456,7 +483,8 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
         seed: optional int; the same seed gives the same completions.
 
     Returns:
-        ``Completion`` (samples [S, N, D], mean [N, D], ESS or acceptance).
+        ``Completion`` (samples [S, N, D], mean [N, D], ESS, k̂ or acceptance, trusted). Warns
+        (RuntimeWarning) when rows fail their health check.
     """
     check_missing(x, mask)
     if method not in COMPLETION_METHODS:
@@ -468,20 +496,41 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
     x = fill_missing(x, mask)
     masked = _read_masked(model, guide, x, mask)
     rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
-    outputs = []
     with rng:
         if seed is not None:
             pyro.set_rng_seed(seed)
-        copies = num_particles if method == "sir" else 2 * num_samples
-        for rows in _chunks(x.shape[0], copies, x.shape[1]):
-            row_idx = None if idx is None else idx[rows]
-            if method == "sir":
-                outputs.append(_sir(masked, model, guide, x[rows], mask[rows], num_samples,
-                                    num_particles,
-                                    row_idx))
-            else:
-                outputs.append(_mwg(masked, model, guide, x[rows], mask[rows], num_samples, num_steps,
-                                    proposal, row_idx))
+        if method == "mwg":
+            completion = _complete_rows(masked, model, guide, x, mask, num_samples, "mwg",
+                                        num_particles, num_steps, proposal, idx)
+        else:
+            completion = _complete_rows(masked, model, guide, x, mask, num_samples, "sir",
+                                        num_particles, num_steps, proposal, idx)
+            khat = completion.khat
+            bad = ~completion.trusted | (torch.isfinite(khat) & (khat > KHAT_GOOD))
+            if method == "auto" and bad.any():
+                # SIR cannot be trusted on these rows: MwG from the encoder fed its own completion
+                rows = bad.nonzero()[:, 0]
+                mwg = _complete_rows(masked, model, guide, x[rows], mask[rows], num_samples,
+                                     "mwg", num_particles, num_steps, "completed",
+                                     None if idx is None else idx[rows])
+                completion = _replace_rows(completion, mwg, rows)
+    _warn_untrusted(completion, method, num_particles)
+    return completion
+
+
+def _complete_rows(masked, model, guide, x, mask, num_samples, method, num_particles, num_steps,
+                   proposal, idx):
+    """``complete``'s work for one method on rows x [n, D], in chunks that bound memory."""
+    outputs = []
+    copies = num_particles if method == "sir" else 2 * num_samples
+    for rows in _chunks(x.shape[0], copies, x.shape[1]):
+        row_idx = None if idx is None else idx[rows]
+        if method == "sir":
+            outputs.append(_sir(masked, model, guide, x[rows], mask[rows], num_samples,
+                                num_particles, row_idx))
+        else:
+            outputs.append(_mwg(masked, model, guide, x[rows], mask[rows], num_samples,
+                                num_steps, proposal, row_idx))
     samples = torch.cat([o[0] for o in outputs], 1)
     mean = torch.cat([o[1] for o in outputs], 0)
     extras = {key: torch.cat([o[2][key] for o in outputs], 1 if key == "sample_means" else -1)
@@ -489,7 +538,58 @@ def complete(model, guide, x, mask, num_samples=16, *, method="sir", num_particl
     samples = torch.where(mask, x, samples)
     mean = torch.where(mask, x, mean)
     extras["sample_means"] = torch.where(mask, x, extras["sample_means"])
+    if method == "sir":
+        khat = pareto_khat(extras["log_weights"]).to(mean.dtype)
+        no_fit = torch.isinf(khat)
+        extras["khat"] = khat
+        extras["trusted"] = torch.where(no_fit, extras["ess"] >= num_particles / 2,
+                                        khat <= KHAT_TRUSTED)
+    else:
+        extras["trusted"] = extras["acceptance"] >= ACCEPTANCE_TRUSTED
     return Completion(samples, mean, method, **extras)
+
+
+def _replace_rows(completion, other, rows):
+    """``completion`` with rows ``rows`` taken from ``other`` (a completion of those rows only)."""
+    def put(into, values, dim):
+        if values is None:
+            return into
+        into = into.clone()
+        index = [slice(None)] * into.dim()
+        index[dim] = rows
+        into[tuple(index)] = values.to(into.dtype)
+        return into
+    num_rows = completion.mean.shape[0]
+    acceptance = torch.full((num_rows,), math.nan, device=completion.mean.device)
+    return dataclasses.replace(
+        completion, method="sir+mwg" if len(rows) < num_rows else "mwg",
+        samples=put(completion.samples, other.samples, 1), mean=put(completion.mean, other.mean, 0),
+        sample_means=put(completion.sample_means, other.sample_means, 1),
+        acceptance=put(acceptance, other.acceptance, 0),
+        trusted=put(completion.trusted, other.trusted, 0))
+
+
+def _warn_untrusted(completion, method, num_particles):
+    """One RuntimeWarning saying which rows failed their health check and by how much."""
+    bad = ~completion.trusted
+    if not bad.any():
+        return
+    count, total = int(bad.sum()), bad.numel()
+    parts = []
+    if completion.khat is not None:
+        unfit = completion.khat > KHAT_TRUSTED
+        parts.append(f"SIR's weights have Pareto k̂ > {KHAT_TRUSTED} on {int(unfit.sum())} rows "
+                     f"(ESS {completion.ess.min().item():.1f}-{completion.ess.max().item():.1f} "
+                     f"of K = {num_particles})")
+    if completion.acceptance is not None:
+        low = completion.acceptance < ACCEPTANCE_TRUSTED
+        parts.append(f"MwG accepted under {ACCEPTANCE_TRUSTED:.0%} of its z moves on "
+                     f"{int(low.sum())} rows")
+    hint = ("a proposal q(z | x) closer to the posterior is needed (an encoder trained with "
+            "missing pixels, or more particles)" if method == "auto" else
+            "try method='auto' (MwG where SIR fails) or method='mwg', proposal='completed'")
+    warnings.warn(f"complete: {count} of {total} rows cannot be trusted: {'; '.join(parts)}; "
+                  f"{hint}", RuntimeWarning, stacklevel=5)
 
 
 # ----------------------------------------------------------------------------------------------

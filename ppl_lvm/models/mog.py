@@ -12,7 +12,6 @@ import pyro
 import pyro.distributions as dist
 import pyro.optim
 import torch
-from sklearn.cluster import kmeans_plusplus
 from torch import nn
 from torch.nn import functional as F
 
@@ -200,6 +199,8 @@ def kmeans_pp_centers(x, num_components, seed=0):
 
     The draws are made in float64 on the CPU, so the same data gives the same centres in any dtype.
     """
+    from sklearn.cluster import kmeans_plusplus  # optional: scikit-learn costs ~1 s to import
+
     _, indices = kmeans_plusplus(x.detach().cpu().double().numpy(), num_components, random_state=seed)
     return x[torch.as_tensor(indices, device=x.device)]
 
@@ -330,13 +331,48 @@ class AmortizedCategoricalGuide(nn.Module):
 
 
 # ---- EM: the two-step procedure with q(z_i) = p(z_i | x_i) -----------------------------------------
+def precision_cholesky(mixture):
+    """Factors W of the precisions, Σ_k⁻¹ = W_k W_kᵀ (scikit-learn's ``precisions_cholesky_``):
+    [K, D] 1 / σ_k for "diag", [K, D, D] W_k = L_k⁻ᵀ for "full", [D, D] for "tied"."""
+    if mixture.covariance == "diag":
+        return (-mixture.log_scale).exp()
+    tril = _tril(mixture.raw_scale_tril)
+    eye = torch.eye(mixture.data_dim, dtype=tril.dtype, device=tril.device).expand_as(tril)
+    return torch.linalg.solve_triangular(tril, eye, upper=False).transpose(-1, -2)
+
+
+def gaussian_log_prob(x, means, precision_chol, covariance):
+    """log N(x_i | μ_k, Σ_k) [N, K] from the precisions' factors W (``precision_cholesky``), as
+    scikit-learn evaluates it: ‖(x_i - μ_k) W_k‖² by matrix products, no [N, K, D] tensor.
+
+    x: [N, D]; means: [K, D]. log det Σ_k^(-1/2) = Σ_d log W_k,dd.
+    """
+    num_data, data_dim = x.shape
+    if covariance == "diag":
+        precisions = precision_chol * precision_chol                       # [K, D]
+        log_det = precision_chol.log().sum(-1)
+        mahalanobis = ((means * means * precisions).sum(-1) - 2 * x @ (means * precisions).T
+                       + (x * x) @ precisions.T)                            # [N, K]
+    else:
+        chols = precision_chol.expand(len(means), data_dim, data_dim)
+        log_det = chols.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        mahalanobis = x.new_empty(num_data, len(means))
+        for k, (mean, chol) in enumerate(zip(means, chols)):  # one [N, D] x [D, D] product per k
+            y = x @ chol - mean @ chol
+            mahalanobis[:, k] = (y * y).sum(-1)
+    return -0.5 * (data_dim * math.log(2 * math.pi) + mahalanobis) + log_det
+
+
 def e_step(mixture, x):
     """E-step: q(z_i) = p(z_i | x_i), the model's own enumeration of z (Bayes' rule, no guide).
 
     x: [N, D]. Returns ``(log_likelihood, log_resp)``: exact log p(x_i) [N] and the log
     responsibilities log p(z_i = k | x_i) [N, K]. At this q the ELBO equals log p(x): KL(q ‖ p(z | x)) = 0.
+    The densities are ``joint_log_prob``'s, evaluated from the precisions' factors as matrix
+    products (``gaussian_log_prob``).
     """
-    joint = mixture.joint_log_prob(x)                                       # [N, K]
+    joint = F.log_softmax(mixture.logits, -1) + gaussian_log_prob(
+        x, mixture.loc, precision_cholesky(mixture), mixture.covariance)    # [N, K]
     log_likelihood = joint.logsumexp(-1)
     return log_likelihood, joint - log_likelihood.unsqueeze(-1)
 
@@ -358,8 +394,10 @@ def m_step(x, resp, covariance="diag", reg_covar=1e-6):
     else:
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         if covariance == "full":
-            diff = x - means.unsqueeze(1)                                    # [K, N, D]
-            covariances = (resp.T.unsqueeze(-1) * diff).transpose(-1, -2) @ diff
+            covariances = x.new_empty(len(means), x.shape[1], x.shape[1])
+            for k, mean in enumerate(means):  # one [D, N] x [N, D] product per component
+                diff = x - mean
+                covariances[k] = (resp[:, k, None] * diff).T @ diff
             covariances = covariances / counts[:, None, None] + reg_covar * eye
         else:
             covariances = (x.T @ x - (counts.unsqueeze(-1) * means).T @ means) / counts.sum()

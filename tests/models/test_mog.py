@@ -436,3 +436,21 @@ def test_estimators_exact_log_marginal_is_the_closed_form(covariance):
     estimate = log_marginal(mog.model, enumeration_guide, x, method="exact")
     with torch.no_grad():
         assert torch.allclose(estimate, mog.log_prob(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full", "tied"])
+def test_em_densities_from_precision_factors_are_the_components_log_prob(covariance):
+    from ppl_lvm.models.mog import e_step, gaussian_log_prob, precision_cholesky
+
+    torch.manual_seed(0)
+    mixture = MixtureOfGaussians(3, 4, covariance).double()
+    with torch.no_grad():
+        for param in mixture.parameters():
+            param.normal_(0, 0.5)
+        x = torch.randn(7, 4, dtype=torch.float64) * 2
+        expected = mixture.component().log_prob(x.unsqueeze(-2))          # torch's own, [N, K]
+        actual = gaussian_log_prob(x, mixture.loc, precision_cholesky(mixture), covariance)
+        assert torch.allclose(actual, expected, rtol=1e-10, atol=1e-10)
+        log_likelihood, log_resp = e_step(mixture, x)
+        assert torch.allclose(log_likelihood, mixture.log_prob(x), rtol=1e-10, atol=1e-10)
+        assert torch.allclose(log_resp.exp(), mixture.predict_proba(x), atol=1e-10)

@@ -1,0 +1,226 @@
+"""The compiled SVI step (ppl_lvm.compiled): a recorded graph gives eager Pyro's loss and gradients
+from the same RNG state, fit(compile=True) follows the eager run step for step, and a program the
+graph cannot follow runs eagerly, said in one line."""
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceEnum_ELBO
+
+from ppl_lvm.compiled import CompiledELBO, compile_loss
+from ppl_lvm.guides import LocalGuide
+from ppl_lvm.models.mog import MixtureOfGaussians, enumeration_guide
+from ppl_lvm.models.vae import VAE
+from ppl_lvm.objectives import IWAE_ELBO
+from ppl_lvm.plate import data_plate
+from ppl_lvm.train import bind_rows, fit, load_params  # noqa: F401
+
+
+def binary_data(num_data=60, data_dim=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(num_data, data_dim, generator=gen) < torch.linspace(0.1, 0.9, data_dim)).float()
+
+
+def vae_pair(seed=1):
+    torch.manual_seed(seed)
+    vae = VAE(10, z_dim=2, hidden_dim=8)
+    return vae.model, vae.guide
+
+
+def step_grads(loss, model, guide, x, idx, num_data, seed):
+    """(loss, {name: dense grad}) of one loss_and_grads call from RNG seed ``seed``."""
+    pyro.set_rng_seed(seed)
+    with pyro.poutine.trace(param_only=True) as params:
+        value = loss.loss_and_grads(bind_rows(model, idx, num_data), bind_rows(guide, idx, num_data),
+                                    x[idx])
+    grads = {}
+    for name, site in params.trace.nodes.items():
+        leaf = site["value"].unconstrained()
+        grads[name] = leaf.grad.to_dense().clone()
+        leaf.grad = None
+    return value, grads
+
+
+@pytest.mark.parametrize("make, elbo", [
+    (vae_pair, Trace_ELBO()),
+    (vae_pair, IWAE_ELBO(4, dreg=True)),
+    (lambda: (vae_pair()[0], LocalGuide(60, {"z": 2}, init_scale=0.5)), Trace_ELBO()),
+], ids=["vae", "iwae-dreg", "local-guide"])
+def test_graph_step_equals_eager_step(make, elbo):
+    x = binary_data()
+    model, guide = make()
+    pyro.clear_param_store()
+    compiled = CompiledELBO(elbo)
+    with pyro.validation_enabled(False):
+        step_grads(compiled, model, guide, x, torch.arange(10), 60, seed=0)  # records, checks
+        assert compiled.steps == {"graph": 0, "eager": 1} and len(compiled.graphs) == 1
+        rows = torch.tensor([3, 59, 7, 21, 40, 0, 11, 12, 13, 50])  # other rows, same shape
+        expected = step_grads(elbo, model, guide, x, rows, 60, seed=5)
+        actual = step_grads(compiled, model, guide, x, rows, 60, seed=5)
+    assert compiled.steps["graph"] == 1
+    assert actual[0] == pytest.approx(expected[0], rel=1e-5)
+    assert expected[1].keys() == actual[1].keys()
+    for name, grad in expected[1].items():
+        assert torch.allclose(actual[1][name], grad, rtol=1e-4, atol=1e-6), name
+    if isinstance(guide, LocalGuide):  # only the batch's φ rows get a gradient
+        table_grad = actual[1][guide.param_name]
+        assert set(table_grad.abs().sum(-1).nonzero().flatten().tolist()) == set(rows.tolist())
+
+
+@pytest.mark.parametrize("loss, guide_kind", [
+    (None, "amortized"), (IWAE_ELBO(3), "amortized"), (None, "local")])
+def test_fit_compiled_follows_eager(loss, guide_kind):
+    x = binary_data()
+    results, tables = {}, {}
+    for compile in (False, True):
+        model, guide = vae_pair()
+        if guide_kind == "local":
+            guide = LocalGuide(60, {"z": 2})
+        results[compile] = fit(model, guide, x, epochs=3, batch_size=16, lr=1e-2, progress=False,
+                               seed=2, loss=loss, compile=compile)
+        tables[compile] = {n: pyro.param(n).detach().clone() for n in pyro.get_param_store()}
+    eager, graph = results[False], results[True]
+    # epoch 1 runs eagerly (Pyro's validation), then 2 graphs (B = 16 and the last B = 12)
+    assert "2 graph(s)" in graph.compiled and "6 steps on the graph, 6 eager" in graph.compiled
+    assert graph.losses == pytest.approx(eager.losses, rel=1e-5)
+    for name, value in tables[False].items():
+        assert torch.allclose(tables[True][name], value, rtol=1e-4, atol=1e-5), name
+
+
+def test_data_dependent_program_runs_eagerly_with_one_line():
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(x.shape[1]))
+        with pyro.plate("data", len(x)):
+            if loc.sum() > 0:  # a branch on a tensor's value: no static graph can hold it
+                loc = loc * 2
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pass
+
+    x = torch.randn(40, 3) + 1.0
+    fitted = {}
+    for compile in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit(model, guide, x, epochs=2, batch_size=10, lr=0.1, progress=False,
+                         validate=False, compile=compile)
+        fitted[compile] = pyro.param("loc").detach().clone()
+    lines = [str(w.message) for w in caught if "compile" in str(w.message)]
+    assert len(lines) == 1 and "data-dependent control flow" in lines[0]
+    assert "test_compiled.py" in lines[0] and "\n" not in lines[0]
+    assert "0 graph(s)" in result.compiled and "8 eager" in result.compiled
+    assert torch.equal(fitted[True], fitted[False])  # the eager run, step for step
+
+
+def test_enumerated_mixture_falls_back_to_eager():
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(30, 2) - 3, torch.randn(30, 2) + 3])
+    losses = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        mixture = MixtureOfGaussians(2, 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fit(mixture.model, enumeration_guide, x, epochs=2, batch_size=20, lr=0.05,
+                         loss=TraceEnum_ELBO(max_plate_nesting=1), progress=False,
+                         validate=False, compile=compile)
+        losses[compile] = result.losses
+    assert [str(w.message) for w in caught if "compile" in str(w.message)] == [
+        "compile: running eagerly: data-dependent control flow: the program reads a tensor as a "
+        "Python number (.item(), int(), bool(), `if tensor:`)"]
+    assert losses[True] == losses[False]
+
+
+def test_validation_on_keeps_steps_eager_and_auto_skips_short_runs():
+    x = binary_data(num_data=20)
+    model, guide = vae_pair()
+    result = fit(model, guide, x, epochs=2, batch_size=10, progress=False, validate=True,
+                 compile=True)
+    if pyro.infer.util.is_validation_enabled():
+        assert "0 graph(s)" in result.compiled and "4 eager" in result.compiled
+    assert compile_loss(Trace_ELBO(), "auto", total_steps=10).__class__ is Trace_ELBO
+    assert isinstance(compile_loss(Trace_ELBO(), "auto", total_steps=10_000), CompiledELBO)
+    with pytest.raises(ValueError, match="compile must be"):
+        compile_loss(Trace_ELBO(), "yes")
+
+
+def test_compiled_resume_is_exact(tmp_path):
+    x = binary_data()
+    runs = {}
+    for name, epochs in (("straight", 3), ("first", 2), ("resumed", 3)):
+        model, guide = vae_pair()
+        runs[name] = fit(model, guide, x, epochs=epochs, batch_size=16, lr=1e-2, progress=False,
+                         seed=4, compile=True, resume=name == "resumed",
+                         checkpoint_dir=None if name == "straight" else tmp_path)
+    assert runs["resumed"].losses == pytest.approx(runs["straight"].losses, rel=1e-6)
+
+
+def test_jit_trace_elbo_refused_for_per_datapoint_guide():
+    x = binary_data()
+    model, _ = vae_pair()
+    with pytest.raises(ValueError, match="freezes the first minibatch's row indices"):
+        fit(model, LocalGuide(60, {"z": 2}), x, epochs=1, batch_size=16, progress=False,
+            loss=JitTrace_ELBO())
+
+
+def test_compiled_log_weights_equal_eager_chunk_by_chunk(monkeypatch):
+    from ppl_lvm import compiled
+    from ppl_lvm.estimators import estimate_log_marginal, log_weights
+
+    made = []
+    original = compiled.compile_weights
+    monkeypatch.setattr(compiled, "compile_weights",
+                        lambda *a: made.append(original(*a)) or made[-1])
+
+    x = binary_data(num_data=70)
+    model, guide = vae_pair()
+    pyro.clear_param_store()
+    local = LocalGuide(70, {"z": 2}, init_scale=0.5)
+    for guide_ in (guide, local):
+        # seeded: rows in blocks of 32 (70 = 32 + 32 + 6: two chunk shapes), K = 7
+        eager = estimate_log_marginal(model, guide_, x, num_samples=7, seed=3)
+        graph = estimate_log_marginal(model, guide_, x, num_samples=7, seed=3, compile=True)
+        assert torch.allclose(graph.log_px, eager.log_px, rtol=1e-6, atol=1e-5)
+        assert torch.allclose(graph.ess, eager.ess, rtol=1e-5)
+        steps = made[-1].steps  # 2 chunk shapes recorded (eagerly), the middle chunk replayed
+        assert steps == {"graph": 1, "eager": 2} and len(made[-1].graphs) == 2
+    weights = log_weights(model, local, x, num_samples=4, seed=1, compile=True)
+    assert torch.allclose(weights, log_weights(model, local, x, num_samples=4, seed=1), atol=1e-5)
+    assert weights.shape == (4, 70)
+
+
+def test_compiled_log_weights_still_check_the_data_support():
+    from ppl_lvm.estimators import log_marginal
+
+    x = binary_data(num_data=70)
+    model, guide = vae_pair()
+    x[50, 3] = 0.5  # in the second chunk: it replays the first chunk's graph
+    with pytest.raises(ValueError, match="outside the support"):
+        log_marginal(model, guide, x, num_samples=3, seed=0, compile=True)
+
+
+def test_divergence_on_the_graph_is_still_caught():
+    from ppl_lvm.train import DivergenceError
+
+    x = binary_data()
+    model, guide = vae_pair()
+    # lr 1e3 blows the parameters up within a few steps, taken on the graph from step 2 on
+    with pytest.raises(DivergenceError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(model, guide, x, epochs=30, batch_size=16, lr=1e3, progress=False, compile=True,
+            validate=False)
+
+
+@pytest.mark.slow
+def test_inductor_step_draws_as_eager_does():
+    x = binary_data()
+    results = {}
+    for compile in (False, "inductor"):
+        model, guide = vae_pair()
+        results[compile] = fit(model, guide, x, epochs=3, batch_size=16, lr=1e-2, progress=False,
+                               seed=2, compile=compile)
+    assert "2 graph(s)" in results["inductor"].compiled
+    assert results["inductor"].losses == pytest.approx(results[False].losses, rel=1e-4)

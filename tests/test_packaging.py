@@ -1,0 +1,57 @@
+"""Packaging as Python expects: PEP 621 metadata with one version, the licence file it names,
+the py.typed marker, and an API reference that builds from the docstrings."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ppl_lvm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_one_version_from_pyproject_read_at_run_time():
+    project = pyproject()["project"]
+    assert not (ROOT / "setup.cfg").exists() and not (ROOT / "setup.py").exists()
+    assert '__version__ = "0.' not in (ROOT / "ppl_lvm" / "__init__.py").read_text()
+    assert ppl_lvm.__version__ in (project["version"], "0+unknown")
+
+
+def test_licence_urls_extras_and_typed_marker():
+    project = pyproject()["project"]
+    assert project["license"] == {"file": "LICENSE"}
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert "License :: OSI Approved :: MIT License" in project["classifiers"]
+    assert {"Homepage", "Source", "Changelog"} <= set(project["urls"])
+    assert {"tensorboard", "notebooks", "bench", "docs", "test"} <= set(
+        project["optional-dependencies"])
+    assert any(dep.startswith("filelock") for dep in project["dependencies"])
+    assert (ROOT / "ppl_lvm" / "py.typed").is_file()
+    assert "py.typed" in pyproject()["tool"]["setuptools"]["package-data"]["ppl_lvm"]
+    assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")
+
+
+def test_no_platform_only_lock():
+    assert "fcntl" not in (ROOT / "ppl_lvm" / "runs.py").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pdoc") is None, reason="pdoc is not installed "
+                    "(pip install -e '.[docs]')")
+def test_api_reference_builds_from_the_docstrings(tmp_path):
+    done = subprocess.run([sys.executable, "docs/build_api.py", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = (tmp_path / "ppl_lvm.html").read_text()
+    assert "log_marginal" in page and "fit" in page
+    for module in ("estimators", "ais", "guides", "train", "models/vae"):
+        assert (tmp_path / "ppl_lvm" / f"{module}.html").is_file(), module
