@@ -38,7 +38,8 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from ppl_lvm.data import load_digits, load_mnist, train_test_split
-from ppl_lvm.models.mog import fit_mixture, kmeans_init
+from ppl_lvm.mixtures import fit_mixture
+from ppl_lvm.models.mog import kmeans_init
 
 # name: (loader or synthetic (K, D, spread of the means, data seed), PCA dims or None, K, covariance)
 DATASETS = {"digits": ("digits", 10, 10, "diag"), "mnist": ("mnist", 30, 10, "diag"),

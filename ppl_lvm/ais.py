@@ -18,12 +18,13 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import biject_to
 
-from ppl_lvm.estimators import (
-    DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, data_frame,
-    plate_nesting, sample_sites, trace_bytes, vectorize,
-)
 from ppl_lvm import densities, program, progress
-from ppl_lvm.program import inspect_program, names_keywords
+from ppl_lvm.particles import (
+    DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, trace_bytes,
+    vectorize,
+)
+from ppl_lvm.program import frame_of as data_frame
+from ppl_lvm.program import inspect_program, names_keywords, plate_nesting, sample_sites
 
 SCHEDULES = ("sigmoid", "linear")
 # Wu et al.'s BDMC code: ε ← 1.02 ε above the target acceptance, ε / 1.02 below (their 0.98)

@@ -22,7 +22,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.rings import LogRing
 
-from ppl_lvm import compiled, program
+from ppl_lvm import program
 from ppl_lvm.program import frame_of, sample_sites
 
 class DensityError(ValueError):
@@ -147,7 +147,7 @@ def split(trace, plate_name, nesting=None, sites=None, check=True, scaled=True, 
     nesting = program.plate_nesting(trace) if nesting is None else nesting
     # the identity reads tensors as numbers, which a graph being recorded cannot; the recorded
     # step replays the placement that its first, eager, call checked (ppl_lvm.compiled)
-    check = check and not compiled.is_recording()
+    check = check and not program.is_recording()
     rows, globals_, placed, checks = 0.0, {}, [], []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or (sites is not None and not sites(name, site)):

@@ -15,39 +15,25 @@ import math
 import sys
 import warnings
 
-import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.infer import config_enumerate
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
 from ppl_lvm import compiled, densities, program, progress
+from ppl_lvm.ais import ais_log_marginal
+from ppl_lvm.objectives import IWAE_ELBO  # noqa: F401  (its old path: ppl_lvm.estimators.IWAE_ELBO)
 from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public here too)
-from ppl_lvm.psis import pareto_khat, tail_size
+from ppl_lvm.particles import (  # noqa: F401  (public here too)
+    _ACTIVATION_FACTOR, _MODEL_ERRORS, _PARTICLE_PLATE, CPU_MEMORY_BYTES, DEFAULT_MEMORY_BYTES,
+    SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, LogMarginalEstimate, _plan, _RunningWeights,
+    _seed_block, default_memory_bytes, trace_bytes, vectorize,
+)
 
 METHODS = ("prior", "uniform", "is", "iwae", "elbo", "exact", "ais")
 GUIDE_METHODS = ("is", "iwae", "elbo")
 GLOBALS = (None, "median", "sample")
-# With a seed, rows are drawn in fixed blocks of SEED_BLOCK_ROWS rows and SEED_BLOCK_PARTICLES
-# particles, each from its own RNG stream seeded by (seed, row block, particle block), one block per
-# vectorised call whatever chunk_size and memory_bytes say: the answer then depends only on
-# (seed, rows, K), not on the chunking, the memory budget or the device's default budget.
-SEED_BLOCK_ROWS = 32
-SEED_BLOCK_PARTICLES = 128
-# per vectorised call. On the CPU a small budget is faster: every chunk of a large one maps and
-# unmaps fresh memory (K = 1000 on 300 MNIST images: 1 GiB 5.8 s, 64 MiB 3.4 s, system time 2.4 s
-# -> 0.03 s); on a GPU large calls amortise the kernel launches.
-DEFAULT_MEMORY_BYTES = 1 << 30
-CPU_MEMORY_BYTES = 64 << 20
-
-
-def default_memory_bytes(device):
-    """The default budget per vectorised call on ``device`` (64 MiB on the CPU, 1 GiB on a GPU)."""
-    return CPU_MEMORY_BYTES if torch.device(device).type == "cpu" else DEFAULT_MEMORY_BYTES
-
-
 _KEPT = []
 
 
@@ -65,10 +51,6 @@ def keep_freed_memory(device, threshold=1 << 28):
         libc.mallopt(-1, int(threshold))  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
-# activations a model computes but never puts in its trace (hidden layers): a rough allowance
-_ACTIVATION_FACTOR = 4
-_PARTICLE_PLATE = "_num_particles_vectorized"
-_MODEL_ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 
 
 def accepts(fn, name):
@@ -76,75 +58,6 @@ def accepts(fn, name):
     return program.names_keywords(fn, name)
 
 
-@dataclasses.dataclass
-class LogMarginalEstimate:
-    """Per-datapoint estimates of log p(x) and how much to trust them.
-
-    log_px: [N] the estimates (nats), on x's device.
-    ess: [N] effective sample size of the importance weights, (Σ_k w_k)² / Σ_k w_k², in [1, K]
-        (NaN for "exact", which draws no samples).
-    rows_per_call, particles_per_call: how the work was chunked (vectorised calls of that size).
-    vectorized: False when the model could not be vectorised and particles were looped.
-    globals: how global latents were handled: None (the model has none), "median" (fixed at the
-        guide's median: log p(x_n | globals)) or "sample:S" (log (1/S) Σ_s p(x_n | g_s), g_s ~ q).
-    mc_stderr: [N] the Monte Carlo standard error of each estimate from its own K weights (the
-        delta method on the log of the mean weight: sqrt(var(w) / K) / mean(w) =
-        sqrt((K / ESS - 1) / (K - 1)); for "elbo" std(log w) / √K; 0 for "exact"). It says how far
-        a rerun with another seed would move log p(x_n); ``stderr`` is the spread over datapoints.
-    khat: [N] Pareto k̂ of the importance weights (PSIS, ``ppl_lvm.psis``): below 0.5 fine,
-        0.5-0.7 slow convergence, above 0.7 the estimate cannot be trusted (``unreliable``);
-        inf where no tail can be fitted (K < ~25, or 4 or fewer weights above the cutoff: tied
-        or constant weights, as arviz).
-    """
-
-    log_px: torch.Tensor
-    ess: torch.Tensor
-    method: str
-    num_samples: int
-    rows_per_call: int = None
-    particles_per_call: int = None
-    vectorized: bool = True
-    globals: str = None
-    khat: torch.Tensor = None
-    mc_stderr: torch.Tensor = None
-
-    @property
-    def unreliable(self):
-        """[N] bool: Pareto k̂ > 0.7, where the importance-weighted estimate cannot be trusted
-        (Vehtari et al.). Where k̂ could not be fitted (NaN for "exact", inf for K < ~25) this
-        says nothing: False."""
-        if self.khat is None:
-            return torch.zeros_like(self.log_px, dtype=torch.bool)
-        return torch.isfinite(self.khat) & (self.khat > 0.7)  # inf: no tail to tell from
-
-    @property
-    def mean(self):
-        """The mean of log p(x) over datapoints (a float)."""
-        return self.log_px.mean().item()
-
-    @property
-    def stderr(self):
-        """Standard error of ``mean`` over datapoints: std(log p(x_n)) / √N (0 for N = 1)."""
-        n = self.log_px.numel()
-        return self.log_px.std().item() / math.sqrt(n) if n > 1 else 0.0
-
-    @property
-    def mean_mc_stderr(self):
-        """The Monte Carlo standard error of ``mean`` (rows are estimated independently):
-        sqrt(Σ_n mc_stderr_n²) / N; None where the estimator gave none."""
-        if self.mc_stderr is None:
-            return None
-        return (self.mc_stderr.double() ** 2).sum().sqrt().item() / self.log_px.numel()
-
-    def __repr__(self):
-        given = "" if self.globals is None else f", globals={self.globals!r}"
-        khat = "" if self.khat is None or not torch.isfinite(self.khat).any() else (
-            f", k̂ > 0.7 for {int(self.unreliable.sum())}/{self.log_px.numel()}")
-        mc = "" if self.mc_stderr is None else f" (Monte Carlo ± {self.mean_mc_stderr:.4f})"
-        return (f"LogMarginalEstimate(method={self.method!r}, K={self.num_samples}, "
-                f"N={self.log_px.numel()}, mean={self.mean:.4f} ± {self.stderr:.4f} over "
-                f"datapoints{mc}, "
-                f"median ESS={self.ess.median().item():.1f}{khat}{given})")
 
 
 def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
@@ -284,7 +197,6 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
         if globals is not None:
             raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
                              "not supported with it (fix them in the model)")
-        from ppl_lvm.ais import ais_log_marginal  # ais builds on this module
         _row_spec(model, x, args, model_kwargs, per_row)  # names an unknown per_row entry
         return ais_log_marginal(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
@@ -581,103 +493,14 @@ def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
     return int(num_samples)
 
 
-def _plan(num_rows, num_samples, chunk_size, seed, memory_bytes, bytes_per_unit, row_bound=False):
-    """Rows and particles per vectorised call so that rows × particles × bytes fits the budget.
-
-    row_bound: the guide holds one parameter per row of x (an autoguide over local sites), so
-    every call takes all rows and only the particles are chunked.
-    """
-    units = max(1, memory_bytes // max(bytes_per_unit, 1))
-    if seed is not None:
-        # one seed block per call, whatever the budget: the draws must not depend on it (a block
-        # larger than a tiny budget is taken whole: "memory_bytes" is a rough budget)
-        rows = num_rows if row_bound else SEED_BLOCK_ROWS
-        return rows, max(1, min(num_samples, SEED_BLOCK_PARTICLES))
-    if row_bound:
-        return num_rows, max(1, min(num_samples, units // num_rows))
-    rows = chunk_size or max(1, min(num_rows, units // num_samples))
-    particles = max(1, min(num_samples, units // rows))
-    return rows, particles
-def _seed_block(seed, block, particle_block):
-    """Seed torch's RNG for one block from (seed, row block, particle block) (a no-op without seed)."""
-    if seed is not None:
-        state = np.random.SeedSequence([int(seed), block, particle_block]).generate_state(2)
-        torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-class _RunningWeights:
-    """log Σ_k w_k, log Σ_k w_k² and Σ_k log w_k over particle chunks, per datapoint, and the
-    largest M + 1 log weights for the Pareto k̂ (``ppl_lvm.psis``)."""
-
-    def __init__(self, num_samples=None):
-        self.log_sum = self.log_sum_sq = self.sum_log = self.sum_log_sq = None
-        self.count = 0
-        self.num_samples = num_samples
-        self.keep = None if num_samples is None else tail_size(num_samples) + 1
-        self.top = None
-
-    def add_top(self, log_weights):
-        if self.keep is None:
-            return
-        top = log_weights if self.top is None else torch.cat([self.top, log_weights], 0)
-        self.top = top.topk(min(self.keep, top.shape[0]), dim=0).values
-
-    def khat(self):
-        """[N] Pareto k̂ of the weights (inf where K is too small for a tail fit)."""
-        return pareto_khat(self.top, num_samples=self.num_samples).to(self.top.dtype)
-
-    def add(self, log_weights):  # [K', n]
-        self.add_top(log_weights)
-        parts = (torch.logsumexp(log_weights, 0), torch.logsumexp(2 * log_weights, 0),
-                 log_weights.sum(0), log_weights.double().pow(2).sum(0))
-        if self.log_sum is None:
-            self.log_sum, self.log_sum_sq, self.sum_log, self.sum_log_sq = parts
-        else:
-            self.log_sum = torch.logaddexp(self.log_sum, parts[0])
-            self.log_sum_sq = torch.logaddexp(self.log_sum_sq, parts[1])
-            self.sum_log = self.sum_log + parts[2]
-            self.sum_log_sq = self.sum_log_sq + parts[3]
-        self.count += log_weights.shape[0]
-
-    def log_mean_weight(self):
-        return self.log_sum - math.log(self.count)
-
-    def elbo(self):
-        return self.sum_log / self.count
-
-    def ess(self):
-        return (2 * self.log_sum - self.log_sum_sq).exp().nan_to_num(1.0).clamp(1.0, self.count)
-
-    def stderr(self):
-        """[N] Monte Carlo standard error of log mean_k w_k by the delta method,
-        sqrt(var(w) / K) / mean(w) = sqrt((K Σw² / (Σw)² - 1) / (K - 1)) (NaN for K = 1)."""
-        if self.count < 2:
-            return torch.full_like(self.log_sum, math.nan)
-        ratio = (self.log_sum_sq.double() - 2 * self.log_sum.double()).exp()  # Σw² / (Σw)² = 1 / ESS
-        return ((self.count * ratio - 1) / (self.count - 1)).clamp(min=0).sqrt().to(self.log_sum.dtype)
-
-    def elbo_stderr(self):
-        """[N] Monte Carlo standard error of the ELBO estimate mean_k log w_k: std(log w) / √K."""
-        if self.count < 2:
-            return torch.full_like(self.sum_log, math.nan)
-        mean = self.sum_log.double() / self.count
-        variance = (self.sum_log_sq - self.count * mean ** 2) / (self.count - 1)
-        return (variance.clamp(min=0) / self.count).sqrt().to(self.sum_log.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # traces -> per-datapoint log weights
 
 
-def trace_bytes(traces):
-    """Bytes of the traces' sample values and (roughly) their distributions' parameters."""
-    total = 0
-    for trace in traces:
-        for site in sample_sites(trace).values():
-            fn = site["fn"]
-            params = (fn.batch_shape + fn.event_shape).numel() * 2
-            total += (site["value"].numel() + params) * site["value"].element_size()
-    return total
 
 
 data_frame = program.frame_of  # the site's frame of the data plate (None outside it)
@@ -705,12 +528,6 @@ def check_observed_support(trace, skip=()):
                                  "for a Bernoulli likelihood")
 
 
-def vectorize(fn, num_particles, nesting, device):
-    """``fn`` run under a plate of K particles at dim -(nesting + 1), as Pyro's vectorised ELBOs do."""
-    def vectorized(*args, **kwargs):
-        with pyro.plate(_PARTICLE_PLATE, num_particles, dim=-(nesting + 1), device=device):
-            return fn(*args, **kwargs)
-    return vectorized
 
 
 class _UniformProposal(Messenger):
@@ -1050,11 +867,3 @@ class _Program:
         args, kwargs, _ = self._args(rows)
         return densities.exact_rows(self.model, args, kwargs, self.plate_name, self.nesting,
                                     self.fixed, num_rows=rows.stop - rows.start)
-
-
-def __getattr__(name):
-    # the IWAE training objective moved to ppl_lvm.objectives; still importable from here
-    if name == "IWAE_ELBO":
-        from ppl_lvm.objectives import IWAE_ELBO
-        return IWAE_ELBO
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ import torch
 from pyro.infer import ELBO
 
 from ppl_lvm import densities, program
-from ppl_lvm.estimators import _MODEL_ERRORS, vectorize
+from ppl_lvm.particles import _MODEL_ERRORS, vectorize
 from ppl_lvm.program import sample_sites
 
 

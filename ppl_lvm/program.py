@@ -109,6 +109,17 @@ def _call_with_rows(fn, idx, num_data, *args, **kwargs):
     return fn(*args, idx=idx, num_data=num_data, **kwargs)
 
 
+# whether a step is being recorded as a graph now (set by ppl_lvm.compiled)
+RECORDING = [False]
+
+
+def is_recording():
+    """Whether a step is being recorded now (``ppl_lvm.compiled``): checks that read a tensor as a
+    Python number (an index range check, the kernel's sums) are skipped then; the eager first
+    step ran them, and the graph's own ops still raise on bad input."""
+    return RECORDING[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # side-effect-free probing
 

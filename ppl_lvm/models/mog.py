@@ -438,13 +438,3 @@ def _fit_em(mixture, x, tol, max_iter, reg_covar):
 
 
 # ---- fitting --------------------------------------------------------------------------------------
-
-
-def __getattr__(name):
-    # the procedures that train a mixture (fit_mixture, select_components, ...) live in
-    # ppl_lvm.mixtures, outside models/ (a model file never imports the trainer); still
-    # importable from here
-    if name in ("MixtureFit", "fit_mixture", "select_components", "relative_tolerance"):
-        from ppl_lvm import mixtures
-        return getattr(mixtures, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,12 +16,11 @@ from ppl_lvm.models.mog import (
     e_step,
     em_step,
     enumeration_guide,
-    fit_mixture,
     kmeans_init,
     kmeans_pp_centers,
     m_step,
-    select_components,
 )
+from ppl_lvm.mixtures import fit_mixture, select_components
 
 
 def two_component_problem():
