@@ -612,3 +612,36 @@ def test_evaluate_defaults_k_per_method(tmp_path, capsys):
     assert (out / "evaluate_ais_K16_T3.json").is_file()
     assert main(["evaluate", str(out), "--method", "elbo", "--n", "4"]) == 0
     assert "by elbo, K=1000" in capsys.readouterr().out
+
+
+def test_a_new_estimator_and_guide_kind_are_one_registry_entry_each(tmp_path, capsys, monkeypatch):
+    """The README's contributor recipe: an estimate function plus one entry in ``cli.METHODS``,
+    a guide builder plus one entry in ``experiment.GUIDE_KINDS``; choices, help and every branch
+    follow the entries."""
+    from ppl_lvm import cli, experiment
+    from ppl_lvm.estimators import estimate_log_marginal
+
+    built = []
+
+    def my_guide(module, num_data, data, options):  # the amortized guide, counted
+        built.append(num_data)
+        return module.guide
+
+    def my_estimate(model, guide, x, *, method, **options):  # IWAE under another name
+        return estimate_log_marginal(model, guide, x, method="iwae", **options)
+
+    monkeypatch.setitem(cli.METHODS, "mine", cli.Method("IWAE again", num_samples=7,
+                                                        estimate=my_estimate))
+    monkeypatch.setitem(experiment.GUIDE_KINDS, "mine",
+                        experiment.GuideKind(my_guide, "the encoder, counted", amortized=True))
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "mine: IWAE again" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), "--guide", "mine", *TINY]) == 0
+    assert built == [1438]  # train built the guide from the entry, once, for the training rows
+    assert main(["evaluate", str(out), "--method", "mine", "--n", "20"]) == 0
+    assert main(["evaluate", str(out), "--method", "iwae", "-K", "7", "--n", "20"]) == 0
+    mine = json.loads((out / "evaluate_mine_K7.json").read_text())  # -K's default from the entry
+    iwae = json.loads((out / "evaluate_iwae_K7.json").read_text())
+    assert mine["mean"] == iwae["mean"] and mine["num_samples"] == 7
