@@ -575,7 +575,7 @@ def compare(args):
     import json
 
     from ppl_lvm.estimators import estimate_log_marginal
-    from ppl_lvm.guides import amortization_gaps
+    from ppl_lvm.recipes import amortization_gaps
 
     rows, curves, per_row = [], {}, []
     for run in args.runs:
@@ -679,7 +679,7 @@ def run_bdmc(args):
 @program.in_evaluation_mode
 def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
-    from ppl_lvm.guides import amortization_gaps
+    from ppl_lvm.recipes import amortization_gaps
 
     vae, config = load_run(args.run, args.device)
     _, x_test = run_data(config["data"], args.device)

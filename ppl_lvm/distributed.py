@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ppl_lvm import atomic
-
-LOCAL_PREFIX = "local$$$"
+from ppl_lvm.program import LOCAL_PREFIX  # noqa: F401  (public here too)
 
 
 # ----------------------------------------------------------------------------------------------

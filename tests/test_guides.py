@@ -8,8 +8,9 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 from ppl_lvm.data import binarize, load_digits
 from ppl_lvm.estimators import log_marginal
-from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, amortization_gaps,
-                            infer_local, log_joint, refine, score_function_infer)
+from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, log_joint, refine,
+                            score_function_infer)
+from ppl_lvm.recipes import amortization_gaps, infer_local
 from ppl_lvm.models.vae import VAE, Encoder
 from ppl_lvm.plate import data_plate
 from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, fit, svi_step
