@@ -4,8 +4,9 @@ from ppl_lvm.estimators import (LogMarginalEstimate, estimate_log_marginal, join
 from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.data import binarize, load_digits, load_mnist, split_rows, train_test_split
 from ppl_lvm.guides import AmortizedGuide, LocalGuide, SemiAmortizedGuide
-from ppl_lvm.recipes import Gaps, amortization_gaps, infer_local
-from ppl_lvm.models.missing import MaskedVAE, complete
+from ppl_lvm.recipes import amortization_gaps, infer_local
+from ppl_lvm.completion import complete
+from ppl_lvm.models.missing import MaskedVAE
 from ppl_lvm.mixtures import fit_mixture, select_components
 from ppl_lvm.models.mog import MixtureOfGaussians
 from ppl_lvm.models.vae import VAE
@@ -21,13 +22,22 @@ __all__ += ["MaskedVAE", "complete"]
 from ppl_lvm.ais import ais_log_marginal, bdmc  # noqa: E402
 from ppl_lvm.psis import pareto_khat  # noqa: E402
 __all__ += ["ais_log_marginal", "bdmc", "pareto_khat"]
-# old import paths: these lived in ppl_lvm.guides before ppl_lvm.recipes took what trains a guide;
-# guides cannot import recipes (recipes stands on guides), so the package, which imports both,
-# sets them on the old module here: a downward re-export, no module __getattr__
-from ppl_lvm import guides as _guides, recipes as _recipes  # noqa: E402
+# old import paths: what trains a guide lived in ppl_lvm.guides before ppl_lvm.recipes, completion
+# in ppl_lvm.models.missing before ppl_lvm.completion; the old modules cannot import the new ones
+# (which stand on them), so the package, which imports both, sets the names on the old module
+# here: a downward re-export, no module __getattr__
+from ppl_lvm import completion as _completion, guides as _guides, recipes as _recipes  # noqa: E402
+from ppl_lvm.models import missing as _missing  # noqa: E402
 
-for _name in ("infer_local", "amortization_gaps", "Gaps"):
-    setattr(_guides, _name, getattr(_recipes, _name))
+_MOVED = {_guides: (_recipes, ("infer_local", "amortization_gaps", "Gaps")),
+          _missing: (_completion, ("COMPLETION_METHODS", "KHAT_TRUSTED", "KHAT_GOOD",
+                                   "ACCEPTANCE_TRUSTED", "ROWS_PER_CALL", "log_marginal_observed",
+                                   "Completion", "MaskObserved", "complete", "MixtureConditional",
+                                   "mixture_conditional", "mixture_completion",
+                                   "imputation_scores", "mean_imputation", "knn_imputation"))}
+for _old, (_new, _names) in _MOVED.items():
+    for _name in _names:
+        setattr(_old, _name, getattr(_new, _name))
 try:  # the one version, pyproject.toml's, as installed
     from importlib.metadata import PackageNotFoundError, version as _version
 

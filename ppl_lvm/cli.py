@@ -756,6 +756,7 @@ def complete(args):
     Metropolis-within-Gibbs chains propose z from q(z | x_obs and the current completion), a full
     image like those it was trained on (Rezende et al. 2014); a MaskedVAE proposes from q(z | x_obs).
     """
+    from ppl_lvm import completion
     from ppl_lvm.models import missing
 
     module, config = load_run(args.run, args.device)
@@ -770,9 +771,9 @@ def complete(args):
     x = x_test[:args.n]
     mask = missing.make_mask(args.mask, x.shape[0], x.shape[1], rate=args.rate,
                              block_size=args.block_size, seed=args.seed, device=x.device)
-    result = missing.complete(module.model, module.guide, x, mask, num_samples=args.samples,
-                              method=args.method, num_particles=args.num_particles,
-                              num_steps=args.num_steps, proposal=proposal, seed=args.seed)
+    result = completion.complete(module.model, module.guide, x, mask, num_samples=args.samples,
+                                 method=args.method, num_particles=args.num_particles,
+                                 num_steps=args.num_steps, proposal=proposal, seed=args.seed)
     # each completion drawn as E[x_miss | z_s] beside the observed pixels: smoother to read than
     # the Bernoulli draws themselves (result.samples), which carry the same z_s
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
@@ -783,8 +784,8 @@ def complete(args):
                      missing=[None, mask] + [None] * args.samples,
                      title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
                            f"({args.method}); missing pixels in {plots.MISSING_NAME}")
-    scores = missing.imputation_scores(x, mask, result.mean,
-                                       binary=bool(config["data"].get("binarize")))
+    scores = completion.imputation_scores(x, mask, result.mean,
+                                          binary=bool(config["data"].get("binarize")))
     logger.log(RESULT, f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
           f"{args.method}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" of the posterior mean; wrote {out}")
@@ -805,7 +806,8 @@ def completion_path(out, run, mask):
 
 def add_complete_parser(commands):
     """`ppl-lvm complete RUN --mask top_half --n 16`: the ``complete`` subcommand."""
-    from ppl_lvm.models.missing import COMPLETION_METHODS, MASKS
+    from ppl_lvm.completion import COMPLETION_METHODS
+    from ppl_lvm.models.missing import MASKS
 
     p = commands.add_parser("complete", help="complete images with missing pixels (PNG grid)")
     p.add_argument("run", help="a folder written by `ppl-lvm train`")
