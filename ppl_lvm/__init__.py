@@ -23,18 +23,22 @@ from ppl_lvm.ais import ais_log_marginal, bdmc  # noqa: E402
 from ppl_lvm.psis import pareto_khat  # noqa: E402
 __all__ += ["ais_log_marginal", "bdmc", "pareto_khat"]
 # old import paths: what trains a guide lived in ppl_lvm.guides before ppl_lvm.recipes, completion
-# in ppl_lvm.models.missing before ppl_lvm.completion; the old modules cannot import the new ones
+# in ppl_lvm.models.missing before ppl_lvm.completion, EM in ppl_lvm.models.mog before
+# ppl_lvm.mixtures; the old modules cannot import the new ones
 # (which stand on them), so the package, which imports both, sets the names on the old module
 # here: a downward re-export, no module __getattr__
-from ppl_lvm import completion as _completion, guides as _guides, recipes as _recipes  # noqa: E402
-from ppl_lvm.models import missing as _missing  # noqa: E402
+from ppl_lvm import completion as _completion, guides as _guides, mixtures as _mixtures  # noqa: E402
+from ppl_lvm import recipes as _recipes  # noqa: E402
+from ppl_lvm.models import missing as _missing, mog as _mog  # noqa: E402
 
 _MOVED = {_guides: (_recipes, ("infer_local", "amortization_gaps", "Gaps")),
           _missing: (_completion, ("COMPLETION_METHODS", "KHAT_TRUSTED", "KHAT_GOOD",
                                    "ACCEPTANCE_TRUSTED", "ROWS_PER_CALL", "log_marginal_observed",
                                    "Completion", "MaskObserved", "complete", "MixtureConditional",
                                    "mixture_conditional", "mixture_completion",
-                                   "imputation_scores", "mean_imputation", "knn_imputation"))}
+                                   "imputation_scores", "mean_imputation", "knn_imputation")),
+          _mog: (_mixtures, ("precision_cholesky", "gaussian_log_prob", "e_step", "m_step",
+                             "em_step"))}
 for _old, (_new, _names) in _MOVED.items():
     for _name in _names:
         setattr(_old, _name, getattr(_new, _name))
