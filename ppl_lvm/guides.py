@@ -244,9 +244,11 @@ def log_joint(model, values, x, idx=None, num_data=None, model_args=(), plate_na
     Unscaled by N / B (but masks apply), through the density kernel (``ppl_lvm.densities``).
     Every latent sample site of ``model`` must be in ``values``; the model's own sites are hidden
     from any enclosing trace. ``model_args``: the model's positional arguments after x (e.g.
-    labels y [B]). ``plate_name``: the data plate (by default the one plate as long as x). A
-    term outside the data plate (an observed global, a factor) is constant in every z_i: it is
-    shared equally by the rows, so the rows still sum to log p(x, z).
+    labels y [B]). ``plate_name``: the data plate, as ``data_plate_name`` reads it from the
+    program's structure (every caller in the package passes it); by default the one plate as long
+    as x, a size match that a second plate of the same size (features, say) defeats. A term
+    outside the data plate (an observed global, a factor) is constant in every z_i: it is shared
+    equally by the rows, so the rows still sum to log p(x, z).
     """
     call_kwargs = dict(kwargs)
     if program.takes_rows(model):
@@ -265,8 +267,16 @@ def log_joint(model, values, x, idx=None, num_data=None, model_args=(), plate_na
     return rows + terms.global_total / batch_size
 
 
+def data_plate_name(model, x, model_args=(), **kwargs):
+    """The name of ``model``'s data plate, read from its structure (``program.inspect_program``:
+    the plate whose size follows the rows, probed on 2 and 3 of them) rather than by a size match
+    on one trace, which a second plate as long as the batch would fool. x: [B, ...]."""
+    return program.inspect_program(model, x, *model_args, allow_subsample=True,
+                                   **kwargs).plate_name
+
+
 def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z", idx=None,
-           num_data=None, unroll=False, model_args=(), **kwargs):
+           num_data=None, unroll=False, model_args=(), plate_name=None, **kwargs):
     """Raise ELBO(μ, σ) = E_q[log p(x, z)] + H[q] per datapoint by ``steps`` SGD steps on (μ, log σ).
 
     loc, scale: [B, *shape] the starting φ (e.g. an encoder's output). Each step averages
@@ -275,8 +285,11 @@ def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z",
     cosine so the last φ is not jittered by gradient noise. ``unroll=False``: the result carries
     gradients to loc/scale as if the refinement were the identity (first order); ``unroll=True``:
     gradients flow through the unrolled steps (Kim et al. 2018; a second-order backward).
-    Returns (loc, scale) [B, *shape].
+    plate_name: the model's data plate (default: read by ``data_plate_name``, a few cheap model
+    calls; ``SemiAmortizedGuide`` reads it once). Returns (loc, scale) [B, *shape].
     """
+    if plate_name is None:
+        plate_name = data_plate_name(model, x, model_args, **kwargs)
     event_dims = tuple(range(1, loc.dim()))
     batch_size = x.shape[0]
     repeated_x = x.repeat(num_particles, *([1] * (x.dim() - 1)))
@@ -296,7 +309,7 @@ def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z",
             noise = torch.randn((num_particles,) + loc_t.shape, dtype=loc.dtype, device=loc.device)
             z = (loc_t + log_scale_t.exp() * noise).reshape(num_particles * batch_size, *loc.shape[1:])
             log_p = log_joint(model, {site: z}, repeated_x, repeated_idx, num_data,
-                              model_args=repeated_args, **kwargs)
+                              model_args=repeated_args, plate_name=plate_name, **kwargs)
             objective = log_p.sum() / num_particles + log_scale_t.sum(event_dims).sum()
             grad_loc, grad_log_scale = torch.autograd.grad(objective, params, create_graph=unroll)
             step_size = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps)))
@@ -377,6 +390,7 @@ class _LocalProblem:
     def __init__(self, model, guide, x, args, kwargs, takes_idx):
         self.model, self.guide, self.x, self.args, self.kwargs = model, guide, x, args, kwargs
         self.takes_idx = takes_idx
+        self.plate_name = data_plate_name(model, x, args, **kwargs)
         self.num_rows = x.shape[0]
         self.loc_cols, self.scale_cols = _table_columns(guide)
 
@@ -403,7 +417,8 @@ class _LocalProblem:
         with torch.enable_grad():
             z = (loc + scale * points).detach().requires_grad_()
             log_p = log_joint(self.model, self.values(z, num_points * batch), args[0], idx, None,
-                              model_args=args[1:], **kwargs).reshape(num_points, batch)
+                              model_args=args[1:], plate_name=self.plate_name,
+                              **kwargs).reshape(num_points, batch)
             (grad_z,) = torch.autograd.grad(log_p.sum(), z)
         grad_loc = grad_z.mean(0)
         eg = (points * grad_z).mean(0)  # = E[ε ∂log p/∂z] = σ E[∂² log p/∂z²] (Price)
@@ -553,24 +568,29 @@ class SemiAmortizedGuide:
             ``site``). encoder: x -> (loc, scale). steps: S. lr: the refinement's Adam step size.
         num_particles: samples per refinement step (single-sample steps are too noisy to help
             much). unroll: backpropagate through the
-            refinement into the encoder (see ``refine``).
+            refinement into the encoder (see ``refine``). plate_name: the model's data plate
+            (default: read from the model's structure at the first call, ``data_plate_name``).
     """
 
     def __init__(self, model, encoder, steps=10, lr=0.2, num_particles=8, site="z", event_dim=1,
-                 unroll=False, name="encoder"):
+                 unroll=False, name="encoder", plate_name=None):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.model, self.encoder, self.steps, self.lr = model, encoder, steps, lr
         self.num_particles = num_particles
         self.site, self.event_dim, self.unroll, self.name = site, event_dim, unroll, name
+        self.plate_name = plate_name
 
     def __call__(self, x, *args, idx=None, num_data=None, **kwargs):
         pyro.module(self.name, self.encoder)
         loc, scale = self.encoder(x)
         if self.steps:
+            if self.plate_name is None:
+                self.plate_name = data_plate_name(self.model, x, args, **kwargs)
             loc, scale = refine(self.model, x, loc, scale, steps=self.steps, lr=self.lr,
                                 num_particles=self.num_particles, site=self.site, idx=idx,
-                                num_data=num_data, unroll=self.unroll, model_args=args, **kwargs)
+                                num_data=num_data, unroll=self.unroll, model_args=args,
+                                plate_name=self.plate_name, **kwargs)
         with data_plate(x, idx, num_data):
             pyro.sample(self.site, dist.Normal(loc, scale).to_event(self.event_dim))
 

@@ -20,8 +20,8 @@ import torch
 from ppl_lvm import program, progress
 from ppl_lvm.estimators import (SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, _seed_block,
                                 estimate_log_marginal)
-from ppl_lvm.guides import (LocalGuide, _LocalProblem, local_convergence, log_joint,
-                            solve_local)
+from ppl_lvm.guides import (LocalGuide, _LocalProblem, data_plate_name, local_convergence,
+                            log_joint, solve_local)
 from ppl_lvm.train import adam, bind_rows, svi_step
 
 def _fix_globals(model, structure, globals_guide, args, kwargs):
@@ -364,6 +364,10 @@ class _Mixed:
     def __init__(self, model, guide, optimal, x, kwargs):
         self.model, self.guide, self.optimal, self.x, self.kwargs = model, guide, optimal, x, kwargs
         self.problem = _LocalProblem(model, optimal, x, (), kwargs, False)
+        try:  # the guide's own data plate, read as the model's is
+            self.guide_plate = data_plate_name(guide, x, **kwargs)
+        except ValueError:  # a guide whose plate cannot be read from a probe: as before, by size
+            self.guide_plate = None
         with torch.no_grad():
             table = optimal.table(x.device).detach()
         self.loc = table[:, self.problem.loc_cols.to(x.device)]
@@ -399,11 +403,13 @@ class _Mixed:
                                  f"q* has {sorted(self.optimal.site_shapes)}, the amortized guide "
                                  f"{sorted(values)}; use proposal='amortized'")
             flat = torch.cat([values[n].reshape(count, batch, -1) for n in self.optimal.site_shapes], -1)
-        log_p = log_joint(self.model, values, x, **kwargs).reshape(count, batch)
+        log_p = log_joint(self.model, values, x, plate_name=self.problem.plate_name,
+                          **kwargs).reshape(count, batch)
         log_optimal = optimal.log_prob(flat).sum(-1)
         if source != "optimal":
             _set_rng_states(before)
-        log_amortized = log_joint(self.guide, values, x, **kwargs).reshape(count, batch)
+        log_amortized = log_joint(self.guide, values, x, plate_name=self.guide_plate,
+                                  **kwargs).reshape(count, batch)
         if source != "optimal":
             _set_rng_states(after)
         mixture = torch.logaddexp(log_optimal, log_amortized) - math.log(2)
