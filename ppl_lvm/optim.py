@@ -9,7 +9,7 @@ import math
 import pyro
 import torch
 
-from ppl_lvm.distributed import LOCAL_PREFIX
+from ppl_lvm.program import LOCAL_PREFIX
 
 
 def is_local_param(name):
