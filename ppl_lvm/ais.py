@@ -18,13 +18,14 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import biject_to
 
-from ppl_lvm import densities, program, progress
+from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.particles import (
     DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, trace_bytes,
     vectorize,
 )
 from ppl_lvm.program import frame_of as data_frame
 from ppl_lvm.program import inspect_program, names_keywords, plate_nesting, sample_sites
+from ppl_lvm.vocabulary import renamed
 
 SCHEDULES = ("sigmoid", "linear")
 # Wu et al.'s BDMC code: ε ← 1.02 ε above the target acceptance, ε / 1.02 below (their 0.98)
@@ -42,12 +43,15 @@ class AISEstimate(LogMarginalEstimate):
     num_steps: T temperatures; log_weights: [K, N] the chains' final log weights.
     acceptance: [N] HMC acceptance probability averaged over chains and temperatures.
     step_size: [N] the adapted leapfrog step size ε_n at the end.
+    compiled: with compile=...: the recorded log-density's graphs, compile time, evaluations on
+        each path (``ppl_lvm.compiled.CompiledDensity.summary``); None when it ran eagerly.
     """
 
     num_steps: int = None
     log_weights: torch.Tensor = None
     acceptance: torch.Tensor = None
     step_size: torch.Tensor = None
+    compiled: str = None
 
     def __repr__(self):
         return (f"AISEstimate(K={self.num_samples}, T={self.num_steps}, N={self.log_px.numel()}, "
@@ -113,9 +117,10 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule="sigmoid",
-                     leapfrog_steps=5, step_size=0.1, target_accept=0.65, plate_name=None,
-                     seed=None, memory_bytes=None, chunk_size=None, idx=None, **model_kwargs):
+def ais_log_marginal(model, guide, x, *, num_temperatures=None, num_samples=16,
+                     schedule="sigmoid", leapfrog_steps=5, step_size=0.1, target_accept=0.65,
+                     plate_name=None, seed=None, memory_bytes=None, chunk_size=None, idx=None,
+                     compile=False, num_steps=None, **model_kwargs):
     """Per-datapoint AIS estimates of log p(x_n): K chains per datapoint, T temperatures.
 
     Args:
@@ -124,7 +129,8 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
             ``guide`` None anneals from the prior p(z) to p(z | x); a guide q(z | x) (same latent
             sites; gets ``idx`` when it accepts it) anneals from q(z | x) instead.
         x: [N, ...] the data; results follow its device.
-        num_steps: T, the number of temperatures after β_0 = 0 (one HMC transition each).
+        num_temperatures (old name ``num_steps``): T, the number of temperatures after β_0 = 0
+            (one HMC transition each); default 500.
         num_samples: K independent chains per datapoint.
         schedule: "sigmoid", "linear" or a [T + 1] tensor of β's (see ``schedule_betas``).
         leapfrog_steps: L leapfrog steps per HMC transition (≈ L gradient evaluations of the
@@ -141,6 +147,13 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
         chunk_size: rows per vectorised call (all K chains of a row are always in one call);
             None picks it from ``memory_bytes``.
         idx: optional [N] long, the rows' indices, for a per-datapoint guide.
+        compile: record the annealed log-density and its gradient in z once per chunk shape as
+            a graph (the traces, the density kernel's sums and the backward pass) and replay it
+            at every leapfrog step instead of re-tracing the program
+            (``ppl_lvm.compiled.CompiledDensity``; checked against eager on its first call,
+            eager after one warning line when it cannot be recorded): False (default), True
+            or "auto" (on when a chunk takes at least ``compiled.AUTO_MIN_EVALUATIONS``
+            evaluations, T × L). The seeded answer is eager's up to float rounding.
         **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.
 
     Returns:
@@ -150,19 +163,20 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
         ValueError naming the site: a discrete latent, a latent outside the data plate, a guide
         whose sites differ from the model's latents.
     """
+    num_steps = renamed("num_temperatures", num_temperatures, "num_steps", num_steps, 500)
     return _run_ais(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                     schedule=schedule, leapfrog_steps=leapfrog_steps, step_size=step_size,
                     target_accept=target_accept, plate_name=plate_name, seed=seed,
                     memory_bytes=memory_bytes, chunk_size=chunk_size, idx=idx,
-                    model_kwargs=model_kwargs)
+                    model_kwargs=model_kwargs, compile=compile)
 
 
 @program.in_evaluation_mode
 @torch.no_grad()
 def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, device=None,
-         num_steps=500, num_samples=16, schedule="sigmoid", leapfrog_steps=5, step_size=0.1,
-         target_accept=0.65, plate_name=None, seed=None, memory_bytes=None, chunk_size=None,
-         **model_kwargs):
+         num_temperatures=None, num_samples=16, schedule="sigmoid", leapfrog_steps=5,
+         step_size=0.1, target_accept=0.65, plate_name=None, seed=None, memory_bytes=None,
+         chunk_size=None, compile=False, num_steps=None, **model_kwargs):
     """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
     Reverse AIS needs an exact sample from p(z | x_n); two ways to have one:
@@ -174,8 +188,9 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
         site) drawn from the exact posterior, e.g. PPCA's ``exact_posterior``.
 
     Args:
-        model, guide, plate_name, schedule, num_steps (T), num_samples (K), leapfrog_steps,
-            step_size, target_accept, memory_bytes, chunk_size, **model_kwargs: as in
+        model, guide, plate_name, schedule, num_temperatures (T; old name num_steps),
+            num_samples (K), leapfrog_steps, step_size, target_accept, memory_bytes,
+            chunk_size, compile, **model_kwargs: as in
             ``ais_log_marginal``; both directions use the same schedule, reversed.
         device: where simulated data go (default: CPU).
         seed: optional int; seeds the simulation and both runs.
@@ -183,6 +198,7 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
     Returns:
         ``BDMCResult``: lower [N], upper [N], gap [N], x, z, forward, reverse.
     """
+    num_steps = renamed("num_temperatures", num_temperatures, "num_steps", num_steps, 500)
     if z is None:
         if x is not None:
             raise ValueError("bdmc needs exact posterior samples z with x; pass both, or neither "
@@ -203,7 +219,7 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
     common = dict(num_steps=num_steps, num_samples=num_samples, schedule=schedule,
                   leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept,
                   plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
-                  chunk_size=chunk_size, idx=None, model_kwargs=model_kwargs)
+                  chunk_size=chunk_size, idx=None, model_kwargs=model_kwargs, compile=compile)
     forward = _run_ais(model, guide, x, **common)
     if seed is not None:  # the reverse chains draw their own noise
         common["seed"] = int(np.random.SeedSequence([int(seed), 1 << 21]).generate_state(1)[0])
@@ -308,7 +324,7 @@ def _fails_vectorised(model, guide, x, model_kwargs):
 @_vectorisation_refused
 def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_steps, step_size,
              target_accept, plate_name, seed, memory_bytes, chunk_size, idx, model_kwargs,
-             posterior=None, loop_chains=False):
+             posterior=None, loop_chains=False, compile=False):
     _check_inputs(x, num_samples, leapfrog_steps, step_size, target_accept, chunk_size, idx)
     num_rows, device = x.shape[0], x.device
     betas = schedule_betas(num_steps, schedule, device=device)
@@ -322,6 +338,9 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
     with _forked_rng(device, seed is not None):
         target = _Target(model, guide, x, plate_name, idx.to(device), model_kwargs)
         target.loop = loop_chains
+        # T - 1 transitions of L gradients each, and the first state's
+        target.compiled = compiled.compile_density(
+            target.evaluate_given, compile, (betas.numel() - 2) * int(leapfrog_steps) + 1)
         if posterior is not None:
             posterior = target.match_posterior(posterior)
         rows_per_call = chunk_size or max(
@@ -355,7 +374,8 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
                        mc_stderr=totals.stderr(),
                        rows_per_call=rows_per_call, particles_per_call=num_samples,
                        num_steps=betas.numel() - 1, log_weights=log_weights,
-                       acceptance=torch.cat(acceptance), step_size=torch.cat(step_sizes))
+                       acceptance=torch.cat(acceptance), step_size=torch.cat(step_sizes),
+                       compiled=None if target.compiled is None else target.compiled.summary())
 
 
 def _check_inputs(x, num_samples, leapfrog_steps, step_size, target_accept, chunk_size, idx):
@@ -450,6 +470,7 @@ class _Target:
     vectorised over the chains."""
 
     loop = False
+    compiled = None  # a compiled.CompiledDensity replaying evaluate_given, or None: eager
 
     def __init__(self, model, guide, x, plate_name, idx, model_kwargs):
         self.model, self.guide, self.x, self.plate_name = model, guide, x, plate_name
@@ -557,8 +578,8 @@ class _Target:
         return {site.name: torch.cat(parts[site.name], site.data_dim).contiguous()
                 for site in self.sites}
 
-    def _trace(self, rows, num_samples, values, program="model"):
-        x, kwargs, guide_kwargs = self.args(rows)
+    def _trace(self, call, num_samples, values, program="model"):
+        x, kwargs, guide_kwargs = call
         fn = self.model if program == "model" else self.guide
         if not self.loop:
             fn = vectorize(fn, num_samples, self.nesting, x.device)
@@ -570,19 +591,21 @@ class _Target:
         folded = densities.fold(site_record, tensor, self.plate_name, self.nesting)
         return folded.reshape(-1, num_rows)
 
-    def log_densities(self, rows, u):
-        """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)): each [K, n], differentiable."""
+    def log_densities(self, rows, u, call=None):
+        """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)): each [K, n], differentiable.
+        call: the rows' (x, model kwargs, guide kwargs), default ``self.args(rows)``."""
+        call = self.args(rows) if call is None else call
         num_samples = next(iter(u.values())).shape[0]
         if not self.loop:
-            return self._log_densities(rows, u, num_samples)
-        parts = [self._log_densities(rows, {name: value[k] for name, value in u.items()}, 1)
+            return self._log_densities(call, u, num_samples)
+        parts = [self._log_densities(call, {name: value[k] for name, value in u.items()}, 1)
                  for k in range(num_samples)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _log_densities(self, rows, u, num_samples):
-        num_rows = rows.stop - rows.start
+    def _log_densities(self, call, u, num_samples):
+        num_rows = call[0].shape[0]
         values = {site.name: site.transform(u[site.name]) for site in self.sites}
-        model_trace = self._trace(rows, num_samples, values)
+        model_trace = self._trace(call, num_samples, values)
         nodes = sample_sites(model_trace)
         latent = densities.split(model_trace, self.plate_name, self.nesting, scaled=False,
                                  sites=lambda name, site: name in values)
@@ -604,7 +627,7 @@ class _Target:
         if self.guide is None:
             log_base, log_ratio = log_prior, log_likelihood
         else:
-            guide_trace = self._trace(rows, num_samples, values, program="guide")
+            guide_trace = self._trace(call, num_samples, values, program="guide")
             log_base = densities.row_terms(model_trace, guide_trace, self.plate_name, num_rows,
                                            self.nesting)[1]
             log_ratio = log_prior + log_likelihood - log_base
@@ -612,10 +635,17 @@ class _Target:
         return (log_base + log_det).expand(shape), log_ratio.expand(shape)
 
     def evaluate(self, rows, u, beta, split=False):
-        """log_base, log_ratio [K, n] and the gradient of log π_β (or of each term when split)."""
+        """log_base, log_ratio [K, n] and the gradient of log π_β (or of each term when split);
+        from the recorded graph when ``self.compiled`` holds one (``ppl_lvm.compiled``)."""
+        if self.compiled is not None:
+            return self.compiled(self.args(rows), u, beta, split)
+        return self.evaluate_given(self.args(rows), u, beta, split)
+
+    def evaluate_given(self, call, u, beta, split=False):
+        """``evaluate`` on the rows' arguments ``call``: (x, model kwargs, guide kwargs)."""
         with torch.enable_grad(), pyro.validation_enabled(False):
             u = {name: value.detach().requires_grad_(True) for name, value in u.items()}
-            log_base, log_ratio = self.log_densities(rows, u)
+            log_base, log_ratio = self.log_densities(None, u, call)
             inputs = list(u.values())
             if split:
                 grads_base = torch.autograd.grad(log_base.sum(), inputs, retain_graph=True,
