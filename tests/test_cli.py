@@ -684,3 +684,36 @@ def test_compare_and_evaluate_give_a_mixtures_exact_log_px_on_the_same_rows(tmp_
         assert value == pytest.approx(first["mean"], rel=1e-6)
     assert row["method"] == "exact" and row["num_rows"] == 40 and row["num_heldout"] == 359
     assert "on the first 40 of 359 held-out rows" in printed and "exact (enumerated)" in printed
+
+
+def test_a_new_estimator_and_guide_kind_are_one_registry_entry_each(tmp_path, capsys, monkeypatch):
+    """The README's contributor recipe: an estimate function plus one entry in ``cli.METHODS``,
+    a guide builder plus one entry in ``experiment.GUIDE_KINDS``; choices, help and every branch
+    follow the entries."""
+    from ppl_lvm import cli, experiment
+    from ppl_lvm.estimators import estimate_log_marginal
+
+    built = []
+
+    def my_guide(module, num_data, data, options):  # the amortized guide, counted
+        built.append(num_data)
+        return module.guide
+
+    def my_estimate(model, guide, x, *, method, **options):  # IWAE under another name
+        return estimate_log_marginal(model, guide, x, method="iwae", **options)
+
+    monkeypatch.setitem(cli.METHODS, "mine", cli.Method("IWAE again", num_samples=7,
+                                                        estimate=my_estimate))
+    monkeypatch.setitem(experiment.GUIDE_KINDS, "mine",
+                        experiment.GuideKind(my_guide, "the encoder, counted", amortized=True))
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "mine: IWAE again" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), "--guide", "mine", *TINY]) == 0
+    assert built == [1438]  # train built the guide from the entry, once, for the training rows
+    assert main(["evaluate", str(out), "--method", "mine", "--n", "20"]) == 0
+    assert main(["evaluate", str(out), "--method", "iwae", "-K", "7", "--n", "20"]) == 0
+    mine = json.loads((out / "evaluate_mine_K7.json").read_text())  # -K's default from the entry
+    iwae = json.loads((out / "evaluate_iwae_K7.json").read_text())
+    assert mine["mean"] == iwae["mean"] and mine["num_samples"] == 7
