@@ -727,8 +727,12 @@ def evaluate(args):
         estimate = estimate_log_marginal(vae.model, guide, x_test, **options)
     seconds = time.perf_counter() - start
     unreliable = None if estimate.khat is None else int(estimate.unreliable.sum())
+    # two errors of two kinds: the sampler's (a rerun with another seed moves the mean by about
+    # mc_stderr) and the rows' (another draw of held-out rows: stderr = sd / √N)
     result = {"method": method, "num_samples": args.num_samples, "num_images": len(x_test),
               "mean": estimate.mean, "stderr": estimate.stderr,
+              "mc_stderr": estimate.mean_mc_stderr,
+              "sd": estimate.log_px.std().item() if len(x_test) > 1 else 0.0,
               "median_ess": estimate.ess.median().item(), "wall_time_s": seconds,
               "khat_above_0.7": unreliable}
     if spec.num_steps:
@@ -739,8 +743,11 @@ def evaluate(args):
             ess += f"; Pareto k̂ > 0.7 (not to be trusted) for {unreliable} images"
         steps = f", T={args.num_steps}" if spec.num_steps else ""
         samples = "" if method == "exact" else f", K={args.num_samples}{steps}"
-        logger.log(RESULT, f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f} ± "
-              f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s){note}")
+        mc = result["mc_stderr"]
+        mc = "" if mc is None else " (exact)" if method == "exact" else f" ± {mc:.2g} (Monte Carlo)"
+        logger.log(RESULT, f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f}{mc} "
+              f"nats/image; over {len(x_test)} images: s.e. {estimate.stderr:.2f}, sd "
+              f"{result['sd']:.2f} ({seconds:.1f} s{ess}){note}")
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
             f"_T{args.num_steps}" if spec.num_steps else "")
         path = Path(args.run) / f"{name}.json"
@@ -755,7 +762,7 @@ def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None)
     mean: mean_n (log_px_n - baseline_n); stderr: the paired standard error std_n(d_n) / √N (the
     rows' own variation cancels: far smaller than the unpaired sqrt(s_a² + s_b²)); mc_stderr: the
     Monte Carlo part, sqrt(Σ_n (e_n² + e'_n²)) / N from each estimate's own error; within_noise:
-    |mean| < 2 × stderr (the difference is not distinguishable from the rows' and samplers'
+    |mean| ≤ 2 × stderr (the difference is not distinguishable from the rows' and samplers'
     noise at about 95 %)."""
     diff = (log_px.double() - baseline.double())
     count = diff.numel()
@@ -767,7 +774,7 @@ def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None)
         mc = math.sqrt((mc_stderr.double() ** 2 + baseline_mc_stderr.double() ** 2).sum().item()) / count
     mean = diff.mean().item()
     return {"mean": mean, "stderr": stderr, "unpaired_stderr": unpaired, "mc_stderr": mc,
-            "within_noise": abs(mean) < 2 * stderr}
+            "within_noise": abs(mean) <= 2 * stderr}  # <=: a run against itself is within noise
 
 
 @program.in_evaluation_mode
@@ -788,7 +795,7 @@ def compare(args):
         module, config = load_run(run, args.device, args.trust_code)
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         _, x_test = run_data(config["data"], args.device)
-        x_test = x_test[:args.n]
+        num_heldout, x_test = len(x_test), x_test[:args.n]
         guide, kwargs, note = run_guide(module, config, x_test, local_steps=args.local_steps)
         method = "exact" if config.get("model") == "mog" else None
         elbo = estimate_log_marginal(module.model, guide, x_test, method=method or "elbo",
@@ -798,7 +805,9 @@ def compare(args):
         per_row.append((x_test, iwae))
         row = {"run": str(run), "model": config.get("model"),
                "guide": config.get("cli", {}).get("guide", "amortized"),
-               "heldout_elbo": elbo.mean, "heldout_log_px": iwae.mean,
+               "num_rows": len(x_test), "num_heldout": num_heldout, "method": method or "iwae",
+               "heldout_elbo": elbo.mean, "heldout_elbo_mc_stderr": elbo.mean_mc_stderr,
+               "heldout_log_px": iwae.mean,
                "log_px_stderr": iwae.stderr, "log_px_mc_stderr": iwae.mean_mc_stderr,
                "train_time_s": metrics.get("train_time_s", metrics.get("wall_time_s")),
                "num_parameters": metrics.get("num_parameters"), "note": note.strip()}
@@ -817,14 +826,24 @@ def compare(args):
         log = Path(run) / "metrics.jsonl"
         if log.is_file():
             curves[str(run)] = [json.loads(line) for line in log.read_text().splitlines() if line]
+    # the rows are said: a mean over the first n rows is not `evaluate`'s mean over all of them
+    # (a mixture's per-row log p(x) can have a tail of rows far below the rest)
+    logger.log(RESULT, "on the first " + ", ".join(sorted({f"{r['num_rows']} of {r['num_heldout']}"
+                                                          for r in rows}))
+               + " held-out rows (`ppl-lvm evaluate RUN --n N` scores the same rows); ± s.e. over "
+               "the rows, then the Monte Carlo s.e. of the mean"
+               + ("; a mixture's ELBO and log p(x) are exact (enumerated)"
+                  if any(r["method"] == "exact" for r in rows) else ""))
     header = (f"| run | model | guide | held-out ELBO | log p(x), IWAE-{args.num_samples} | "
-              "approx. gap | amort. gap | train s | parameters |")
+              "MC s.e. | approx. gap | amort. gap | train s | parameters |")
     logger.log(RESULT, header)
-    logger.log(RESULT, "|" + "---|" * 9)
+    logger.log(RESULT, "|" + "---|" * 10)
     for r in rows:
         gap = lambda key: f"{r[key]:.2f}" if key in r else "—"  # noqa: E731
+        mc = "—" if r["log_px_mc_stderr"] is None else f"{r['log_px_mc_stderr']:.2g}"
         logger.log(RESULT, f"| {r['run']} | {r['model']} | {r['guide']} | {r['heldout_elbo']:.2f} | "
-              f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {gap('approximation_gap')} | "
+              f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {mc} | "
+              f"{gap('approximation_gap')} | "
               f"{gap('amortization_gap')} | {r['train_time_s']:.1f} | {r['num_parameters']} |")
     _print_paired(rows, per_row)
     png, table = compare_paths(args.out)
@@ -890,12 +909,19 @@ def run_bdmc(args):
                   device=args.device, num_steps=args.num_steps, num_samples=args.num_samples,
                   seed=args.seed)
     seconds = time.perf_counter() - start
+    lower_mc, upper_mc = result.forward.mean_mc_stderr, result.reverse.mean_mc_stderr
     summary = {"num_images": args.n, "num_steps": args.num_steps, "num_samples": args.num_samples,
                "lower": result.lower.mean().item(), "upper": result.upper.mean().item(),
-               "gap": result.gap.mean().item(), "wall_time_s": seconds}
+               "gap": result.gap.mean().item(), "wall_time_s": seconds,
+               # the chains' own error of each mean (delta method on the weights); the two
+               # directions draw independent chains, so the gap's adds in quadrature
+               "lower_mc_stderr": lower_mc, "upper_mc_stderr": upper_mc,
+               "gap_mc_stderr": math.sqrt(lower_mc ** 2 + upper_mc ** 2),
+               "gap_sd": result.gap.std().item() if args.n > 1 else 0.0}
     logger.log(RESULT, f"BDMC on {args.n} simulated images, T={args.num_steps}, K={args.num_samples}: "
-          f"{summary['lower']:.2f} <= log p(x) <= {summary['upper']:.2f} nats/image "
-          f"(gap {summary['gap']:.2f}; {seconds:.1f} s)")
+          f"{summary['lower']:.2f} (± {lower_mc:.2g} MC) <= log p(x) <= {summary['upper']:.2f} "
+          f"(± {upper_mc:.2g} MC) nats/image (gap {summary['gap']:.2f} ± "
+          f"{summary['gap_mc_stderr']:.2g} MC, sd over images {summary['gap_sd']:.2f}; {seconds:.1f} s)")
     path = Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json"
     runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, summary))
     logger.log(RESULT, f"wrote {path}")
