@@ -117,14 +117,15 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def ais_log_marginal(model, guide, x, *, num_temperatures=None, num_samples=16,
+def ais_log_marginal(model, guide, x, *args, num_temperatures=None, num_samples=16,
                      schedule="sigmoid", leapfrog_steps=5, step_size=0.1, target_accept=0.65,
                      plate_name=None, seed=None, memory_bytes=None, chunk_size=None, idx=None,
-                     compile=False, num_steps=None, **model_kwargs):
+                     compile=False, num_steps=None, per_row=None, **model_kwargs):
     """Per-datapoint AIS estimates of log p(x_n): K chains per datapoint, T temperatures.
 
     Args:
-        model, guide: Pyro programs called as ``model(x, **model_kwargs)``; the latents are the
+        model, guide: Pyro programs called as ``model(x, *args, **model_kwargs)`` (``args`` are
+            passed by the names the model's signature gives them); the latents are the
             model's unobserved sample sites, continuous and inside ``pyro.plate(plate_name)``.
             ``guide`` None anneals from the prior p(z) to p(z | x); a guide q(z | x) (same latent
             sites; gets ``idx`` when it accepts it) anneals from q(z | x) instead.
@@ -156,7 +157,11 @@ def ais_log_marginal(model, guide, x, *, num_temperatures=None, num_samples=16,
             eager after one warning line when it cannot be recorded): False (default), True
             or "auto" (on when a chunk takes at least ``compiled.AUTO_MIN_EVALUATIONS``
             evaluations, T × L). The seeded answer is eager's up to float rounding.
-        **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.
+        per_row: which further arguments are per-row (sliced with x's rows as AIS runs them in
+            chunks): keyword names, or positions in ``args``; the others are passed whole. A
+            tensor argument with N rows that ``per_row`` does not mention is refused in one line
+            (it could be either); ``per_row=()`` passes every one whole.
+        **model_kwargs: passed to model and guide by keyword.
 
     Returns:
         ``AISEstimate``: log_px [N], ess [N], log_weights [K, N], acceptance [N], step_size [N].
@@ -166,6 +171,8 @@ def ais_log_marginal(model, guide, x, *, num_temperatures=None, num_samples=16,
         whose sites differ from the model's latents.
     """
     num_steps = renamed("num_temperatures", num_temperatures, "num_steps", num_steps, 500)
+    model_kwargs = _rows_of(_with_positional(model, args, model_kwargs), args, per_row,
+                            x.shape[0])
     return _run_ais(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                     schedule=schedule, leapfrog_steps=leapfrog_steps, step_size=step_size,
                     target_accept=target_accept, plate_name=plate_name, seed=seed,
@@ -173,12 +180,65 @@ def ais_log_marginal(model, guide, x, *, num_temperatures=None, num_samples=16,
                     model_kwargs=model_kwargs, compile=compile)
 
 
+class RowKwargs(dict):
+    """The model's keyword arguments, knowing which are per-row (``rows``: sliced with x)."""
+
+    rows = frozenset()
+
+
+def _rows_of(model_kwargs, args, per_row, num_rows, caller="ais_log_marginal"):
+    """``model_kwargs`` as ``RowKwargs``: the names ``per_row`` declares (keyword names, or
+    positions in ``args``, whose names come first in ``model_kwargs``) are per-row; an undeclared
+    tensor with ``num_rows`` rows is refused when x has more than one row."""
+    kwargs = RowKwargs(model_kwargs)
+    positional = list(model_kwargs)[:len(args)]
+    declared = set()
+    entries = () if per_row is None else (
+        (per_row,) if isinstance(per_row, (str, int)) else tuple(per_row))
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise ValueError(f"per_row entries are positions (int) of the arguments after x or "
+                             f"keyword names (str), got {entry!r}")
+        if isinstance(entry, int):
+            if not 0 <= entry < len(positional):
+                raise ValueError(f"per_row names position {entry}, but only {len(positional)} "
+                                 "arguments follow x")
+            entry = positional[entry]
+        if entry not in kwargs:
+            raise ValueError(f"per_row names {entry!r}, which is not among the model's arguments "
+                             f"{sorted(kwargs)}")
+        value = kwargs[entry]
+        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != num_rows:
+            raise ValueError(f"per_row names {entry!r}, but it has no first dim of {num_rows} "
+                             "rows like x")
+        declared.add(entry)
+    if per_row is None and num_rows > 1:
+        for name, value in kwargs.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == num_rows:
+                raise ValueError(
+                    f"{caller}: the model's argument {name!r} has {num_rows} rows like x, and AIS "
+                    f"runs x's rows in chunks: say per_row=({name!r},) if its row n belongs to "
+                    "x[n], or per_row=() to pass it whole to every chunk")
+    kwargs.rows = frozenset(declared)
+    return kwargs
+
+
+def _with_positional(model, args, model_kwargs):
+    """``args`` after x merged into ``model_kwargs`` by the model's parameter names."""
+    positional = program.args_as_keywords(model, args)
+    both = sorted(set(positional) & set(model_kwargs))
+    if both:
+        raise TypeError(f"the model's argument {both[0]!r} was given both by position and by "
+                        "keyword")
+    return {**positional, **model_kwargs}
+
+
 @program.in_evaluation_mode
 @torch.no_grad()
 def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, device=None,
          num_temperatures=None, num_samples=16, schedule="sigmoid", leapfrog_steps=5,
          step_size=0.1, target_accept=0.65, plate_name=None, seed=None, memory_bytes=None,
-         chunk_size=None, compile=False, num_steps=None, **model_kwargs):
+         chunk_size=None, compile=False, num_steps=None, per_row=None, **model_kwargs):
     """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
     Reverse AIS needs an exact sample from p(z | x_n); two ways to have one:
@@ -192,7 +252,7 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
     Args:
         model, guide, plate_name, schedule, num_temperatures (T; old name num_steps),
             num_samples (K), leapfrog_steps, step_size, target_accept, memory_bytes,
-            chunk_size, compile, **model_kwargs: as in
+            chunk_size, compile, per_row, **model_kwargs: as in
             ``ais_log_marginal``; both directions use the same schedule, reversed.
         device: where simulated data go (default: CPU).
         seed: optional int; seeds the simulation and both runs.
@@ -213,11 +273,14 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
     else:
         if x is None:
             raise ValueError("bdmc got z without x; pass the x the samples z were drawn for")
+        model_kwargs = _rows_of(model_kwargs, (), per_row, x.shape[0], caller="bdmc")
         if isinstance(z, torch.Tensor):
             names = _latent_names(model, x, model_kwargs)
             if len(names) != 1:
                 raise ValueError(f"the model has latent sites {names}: pass z as a dict")
             z = {names[0]: z}
+    if not isinstance(model_kwargs, RowKwargs):  # simulated x
+        model_kwargs = _rows_of(model_kwargs, (), per_row, x.shape[0], caller="bdmc")
     common = dict(num_steps=num_steps, num_samples=num_samples, schedule=schedule,
                   leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept,
                   plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
@@ -453,8 +516,9 @@ class _Noise:
 
 
 def _slice_kwargs(model_kwargs, num_rows, rows):
-    return {key: value[rows] if isinstance(value, torch.Tensor) and value.dim() > 0
-            and value.shape[0] == num_rows else value for key, value in model_kwargs.items()}
+    """The per-row arguments (``RowKwargs.rows``, declared, never guessed) sliced to ``rows``."""
+    per_row = getattr(model_kwargs, "rows", frozenset())
+    return {key: value[rows] if key in per_row else value for key, value in model_kwargs.items()}
 
 
 @dataclasses.dataclass

@@ -197,17 +197,15 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
     num_samples = _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals,
                                 num_global_samples)
     if method == "ais":
-        if args:
-            raise ValueError("method 'ais' passes the model's further arguments by keyword; "
-                             "name them (e.g. y=y)")
         if globals is not None:
             raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
                              "not supported with it (fix them in the model)")
         _row_spec(model, x, args, model_kwargs, per_row)  # names an unknown per_row entry
-        return ais_log_marginal(model, guide, x, num_temperatures=num_temperatures,
+        return ais_log_marginal(model, guide, x, *args, num_temperatures=num_temperatures,
                                 num_steps=num_steps, num_samples=num_samples,
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
-                                chunk_size=chunk_size, idx=idx, compile=compile, **model_kwargs)
+                                chunk_size=chunk_size, idx=idx, compile=compile,
+                                per_row=per_row, **model_kwargs)
     device = x.device
     keep_freed_memory(device)
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)

@@ -56,6 +56,26 @@ def _names_keywords(fn, names):
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) for name in names)
 
 
+def args_as_keywords(fn, args):
+    """The model's further positional arguments ``args`` (after x) as keywords, by the names in
+    ``fn``'s signature: for the entry points that pass them by keyword (AIS), so that every entry
+    point takes them positionally as well. Raises ValueError when a position has no name (a
+    ``*args`` model, positional-only parameters, more arguments than parameters)."""
+    if not args:
+        return {}
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    named = [p for p in params if p.kind == p.POSITIONAL_OR_KEYWORD][1:1 + len(args)]
+    if len(named) < len(args):
+        raise ValueError(
+            f"the model's further arguments were given by position ({len(args)} after x) but its "
+            f"signature names only {len(named)} such parameter(s) after x: pass them by keyword")
+    return {p.name: value for p, value in zip(named, args)}
+
+
 def takes_rows(fn):
     """Whether ``fn`` takes ``idx`` [B] and ``num_data`` N (``ppl_lvm.data_plate``'s convention)."""
     return names_keywords(fn, *ROW_KEYWORDS)
