@@ -778,11 +778,10 @@ def complete(args):
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
     out = completion_path(args.out, args.run, args.mask)
     out.parent.mkdir(parents=True, exist_ok=True)
-    labels = ["original", "observed"] + [f"sample {i + 1}" for i in range(args.samples)]
-    plots.image_grid([x, x, *shown], out, row_labels=labels,
-                     missing=[None, mask] + [None] * args.samples,
-                     title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
-                           f"({args.method}); missing pixels in {plots.MISSING_NAME}")
+    plots.completion_grid(x, mask, shown, out,
+                          labels=[f"sample {i + 1}" for i in range(args.samples)],
+                          title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
+                                f"({args.method})")
     scores = missing.imputation_scores(x, mask, result.mean,
                                        binary=bool(config["data"].get("binarize")))
     logger.log(RESULT, f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
