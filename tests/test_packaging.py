@@ -32,13 +32,26 @@ def test_licence_urls_extras_and_typed_marker():
     assert project["license"] == {"file": "LICENSE"}
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
     assert "License :: OSI Approved :: MIT License" in project["classifiers"]
-    assert {"Homepage", "Source", "Changelog"} <= set(project["urls"])
     assert {"tensorboard", "notebooks", "bench", "docs", "test"} <= set(
         project["optional-dependencies"])
     assert any(dep.startswith("filelock") for dep in project["dependencies"])
     assert (ROOT / "ppl_lvm" / "py.typed").is_file()
     assert "py.typed" in pyproject()["tool"]["setuptools"]["package-data"]["ppl_lvm"]
     assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")
+
+
+def test_project_urls_name_the_real_repository_or_are_absent():
+    """No invented addresses: each project URL lies under the repository's git remote, and with
+    no remote (not yet published) there are none."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    remotes = subprocess.run(["git", "remote", "-v"], cwd=ROOT, capture_output=True, text=True)
+    if remotes.returncode != 0:
+        pytest.skip("git is not usable here")
+    addresses = {line.split()[1].removesuffix(".git").replace("git@github.com:", "https://github.com/")
+                 for line in remotes.stdout.splitlines()}
+    urls = pyproject()["project"].get("urls", {})
+    assert all(any(url.startswith(address) for address in addresses) for url in urls.values()), urls
 
 
 def test_no_platform_only_lock():
@@ -55,3 +68,4 @@ def test_api_reference_builds_from_the_docstrings(tmp_path):
     assert "log_marginal" in page and "fit" in page
     for module in ("estimators", "ais", "guides", "train", "models/vae"):
         assert (tmp_path / "ppl_lvm" / f"{module}.html").is_file(), module
+
