@@ -10,6 +10,7 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pyro.util
 import torch
@@ -30,24 +31,53 @@ class CheckpointError(ValueError):
 # step) never comes back, and without this check it runs to the end with rc 0
 BLOWUP_FACTOR = 1e6
 BLOWUP_WINDOW = 200
+# a slower divergence: the median loss of the last SUSTAINED_WINDOW steps stands more than
+# SUSTAINED_FACTOR times the untrained model's size above the untrained loss (the first step's) and
+# has not come down since the window before it. On real VAE curves (digits, 20 epochs) the healthy
+# lr 1e-3..0.3 runs peak at 0.9x their first loss; lr 1 spikes and recovers (1.4x); lr 3 sits at
+# 11x and ends 7x. The first loss is one noisy draw (a lucky one can sit 6x below the next steps,
+# as on a LocalGuide whose first sample lands on the data's own latents): a run still coming down
+# from such a start is not stopped
+SUSTAINED_FACTOR = 2.0
+SUSTAINED_WINDOW = 25
 
 
 class DivergenceGuard:
     """Stops a run whose loss or state went bad, saying where and what was kept.
 
-    ``check_loss`` runs after every step on the loss per datapoint: a non-finite value, or one
-    ``BLOWUP_FACTOR`` times above the running median of the last good ones, stops the run.
+    ``check_loss`` runs after every step on the loss per datapoint: a non-finite value, one
+    ``BLOWUP_FACTOR`` times above the running median of the last good ones, or a median over the
+    last ``SUSTAINED_WINDOW`` steps far above the untrained model's loss and not below the median of
+    the window before it, stops the run.
     ``check_state`` runs before a checkpoint is written (and at the end of a run without one):
     parameters and the optimiser's state (Adam's moments) must be finite, so that only a good
     state is ever called the last good checkpoint. ``step_error`` turns an exception raised inside
     a step by NaN (Pyro's validation) into the same message.
     """
 
-    def __init__(self, checkpoint=None, blowup_factor=BLOWUP_FACTOR, window=BLOWUP_WINDOW):
+    def __init__(self, checkpoint=None, blowup_factor=BLOWUP_FACTOR, window=BLOWUP_WINDOW,
+                 sustained_factor=SUSTAINED_FACTOR, sustained_window=SUSTAINED_WINDOW):
         self.checkpoint = checkpoint
         self.blowup_factor = blowup_factor
         self.recent = collections.deque(maxlen=window)
+        self.sustained_factor, self.sustained_window = sustained_factor, sustained_window
+        self.first = None  # the untrained model's loss (the first step's)
         self.last = None  # (step, epoch, batch) of the last good step
+
+    def suspicious(self):
+        """Whether the recent losses (fewer than the window early on) already stand as far
+        above the untrained loss as a divergence: the state is then not checkpointed, so the last
+        good checkpoint is the one kept if the run does diverge."""
+        if self.first is None or not self.recent:
+            return False
+        median = statistics.median(list(self.recent)[-self.sustained_window:])
+        return median - self.first > self.sustained_factor * max(abs(self.first), 1.0)
+
+    def resume(self, losses):
+        """Continue judging a resumed run from its recorded losses."""
+        if losses:
+            self.first = losses[0]
+            self.recent.extend(losses[-self.recent.maxlen:])
 
     def kept(self):
         if not self.checkpoint:
@@ -68,6 +98,21 @@ class DivergenceGuard:
                     f"running median {median:.3g}: the run diverged (is the learning rate too "
                     f"large?); {self.kept()}")
         self.recent.append(value)
+        if self.first is None:
+            self.first = value
+        if len(self.recent) >= 2 * self.sustained_window:
+            recent = list(self.recent)
+            median = statistics.median(recent[-self.sustained_window:])
+            before = statistics.median(recent[-2 * self.sustained_window:-self.sustained_window])
+            if (median - self.first > self.sustained_factor * max(abs(self.first), 1.0)
+                    and median >= before):
+                self.recent.pop()
+                raise DivergenceError(
+                    f"loss diverged: its median over the last {self.sustained_window} steps is "
+                    f"{median:.3g} at step {step} (epoch {epoch}, batch {batch}), not coming down "
+                    f"({before:.3g} over the {self.sustained_window} before), against "
+                    f"{self.first:.3g} for the untrained model at step 1 (is the learning rate too "
+                    f"large?); {self.kept()}")
         self.last = (step, epoch, batch)
 
     def check_state(self, optim, step, all_ranks=None):
@@ -153,17 +198,76 @@ def _to_byte_tensor(state):
 
 
 def _rng_state():
+    """Every RNG's state in plain types and tensors only (``torch.load(weights_only=True)`` reads
+    it back): torch's and numpy's key as bytes, Python's as nested tuples."""
     pyro_state = pyro.util.get_rng_state()
-    state = {"pyro": {**pyro_state, "torch": _to_bytes(pyro_state["torch"])}}
+    state = {"pyro": {**pyro_state, "torch": _to_bytes(pyro_state["torch"]),
+                      "numpy": _plain_numpy_state(pyro_state["numpy"])}}
     if torch.cuda.is_available():
         state["cuda"] = [_to_bytes(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
+def _plain_numpy_state(state):
+    name, key, *rest = state
+    return (name, key.astype("<u4").tobytes(), *rest)
+
+
+def _numpy_state(state):
+    name, key, *rest = state
+    if isinstance(key, (bytes, bytearray)):
+        key = np.frombuffer(key, dtype="<u4").astype("uint32")
+    return (name, key, *rest)
+
+
 def _set_rng_state(state):
-    pyro.util.set_rng_state({**state["pyro"], "torch": _to_byte_tensor(state["pyro"]["torch"])})
+    pyro.util.set_rng_state({**state["pyro"], "torch": _to_byte_tensor(state["pyro"]["torch"]),
+                             "numpy": _numpy_state(state["pyro"]["numpy"])})
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_to_byte_tensor(s) for s in state["cuda"]])
+
+
+def _constraint_classes():
+    from pyro.distributions import constraints as pyro_constraints
+    from torch.distributions import constraints as torch_constraints
+
+    classes = {}
+    for module in (torch_constraints, pyro_constraints):
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, torch_constraints.Constraint):
+                classes[f"{value.__module__}.{value.__qualname__}"] = value
+    return classes
+
+
+def plain_constraint(constraint):
+    """A param's constraint as plain types ({"constraint": class path, "attrs": ...}), so that a
+    checkpoint holds no pickled objects and loads with ``weights_only=True``."""
+    def plain(value):
+        if isinstance(value, torch.distributions.constraints.Constraint):
+            cls = type(value)
+            return {"constraint": f"{cls.__module__}.{cls.__qualname__}",
+                    "attrs": {k: plain(v) for k, v in vars(value).items()}}
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(v) for v in value)
+        return value
+
+    return plain(constraint)
+
+
+def constraint_from_plain(value):
+    """The constraint ``plain_constraint`` described; only Constraint classes of torch or Pyro
+    are ever built (a foreign name is refused, not imported)."""
+    if isinstance(value, dict) and "constraint" in value:
+        cls = _constraint_classes().get(value["constraint"])
+        if cls is None:
+            raise ValueError(f"unknown constraint {value['constraint']!r}")
+        constraint = cls.__new__(cls)
+        constraint.__dict__.update({k: constraint_from_plain(v)
+                                    for k, v in value.get("attrs", {}).items()})
+        return constraint
+    if isinstance(value, (list, tuple)):
+        return type(value)(constraint_from_plain(v) for v in value)
+    return value
 
 
 def save_checkpoint(path, optim, progress, result, keep=None):
@@ -177,6 +281,8 @@ def save_checkpoint(path, optim, progress, result, keep=None):
     if keep is not None:
         params = {part: {n: v for n, v in values.items() if keep(n)} for part, values in params.items()}
         optim_state = {n: v for n, v in optim_state.items() if keep(n)}
+    params = {**params, "constraints": {n: plain_constraint(c)
+                                        for n, c in params.get("constraints", {}).items()}}
     state = {
         "params": params,
         "optim": optim_state,
@@ -221,6 +327,11 @@ def unreadable(path, error, what="a checkpoint written by ppl-lvm", fix=None):
     size = path.stat().st_size if path.exists() else 0
     text = str(error).splitlines()[0] if str(error) else "no detail"
     detail = "it is empty" if size == 0 else f"{type(error).__name__}: {text.split('. ')[0][:120]}"
+    if "Weights only load failed" in str(error):
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        detail = ("it holds pickled Python objects" + (f" ({found.group(1)})" if found else "")
+                  + ", not only tensors and plain values; such a file may carry code, and "
+                  "ppl-lvm never runs it")
     fix = fix or "delete it (or train afresh with --overwrite) to start over"
     return CheckpointError(f"{path} is not {what} ({detail}): it was truncated, or belongs to "
                            f"something else; {fix}")
@@ -230,7 +341,9 @@ def load_checkpoint(path, device):
     """The dict ``save_checkpoint`` wrote at ``path``, its tensors on ``device`` (RNG states stay
     bytes on the CPU). Raises CheckpointError naming the file for an empty, truncated or foreign one."""
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        # weights_only: a received run's checkpoint is data, never code (a pickle payload would
+        # otherwise run on --resume)
+        state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # EOFError, RuntimeError (zip), UnpicklingError, ...
@@ -240,6 +353,13 @@ def load_checkpoint(path, device):
         raise unreadable(path, KeyError(f"it holds {found}, not {list(CHECKPOINT_KEYS)}"))
     if not isinstance(state["progress"], dict) or any(k not in state["progress"] for k in PROGRESS_KEYS):
         raise unreadable(path, KeyError(f"its progress lacks {list(PROGRESS_KEYS)}"))
+    params = state["params"]
+    if isinstance(params, dict) and isinstance(params.get("constraints"), dict):
+        try:
+            params["constraints"] = {n: constraint_from_plain(c)
+                                     for n, c in params["constraints"].items()}
+        except (ValueError, TypeError, AttributeError) as error:
+            raise unreadable(path, error) from error
     return state
 
 

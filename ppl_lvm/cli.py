@@ -22,6 +22,7 @@ from ppl_lvm import atomic, plots, program, threads
 from ppl_lvm import progress as bars
 from ppl_lvm.checkpoint import check_epochs, load_checkpoint
 from ppl_lvm import experiment
+from ppl_lvm import runs
 from ppl_lvm.runs import (RunLock, holds_run, load_run, prepare_run_folder, run_data, save_run,
                           state_module)
 from ppl_lvm.train import CHECKPOINT_NAME, DivergenceError, fit
@@ -56,17 +57,22 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see `{self.prog} --help`)")
 
 
+MAX_COUNT = 2 ** 31 - 1  # no count (K, n, steps, sizes) beyond what a tensor index holds
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT:,}, got {value:,}")
     return value
 
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0 (and finite), got {value}")
     return value
 
 
@@ -106,7 +112,9 @@ def add_train_options(parser, epochs, demo=False):
         help="bundled data set (mnist: 5,000 real MNIST digits; digits: sklearn 8x8)")
     add("--data-path", default=None,
         help="a folder of MNIST IDX files (gzipped or not) or an .npz, instead of the bundled set")
-    add("--epochs", type=int, default=epochs, help="passes over the training rows")
+    add("--epochs", type=int, default=epochs,
+        help=f"passes over the training rows (default {epochs or 50}; for mog the cap on EM "
+             "iterations or SVI epochs, default fit_mixture's)")
     add("--batch-size", type=positive_int, default=128, help="rows per optimiser step")
     add("--lr", type=positive_float, default=1e-3, help="Adam's step size for θ (and λ)")
     add("--lr-schedule", default="constant", choices=["constant", "cosine", "exponential"],
@@ -155,7 +163,10 @@ def add_train_options(parser, epochs, demo=False):
         help="also checkpoint every N steps (always at each epoch's end)")
     add("--seed", type=int, default=0, help="seed of the split, the initial weights and SVI")
     add("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
-    add("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    add("--resume", action="store_true",
+        help="continue from OUT/checkpoint.pt: the same options and model file (refused "
+             "otherwise), the run's own copy of the code")
+    add_trust_option(parser)
     add("--overwrite", action="store_true",
         help="replace the run OUT already holds (its files are deleted first)")
     add("--tensorboard", action="store_true",
@@ -186,12 +197,69 @@ def add_common_options(parser, config=True):
                                 "--config reads back) and stop")
 
 
+def add_trust_option(parser):
+    parser.add_argument("--trust-code", action="store_true",
+                        help="run a run folder's user_model.py although this user did not train "
+                             "it here (a run folder from someone else is code: read it first)")
+
+
 # options that describe the experiment (recorded in config.json; --config reads them back)
 EXPERIMENT_OPTIONS = (
     "model", "data", "data_path", "epochs", "batch_size", "lr", "lr_schedule", "z_dim",
     "hidden_dim", "likelihood", "guide", "semi_steps", "local_lr", "inner_steps", "inner_tol",
     "objective", "num_particles", "dreg", "missing", "components", "covariance", "mog_method",
     "option", "test_fraction", "eval_every", "checkpoint_every", "seed")
+
+
+# what a resumed run must share with the run it continues: every option that changes the
+# computation (not --eval-every or --checkpoint-every; --epochs only where a step schedule
+# depends on the total), the model file by its SHA-256
+IDENTITY_OPTIONS = tuple(k for k in EXPERIMENT_OPTIONS
+                         if k not in ("model", "epochs", "eval_every", "checkpoint_every"))
+
+
+def run_identity(args):
+    """The run's identity (JSON-ready) from ``args``, as ``identity.json`` records it."""
+    identity = {k: getattr(args, k) for k in IDENTITY_OPTIONS}
+    identity["data_path"] = None if args.data_path is None else os.path.abspath(args.data_path)
+    identity["option"] = user_options(args.option)
+    if args.lr_schedule != "constant":
+        identity["epochs"] = args.epochs
+    if experiment.is_builtin(args.model):
+        identity["model"] = args.model
+    else:
+        path, _, builder = str(args.model).partition(":")
+        identity["model"] = f"file:{builder or 'build'}"
+        identity["model_sha256"] = runs.code_hash(experiment.read_model_file(path))
+    return identity
+
+
+def check_identity(out, identity):
+    """Refuse to resume ``out`` under options other than those it was started with."""
+    import json
+
+    path = out / runs.IDENTITY_NAME
+    if not path.is_file():
+        return  # a run started before runs recorded their identity
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise CLIError(f"{path} cannot be read ({error}): cannot tell what the run was; train "
+                       "afresh with --overwrite") from error
+    saved = json.loads(json.dumps(saved))
+    identity = json.loads(json.dumps(identity))
+    changed = [k for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+    if not changed:
+        return
+
+    def flag(key):
+        return {"model_sha256": "model file", "option": "--option"}.get(
+            key, "--" + key.replace("_", "-"))
+
+    diff = ", ".join(f"{flag(k)} {saved.get(k)!r} -> {identity.get(k)!r}" for k in changed)
+    raise CLIError(f"--resume: {out} was started with other options ({diff}); a resumed run "
+                   "continues the same computation: give its options, or train into another "
+                   "--out")
 
 
 def read_config_file(path, allowed=None):
@@ -214,7 +282,15 @@ def read_config_file(path, allowed=None):
             values = tomllib.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise CLIError(f"--config {path} cannot be read: {error}") from error
+    if not isinstance(values, dict):
+        raise CLIError(f"--config {path} holds a {type(values).__name__}, not a table of options")
     options = {key.replace("-", "_"): value for key, value in values.items()}
+    # where a run's folder is and whether to delete it are said on the command line only: a
+    # received config file must not point --overwrite at someone's folder
+    for key in COMMAND_LINE_ONLY:
+        if key in options:
+            raise CLIError(f"--config {path}: {key!r} is not taken from a file (it decides which "
+                           f"folder is written or deleted); give --{key} on the command line")
     known = set(EXPERIMENT_OPTIONS) | {"out", "device", "quiet", "tensorboard", "overwrite",
                                        "demo_samples", "threads", "resume", "compile"}
     unknown = sorted(set(options) - (known if allowed is None else set(allowed)))
@@ -223,30 +299,85 @@ def read_config_file(path, allowed=None):
     return options
 
 
+def typed_config(parser, options, path):
+    """``options`` read from a config file, checked and converted by the same argparse
+    definitions as the command line's (a file's value meets the same type, range and choices;
+    a switch must be a TOML/JSON boolean, not the string "false")."""
+    actions = {action.dest: action for action in parser._actions}
+    typed = {}
+    for key, value in options.items():
+        action = actions.get(key)
+        name = action.option_strings[-1] if action is not None and action.option_strings else key
+        where = f"--config {path}: {key} = {value!r} ({name})"
+        if action is None:
+            typed[key] = value
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise CLIError(f"{where} must be true or false (a boolean, not a "
+                               f"{type(value).__name__})")
+            typed[key] = value
+        elif isinstance(action, argparse._AppendAction):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise CLIError(f"{where} must be a list of strings like [\"key=value\"]")
+            typed[key] = [action.type(v) if action.type else v for v in value]
+        elif value is None:
+            typed[key] = value
+        else:
+            if isinstance(value, (bool, list, dict)) or (
+                    isinstance(value, float) and action.type is int):
+                raise CLIError(f"{where} must be a single "
+                               f"{getattr(action.type, '__name__', 'value')}, not a "
+                               f"{type(value).__name__}")
+            try:
+                value = action.type(str(value)) if action.type else value
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+                raise CLIError(f"{where}: {error}") from None
+            if action.choices is not None and value not in action.choices:
+                raise CLIError(f"{where}: choose from {', '.join(map(str, action.choices))}")
+            typed[key] = value
+    return typed
+
+
 def user_options(pairs):
-    """``--option key=value`` pairs as a dict (numbers parsed)."""
+    """``--option key=value`` pairs as a dict (numbers parsed; true/false as booleans)."""
+    import math
+
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--option takes KEY=VALUE, got {pair!r}")
+        if not sep or not key or not key.isidentifier():
+            raise CLIError(f"--option takes KEY=VALUE with KEY a Python name (a keyword of "
+                           f"build), got {pair!r}")
+        if key in options:
+            raise CLIError(f"--option {key} is given twice ({options[key]!r} and {value!r})")
         for cast in (int, float):
             try:
                 value = cast(value)
                 break
             except ValueError:
                 pass
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CLIError(f"--option {pair!r}: {value} is not a finite number")
+        if value in ("true", "false"):
+            value = value == "true"
         options[key] = value
     return options
 
 
 def train(args):
     """Fit a model to a data set and write weights, metrics and pictures into ``args.out``."""
-    if args.epochs < 0:
+    if args.epochs is None and args.model != "mog":
+        args.epochs = 50
+    if args.epochs is not None and args.epochs < 0:
         raise CLIError(f"--epochs must be >= 0, got {args.epochs}")
+    if not str(args.out).strip():
+        raise CLIError("--out '' names no folder: give --out FOLDER")
     if not 0 < args.test_fraction < 1:
         raise CLIError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     out = Path(args.out)
+    identity = run_identity(args)
+    if args.resume:  # before anything is loaded: the refusal names the options, not the data
+        check_identity(out, identity)
     # absolute, so that `evaluate` run from another folder finds the same data
     data_path = None if args.data_path is None else os.path.abspath(args.data_path)
     data_config = {"name": args.data, "path": data_path, "test_fraction": args.test_fraction,
@@ -259,6 +390,10 @@ def train(args):
     try:
         with RunLock(out):  # before the folder is judged: a run writing it now holds it
             prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite)
+            if args.resume:
+                check_identity(out, identity)  # again: another run may have replaced it meanwhile
+            else:
+                atomic.write_json(out / runs.IDENTITY_NAME, identity)
             if args.resume and (out / CHECKPOINT_NAME).is_file():
                 check_epochs(load_checkpoint(out / CHECKPOINT_NAME, "cpu"),
                              out / CHECKPOINT_NAME, args.epochs)
@@ -279,14 +414,33 @@ def build_experiment(args, data_dim, out=None):
         module = experiment.builtin_module(args.model, data_dim, vars(args))
         return module, {}
     options = user_options(args.option)
-    module = experiment.user_module(args.model, data_dim, options, copy_to=out)
     builder = str(args.model).partition(":")[2] or "build"
+    own_copy = None if out is None else Path(out) / experiment.USER_FILE
+    if args.resume and own_copy is not None and own_copy.exists():
+        # a resumed run runs the code it started with (identity.json checked its hash)
+        source = runs.read_run_code(out, getattr(args, "trust_code", False))
+        module = experiment.user_module(f"{own_copy}:{builder}", data_dim, options, source=source)
+    else:
+        source = experiment.read_model_file(str(args.model).partition(":")[0])
+        module = experiment.user_module(args.model, data_dim, options, copy_to=out,
+                                        source=source)
+        if out is not None:
+            runs.trust(source)  # this user's own run: later commands may run its copy
     return module, {"model_file": experiment.USER_FILE, "builder": builder, "options": options,
                     "data_dim": data_dim, "source": str(Path(str(args.model).partition(":")[0])
                                                          .resolve())}
 
 
 def check_combination(args):
+    if args.option and experiment.is_builtin(args.model):
+        raise CLIError(f"--option goes to a model file's build(); the built-in {args.model} "
+                       "takes its own options (--z-dim, --hidden-dim, --likelihood, --components, "
+                       "--covariance)")
+    if args.missing:
+        try:
+            experiment.parse_missing_text(args.missing)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
     if args.model == "mog" and (args.guide != "amortized" or args.objective != "elbo"):
         raise CLIError("mog is fitted by --mog-method (em, enum, reinforce, amortized); "
                        "--guide and --objective do not apply")
@@ -372,8 +526,9 @@ def train_in(args, out, data_config, x_train, x_test):
                "num_parameters": num_parameters}
     if not ddp.is_main():  # the global params are the same on every rank: rank 0 writes them
         return metrics
+    fingerprint = None if model_entries == {} else runs.output_fingerprint(module, x_test)
     save_run(out, args.model if experiment.is_builtin(args.model) else "file", module, run_config,
-             metrics)
+             metrics, fingerprint=fingerprint)
     if hasattr(module, "reconstruct") and hasattr(module, "sample"):
         write_pictures(module, x_test, result, out)
     else:
@@ -435,9 +590,12 @@ def train_mixture(args, out, module, run_config, x_train, x_test, start):
     """``train mog``: ``fit_mixture`` (EM by default) and the exact held-out log-likelihood."""
     from ppl_lvm.mixtures import fit_mixture
 
+    caps = {} if args.epochs is None else {"max_iter": args.epochs, "max_epochs": args.epochs}
+    if args.epochs == 0:
+        raise CLIError("--epochs 0 fits no mixture: give at least 1 (or leave it out)")
     fitted = fit_mixture(x_train, args.components, method=args.mog_method,
                          covariance=args.covariance, seed=args.seed, device=args.device,
-                         dtype=torch.float32)
+                         dtype=torch.float32, **caps)
     module.load_state_dict(fitted.mixture.state_dict())
     with torch.no_grad():
         log_px = module.log_prob(x_test)
@@ -495,7 +653,8 @@ def evaluate(args):
     """Held-out per-datapoint estimates of log p(x) for a trained run (``log_marginal``)."""
     from ppl_lvm.estimators import LogMarginalEstimate, estimate_log_marginal
 
-    vae, config = load_run(args.run, args.device)
+    stamp = runs.run_stamp(args.run)
+    vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     _, x_test = run_data(config["data"], args.device)
     if args.n is not None:
         x_test = x_test[:args.n]
@@ -511,6 +670,10 @@ def evaluate(args):
     guide, options, note = run_guide(vae, config, x_test)
     options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
     if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
+        if args.method != "iwae":
+            raise CLIError(f"{args.run} is a mixture: its held-out log p(x) is exact (by "
+                           f"enumeration), so --method {args.method} does not apply; leave "
+                           "--method out")
         options["method"], note = "exact", " (a mixture: exact, by enumeration)"
     method = options["method"]
     if args.method == "ais":
@@ -540,7 +703,7 @@ def evaluate(args):
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
             f"_T{args.num_steps}" if args.method == "ais" else "")
         path = Path(args.run) / f"{name}.json"
-        atomic.write_json(path, result)
+        runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, result))
         logger.log(RESULT, f"wrote {path}")
     return result
 
@@ -581,7 +744,7 @@ def compare(args):
     for run in args.runs:
         logger.info(f"{run}: held-out ELBO (K=100) and IWAE (K={args.num_samples}) on the first "
                     f"{args.n} held-out rows" + (", then the gaps" if args.gaps else ""))
-        module, config = load_run(run, args.device)
+        module, config = load_run(run, args.device, args.trust_code)
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         _, x_test = run_data(config["data"], args.device)
         x_test = x_test[:args.n]
@@ -622,12 +785,23 @@ def compare(args):
               f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {gap('approximation_gap')} | "
               f"{gap('amortization_gap')} | {r['train_time_s']:.1f} | {r['num_parameters']} |")
     _print_paired(rows, per_row)
-    atomic.write_json(Path(args.out).with_suffix(".json"), rows)
-    logger.log(RESULT, f"wrote {Path(args.out).with_suffix('.json')}")
+    png, table = compare_paths(args.out)
+    atomic.write_json(table, rows)
+    logger.log(RESULT, f"wrote {table}")
     if curves:
-        plots.compare_curves(curves, Path(args.out))
-        logger.log(RESULT, f"wrote {args.out}")
+        plots.compare_curves(curves, png)
+        logger.log(RESULT, f"wrote {png}")
     return rows
+
+
+def compare_paths(out):
+    """(PNG, JSON) that ``compare --out OUT`` writes: OUT.png and OUT.json, whichever of the two
+    OUT names (never one over the other)."""
+    if not out or not Path(out).name or Path(out).is_dir():
+        raise CLIError(f"compare --out {out!r} must name a file, e.g. compare.png")
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix.lower() in (".png", ".json") else out
+    return stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".json")
 
 
 def _print_paired(rows, per_row):
@@ -658,9 +832,19 @@ def run_bdmc(args):
     """The BDMC sandwich on images simulated from a trained run's model (Grosse et al. 2015)."""
     from ppl_lvm.ais import bdmc
 
-    module, _ = load_run(args.run, args.device)
+    stamp = runs.run_stamp(args.run)
+    module, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
+    if config.get("model") == "mog":
+        raise CLIError(f"{args.run} is a mixture: its log p(x) is exact (`evaluate`), there is "
+                       "nothing for BDMC to bound")
+    if isinstance(module, VAE) and getattr(module, "likelihood", "bernoulli") == "gaussian":
+        raise CLIError(f"{args.run} is a Gaussian VAE: BDMC scores images simulated from the "
+                       "model, and its Gaussian draws leave [0, 1], where the VAE checks its "
+                       "pixels; run bdmc on a Bernoulli run (`evaluate --method ais` bounds log "
+                       "p(x) of real held-out images)")
+    data_dim = getattr(module, "data_dim", None) or config.get("data_dim")
     start = time.perf_counter()
-    result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(module.data_dim,),
+    result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(data_dim,),
                   device=args.device, num_steps=args.num_steps, num_samples=args.num_samples,
                   seed=args.seed)
     seconds = time.perf_counter() - start
@@ -671,7 +855,7 @@ def run_bdmc(args):
           f"{summary['lower']:.2f} <= log p(x) <= {summary['upper']:.2f} nats/image "
           f"(gap {summary['gap']:.2f}; {seconds:.1f} s)")
     path = Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json"
-    atomic.write_json(path, summary)
+    runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, summary))
     logger.log(RESULT, f"wrote {path}")
     return summary
 
@@ -681,7 +865,14 @@ def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
     from ppl_lvm.guides import amortization_gaps
 
-    vae, config = load_run(args.run, args.device)
+    stamp = runs.run_stamp(args.run)
+    vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
+    kind = config.get("cli", {}).get("guide", "amortized")
+    if kind == "local" or config.get("model") == "mog":
+        what = "a mixture (its posterior is exact)" if config.get("model") == "mog" else \
+            f"--guide {kind}: its encoder was never trained as q(z | x)"
+        raise CLIError(f"gaps measures the amortization gap of a run's encoder; {args.run} was "
+                       f"trained with {what}")
     _, x_test = run_data(config["data"], args.device)
     x_test = x_test[:args.n]
     logger.info(f"gaps of {args.run} on {len(x_test)} held-out images: q* by {args.local_steps} steps "
@@ -693,7 +884,8 @@ def gaps(args):
                                local_lr=args.local_lr, seed=args.seed)
     summary = {**result.summary(), "local_steps": args.local_steps,
                "wall_time_s": time.perf_counter() - start}
-    atomic.write_json(Path(args.run) / "gaps.json", summary)
+    runs.write_into_run(args.run, stamp,
+                        lambda: atomic.write_json(Path(args.run) / "gaps.json", summary))
     logger.log(RESULT, result)
     logger.log(RESULT, f"wrote {Path(args.run) / 'gaps.json'}")
     return summary
@@ -713,6 +905,7 @@ def add_gaps_parser(commands):
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and q*'s start")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
     add_common_options(p)
+    add_trust_option(p)
     p.set_defaults(func=gaps)
 
 
@@ -758,7 +951,12 @@ def complete(args):
     """
     from ppl_lvm.models import missing
 
-    module, config = load_run(args.run, args.device)
+    stamp = runs.run_stamp(args.run)
+    module, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
+    if config.get("model") == "mog":
+        raise CLIError(f"{args.run} is a mixture: its completions are exact (p(x_miss | x_obs) is "
+                       "a mixture of Gaussians), use ppl_lvm.models.missing.mixture_conditional; "
+                       "`complete` samples latent-variable models with a guide")
     # a model from a user's file is completed as it is: its guide fed the current completion
     proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
     if isinstance(module, VAE) and not isinstance(module, missing.MaskedVAE):
@@ -778,10 +976,16 @@ def complete(args):
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
     out = completion_path(args.out, args.run, args.mask)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plots.completion_grid(x, mask, shown, out,
-                          labels=[f"sample {i + 1}" for i in range(args.samples)],
-                          title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
-                                f"({args.method})")
+    def write():
+        plots.completion_grid(x, mask, shown, out,
+                              labels=[f"sample {i + 1}" for i in range(args.samples)],
+                              title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
+                                    f"({args.method})")
+
+    if args.out is None:  # into the run: only if it is still the run that was loaded
+        runs.write_into_run(args.run, stamp, write)
+    else:
+        write()
     scores = missing.imputation_scores(x, mask, result.mean,
                                        binary=bool(config["data"].get("binarize")))
     logger.log(RESULT, f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
@@ -821,6 +1025,7 @@ def add_complete_parser(commands):
     p.add_argument("--out", default=None, help="PNG path (default RUN/completions_MASK.png)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
     add_common_options(p)
+    add_trust_option(p)
     p.set_defaults(func=complete)
 
 
@@ -863,7 +1068,7 @@ def build_parser():
     p.add_argument("--out", default=None,
                    help="required, here or in --config: the run folder to write (checkpoint, "
                         "weights, metrics, PNGs)")
-    add_train_options(p, epochs=50)
+    add_train_options(p, epochs=None)  # 50, or for mog fit_mixture's own caps
     add_common_options(p)
     p.set_defaults(func=train)
 
@@ -883,6 +1088,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
     add_common_options(p)
+    add_trust_option(p)
     p.set_defaults(func=evaluate)
 
     add_gaps_parser(commands)
@@ -900,6 +1106,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
     add_common_options(p)
+    add_trust_option(p)
     p.set_defaults(func=compare)
 
     p = commands.add_parser("bdmc", help="BDMC: AIS lower and reverse-AIS upper bounds of log p(x) "
@@ -912,6 +1119,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the chains")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
     add_common_options(p)
+    add_trust_option(p)
     p.set_defaults(func=run_bdmc)
 
     p = commands.add_parser("demo", help="train the VAE on the bundled MNIST, evaluate it, draw it "
@@ -952,7 +1160,7 @@ def parse(parser, argv):
         command = subparser(parser, args.command)
         allowed = {action.dest for action in command._actions} - {"help", "config", "print_config"}
         options = read_config_file(args.config, allowed if args.command != "train" else None)
-        command.set_defaults(**options)
+        command.set_defaults(**typed_config(command, options, args.config))
         args = parse_known(parser, argv)
     if getattr(args, "print_config", False):
         return args
@@ -960,10 +1168,13 @@ def parse(parser, argv):
         raise CLIError("train needs a model (vae, masked-vae, ppca, mog or path/to/file.py:build),"
                        " on the command line or in --config")
     if args.command == "train" and args.out is None:
-        raise CLIError("train needs --out FOLDER, on the command line or in --config")
+        raise CLIError("train needs --out FOLDER (on the command line; a --config file does not "
+                       "choose the folder)")
     return args
 
 
+# what --config never takes from a file (which folder is written or deleted, whose code runs)
+COMMAND_LINE_ONLY = ("out", "overwrite", "resume", "trust_code")
 # not part of a command's configuration
 NOT_CONFIG = ("func", "command", "config", "print_config", "debug", "verbose")
 
@@ -983,7 +1194,10 @@ def print_config(parser, args):
         if key in NOT_CONFIG:
             continue
         text = json.dumps(value, ensure_ascii=False)  # a TOML string, number, bool or array too
-        if value is None:
+        if key in COMMAND_LINE_ONLY:
+            lines.append(f"# {key} = {text}  (command line only: a file does not choose or "
+                         "delete folders, or trust code)")
+        elif value is None:
             lines.append(f"# {key} = ")
         elif key in positional and args.command != "train":
             lines.append(f"# {key} = {text}  (given on the command line)")

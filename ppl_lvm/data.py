@@ -143,13 +143,11 @@ def read_idx(file: str | os.PathLike, magic: int | None = None) -> np.ndarray:
     file = os.fspath(file)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"IDX file not found: {file}")
+    _check_size(os.path.getsize(file), file, "is")
     with open(file, "rb") as handle:
         content = handle.read()
     if content[:2] == b"\x1f\x8b":
-        try:
-            content = gzip.decompress(content)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as error:
-            raise ValueError(f"corrupt gzip file {file}: {error}") from error
+        content = _gunzip_idx(content, file)
 
     if len(content) < 4:
         raise ValueError(f"truncated IDX file {file}: expected at least 4 header bytes, got {len(content)}")
@@ -171,6 +169,69 @@ def read_idx(file: str | os.PathLike, magic: int | None = None) -> np.ndarray:
             f"header declares shape {shape}, so expected {expected_size} bytes, got {len(content)}"
         )
     return np.frombuffer(content, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+# no data file may make the loaders allocate more than this (a gzip bomb, a corrupt header, an
+# .npz declaring a terabyte): checked against what the file declares, before allocating
+MAX_DATA_BYTES = 2 ** 31
+
+
+class DataSizeError(ValueError):
+    """A data file declaring more data than ``MAX_DATA_BYTES`` (refused before allocating)."""
+
+
+def _check_size(num_bytes, file, verb="declares"):
+    if num_bytes > MAX_DATA_BYTES:
+        raise DataSizeError(f"{file} {verb} {num_bytes:,} bytes of data, over the loaders' limit of "
+                         f"{MAX_DATA_BYTES:,} (ppl_lvm.data.MAX_DATA_BYTES): is it corrupt? "
+                         "(raise the limit if it is real)")
+
+
+def _gunzip_idx(content, file):
+    """The inflated bytes of a gzipped IDX file, never more than its header declares (+1 byte,
+    to tell an overlong file): the header is read first and checked against MAX_DATA_BYTES."""
+    inflate = zlib.decompressobj(wbits=31)
+    try:
+        head = inflate.decompress(content, 4)
+        while len(head) < 4 and inflate.unconsumed_tail:
+            head += inflate.decompress(inflate.unconsumed_tail, 4 - len(head))
+        num_dims = int.from_bytes(head[:4], "big") & 0xFF if len(head) == 4 else 0
+        header_size = 4 + 4 * num_dims
+        while len(head) < header_size and inflate.unconsumed_tail:
+            head += inflate.decompress(inflate.unconsumed_tail, header_size - len(head))
+        if len(head) < header_size:  # truncated: read_idx names it
+            return head
+        shape = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(num_dims)]
+        declared = header_size + math.prod(shape)
+        _check_size(declared, file)
+        body = inflate.decompress(inflate.unconsumed_tail, declared + 1 - len(head))
+        if not inflate.eof and len(head) + len(body) <= declared:
+            raise ValueError("the gzip stream ends early (the file is truncated)")
+        return head + body
+    except zlib.error as error:
+        raise ValueError(f"corrupt gzip file {file}: {error}") from error
+    except ValueError as error:
+        if str(file) in str(error):
+            raise
+        raise ValueError(f"corrupt gzip file {file}: {error}") from error
+
+
+def _npz_array(arrays, key, file):
+    """``arrays[key]`` once its declared size is checked against MAX_DATA_BYTES."""
+    try:
+        with arrays.zip.open(f"{key}.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(member)
+    except Exception:  # an unusual header: np.load below says what is wrong
+        shape, dtype = None, None
+    if shape is not None:
+        _check_size(math.prod(shape) * dtype.itemsize, f"{file} ({key})")
+    try:
+        return arrays[key]
+    except MemoryError:
+        raise DataSizeError(f"{file} ({key}) does not fit in memory") from None
 
 
 def _find_idx(folder, name):
@@ -219,7 +280,9 @@ def _read_npz_split(file, part):
             if key not in arrays:
                 raise ValueError(f"{file} has no key {key!r} (found {sorted(arrays.files)})")
         try:
-            return arrays[keys[0]], arrays[keys[1]]
+            return _npz_array(arrays, keys[0], file), _npz_array(arrays, keys[1], file)
+        except DataSizeError:
+            raise
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
             raise ValueError(f"{file}: arrays {keys[0]!r}/{keys[1]!r} cannot be read "
                              f"({str(error).splitlines()[0]}): object arrays are not supported, "

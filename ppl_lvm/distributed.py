@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ppl_lvm import atomic
+from ppl_lvm.checkpoint import unreadable
 
 LOCAL_PREFIX = "local$$$"
 
@@ -332,7 +333,10 @@ def load_shard(path, num_data, device):
     if not path.exists():
         raise FileNotFoundError(f"no local shard {path} for rank {rank()}: resume needs the "
                                 "files of every rank of the run that wrote the checkpoint")
-    state = torch.load(path, map_location=device, weights_only=False)
+    try:  # weights_only: a received run's files are data, never code
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # EOFError, RuntimeError (zip), UnpicklingError, ...
+        raise unreadable(path, error, "a local shard written by ppl-lvm") from error
     if state["world_size"] != world_size() or state["rank"] != rank():
         raise ValueError(f"{path} belongs to rank {state['rank']} of {state['world_size']}, "
                          f"not rank {rank()} of {world_size()}")

@@ -218,6 +218,12 @@ def estimate_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] |
     device = x.device
     keep_freed_memory(device)
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
+    if memory_bytes is not None and (isinstance(memory_bytes, bool) or not isinstance(
+            memory_bytes, (int, float)) or not 1 <= memory_bytes < math.inf):
+        raise ValueError(f"memory_bytes must be a positive number of bytes or None, got "
+                         f"{memory_bytes!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
     memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
     call = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
             model_kwargs, globals, num_global_samples, args, per_row, compile)
@@ -488,7 +494,8 @@ def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
         bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
         raise ValueError(f"x contains NaN or inf in {bad.numel()} rows (first: {bad[:5].tolist()});"
                          " mask missing values in the model instead")
-    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, float)) or not (
+            1 <= num_samples < math.inf) or int(num_samples) != num_samples:
         raise ValueError(f"num_samples (K) must be an integer ≥ 1, got {num_samples!r}")
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")

@@ -5,7 +5,6 @@ comes from a file: ``path/to/file.py:build`` where ``build(data_dim, **options)`
 object with ``model`` and ``guide`` (an ``nn.Module`` such as ``VAE``, or any object).
 """
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
@@ -13,8 +12,9 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 
+from ppl_lvm import atomic
 from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide, infer_local
-from ppl_lvm.models.missing import MaskedVAE, make_mask
+from ppl_lvm.models.missing import MASKS, MaskedVAE, make_mask
 from ppl_lvm.models.mog import COVARIANCES, MixtureOfGaussians
 from ppl_lvm.models.ppca import PPCA
 from ppl_lvm.models.vae import VAE
@@ -52,25 +52,36 @@ def builtin_module(name, data_dim, options):
     raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN} or path/to/file.py:build")
 
 
-def load_builder(spec, copy_to=None):
+def read_model_file(path):
+    """The bytes of a model file; a missing file or a folder is one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found (give path/to/file.py:build)")
+    return path.read_bytes()
+
+
+def load_builder(spec, copy_to=None, source=None):
     """``build`` from ``"path/to/file.py:build"`` (the function after the colon; default ``build``).
 
-    copy_to: a run folder to keep a copy of the file in (``USER_FILE``), so the run can be
-    evaluated later even if the file changes or moves.
+    copy_to: a run folder to keep a copy of the file in (``USER_FILE``, written atomically and
+    never through a link), so the run can be evaluated later even if the file changes or moves.
+    source: the file's bytes when already read (and checked): exactly these run, and are copied.
     """
     path, _, name = str(spec).partition(":")
     name = name or "build"
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} not found (give path/to/file.py:build)")
+    if source is None:
+        source = read_model_file(path)
     module_name = f"ppl_lvm_user_model_{abs(hash(str(path.resolve())))}"
-    loader = importlib.util.spec_from_file_location(module_name, path)
+    loader = importlib.util.spec_from_loader(module_name, loader=None, origin=str(path))
     module = importlib.util.module_from_spec(loader)
+    module.__file__ = str(path)
     sys.modules[module_name] = module
     try:
-        loader.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as error:
-        raise ValueError(f"model file {path} failed to import: {type(error).__name__}: "
+        line = _user_line(error, path)
+        raise ValueError(f"model file {path} failed to import{line}: {type(error).__name__}: "
                          f"{error}") from error
     builder = getattr(module, name, None)
     if not callable(builder):
@@ -80,12 +91,33 @@ def load_builder(spec, copy_to=None):
         Path(copy_to).mkdir(parents=True, exist_ok=True)
         target = Path(copy_to) / USER_FILE
         if path.resolve() != target.resolve():
-            shutil.copyfile(path, target)
+            atomic.atomic_write(target, source)
     return builder
 
 
-def user_module(spec, data_dim, options, copy_to=None):
-    built = load_builder(spec, copy_to)(data_dim, **options)
+def _user_line(error, path):
+    """" (line N)" of the innermost frame of ``error``'s traceback in the user's file, if any."""
+    line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == str(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return "" if line is None else f" (line {line})"
+
+
+def user_module(spec, data_dim, options, copy_to=None, source=None):
+    """The object ``build(data_dim, **options)`` of a user's model file returns (an exception
+    raised inside build propagates as it is: the CLI names the file, function and line)."""
+    builder = load_builder(spec, copy_to, source)
+    try:
+        built = builder(data_dim, **options)
+    except TypeError as error:
+        if error.__traceback__.tb_next is not None:  # raised inside build: as it is
+            raise
+        path, _, name = str(spec).partition(":")
+        raise ValueError(f"model file {path}: {name or 'build'}(data_dim, **{options}) cannot "
+                         f"be called ({error}): check the --option names") from error
     if not (callable(getattr(built, "model", None)) and callable(getattr(built, "guide", None))):
         raise ValueError(f"{spec} returned {type(built).__name__}, which has no model and guide "
                          "methods")
@@ -125,9 +157,29 @@ def make_loss(objective, num_particles=1, dreg=False):
 
 def parse_missing(text, num_rows, data_dim, seed=0, device=None):
     """``--missing top_half`` or ``mcar:0.5`` -> a [N, D] bool mask (True = observed)."""
-    name, _, rate = str(text).partition(":")
-    options = {"rate": float(rate)} if rate else {}
+    name, options = parse_missing_text(text)
     return make_mask(name, num_rows, data_dim, seed=seed, device=device, **options)
+
+
+def parse_missing_text(text):
+    """``--missing``'s mask name and options: ``mcar:RATE`` needs its rate in [0, 1); no other
+    mask takes one (``top_half:3`` is refused, not read as top_half)."""
+    name, colon, rate = str(text).partition(":")
+    if name not in MASKS:
+        raise ValueError(f"--missing {text!r}: unknown mask {name!r}; choose one of {MASKS} "
+                         "(mcar as mcar:RATE)")
+    if name == "mcar":
+        try:
+            value = float(rate)
+        except ValueError:
+            raise ValueError(f"--missing {text!r}: mcar needs its missing rate, a number in "
+                             "[0, 1), e.g. mcar:0.5") from None
+        if not 0 <= value < 1:
+            raise ValueError(f"--missing {text!r}: the mcar rate must be in [0, 1), got {value}")
+        return name, {"rate": value}
+    if colon:
+        raise ValueError(f"--missing {text!r}: {name} takes no rate (only mcar:RATE does)")
+    return name, {}
 
 
 def held_out_guide(kind, module, model, guide, x_test, data_kwargs, steps=300, lr=1e-2):

@@ -1,11 +1,14 @@
 """A trained run on disk: its config, weights, data split and metrics, so later commands
 (`evaluate`, `gaps`, `complete`) rebuild exactly what `train` fitted."""
+import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
 
+import pyro.poutine
 import torch
 
 from ppl_lvm import atomic, checkpoint
@@ -37,9 +40,26 @@ LOCK_NAME = ".ppl-lvm.lock"  # the pid of the run writing the folder
 GUARD_NAME = ".ppl-lvm.guard"  # what the operating system locks
 # what `train` writes (and `evaluate`, `gaps`, `complete` add): --overwrite deletes these, and
 # nothing else a user keeps in the folder
-RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
+IDENTITY_NAME = "identity.json"  # what the run is: written at its start, checked on --resume
+RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, IDENTITY_NAME, METRICS_NAME, "checkpoint.pt", "local-rank*-of-*.pt",
                 "reconstructions.png", "samples.png", "training_curve.png", "completions_*.png",
                 "evaluate_*.json", "gaps.json", "metrics.jsonl", "user_model.py", "bdmc_*.json")
+
+
+# the names the package writes, exactly (a user's "evaluate_notes.json" or "my.png" is theirs)
+_RUN_NAMES = re.compile(
+    r"(config\.json|model\.pt|metrics\.json|metrics\.jsonl|identity\.json|checkpoint\.pt"
+    r"|local-rank\d+-of-\d+\.pt|reconstructions\.png|samples\.png|training_curve\.png"
+    r"|completions_[a-z_]+\.png|evaluate_[a-z]+_K\d+(_T\d+)?\.json|gaps\.json"
+    r"|user_model\.py|bdmc_T\d+_K\d+\.json)")
+
+
+def is_run_file(path):
+    """Whether ``path`` is a regular file (not a link, not a folder) under a name the package
+    writes into a run folder: what --overwrite deletes."""
+    path = Path(path)
+    return (bool(_RUN_NAMES.fullmatch(path.name)) and path.is_file()
+            and not path.is_symlink())
 
 
 class RunFolderError(ValueError):
@@ -67,8 +87,8 @@ def prepare_run_folder(out_dir, resume=False, overwrite=False):
         if not overwrite:
             raise RunFolderError(f"{out_dir} already holds a trained run: pass --resume to continue "
                                  "it or --overwrite to replace it (or choose another --out)")
-        for pattern in RUN_PATTERNS:
-            for path in out_dir.glob(pattern):
+        for path in out_dir.iterdir():
+            if is_run_file(path):
                 path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     # a run killed inside a write leaves its temporary file; the lock says no one is writing now
@@ -96,6 +116,10 @@ class RunLock:
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise RunFolderError(f"{self.path.parent} is a file, not a run folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for path in (self.path, self.path.parent / GUARD_NAME):
+            if path.is_symlink():  # never through a link: it would write outside the folder
+                raise RunFolderError(f"the lock file {path} is a symbolic link: ppl-lvm never "
+                                     "writes through links; remove it")
         guard = filelock.FileLock(str(self.path.parent / GUARD_NAME), timeout=0)
         try:
             guard.acquire()
@@ -127,6 +151,31 @@ class RunLock:
             self.guard = None
 
 
+def run_stamp(run_dir):
+    """Which run a folder holds now: model.pt's inode, size and mtime (an atomic replace, as
+    `train --overwrite` or `--resume` write it, gives a new inode). None without model.pt."""
+    try:
+        st = os.stat(Path(run_dir) / WEIGHTS_NAME)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def write_into_run(run_dir, stamp, write):
+    """Call ``write()`` (which writes a command's result into ``run_dir``) under the run's lock,
+    and only if the folder still holds the run the command loaded (``stamp``): a `train
+    --overwrite` that replaced it meanwhile must not receive the old run's results. Temporary
+    files a killed command left are removed first (the lock says no one is writing)."""
+    with RunLock(run_dir):
+        if run_stamp(run_dir) != stamp:
+            raise RunFolderError(f"{run_dir} was replaced while this command ran (by `train "
+                                 "--overwrite` or `--resume`?): its results belong to the old "
+                                 "run and were not written; run the command again")
+        for path in atomic.temp_files(run_dir):
+            path.unlink()
+        return write()
+
+
 def _read_pid(path):
     for _ in range(3):  # its owner may be between taking the guard and writing its pid
         try:
@@ -139,7 +188,118 @@ def _read_pid(path):
     return "unknown"
 
 
-def save_run(out_dir, model_name, module, config, metrics=None):
+# ----------------------------------------------------------------------------------------------
+# trusting a run's code: a run folder holding user_model.py is code. Runs this user trained are
+# trusted through a local record of their code's SHA-256 (like a notebook's signature); any other
+# run's code runs only with --trust-code (trust_code=True), which then records it too.
+
+TRUST_ENV = "PPL_LVM_TRUST_FILE"
+
+
+def trust_file():
+    """The user's record of trusted model code: $PPL_LVM_TRUST_FILE, else
+    $XDG_CACHE_HOME/ppl_lvm/trusted_code.txt (~/.cache/ppl_lvm/trusted_code.txt)."""
+    if os.environ.get(TRUST_ENV):
+        return Path(os.environ[TRUST_ENV])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "ppl_lvm" / "trusted_code.txt"
+
+
+def code_hash(source):
+    return hashlib.sha256(source).hexdigest()
+
+
+def trust(source):
+    """Record ``source`` (a model file's bytes) as trusted by this user."""
+    path = trust_file()
+    if is_trusted(source):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"{code_hash(source)}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError as error:
+        warnings.warn(f"could not record the run's code as trusted in {path} ({error}); "
+                      "evaluating the run later will need --trust-code")
+
+
+def is_trusted(source):
+    try:
+        return code_hash(source) in trust_file().read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def read_run_code(run_dir, trust_code=False):
+    """The bytes of ``run_dir/user_model.py`` once they may run: never through a link, and only
+    when this user trained the run here or ``trust_code`` says so."""
+    path = Path(run_dir) / experiment.USER_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: the run was trained from a model file and "
+                                "needs its copy") from None
+    except OSError as error:
+        raise RunFolderError(f"{path} is a symbolic link (or unreadable: {error.strerror}): a "
+                             "run's code is read only from the run folder itself") from error
+    with os.fdopen(fd, "rb") as file:
+        source = file.read()
+    if not is_trusted(source):
+        if not trust_code:
+            raise RunFolderError(
+                f"{path} is code that this user did not train here (its SHA-256 "
+                f"{code_hash(source)[:12]}... is not in {trust_file()}): read it, then pass "
+                "--trust-code to run it")
+        trust(source)
+    return source
+
+
+def output_fingerprint(module, rows):
+    """What a rebuilt model must reproduce: the mean of every sample site's distribution (the
+    decoder's outputs) in ``module.model``'s trace on ``rows``, z drawn under a fixed seed (a
+    model whose ``build`` draws random values, rebuilt without the run's seed, gives other
+    numbers). None when the model cannot be run on the rows alone."""
+    rows = rows[:3]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            trace = pyro.poutine.trace(module.model).get_trace(rows)
+            means = []
+            for site in trace.nodes.values():
+                if site["type"] != "sample":
+                    continue
+                try:
+                    mean = site["fn"].mean
+                except (NotImplementedError, AttributeError, RuntimeError):
+                    mean = site["value"]
+                means.append(float(torch.as_tensor(mean).double().sum()))
+    except Exception:  # e.g. a model that needs more arguments: nothing to check
+        return None
+    return {"rows": rows.detach().cpu(), "site_means": means, "device": rows.device.type}
+
+
+def check_fingerprint(module, fingerprint, path, device):
+    """Refuse a rebuilt model whose outputs differ from those stored at train time."""
+    if not fingerprint or torch.device(device).type != fingerprint.get("device", "cpu"):
+        return  # another device draws another z: nothing comparable
+    now = output_fingerprint(module, fingerprint["rows"].to(device))
+    if now is None:
+        return
+    saved = fingerprint.get("site_means", [])
+    close = len(now["site_means"]) == len(saved) and all(
+        abs(a - b) <= 1e-3 + 1e-4 * abs(b) for a, b in zip(now["site_means"], saved))
+    if not close:
+        raise RunFolderError(
+            f"{path}: the rebuilt model does not reproduce its training-time outputs (its sample "
+            f"sites' means {[round(v, 3) for v in now['site_means']]}, not "
+            f"{[round(v, 3) for v in saved]}, on 3 stored rows): its build() draws values that "
+            "the weights do not hold, or its code changed")
+
+
+def save_run(out_dir, model_name, module, config, metrics=None, fingerprint=None):
     """Write model.pt (weights, constructor config, and the run's config and metrics), then
     config.json and metrics.json into ``out_dir``, each atomically.
 
@@ -150,8 +310,11 @@ def save_run(out_dir, model_name, module, config, metrics=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     module_config = module.config() if callable(getattr(module, "config", None)) else {}
     config = {**config, "model": model_name, "model_config": module_config}
-    atomic.torch_save({"config": module_config, "state_dict": state_module(module).state_dict(),
-                       "run": config, "metrics": metrics}, out_dir / WEIGHTS_NAME)
+    saved = {"config": module_config, "state_dict": state_module(module).state_dict(),
+             "run": config, "metrics": metrics}
+    if fingerprint is not None:
+        saved["fingerprint"] = fingerprint
+    atomic.torch_save(saved, out_dir / WEIGHTS_NAME)
     atomic.write_json(out_dir / CONFIG_NAME, config)
     if metrics is not None:
         atomic.write_json(out_dir / METRICS_NAME, metrics)
@@ -168,8 +331,11 @@ def _read_config(path):
     return config
 
 
-def load_run(run_dir, device="cpu"):
-    """Rebuild a trained run: returns (module, config). Clear errors for a missing or bad folder."""
+def load_run(run_dir, device="cpu", trust_code=False):
+    """Rebuild a trained run: returns (module, config). Clear errors for a missing or bad folder.
+
+    A run of a user's model file runs its copy ``user_model.py`` only when this user trained it
+    here (see ``trust_file``) or ``trust_code`` is True."""
     run_dir = Path(run_dir)
     config_path, weights_path = run_dir / CONFIG_NAME, run_dir / WEIGHTS_NAME
     if not run_dir.is_dir():
@@ -203,8 +369,14 @@ def load_run(run_dir, device="cpu"):
                              f"known: {sorted(MODELS)}")
     try:
         if user:  # the copy of the user's file kept in the run folder
+            source = read_run_code(run_dir, trust_code)
             spec = f"{run_dir / experiment.USER_FILE}:{config.get('builder', 'build')}"
-            module = experiment.user_module(spec, config["data_dim"], config.get("options", {}))
+            # built under the run's seed, as `train` built it: a build() that draws random
+            # values (a fixed random projection, say) draws the same ones
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.get("cli", {}).get("seed", 0))
+                module = experiment.user_module(spec, config["data_dim"],
+                                                config.get("options", {}), source=source)
         else:
             module = MODELS[config["model"]](**saved["config"])
         holder = state_module(module).to(device)
@@ -212,6 +384,7 @@ def load_run(run_dir, device="cpu"):
     except (TypeError, RuntimeError, KeyError) as error:
         raise RunFolderError(f"{weights_path} does not fit its model {config['model']!r} "
                              f"({str(error).splitlines()[0]}); retrain with --overwrite") from error
+    check_fingerprint(module, saved.get("fingerprint"), weights_path, device)
     return module, config
 
 

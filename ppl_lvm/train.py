@@ -7,6 +7,7 @@ the optimiser's state, every RNG's state and the step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -93,6 +94,11 @@ def as_batch_tuple(data, device):
                              f"got shapes {[tuple(t.shape) for t in tensors]}")
     if num_data == 0:
         raise ValueError("data is empty (N = 0)")
+    for i, t in enumerate(tensors[1:], 1):  # e.g. labels: NaN there is bad data, not a divergence
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            rows = (~torch.isfinite(t)).reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"data[{i}] (shape {tuple(t.shape)}) contains NaN or inf (first bad "
+                             f"rows: {rows})")
     first = tensors[0]
     # (x, mask) with mask True = observed: NaN where a value is missing is how missing data
     # arrives; the model must keep it out of the likelihood (ppl_lvm.models.missing)
@@ -463,6 +469,8 @@ class _Checkpointer:
             return
         self.guard.check_state(self.optim, result.step, all_ranks=(
             self.strategy.all_true if self.strategy.active else None))
+        if self.guard.suspicious():  # keep the last good one (the losses are the same on all ranks)
+            return
         position = {**self.config, "epoch": epoch, "batch": batch}
         if self.strategy.world > 1:
             position["world_size"] = self.strategy.world
@@ -536,6 +544,60 @@ def set_lr_factor(optim, factor):
         for group in torch_optim.param_groups:
             group.setdefault("initial_lr", group["lr"])
             group["lr"] = group["initial_lr"] * factor
+
+
+@contextlib.contextmanager
+def _first_step_checks(first, tensors):
+    """On the first step: a guide without a site for one of the model's latent sites is an error
+    before training, not Pyro's warning after it; integer or bool data that the model cannot
+    take is named as the data's dtype."""
+    import warnings
+
+    if not first:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Found vars in model but not guide")
+        try:
+            yield
+        except UserWarning as warning:
+            sites = str(warning).partition("guide:")[2].strip() or str(warning)
+            raise ValueError(f"the guide has no sample site for the model's latent site(s) "
+                             f"{sites}: every latent site of the model needs one in the guide (or "
+                             "enumeration, with TraceEnum_ELBO)") from None
+        except (RuntimeError, NotImplementedError) as error:
+            raise _dtype_error(tensors, error) from error
+
+
+def _dtype_error(tensors, error):
+    """``error`` itself, or for integer or bool data a ValueError naming the data's dtype."""
+    dtype = tensors[0].dtype
+    if dtype.is_floating_point or not any(w in str(error) for w in ("type", "Long", "Bool", "Int")):
+        return error
+    return ValueError(f"data is {dtype}, and the model failed on it "
+                      f"({str(error).strip().splitlines()[0][:160]}): pass floats, e.g. x.float()")
+
+
+@contextlib.contextmanager
+def _own_rng(device, seed):
+    """Run the block on torch's RNG seeded with ``seed`` and restore the caller's stream after."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_types(**values):
+    """Integers must be ints (not bools, not floats); lr a finite real > 0."""
+    for name, value in values.items():
+        if name == "lr":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 <= value < math.inf):
+                raise ValueError(f"lr must be a finite number > 0, got {value!r}")
+        elif (value is not None or name != "checkpoint_every") and (
+                isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
 
 
 def _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
@@ -741,6 +803,10 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any],
     Returns:
         FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
     """
+    _check_types(epochs=epochs, batch_size=batch_size, seed=seed, eval_every=eval_every,
+                 checkpoint_every=checkpoint_every, inner_steps=inner_steps)
+    if optim is None:
+        _check_types(lr=lr)
     _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
                     checkpoint_dir, eval_every, lr_schedule, inner_tol)
     device = torch.device(device)
@@ -756,6 +822,10 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any],
         strategy = _SingleProcess(device)
     tensors = as_batch_tuple(data, device)
     eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
+    if eval_tensors is not None and [t.shape[1:] for t in eval_tensors] != [
+            t.shape[1:] for t in tensors]:
+        raise ValueError(f"eval_data has shapes {[tuple(t.shape) for t in eval_tensors]} but data "
+                         f"has {[tuple(t.shape) for t in tensors]}: rows must match after N")
     num_data = tensors[0].shape[0]
     model_kwargs = dict(model_kwargs or {})
     per_row = (per_row,) if isinstance(per_row, str) else tuple(per_row or ())
@@ -787,9 +857,13 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any],
     check_loss_rows(loss, model, guide, batch_size, num_data)
     loss = compiling.compile_loss(loss, compile, epochs * ddp.steps_per_epoch(
         num_data, batch_size, strategy.world))
+    optim_given = optim
     optim = optim or adam(lr, local_lr)
 
-    structure = read_structure(model, tensors, transform, row_kwargs, plate_name)
+    try:
+        structure = read_structure(model, tensors, transform, row_kwargs, plate_name)
+    except (RuntimeError, NotImplementedError) as error:
+        raise _dtype_error(tensors, error) from error
     own_subsample = structure.subsample_size
     if own_subsample:  # the model subsamples its own plate: Pyro's SVI, all rows at every step
         if strategy.active:
@@ -821,6 +895,7 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any],
                                                  else str(checkpointer.path)), 0, 0
     if resume:
         result, start_epoch, start_batch = checkpointer.resume(register, device)
+        guard.resume(result.losses)
 
     steps_per_epoch = -(-num_data // own_subsample) if own_subsample else ddp.steps_per_epoch(
         num_data, batch_size, strategy.world)
@@ -846,8 +921,9 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any],
                     set_lr_factor(optim, lr_factor(lr_schedule, result.step,
                                                    epochs * steps_per_epoch))
                 try:
-                    value, before = take_step(*bound(idx), optim, loss, batch, row_kwargs(idx),
-                                              inner_steps, strategy, weight, inner_tol)
+                    with _first_step_checks(result.step == 0, tensors):
+                        value, before = take_step(*bound(idx), optim, loss, batch, row_kwargs(idx),
+                                                  inner_steps, strategy, weight, inner_tol)
                 except ValueError as error:  # Pyro's validation meeting NaN: say where it diverged
                     raise guard.step_error(error)
                 result.step += 1
@@ -857,6 +933,11 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any],
                 guard.check_loss(value, result.step, epoch + 1, b + 1)
                 if result.step == 1:
                     _check_devices(device)
+                    if optim_given is None and lr == 0 and (local_lr == 0 or not any(
+                            is_local_param(n) for n in pyro.get_param_store().keys())):
+                        raise ValueError(f"lr={lr!r} trains nothing: θ stays fixed and there is "
+                                         "no per-datapoint φ table for local_lr to train; give "
+                                         "lr > 0")
                     check_autoguide_rows(guide, structure, batch_size, num_data)
                 result.losses.append(value)
                 epoch_losses.append(value)
@@ -872,10 +953,12 @@ def fit(model: Callable[..., Any], guide: Callable[..., Any],
                 check_program_values(*bound(idx), batch, row_kwargs(idx), epoch + 1)
             if eval_tensors is not None and (epoch + 1) % eval_every == 0:
                 result.eval_epochs.append(epoch + 1)
-                result.eval_elbos.append(evaluate_elbo(
-                    model, guide, eval_tensors, model_kwargs=model_kwargs,
-                    distributed=strategy.active, plate_name=structure.plate_name,
-                    batch_size=len(eval_tensors[0]) if own_subsample else 512))
+                with _own_rng(device, seed + epoch):  # not the training stream: the trained
+                    # weights are the same whatever eval_every says
+                    result.eval_elbos.append(evaluate_elbo(
+                        model, guide, eval_tensors, model_kwargs=model_kwargs,
+                        distributed=strategy.active, plate_name=structure.plate_name,
+                        batch_size=len(eval_tensors[0]) if own_subsample else 512))
             result.wall_time = time.perf_counter() - start_time
             checkpointer.save(epoch + 1, 0, result)
             if callback is not None and callback(epoch + 1, result):

@@ -1,5 +1,13 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# runs trained by the tests are trusted in a record of their own, never the user's
+# ~/.cache/ppl_lvm/trusted_code.txt
+os.environ["PPL_LVM_TRUST_FILE"] = os.path.join(tempfile.mkdtemp(prefix="ppl-lvm-trust-"),
+                                                "trusted_code.txt")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -110,6 +110,14 @@ def files(tmp_path_factory):
     (folder / "train-images-idx3-ubyte.gz").write_bytes(
         gzip.compress(idx_bytes(0x803, [4, 4, 4], bytes(64))))
     paths["no_labels"] = folder
+    for name, code in [("build_raises", "def build(data_dim, **options):\n"
+                                        "    raise ValueError('boom')\n"),
+                       ("import_raises", "undefined_name + 1\n"),
+                       ("syntax_error", "def build(:\n"),
+                       ("returns_none", "def build(data_dim, **options):\n    return None\n"),
+                       ("int_option", "def build(data_dim, z_dim=2):\n    return int(z_dim)\n")]:
+        paths[name] = root / f"{name}.py"
+        paths[name].write_text(code)
     paths["empty_folder"] = root / "empty_folder"
     paths["empty_folder"].mkdir()
     paths["a_file"] = paths["txt"]
@@ -271,6 +279,101 @@ API = [
 ]
 
 
+def guide_without_w(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+
+def model_with_w(x):
+    with pyro.plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal((z + w).unsqueeze(-1).expand(len(x), D), 1.0).to_event(1),
+                    obs=x)
+
+
+def big_npz(root):
+    """An .npz whose x_train declares 10^12 bytes (its header only: nothing is allocated)."""
+    import io
+    import zipfile
+
+    path = root / "terabyte.npz"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (10 ** 6, 125_000)})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(3, np.uint8))
+    with zipfile.ZipFile(path, "w") as archive:
+        for part in ("train", "test"):
+            archive.writestr(f"x_{part}.npy", header.getvalue())
+            archive.writestr(f"y_{part}.npy", labels.getvalue())
+    return path
+
+
+def gzip_idx(root, name, sizes, payload_size):
+    """A gzipped IDX images file declaring ``sizes`` and holding ``payload_size`` zero bytes,
+    written in chunks (a bomb stays small on disk)."""
+    import zlib
+
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = [deflate.compress(idx_bytes(0x803, sizes))]
+    chunk = bytes(1 << 20)
+    for _ in range(payload_size >> 20):
+        parts.append(deflate.compress(chunk))
+    parts.append(deflate.compress(bytes(payload_size % (1 << 20))))
+    parts.append(deflate.flush())
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"".join(parts))
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(0x801, [4], bytes(4)))
+    return folder
+
+
+API += [
+    # fit: wrong types are named, never taken for another value (batch_size=True is not 1)
+    *[(f"fit {name}={value!r}", (lambda name, value: lambda f, t: fit_vae(**{name: value}))(
+        name, value), TypeError, [name, type(value).__name__])
+      for name, value in [("epochs", 2.0), ("epochs", True), ("epochs", "2"),
+                          ("batch_size", True), ("batch_size", 2.5), ("batch_size", "32"),
+                          ("seed", 1.5), ("seed", "0"), ("seed", None), ("eval_every", True),
+                          ("checkpoint_every", 1.5), ("inner_steps", 1.0)]],
+    *[(f"fit lr={value!r}", (lambda value: lambda f, t: fit_vae(lr=value))(value), ValueError,
+       ["lr", repr(value)]) for value in [0, 0.0, -1e-3, float("nan"), float("inf"), "0.1", True,
+                                          None]],
+    ("fit int data", lambda f, t: fit_vae(x=X.long()), ValueError, ["torch.int64", "x.float()"]),
+    ("fit bool data", lambda f, t: fit_vae(x=X.bool()), ValueError, ["torch.bool", "x.float()"]),
+    ("fit NaN labels", lambda f, t: fit(model_with_w, guide_without_w,
+                                        (X, torch.full((len(X),), float("nan"))), epochs=1,
+                                        progress=False), ValueError, ["data[1]", "NaN"]),
+    ("fit eval_data width", lambda f, t: fit_vae(eval_data=X[:, :3]), ValueError,
+     ["eval_data", "(64, 3)", "(64, 16)"]),
+    ("fit eval_data parts", lambda f, t: fit_vae(eval_data=(X, X)), ValueError, ["eval_data"]),
+    ("fit guide lacks a latent", lambda f, t: fit(model_with_w, guide_without_w, X, epochs=1,
+                                                  progress=False), ValueError,
+     ["guide", "'w'"]),
+    # data files declaring more than the loaders will allocate
+    ("npz declares a terabyte", lambda f, t: data.load_mnist(big_npz(t)), ValueError,
+     ["terabyte.npz", "x_train", "1,000,000,000,000 bytes", "MAX_DATA_BYTES"]),
+    ("idx gzip declares 4 GB", lambda f, t: data.load_mnist(
+        gzip_idx(t, "declares", [100_000, 200, 200], 1 << 20), split="train"), ValueError,
+     ["train-images-idx3-ubyte.gz", "4,000,000,016 bytes", "MAX_DATA_BYTES"]),
+    ("idx gzip inflates past its header", lambda f, t: data.load_mnist(
+        gzip_idx(t, "bomb", [4, 4, 4], 64 << 20), split="train"), ValueError,
+     ["train-images-idx3-ubyte.gz", "overlong", "expected 80 bytes, got 81"]),
+    *[(f"log_marginal {name}={value!r}", (lambda name, value: lambda f, t: log_marginal(
+        vae().model, vae().guide, X, **{name: value}))(name, value), error, [name, repr(value)])
+      for name, value, error in [("memory_bytes", -1, ValueError), ("memory_bytes", 0, ValueError),
+                                 ("num_samples", float("inf"), ValueError),
+                                 ("num_samples", "10", ValueError), ("seed", 1.5, TypeError),
+                                 ("seed", "0", TypeError)]],
+    # masks by name
+    *[(f"parse_missing {text!r}", (lambda text: lambda f, t: __import__(
+        "ppl_lvm.experiment").experiment.parse_missing(text, 2, 16))(text), ValueError,
+       [repr(text)]) for text in ["top_half:3", "mcar:", "mcar", "mcar:x", "mcar:1.5", "mcar:-0.1",
+                                  "blocks:2", "nope"]],
+]
+
+
 @pytest.mark.parametrize("call, error, words", [row[1:] for row in API], ids=[row[0] for row in API])
 def test_api_bad_input(files, tmp_path, call, error, words):
     with pytest.raises(error) as caught:
@@ -322,7 +425,7 @@ CLI = [
     ("train resume fewer epochs", ["train", "vae", "--out", "{run}", *TINY, "--epochs", "0",
                                    "--resume"], ["{run}/checkpoint.pt", "--epochs 1"]),
     ("train resume other lr", ["train", "vae", "--out", "{run}", *TINY, "--epochs", "2",
-                               "--resume", "--lr", "0.1"], ["{run}/checkpoint.pt", "--lr 0.001"]),
+                               "--resume", "--lr", "0.1"], ["{run}", "--lr 0.001 -> 0.1"]),
     ("train device cuda", ["train", "vae", "--out", "{out}", "--device", "cuda"], ["cuda"]),
     ("evaluate no run", ["evaluate", "{root}/nope"], ["{root}/nope", "not found"]),
     ("evaluate not a run", ["evaluate", "{empty_folder}"], ["{empty_folder}/model.pt"]),
@@ -335,11 +438,137 @@ CLI = [
 ]
 
 
+# every count and step size of every command, each bad value named with its option
+COUNTS = {
+    "train": ["--batch-size", "--z-dim", "--hidden-dim", "--semi-steps", "--num-particles",
+              "--components", "--eval-every", "--checkpoint-every"],
+    "evaluate": ["--num-samples", "--num-steps", "--n"],
+    "gaps": ["--num-samples", "--n", "--elbo-samples", "--local-steps"],
+    "compare": ["--num-samples", "--n", "--local-steps"],
+    "bdmc": ["--n", "--num-steps", "--num-samples"],
+    "complete": ["--n", "--samples", "--num-particles", "--num-steps", "--block-size"],
+}
+RATES = {"train": ["--lr", "--local-lr"], "gaps": ["--local-lr"]}
+
+
+def command(name, *options):
+    head = ["train", "vae", "--out", "{out}"] if name == "train" else [name, "{run}"]
+    if name == "compare":
+        head = ["compare", "{run}", "--out", "{out}/cmp.png"]
+    return [*head, *options]
+
+
+CLI += [
+    *[(f"{name} {option} {value}", command(name, option, value), [option, words])
+      for name, options in COUNTS.items() for option in options
+      for value, words in [("0", "must be >= 1"), ("-3", "must be >= 1"), ("abc", "'abc'"),
+                           ("1.5", "'1.5'"), (str(2 ** 70), "at most")]],
+    *[(f"{name} {option} {value}", command(name, option, value), [option, words])
+      for name, options in RATES.items() for option in options
+      for value, words in [("0", "must be > 0"), ("-1", "must be > 0"), ("nan", "must be > 0"),
+                           ("inf", "finite"), ("fast", "'fast'")]],
+    *[(f"{name} {option} {value}", command(name, option, value), [option, f"'{value}'"])
+      for name, option, value in [
+          ("train", "--lr-schedule", "linear"), ("train", "--likelihood", "poisson"),
+          ("train", "--guide", "neural"), ("train", "--objective", "rws"),
+          ("train", "--covariance", "spherical"), ("train", "--mog-method", "gibbs"),
+          ("train", "--device", "tpu"), ("evaluate", "--device", "tpu"),
+          ("complete", "--method", "gibbs"), ("gaps", "--device", "gpu"),
+          ("bdmc", "--device", "gpu"), ("compare", "--device", "gpu")]],
+    # --option: one line naming the option (or build and the file)
+    *[(f"train --option {value}", ["train", "vae", "--out", "{out}", *TINY, "--option", value],
+       ["--option"]) for value in ["z_dim=3", "novalue", "=3", "3x=1", "z-dim=2"]],
+    # --missing: rates are mcar's alone, and it needs one
+    *[(f"train --missing {value}", ["train", "masked-vae", "--out", "{out}", *TINY, "--missing",
+                                    value], ["--missing", repr(value)])
+      for value in ["top_half:3", "mcar:", "mcar", "mcar:x", "mcar:1.5", "left_half:0.2"]],
+    ("train --out ''", ["train", "vae", "--out", "", *TINY], ["--out ''"]),
+    # a model file's own errors: one line naming the file, the function and the line
+    ("model build raises", ["train", "{build_raises}:build", "--out", "{out}", *TINY],
+     ["{build_raises}:2", "(in build)", "ValueError: boom"]),
+    ("model import raises", ["train", "{import_raises}:build", "--out", "{out}", *TINY],
+     ["{import_raises}", "failed to import (line 1)", "NameError"]),
+    ("model syntax error", ["train", "{syntax_error}:build", "--out", "{out}", *TINY],
+     ["{syntax_error}", "failed to import", "SyntaxError"]),
+    ("model returns None", ["train", "{returns_none}:build", "--out", "{out}", *TINY],
+     ["{returns_none}", "NoneType", "no model and guide"]),
+    ("model no such builder", ["train", "{returns_none}:make", "--out", "{out}", *TINY],
+     ["{returns_none}", "no function 'make'"]),
+    *[(f"model option {value}", ["train", "{int_option}:build", "--out", "{out}", *TINY,
+                                 "--option", value], words)
+      for value, words in [("z_dim=nan", ["--option", "nan"]), ("z_dim=1e400", ["--option", "inf"]),
+                           ("z_dim=[1,2]", ["{int_option}:2", "(in build)", "[1,2]"]),
+                           ("z_dim='3'", ["{int_option}:2", "(in build)", "'3'"]),
+                           ("colour=red", ["{int_option}", "colour", "--option"])]],
+    ("evaluate a mixture by ais", ["evaluate", "{mog}", "--method", "ais"],
+     ["{mog}", "mixture", "--method ais"]),
+    ("bdmc on a mixture", ["bdmc", "{mog}", "--n", "1"], ["{mog}", "mixture"]),
+    ("gaps on a mixture", ["gaps", "{mog}"], ["{mog}", "mixture"]),
+    ("complete on a mixture", ["complete", "{mog}", "--n", "2"], ["{mog}", "mixture"]),
+    ("bdmc on a Gaussian VAE", ["bdmc", "{gaussian}", "--n", "2", "-T", "2", "-K", "1"],
+     ["{gaussian}", "Gaussian VAE"]),
+    ("gaps on a local run", ["gaps", "{local}"], ["{local}", "--guide local"]),
+    ("compare --out ''", ["compare", "{run}", "--out", ""], ["--out ''"]),
+]
+
+
+def config_file(root, name, text):
+    path = root / f"{name}.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+# --config: a file's values meet the command line's types, ranges and choices
+CONFIGS = [
+    ("dreg string", 'dreg = "false"', ["dreg", "true or false"]),
+    ("quiet number", "quiet = 1", ["quiet", "true or false"]),
+    ("epochs text", 'epochs = "ten"', ["epochs", "'ten'"]),
+    ("epochs float", "epochs = 2.5", ["epochs", "float"]),
+    ("batch-size 0", "batch-size = 0", ["batch_size", "must be >= 1"]),
+    ("batch-size bool", "batch-size = true", ["batch_size", "bool"]),
+    ("lr negative", "lr = -1.0", ["lr", "must be > 0"]),
+    ("lr nan", "lr = nan", ["lr", "must be > 0"]),
+    ("lr list", "lr = [0.1]", ["lr", "list"]),
+    ("guide choice", 'guide = "neural"', ["guide", "choose from"]),
+    ("likelihood choice", 'likelihood = "poisson"', ["likelihood", "choose from"]),
+    ("z-dim float", "z-dim = 2.5", ["z_dim", "2.5"]),
+    ("z-dim huge", f"z-dim = {2 ** 40}", ["z_dim", "at most"]),
+    ("option string", 'option = "a=1"', ["option", "list of strings"]),
+    ("option numbers", "option = [1, 2]", ["option", "list of strings"]),
+    ("seed text", 'seed = "zero"', ["seed", "'zero'"]),
+    ("model choice", 'model = "gan"', ["model", "'gan'"]),
+    ("out", 'out = "elsewhere"', ["'out'", "command line"]),
+    ("overwrite", "overwrite = true", ["'overwrite'", "command line"]),
+    ("resume", "resume = true", ["'resume'", "command line"]),
+    ("unknown", "colour = 3", ["unknown", "colour"]),
+    ("not TOML", "= = =", ["cannot be read"]),
+    ("dict", "[section]\nkey = 1", ["section"]),
+]
+CLI += [(f"config {name}", ["train", "vae", "--out", "{out}", "--config", f"{{config_{i}}}"],
+         ["--config", *words]) for i, (name, _, words) in enumerate(CONFIGS)]
+
+
+@pytest.fixture(scope="module")
+def other_runs(tmp_path_factory):
+    """A mixture run and a per-datapoint run, for the commands that do not apply to them."""
+    root = tmp_path_factory.mktemp("kinds")
+    assert main(["train", "mog", "--out", str(root / "mog"), "--data", "digits",
+                 "--components", "2", "--quiet"]) == 0
+    assert main(["train", "vae", "--guide", "local", "--out", str(root / "local"), *TINY,
+                 "--epochs", "1"]) == 0
+    assert main(["train", "vae", "--likelihood", "gaussian", "--out", str(root / "gaussian"),
+                 *TINY, "--epochs", "1"]) == 0
+    configs = {f"config_{i}": config_file(root, f"c{i}", text)
+               for i, (_, text, _) in enumerate(CONFIGS)}
+    return {"mog": root / "mog", "local": root / "local", "gaussian": root / "gaussian",
+            **configs}
+
+
 @pytest.mark.parametrize("argv, words", [row[1:] for row in CLI], ids=[row[0] for row in CLI])
-def test_cli_bad_input(files, trained, tmp_path, capsys, argv, words):
+def test_cli_bad_input(files, trained, other_runs, tmp_path, capsys, argv, words):
     if "cuda" in argv and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    names = {**files, "out": tmp_path / "out", "run": trained}
+    names = {**files, **other_runs, "out": tmp_path / "out", "run": trained}
     before = {p.name: p.read_bytes() for p in trained.iterdir()}
     assert main([a.format(**names) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -350,7 +579,7 @@ def test_cli_bad_input(files, trained, tmp_path, capsys, argv, words):
 
 
 def test_the_table_is_long_enough():
-    assert len(API) + len(CLI) >= 60
+    assert len(API) + len(CLI) >= 250
 
 
 def test_integer_zero_one_images_stay_binary(tmp_path):

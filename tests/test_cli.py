@@ -58,10 +58,10 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert main(["train", "vae", "--out", str(out), *more, "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3 * 6
 
-    # resuming with another architecture names the parameter that does not fit
+    # resuming with another architecture names the option that changed
     wider = [a if a != "16" else "8" for a in more]
     assert main(["train", "vae", "--out", str(out), *wider, "--resume"]) == 2
-    assert "has shape" in capsys.readouterr().err
+    assert "--hidden-dim 16 -> 8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -203,12 +203,18 @@ def test_a_run_config_repeats_the_run_and_the_command_line_overrides_it(tmp_path
     assert main(["train", "--config", str(toml), "--epochs", "2", "--out", str(third),
                  "--quiet"]) == 0
     assert json.loads((third / "metrics.json").read_text())["epochs"] == 2  # the CLI wins
-    with open(toml, "a") as handle:  # every option, --out included, may come from the file
-        handle.write(f'out = "{tmp_path / "d"}"\nguide = "local"\ninner-steps = 2\nquiet = true\n')
-    assert main(["train", "--config", str(toml)]) == 0
+    with open(toml, "a") as handle:  # every experiment option may come from the file
+        handle.write('guide = "local"\ninner-steps = 2\nquiet = true\n')
+    assert main(["train", "--config", str(toml), "--out", str(tmp_path / "d")]) == 0
     config = json.loads((tmp_path / "d" / "config.json").read_text())
     assert config["cli"]["guide"] == "local" and config["cli"]["inner_steps"] == 2
-    assert main(["train", "vae", "--data", "digits"]) == 2  # and without it, one line
+    assert main(["train", "vae", "--data", "digits"]) == 2  # and without --out, one line
+    # ... but not which folder is written or deleted: a received file cannot aim --overwrite
+    for line in (f'out = "{tmp_path / "d"}"', "overwrite = true"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(toml.read_text() + line + "\n")
+        assert main(["train", "--config", str(bad), "--out", str(tmp_path / "e")]) == 2
+    assert (tmp_path / "d" / "config.json").is_file() and not (tmp_path / "e").exists()
 
 
 def test_a_run_of_your_own_model_repeats_from_its_config_anywhere(tmp_path, monkeypatch):
@@ -351,6 +357,120 @@ def test_every_model_and_guide_trains_and_evaluates_on_cuda(argv, tmp_path, caps
     assert json.loads((out / "evaluate_iwae_K20.json").read_text())["num_images"] == 20
 
 
+# a run is what it says: resume continues only the same computation -----------------------------
+
+IDENTITY_BASE = ["--data", "digits", "--z-dim", "2", "--hidden-dim", "8", "--batch-size", "512",
+                 "--eval-every", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def started_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("identity") / "run"
+    assert main(["train", "vae", "--out", str(out), *IDENTITY_BASE, "--epochs", "1"]) == 0
+    return out
+
+
+CHANGED = [
+    (["--objective", "iwae"], "--objective 'elbo' -> 'iwae'"),
+    (["--lr-schedule", "cosine"], "--lr-schedule 'constant' -> 'cosine'"),
+    (["--guide", "local"], "--guide 'amortized' -> 'local'"),
+    (["--lr", "0.01"], "--lr 0.001 -> 0.01"),
+    (["--seed", "1"], "--seed 0 -> 1"),
+    (["--batch-size", "256"], "--batch-size 512 -> 256"),
+    (["--z-dim", "3"], "--z-dim 2 -> 3"),
+    (["--hidden-dim", "9"], "--hidden-dim 8 -> 9"),
+    (["--likelihood", "gaussian"], "--likelihood 'bernoulli' -> 'gaussian'"),
+    (["-K", "2"], "--num-particles 1 -> 2"),
+    (["--test-fraction", "0.3"], "--test-fraction 0.2 -> 0.3"),
+    (["--local-lr", "0.1"], "--local-lr 0.01 -> 0.1"),
+    (["--semi-steps", "2"], "--semi-steps 5 -> 2"),
+    (["--guide", "local", "--inner-steps", "2"], "--inner-steps 0 -> 2"),
+    (["--guide", "local", "--inner-steps", "2", "--inner-tol", "0.1"],
+     "--inner-tol None -> 0.1"),
+    (["--objective", "iwae", "--dreg"], "--dreg False -> True"),
+    (["masked-vae", "--missing", "top_half"], "--missing None -> 'top_half'"),
+    (["--components", "3"], "--components 10 -> 3"),
+    (["--covariance", "full"], "--covariance 'diag' -> 'full'"),
+    (["--mog-method", "enum"], "--mog-method 'em' -> 'enum'"),
+    (["--data-path", str(ROOT / "tests")], "--data-path None -> "),
+    (["--data", "mnist"], "--data 'digits' -> 'mnist'"),
+]
+
+
+@pytest.mark.parametrize("changed, diff", CHANGED, ids=[c[0][0] + "".join(c[0][1:2]) for c in CHANGED])
+def test_resume_under_a_changed_option_is_refused_with_the_diff(started_run, capsys, changed,
+                                                                diff):
+    before = {p.name: p.read_bytes() for p in started_run.iterdir()}
+    model, changed = (changed[0], changed[1:]) if changed[0] == "masked-vae" else ("vae", changed)
+    argv = ["train", model, "--out", str(started_run), *IDENTITY_BASE, "--epochs", "2",
+            "--resume", *changed]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and diff in err, err
+    assert {p.name: p.read_bytes() for p in started_run.iterdir()} == before
+
+
+def test_the_identity_leaves_out_what_does_not_change_the_computation():
+    from ppl_lvm.cli import EXPERIMENT_OPTIONS, IDENTITY_OPTIONS
+
+    changed = {c[1].split()[0].lstrip("-").replace("-", "_") for c in CHANGED} | {"option"}
+    assert changed == set(IDENTITY_OPTIONS)
+    assert set(EXPERIMENT_OPTIONS) - set(IDENTITY_OPTIONS) == {
+        "model", "epochs", "eval_every", "checkpoint_every"}
+
+
+def test_resume_after_the_model_file_changed_is_refused_and_runs_the_run_copy(tmp_path, capsys):
+    source = tmp_path / "my_model.py"
+    source.write_text((ROOT / "examples" / "my_model.py").read_text())
+    out = tmp_path / "mine"
+    train = ["train", f"{source}:build", "--out", str(out), "--likelihood", "gaussian",
+             *IDENTITY_BASE]
+    assert main([*train, "--epochs", "1"]) == 0
+    kept = (out / "user_model.py").read_bytes()
+    source.write_text(source.read_text() + "\n# edited\n")
+    assert main([*train, "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model file" in err
+    assert (out / "user_model.py").read_bytes() == kept
+    assert main([*train, "--epochs", "2", "--resume", "--option", "hidden=32"]) == 2
+    assert "--option {} -> {'hidden': 32}" in capsys.readouterr().err  # (file models only)
+    # the file back as it was: the run continues, on its own copy
+    source.write_bytes(kept)
+    assert main([*train, "--epochs", "2", "--resume"]) == 0
+    assert (out / "user_model.py").read_bytes() == kept
+    # --lr-schedule makes --epochs part of the computation (the schedule spans all steps)
+    cosine = tmp_path / "cosine"
+    assert main(["train", "vae", "--out", str(cosine), *IDENTITY_BASE, "--epochs", "1",
+                 "--lr-schedule", "cosine"]) == 0
+    assert main(["train", "vae", "--out", str(cosine), *IDENTITY_BASE, "--epochs", "2",
+                 "--lr-schedule", "cosine", "--resume"]) == 2
+    assert "--epochs 1 -> 2" in capsys.readouterr().err
+
+
+def test_train_mog_takes_epochs_as_its_cap(tmp_path):
+    out = tmp_path / "mog"
+    assert main(["train", "mog", "--out", str(out), "--data", "digits", "--components", "3",
+                 "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    free = tmp_path / "free"  # without --epochs: EM until it converges (more than 2 here)
+    assert main(["train", "mog", "--out", str(free), "--data", "digits", "--components", "3",
+                 "--quiet"]) == 0
+    assert json.loads((free / "metrics.json").read_text())["epochs"] > 2
+
+
+def test_every_missing_mask_is_accepted_and_only_mcar_takes_a_rate():
+    from ppl_lvm.experiment import parse_missing_text
+    from ppl_lvm.models.missing import MASKS
+
+    for name in MASKS:
+        if name != "mcar":
+            assert parse_missing_text(name) == (name, {})
+    assert parse_missing_text("mcar:0.25") == ("mcar", {"rate": 0.25})
+    for text in ("top_half:3", "blocks:2", "mcar:", "mcar", "mcar:1"):
+        with pytest.raises(ValueError, match="--missing"):
+            parse_missing_text(text)
+
+
 def test_paired_difference_on_the_same_rows_against_its_closed_form():
     """Two 'runs' whose per-row log p(x) differ by a constant 0.05 plus small noise, on rows that
     vary by several nats: the paired s.e. is the noise's std / √N (about 0.001), the unpaired one
@@ -445,7 +565,10 @@ def test_print_config_is_a_toml_that_config_reads_back(tmp_path, capsys):
     config.write_text(capsys.readouterr().out)
     assert not (tmp_path / "x").exists()  # printed, nothing done
     expected = vars(parse(build_parser(), argv))
-    again = vars(parse(build_parser(), ["train", "--config", str(config)]))
+    # --out (like --overwrite, --resume, --trust-code) is the command line's alone (issue 20)
+    assert "# out = " in config.read_text()
+    again = vars(parse(build_parser(), ["train", "--config", str(config), "--out",
+                                        str(tmp_path / "x")]))
     skip = {"func", "config"}
     assert {k: v for k, v in again.items() if k not in skip} == {
         k: v for k, v in expected.items() if k not in skip}

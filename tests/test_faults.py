@@ -25,6 +25,7 @@ from ppl_lvm import atomic
 from ppl_lvm.checkpoint import (CheckpointError, DivergenceError, DivergenceGuard, _rng_state,
                                 _set_rng_state, load_checkpoint)
 from ppl_lvm.cli import main
+from ppl_lvm.guides import LocalGuide
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.runs import LOCK_NAME, load_run
 from ppl_lvm.train import adam, fit
@@ -277,8 +278,8 @@ def test_a_failed_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("extra, message", [
     (["--epochs", "1"], "already done 2 epochs; --epochs 1 would resume nothing: pass --epochs 2"),
-    (["--epochs", "3", "--lr", "0.01"], "written with lr 0.001, not 0.01: resume with --lr 0.001"),
-    (["--epochs", "3", "--test-fraction", "0.3"], "was written for other data"),
+    (["--epochs", "3", "--lr", "0.01"], "was started with other options (--lr 0.001 -> 0.01)"),
+    (["--epochs", "3", "--test-fraction", "0.3"], "(--test-fraction 0.2 -> 0.3)"),
 ])
 def test_resume_refuses_another_run(tmp_path, runs, capsys, extra, message):
     base, _ = runs
@@ -445,3 +446,321 @@ def test_the_lock_names_its_holder_and_a_dead_one_is_taken_over(tmp_path):
     (tmp_path / LOCK_NAME).write_text("999999999\n")  # left by a process that died
     with RunLock(tmp_path):
         assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
+# trust: a received run folder is data, and its code runs only when trusted ---------------------
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    """A pickle in a checkpoint, a shard or model.pt would run on load: every torch.load of the
+    package passes weights_only=True (a literal, so this walk can see it)."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "ppl_lvm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "load" and getattr(node.func.value, "id", None) == "torch"):
+                keywords = {k.arg: k.value for k in node.keywords}
+                safe = isinstance(keywords.get("weights_only"), ast.Constant) and \
+                    keywords["weights_only"].value is True
+                found.append((f"{path.name}:{node.lineno}", safe))
+    assert len(found) >= 3  # model.pt, checkpoint.pt, the per-rank shards
+    assert [where for where, safe in found if not safe] == []
+
+
+class Payload:
+    """Pickled, it calls Path.touch on load: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_and_never_run(tmp_path, capsys):
+    vae, x = tiny_vae_data()
+    fit(vae.model, vae.guide, x, epochs=1, batch_size=32, progress=False, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    marker = tmp_path / "payload-ran"
+    state["progress"]["note"] = Payload(marker)
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="pickled Python objects .*never runs it"):
+        fit(vae.model, vae.guide, x, epochs=2, batch_size=32, progress=False,
+            checkpoint_dir=tmp_path, resume=True)
+    assert not marker.exists()
+
+
+def test_a_checkpoint_round_trips_every_constraint_and_rng(tmp_path):
+    """Constraints and numpy's RNG are stored as plain values and come back equal."""
+    import numpy as np
+    from torch.distributions import constraints
+
+    from ppl_lvm.checkpoint import constraint_from_plain, plain_constraint
+
+    for constraint in [constraints.real, constraints.positive, constraints.greater_than(2.5),
+                       constraints.interval(-1.0, 3.0), constraints.simplex,
+                       constraints.independent(constraints.positive, 1),
+                       constraints.lower_cholesky, constraints.positive_definite,
+                       constraints.unit_interval]:
+        back = constraint_from_plain(plain_constraint(constraint))
+        assert type(back) is type(constraint) and vars(back) == vars(constraint) or (
+            type(back) is type(constraint) and repr(back) == repr(constraint))
+    with pytest.raises(ValueError, match="unknown constraint 'os.system'"):
+        constraint_from_plain({"constraint": "os.system", "attrs": {}})
+    np.random.seed(3)
+    state = _rng_state()
+    path = tmp_path / "rng.pt"
+    torch.save(state, path)
+    expected = np.random.rand(3)
+    _set_rng_state(torch.load(path, weights_only=True))
+    assert np.array_equal(np.random.rand(3), expected)
+
+
+def positive_model(x):
+    scale = pyro.param("scale", torch.ones(1), constraint=dist.constraints.positive)
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(0.0, scale), obs=x)
+
+
+def test_a_constrained_param_resumes_bit_exact(tmp_path):
+    x = torch.randn(64) * 3
+    whole = fit(positive_model, empty_guide, x, epochs=2, batch_size=16, lr=0.05, progress=False)
+    scale = pyro.param("scale").detach().clone()
+    fit(positive_model, empty_guide, x, epochs=1, batch_size=16, lr=0.05, progress=False,
+        checkpoint_dir=tmp_path)
+    resumed = fit(positive_model, empty_guide, x, epochs=2, batch_size=16, lr=0.05,
+                  progress=False, checkpoint_dir=tmp_path, resume=True)
+    assert resumed.losses == whole.losses and torch.equal(pyro.param("scale").detach(), scale)
+    assert not torch.equal(scale, torch.ones(1))  # it did train
+
+
+MODEL_FILE = '''
+import pyro, pyro.distributions as dist, torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self, data_dim):
+        super().__init__()
+        self.decoder = nn.Linear(2, data_dim)
+        self.encoder = nn.Linear(data_dim, 2)
+        self.projection = torch.rand(data_dim)  # drawn at build time, not a parameter
+
+    def model(self, x):
+        pyro.module("decoder", self)
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(len(x), 2), 1.0).to_event(1))
+            logits = self.decoder(z) + self.projection
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
+
+    def guide(self, x):
+        pyro.module("encoder", self)
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", dist.Normal(self.encoder(x), 1.0).to_event(1))
+
+
+def build(data_dim):
+    return Model(data_dim)
+'''
+
+
+@pytest.fixture
+def file_run(tmp_path):
+    source = tmp_path / "model.py"
+    source.write_text(MODEL_FILE)
+    out = tmp_path / "run"
+    assert main(["train", f"{source}:build", "--out", str(out), "--data", "digits", "--epochs",
+                 "1", "--batch-size", "512", "--quiet", "--seed", "3"]) == 0
+    return source, out
+
+
+def test_a_run_from_elsewhere_runs_its_code_only_with_trust_code(file_run, tmp_path, capsys,
+                                                                 monkeypatch):
+    _, out = file_run
+    evaluate = ["evaluate", str(out), "-K", "2", "--n", "4"]
+    assert main(evaluate) == 0  # this user trained it here: trusted
+    capsys.readouterr()
+    monkeypatch.setenv("PPL_LVM_TRUST_FILE", str(tmp_path / "someone-else" / "trusted.txt"))
+    for command in (evaluate, ["gaps", str(out), "-K", "2", "--n", "2", "--local-steps", "1"],
+                    ["bdmc", str(out), "--n", "1", "-T", "2", "-K", "1"],
+                    ["complete", str(out), "--n", "1", "--num-steps", "1", "--samples", "1"],
+                    ["compare", str(out), "-K", "2", "--n", "2", "--out",
+                     str(tmp_path / "cmp.png")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "user_model.py" in err and "--trust-code" in err
+    assert main([*evaluate, "--trust-code"]) == 0
+    assert main(evaluate) == 0  # trusted from now on
+
+
+def test_a_model_drawing_random_values_at_build_is_rebuilt_under_the_run_seed(file_run, capsys):
+    _, out = file_run
+    capsys.readouterr()
+    trained = json.loads((out / "metrics.json").read_text())["heldout_elbo"]
+    torch.manual_seed(12345)  # whatever the caller's RNG holds
+    assert main(["evaluate", str(out), "--method", "elbo", "-K", "10"]) == 0
+    evaluated = json.loads((out / "evaluate_elbo_K10.json").read_text())["mean"]
+    assert evaluated == pytest.approx(trained, abs=1e-4)  # the same model, the same estimate
+
+
+def test_a_rebuilt_model_that_differs_is_refused_by_its_fingerprint(file_run, capsys):
+    _, out = file_run
+    code = (out / "user_model.py").read_text()
+    # the same weights, another build-time draw: the fingerprint of the outputs differs
+    (out / "user_model.py").write_text(code.replace("torch.rand(data_dim)",
+                                                    "torch.rand(data_dim) + 1"))
+    assert main(["evaluate", str(out), "--trust-code", "-K", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not reproduce its training-time outputs" in err
+
+
+def test_a_symlinked_lock_or_model_copy_is_refused(file_run, tmp_path, capsys):
+    source, out = file_run
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    copy = out / "user_model.py"
+    copy.unlink()
+    copy.symlink_to(source)
+    assert main(["evaluate", str(out), "-K", "2"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / LOCK_NAME).symlink_to(outside)
+    assert main(["train", "vae", "--out", str(fresh), *TINY, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and LOCK_NAME in err
+    assert outside.read_text() == "keep me"
+    # the copy of a model file never writes through a link either
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "user_model.py").symlink_to(outside)
+    assert main(["train", f"{source}:build", "--out", str(other), "--data", "digits",
+                 "--epochs", "1", "--batch-size", "512", "--quiet"]) == 0
+    assert outside.read_text() == "keep me"
+    assert not (other / "user_model.py").is_symlink()
+    assert (other / "user_model.py").read_text() == MODEL_FILE
+
+
+def test_the_copy_of_a_model_file_is_atomic(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "model.py"
+    source.write_text(MODEL_FILE)
+    out = tmp_path / "run"
+    written = []
+    real = atomic.atomic_write
+    monkeypatch.setattr(atomic, "atomic_write",
+                        lambda path, data: (written.append(Path(path).name), real(path, data)))
+    assert main(["train", f"{source}:build", "--out", str(out), "--data", "digits", "--epochs",
+                 "1", "--batch-size", "512", "--quiet"]) == 0
+    assert "user_model.py" in written
+
+
+# divergence below a million-fold ---------------------------------------------------------------
+
+
+def test_the_guard_on_real_training_curves_stops_lr_3_and_never_a_healthy_run():
+    """VAE curves recorded with the old guard (tests/divergence_curves.json): lr 1e-3..0.3 are
+    healthy (they end 40 % below their first loss; lr 0.3 spikes 33x for a step and recovers),
+    lr 1 spikes for a while and recovers; lr 3 climbs to 11x its start and stays there. A healthy
+    LocalGuide fit whose first loss was a lucky draw 6x below the next ones (closed_form's data
+    latents equal the guide's first sample under seed 0) comes down from there and is not
+    stopped."""
+    curves = json.loads((REPO / "tests" / "divergence_curves.json").read_text())["curves"]
+
+    def first_stop(losses):
+        guard = DivergenceGuard()
+        for step, value in enumerate(losses, 1):
+            try:
+                guard.check_loss(value, step, 1, step)
+            except DivergenceError as error:
+                return step, str(error)
+        return None, None
+
+    for lr in ("0.001", "0.01", "0.1", "0.3", "1"):
+        assert first_stop(curves[lr]) == (None, None), lr
+    from tests import closed_form
+
+    x = closed_form.make_data(50)
+    guide = LocalGuide(50, {"z": 2})
+    losses = fit(closed_form.model, guide, x, epochs=300, progress=False, seed=0).losses
+    assert losses[1] > 5 * losses[0] and first_stop(losses) == (None, None)
+    step, message = first_stop(curves["3"])
+    assert step == 50 and "median over the last 25 steps" in message and "not coming down" in message
+    assert "learning rate" in message and "untrained" in message
+
+
+def test_a_diverging_fit_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+    """lr 3 on digits (the curve above): the run stops at step 50, and no checkpoint of the
+    climbing losses was written (a state is checkpointed only while its recent losses look
+    healthy), so what stays is a good one or none."""
+    from ppl_lvm import data as datasets
+
+    x, _ = datasets.load_dataset("digits")
+    x = x[:600]
+    vae = VAE(64, z_dim=4, hidden_dim=32)
+    torch.manual_seed(0)
+    with pytest.raises(DivergenceError, match="median over the last 25 steps") as caught:
+        fit(vae.model, vae.guide, x, epochs=20, batch_size=64, lr=3.0, progress=False,
+            transform=torch.bernoulli, validate=False, checkpoint_dir=tmp_path)
+    assert "checkpoint" in str(caught.value)
+    # every checkpoint written was judged good: none holds the climbing losses
+    if (tmp_path / "checkpoint.pt").exists():
+        losses = load_checkpoint(tmp_path / "checkpoint.pt", "cpu")["result"]["losses"]
+        assert max(losses) < 3 * losses[0]
+
+
+def test_evaluation_does_not_change_the_trained_weights():
+    vae_a, x = tiny_vae_data()
+    torch.manual_seed(0)
+    vae_a = VAE(16, z_dim=2, hidden_dim=8)
+    fit(vae_a.model, vae_a.guide, x, epochs=3, batch_size=16, progress=False, seed=0)
+    torch.manual_seed(0)
+    vae_b = VAE(16, z_dim=2, hidden_dim=8)
+    fit(vae_b.model, vae_b.guide, x, epochs=3, batch_size=16, progress=False, seed=0,
+        eval_data=x[:8], eval_every=1)
+    assert same_weights(vae_a.state_dict(), vae_b.state_dict())
+
+
+def test_evaluate_never_writes_into_a_run_replaced_meanwhile(tmp_path, runs, capsys,
+                                                             monkeypatch):
+    """`train --overwrite` finishing while `evaluate` computes: the old run's estimate must not
+    land in the new run. A killed command's temporary files go at the next write."""
+    import ppl_lvm.cli as cli
+
+    base, _ = runs
+    folder = tmp_path / "run"
+    shutil.copytree(base, folder)
+    leftover = folder / f".evaluate_iwae_K2.json.abc{atomic.TEMP_SUFFIX}"
+    leftover.write_text("{")
+    assert main(["evaluate", str(folder), "-K", "2", "--n", "4"]) == 0
+    assert (folder / "evaluate_iwae_K2.json").is_file() and not leftover.exists()
+    real = cli.run_data
+
+    def replaced_meanwhile(*args, **kwargs):
+        atomic.torch_save(torch.load(folder / "model.pt", weights_only=True), folder / "model.pt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_data", replaced_meanwhile)
+    capsys.readouterr()
+    assert main(["evaluate", str(folder), "-K", "3", "--n", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "was replaced while this command ran" in err
+    assert not (folder / "evaluate_iwae_K3.json").exists()
+
+
+def test_overwrite_removes_only_what_the_package_wrote(tmp_path, runs, capsys):
+    base, _ = runs
+    folder = tmp_path / "run"
+    shutil.copytree(base, folder)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"mine")
+    theirs = ["evaluate_notes.json", "notes.png", "model.pt.bak", "checkpoint.pt.old"]
+    for name in theirs:
+        (folder / name).write_text("keep")
+    (folder / "completions_extra").mkdir()
+    (folder / "evaluate_iwae_K5.json").write_text("{}")  # the package's: goes
+    assert main(train_args(folder, 1, "--overwrite")) == 0
+    assert all((folder / name).read_text() == "keep" for name in theirs)
+    assert (folder / "completions_extra").is_dir() and outside.read_bytes() == b"mine"
+    assert not (folder / "evaluate_iwae_K5.json").exists()

@@ -65,5 +65,5 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     for argv in commands:
         assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
     assert (tmp_path / "compare.png").is_file() and (tmp_path / "runs" / "demo" / "model.pt").is_file()
-    assert main(["train", "--config", "examples/config.toml"]) == 0  # the example TOML
+    assert main(["train", "--config", "examples/config.toml", "--out", "runs/from-config"]) == 0
     assert (tmp_path / "runs" / "from-config" / "model.pt").is_file()
