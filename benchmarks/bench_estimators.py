@@ -5,10 +5,18 @@ Both run in this process on the same 500 held-out binarized images with K = 1, 1
 with the same chunking (the hand-written code is given log_marginal's rows and particles per call).
 Pyro's own ``Importance`` (one trace per particle, one log weight per *batch*) is timed too, per
 image on a few images, where it applies (small K).
+NumPyro's row (when numpyro and jax are installed; CPU): the same IWAE written in NumPyro and
+compiled by ``jax.jit``, on the same weights with the same chunking; its steady-state time against
+the hand-written code, and its compile time (the first call's extra time) apart.
 
     python benchmarks/bench_estimators.py            # trains a VAE for ~1 minute first
     python benchmarks/bench_estimators.py --quick    # 100 images, K ≤ 100
     python benchmarks/bench_estimators.py --run DIR  # a run written by `ppl-lvm train`
+
+A quick run with NumPyro's row (CPU, one thread, shared machine; numpyro 0.22, jax; s = CPU
+seconds): K = 1 / 10 / 100: log_marginal 2.31× / 1.22× / 1.26× the hand-written IWAE, NumPyro
+1.31× / 1.21× / 1.12× after 1.3-1.8 s of jit compiling per K, compiled log_marginal 37.8× / 9.7× /
+2.7× (each call records its graphs afresh).
 
 Last full run (CPU, 2 threads on a shared machine, torch 2.13, pyro 1.9.2; s = CPU seconds):
 
@@ -31,6 +39,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 from torch.nn import functional as F
@@ -102,6 +111,81 @@ def iwae_by_hand(vae, x, num_samples, rows_per_call, particles_per_call):
     return torch.cat(out)
 
 
+def numpyro_iwae(vae):
+    """The same IWAE in NumPyro, jit-compiled: ``estimate(x, K, rows_per_call, particles_per_call,
+    seed) -> [N]`` over the same VAE's weights (copied), or None when numpyro is not installed.
+
+    The model and guide are NumPyro programs of the same math; one call traces the guide under a
+    plate of k particles (dim -2) left of the data plate, replays the model on its z and reads each
+    site's log-prob [k, n] from the traces (as ``numpyro.infer.util.log_likelihood`` does), so the
+    encoder runs once per chunk as in the hand-written code. ``jax.jit`` compiles one program per
+    (rows, particles) shape on its first call."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import numpyro
+        import numpyro.distributions as ndist
+        from numpyro.handlers import seed, substitute, trace
+    except ImportError:
+        return None
+
+    def weights(module):
+        return [(jnp.asarray(layer.weight.detach().cpu().numpy().T),
+                 jnp.asarray(layer.bias.detach().cpu().numpy()))
+                for layer in module.net if isinstance(layer, torch.nn.Linear)]
+
+    params = {"encoder": weights(vae.encoder), "decoder": weights(vae.decoder)}
+
+    def mlp(layers, h):
+        for i, (weight, bias) in enumerate(layers):
+            h = h @ weight + bias
+            if i + 1 < len(layers):
+                h = jax.nn.softplus(h)
+        return h
+
+    def model(params, x, k):
+        with numpyro.plate("particles", k, dim=-2), numpyro.plate("data", x.shape[0], dim=-1):
+            z = numpyro.sample("z", ndist.Normal(jnp.zeros((x.shape[0], vae.z_dim)), 1.0)
+                               .to_event(1))
+            numpyro.sample("x", ndist.Bernoulli(logits=mlp(params["decoder"], z)).to_event(1),
+                           obs=x)
+
+    def guide(params, x, k):
+        loc, raw = jnp.split(mlp(params["encoder"], x), 2, axis=-1)
+        with numpyro.plate("particles", k, dim=-2), numpyro.plate("data", x.shape[0], dim=-1):
+            numpyro.sample("z", ndist.Normal(loc, jax.nn.softplus(raw) + 1e-4).to_event(1))
+
+    def chunk(params, key, x, k):
+        """log Σ_k p(x, z_k) / q(z_k | x) over k particles: [n]."""
+        guide_trace = trace(seed(guide, key)).get_trace(params, x, k)
+        z = guide_trace["z"]["value"]
+        model_trace = trace(substitute(model, {"z": z})).get_trace(params, x, k)
+        log_w = sum(site["fn"].log_prob(site["value"]) for site in model_trace.values()
+                    if site["type"] == "sample")
+        log_w = log_w - guide_trace["z"]["fn"].log_prob(z)  # [k, n]
+        return jax.nn.logsumexp(log_w, 0)
+
+    compiled_chunk = jax.jit(chunk, static_argnums=3)
+
+    def estimate(x, num_samples, rows_per_call, particles_per_call, seed_=0):
+        images = jnp.asarray(x.cpu().numpy())
+        key = jax.random.PRNGKey(seed_)
+        out = []
+        for start in range(0, images.shape[0], rows_per_call):
+            rows = images[start:start + rows_per_call]
+            log_sum, count = None, 0
+            while count < num_samples:
+                k = min(particles_per_call, num_samples - count)
+                key, draw = jax.random.split(key)
+                part = compiled_chunk(params, draw, rows, k)
+                log_sum = part if log_sum is None else jnp.logaddexp(log_sum, part)
+                count += k
+            out.append(log_sum - math.log(num_samples))
+        return torch.from_numpy(np.array(jnp.concatenate(out).block_until_ready()))
+
+    return estimate
+
+
 def importance_per_image(vae, x, num_samples):
     """Pyro's Importance, one image at a time (its log weights pool a whole batch): [n]."""
     out = []
@@ -160,7 +244,11 @@ def main():
     if args.quick:
         args.epochs = min(args.epochs, 1)
     torch.set_grad_enabled(True)
+    if torch.get_num_threads() == 1:  # NumPyro's XLA on one thread too, as torch here
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
     vae, x_test = trained_vae(args)
+    numpyro_estimate = numpyro_iwae(vae) if torch.device(args.device).type == "cpu" else None
     vae.eval()
     num_images = args.num_images or (100 if args.quick else 500)
     x = x_test[:num_images].to(args.device)
@@ -169,7 +257,8 @@ def main():
           f"torch {torch.__version__}, pyro {pyro.__version__}\n")
     header = (f"{'K':>6} {'log p(x)':>9} {'|Δ| hand':>8} {'ours s':>8} {'hand s':>8} {'ratio':>6} "
               f"{'ours MiB':>9} {'hand MiB':>9} {'mem ratio':>9} {'compiled s':>10} "
-              f"{'ratio':>6} {'Importance s/im':>16} {'vs ours/img':>11}")
+              f"{'ratio':>6} {'numpyro s':>9} {'ratio':>6} {'jit s':>6} {'numpyro':>8} "
+              f"{'Importance s/im':>16} {'vs ours/img':>11}")
     print(header)
     print("-" * len(header))
     for num_samples in ks:
@@ -183,6 +272,15 @@ def main():
         torch.manual_seed(0)
         hand, hand_s, hand_mib = timed(lambda: iwae_by_hand(
             vae, x, num_samples, ours.rows_per_call, ours.particles_per_call), args.device, repeats)
+        numpyro_row = f"{'—':>9} {'—':>6} {'—':>6} {'—':>8}"
+        if numpyro_estimate is not None:
+            # the first call compiles one program per chunk shape; then best of repeats
+            chunking = (num_samples, ours.rows_per_call, ours.particles_per_call)
+            _, first_s, _ = timed(lambda: numpyro_estimate(x, *chunking), args.device, 1)
+            numpyro_px, numpyro_s, _ = timed(lambda: numpyro_estimate(x, *chunking), args.device,
+                                             repeats)
+            numpyro_row = (f"{numpyro_s:9.3f} {numpyro_s / hand_s:5.2f}× "
+                           f"{max(first_s - numpyro_s, 0.0):6.2f} {numpyro_px.mean():8.2f}")
         if num_samples <= 100:
             few = x[:5]
             _, imp_s, _ = timed(lambda: importance_per_image(vae, few, num_samples), args.device, 1)
@@ -194,14 +292,17 @@ def main():
         memory_ratio = f"{ours_mib / hand_mib:8.2f}×" if hand_mib >= 1 else f"{'—':>9}"
         print(f"{num_samples:>6} {ours.mean:9.2f} {gap:8.3f} {ours_s:8.3f} {hand_s:8.3f} "
               f"{ours_s / hand_s:5.2f}× {ours_mib:9.1f} {hand_mib:9.1f} {memory_ratio} "
-              f"{graph_s:10.3f} {graph_s / hand_s:5.2f}× {importance}", flush=True)
+              f"{graph_s:10.3f} {graph_s / hand_s:5.2f}× {numpyro_row} {importance}", flush=True)
     print("\ns: CPU seconds on CPU (wall on CUDA); ratio: log_marginal's time / the hand-written "
           "IWAE's (best of 3 for K ≤ 100); "
           "|Δ| hand: mean |difference| per image (Monte Carlo noise: different draws);\n"
           "MiB: peak memory above the start (RSS polled on CPU, allocator peak on CUDA; — below 1 MiB); "
           "Importance: pyro.infer.Importance run image by image on 5 images;\n"
           "compiled: log_marginal(compile=True), each chunk shape recorded once per call "
-          "(recording included).")
+          "(recording included);\n"
+          "numpyro: the same IWAE in NumPyro under jax.jit, same weights and chunking, steady "
+          "state (ratio to hand); jit s: its first call's extra time (compiling each chunk "
+          "shape); numpyro: its mean log p(x).")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import biject_to
 
-from ppl_lvm import densities, program, progress
+from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.particles import (
     DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, trace_bytes,
     vectorize,
@@ -46,12 +46,15 @@ class AISEstimate(LogMarginalEstimate):
     num_steps: T temperatures; log_weights: [K, N] the chains' final log weights.
     acceptance: [N] HMC acceptance probability averaged over chains and temperatures.
     step_size: [N] the adapted leapfrog step size ε_n at the end.
+    compiled: with compile=...: the recorded log-density's graphs, compile time, evaluations on
+        each path (``ppl_lvm.compiled.CompiledDensity.summary``); None when it ran eagerly.
     """
 
     num_steps: int | None = None
     log_weights: torch.Tensor | None = None
     acceptance: torch.Tensor | None = None
     step_size: torch.Tensor | None = None
+    compiled: str | None = None
 
     def __repr__(self):
         return (f"AISEstimate(K={self.num_samples}, T={self.num_steps}, N={self.log_px.numel()}, "
@@ -123,7 +126,8 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
                      step_size: float = 0.1, target_accept: float = 0.65,
                      plate_name: str | None = None, seed: int | None = None,
                      memory_bytes: int | None = None, chunk_size: int | None = None,
-                     idx: torch.Tensor | None = None, **model_kwargs: Any) -> AISEstimate:
+                     idx: torch.Tensor | None = None, compile: bool | str = False,
+                     **model_kwargs: Any) -> AISEstimate:
     """Per-datapoint AIS estimates of log p(x_n): K chains per datapoint, T temperatures.
 
     Args:
@@ -149,6 +153,13 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
         chunk_size: rows per vectorised call (all K chains of a row are always in one call);
             None picks it from ``memory_bytes``.
         idx: optional [N] long, the rows' indices, for a per-datapoint guide.
+        compile: record the annealed log-density and its gradient in z once per chunk shape as
+            a graph (the traces, the density kernel's sums and the backward pass) and replay it
+            at every leapfrog step instead of re-tracing the program
+            (``ppl_lvm.compiled.CompiledDensity``; checked against eager on its first call,
+            eager after one warning line when it cannot be recorded): False (default), True
+            or "auto" (on when a chunk takes at least ``compiled.AUTO_MIN_EVALUATIONS``
+            evaluations, T × L). The seeded answer is eager's up to float rounding.
         **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.
 
     Returns:
@@ -162,7 +173,7 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
                     schedule=schedule, leapfrog_steps=leapfrog_steps, step_size=step_size,
                     target_accept=target_accept, plate_name=plate_name, seed=seed,
                     memory_bytes=memory_bytes, chunk_size=chunk_size, idx=idx,
-                    model_kwargs=model_kwargs)
+                    model_kwargs=model_kwargs, compile=compile)
 
 
 @program.in_evaluation_mode
@@ -174,7 +185,7 @@ def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
          schedule: str | torch.Tensor = "sigmoid", leapfrog_steps: int = 5,
          step_size: float = 0.1, target_accept: float = 0.65, plate_name: str | None = None,
          seed: int | None = None, memory_bytes: int | None = None, chunk_size: int | None = None,
-         **model_kwargs: Any) -> BDMCResult:
+         compile: bool | str = False, **model_kwargs: Any) -> BDMCResult:
     """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
     Reverse AIS needs an exact sample from p(z | x_n); two ways to have one:
@@ -187,7 +198,7 @@ def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
 
     Args:
         model, guide, plate_name, schedule, num_steps (T), num_samples (K), leapfrog_steps,
-            step_size, target_accept, memory_bytes, chunk_size, **model_kwargs: as in
+            step_size, target_accept, memory_bytes, chunk_size, compile, **model_kwargs: as in
             ``ais_log_marginal``; both directions use the same schedule, reversed.
         device: where simulated data go (default: CPU).
         seed: optional int; seeds the simulation and both runs.
@@ -215,7 +226,7 @@ def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
     common = dict(num_steps=num_steps, num_samples=num_samples, schedule=schedule,
                   leapfrog_steps=leapfrog_steps, step_size=step_size, target_accept=target_accept,
                   plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
-                  chunk_size=chunk_size, idx=None, model_kwargs=model_kwargs)
+                  chunk_size=chunk_size, idx=None, model_kwargs=model_kwargs, compile=compile)
     forward = _run_ais(model, guide, x, **common)
     if seed is not None:  # the reverse chains draw their own noise
         common["seed"] = int(np.random.SeedSequence([int(seed), 1 << 21]).generate_state(1)[0])
@@ -320,7 +331,7 @@ def _fails_vectorised(model, guide, x, model_kwargs):
 @_vectorisation_refused
 def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_steps, step_size,
              target_accept, plate_name, seed, memory_bytes, chunk_size, idx, model_kwargs,
-             posterior=None, loop_chains=False):
+             posterior=None, loop_chains=False, compile=False):
     _check_inputs(x, num_samples, leapfrog_steps, step_size, target_accept, chunk_size, idx)
     num_rows, device = x.shape[0], x.device
     betas = schedule_betas(num_steps, schedule, device=device)
@@ -334,6 +345,9 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
     with _forked_rng(device, seed is not None):
         target = _Target(model, guide, x, plate_name, idx.to(device), model_kwargs)
         target.loop = loop_chains
+        # T - 1 transitions of L gradients each, and the first state's
+        target.compiled = compiled.compile_density(
+            target.evaluate_given, compile, (betas.numel() - 2) * int(leapfrog_steps) + 1)
         if posterior is not None:
             posterior = target.match_posterior(posterior)
         rows_per_call = chunk_size or max(
@@ -367,7 +381,8 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
                        mc_stderr=totals.stderr(),
                        rows_per_call=rows_per_call, particles_per_call=num_samples,
                        num_steps=betas.numel() - 1, log_weights=log_weights,
-                       acceptance=torch.cat(acceptance), step_size=torch.cat(step_sizes))
+                       acceptance=torch.cat(acceptance), step_size=torch.cat(step_sizes),
+                       compiled=None if target.compiled is None else target.compiled.summary())
 
 
 def _check_inputs(x, num_samples, leapfrog_steps, step_size, target_accept, chunk_size, idx):
@@ -462,6 +477,7 @@ class _Target:
     vectorised over the chains."""
 
     loop = False
+    compiled = None  # a compiled.CompiledDensity replaying evaluate_given, or None: eager
 
     def __init__(self, model, guide, x, plate_name, idx, model_kwargs):
         self.model, self.guide, self.x, self.plate_name = model, guide, x, plate_name
@@ -569,8 +585,8 @@ class _Target:
         return {site.name: torch.cat(parts[site.name], site.data_dim).contiguous()
                 for site in self.sites}
 
-    def _trace(self, rows, num_samples, values, program="model"):
-        x, kwargs, guide_kwargs = self.args(rows)
+    def _trace(self, call, num_samples, values, program="model"):
+        x, kwargs, guide_kwargs = call
         fn = self.model if program == "model" else self.guide
         if not self.loop:
             fn = vectorize(fn, num_samples, self.nesting, x.device)
@@ -582,19 +598,21 @@ class _Target:
         folded = densities.fold(site_record, tensor, self.plate_name, self.nesting)
         return folded.reshape(-1, num_rows)
 
-    def log_densities(self, rows, u):
-        """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)): each [K, n], differentiable."""
+    def log_densities(self, rows, u, call=None):
+        """(log f_0(z) + log |dz/du|, log p(x, z) - log f_0(z)): each [K, n], differentiable.
+        call: the rows' (x, model kwargs, guide kwargs), default ``self.args(rows)``."""
+        call = self.args(rows) if call is None else call
         num_samples = next(iter(u.values())).shape[0]
         if not self.loop:
-            return self._log_densities(rows, u, num_samples)
-        parts = [self._log_densities(rows, {name: value[k] for name, value in u.items()}, 1)
+            return self._log_densities(call, u, num_samples)
+        parts = [self._log_densities(call, {name: value[k] for name, value in u.items()}, 1)
                  for k in range(num_samples)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _log_densities(self, rows, u, num_samples):
-        num_rows = rows.stop - rows.start
+    def _log_densities(self, call, u, num_samples):
+        num_rows = call[0].shape[0]
         values = {site.name: site.transform(u[site.name]) for site in self.sites}
-        model_trace = self._trace(rows, num_samples, values)
+        model_trace = self._trace(call, num_samples, values)
         nodes = sample_sites(model_trace)
         latent = densities.split(model_trace, self.plate_name, self.nesting, scaled=False,
                                  sites=lambda name, site: name in values)
@@ -616,7 +634,7 @@ class _Target:
         if self.guide is None:
             log_base, log_ratio = log_prior, log_likelihood
         else:
-            guide_trace = self._trace(rows, num_samples, values, program="guide")
+            guide_trace = self._trace(call, num_samples, values, program="guide")
             log_base = densities.row_terms(model_trace, guide_trace, self.plate_name, num_rows,
                                            self.nesting)[1]
             log_ratio = log_prior + log_likelihood - log_base
@@ -624,10 +642,17 @@ class _Target:
         return (log_base + log_det).expand(shape), log_ratio.expand(shape)
 
     def evaluate(self, rows, u, beta, split=False):
-        """log_base, log_ratio [K, n] and the gradient of log π_β (or of each term when split)."""
+        """log_base, log_ratio [K, n] and the gradient of log π_β (or of each term when split);
+        from the recorded graph when ``self.compiled`` holds one (``ppl_lvm.compiled``)."""
+        if self.compiled is not None:
+            return self.compiled(self.args(rows), u, beta, split)
+        return self.evaluate_given(self.args(rows), u, beta, split)
+
+    def evaluate_given(self, call, u, beta, split=False):
+        """``evaluate`` on the rows' arguments ``call``: (x, model kwargs, guide kwargs)."""
         with torch.enable_grad(), pyro.validation_enabled(False):
             u = {name: value.detach().requires_grad_(True) for name, value in u.items()}
-            log_base, log_ratio = self.log_densities(rows, u)
+            log_base, log_ratio = self.log_densities(None, u, call)
             inputs = list(u.values())
             if split:
                 grads_base = torch.autograd.grad(log_base.sum(), inputs, retain_graph=True,

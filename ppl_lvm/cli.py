@@ -240,7 +240,11 @@ def check_identity(out, identity):
 
     path = out / runs.IDENTITY_NAME
     if not path.is_file():
-        return  # a run started before runs recorded their identity
+        if holds_run(out):
+            raise CLIError(f"--resume: {out} holds a run without {runs.IDENTITY_NAME} (started by "
+                           "an older ppl_lvm, or not by `ppl-lvm train`), so the options it ran "
+                           "under cannot be checked; train afresh with --overwrite")
+        return  # nothing trained there: resuming it fails on the missing checkpoint
     try:
         saved = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError, OSError) as error:

@@ -110,7 +110,9 @@ def log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
         compile: record each chunk's log weights once as a graph and replay it for the other
             chunks of that shape (``ppl_lvm.compiled.CompiledWeights``; checked against eager on
             its first chunk, eager with one warning line when it cannot be recorded): False,
-            True or "auto" (on a GPU for K ≥ ``compiled.AUTO_MIN_SAMPLES``).
+            True or "auto" (on a GPU for K ≥ ``compiled.AUTO_MIN_SAMPLES``). With method="ais"
+            it records the annealed log-density and its gradient instead (``ais_log_marginal``'s
+            ``compile``).
         **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.
 
     Returns:
@@ -214,7 +216,7 @@ def estimate_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] |
         _row_spec(model, x, args, model_kwargs, per_row)  # names an unknown per_row entry
         return ais_log_marginal(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
-                                chunk_size=chunk_size, idx=idx, **model_kwargs)
+                                chunk_size=chunk_size, idx=idx, compile=compile, **model_kwargs)
     device = x.device
     keep_freed_memory(device)
     idx = torch.arange(x.shape[0], device=device) if idx is None else idx.to(device)
