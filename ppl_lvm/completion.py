@@ -7,10 +7,14 @@ model by sampling-importance-resampling with the guide as proposal, or by Metrop
 ``log_marginal_observed`` is log p(x_obs); ``imputation_scores``, ``mean_imputation`` and
 ``knn_imputation`` are the yardsticks. Masks and the masked models are in ``ppl_lvm.models.missing``.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyro
@@ -36,7 +40,8 @@ ACCEPTANCE_TRUSTED = 0.05
 ROWS_PER_CALL = 1 << 17
 
 
-def log_marginal_observed(model, guide, x, mask, **kwargs):
+def log_marginal_observed(model: Callable[..., Any], guide: Callable[..., Any] | None,
+                          x: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """log p(x_obs) per datapoint by importance weighting with the guide (IWAE by default).
 
     The estimator of ``ppl_lvm.estimators.log_marginal`` applied to the masked model: weights
@@ -72,14 +77,14 @@ class Completion:
     samples: torch.Tensor
     mean: torch.Tensor
     method: str
-    sample_means: torch.Tensor = None
-    ess: torch.Tensor = None
-    acceptance: torch.Tensor = None
-    log_weights: torch.Tensor = None
-    khat: torch.Tensor = None
-    trusted: torch.Tensor = None
+    sample_means: torch.Tensor | None = None
+    ess: torch.Tensor | None = None
+    acceptance: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
+    khat: torch.Tensor | None = None
+    trusted: torch.Tensor | None = None
 
-    def most_probable(self):
+    def most_probable(self) -> torch.Tensor:
         """Per-pixel most probable completion of binary pixels: 1{P(x_d = 1 | x_obs) > 1/2}, [N, D]."""
         return (self.mean > 0.5).to(self.mean.dtype)
 
@@ -262,8 +267,10 @@ def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def complete(model, guide, x, mask, num_samples=16, *, method="auto", num_particles=1000,
-             num_steps=200, proposal="observed", idx=None, seed=None):
+def complete(model: Callable[..., Any], guide: Callable[..., Any] | None, x: torch.Tensor,
+             mask: torch.Tensor, num_samples: int = 16, *, method: str = "auto",
+             num_particles: int = 1000, num_steps: int = 200, proposal: str = "observed",
+             idx: torch.Tensor | None = None, seed: int | None = None) -> Completion:
     """Samples of the missing pixels from the posterior p(x_miss | x_obs), and its mean.
 
     Args:
@@ -490,7 +497,9 @@ def mixture_conditional(weights, means, covs, x, mask, num_samples=0, generator=
     return MixtureConditional(responsibilities, component_means, mean, log_px, samples)
 
 
-def mixture_completion(mixture, x, mask, num_samples=0, generator=None):
+def mixture_completion(mixture: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                       num_samples: int = 0,
+                       generator: torch.Generator | None = None) -> MixtureConditional:
     """``mixture_conditional`` with the π, μ, Σ of a ``MixtureOfGaussians`` (ppl_lvm.models.mog).
 
     x: [N, D] (NaN allowed where missing); mask: [N, D] bool. Returns ``MixtureConditional``.
@@ -523,7 +532,8 @@ def _diagonal_conditional(log_weights, means, variances, x, mask, num_samples, g
 # imputation quality and the baselines
 
 
-def imputation_scores(x, mask, imputed, binary=True, eps=1e-6):
+def imputation_scores(x: torch.Tensor, mask: torch.Tensor, imputed: torch.Tensor,
+                      binary: bool = True, eps: float = 1e-6) -> dict[str, float]:
     """How well ``imputed`` predicts the missing pixels of ``x`` (missing pixels only).
 
     x: [N, D] true values; mask: [N, D] bool (True = observed, so scored where False); imputed:
