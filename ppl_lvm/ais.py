@@ -29,6 +29,7 @@ from ppl_lvm.particles import (
 )
 from ppl_lvm.program import frame_of as data_frame
 from ppl_lvm.program import inspect_program, names_keywords, plate_nesting, sample_sites
+from ppl_lvm.vocabulary import renamed
 
 SCHEDULES = ("sigmoid", "linear")
 # Wu et al.'s BDMC code: ε ← 1.02 ε above the target acceptance, ε / 1.02 below (their 0.98)
@@ -121,13 +122,13 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
 @program.in_evaluation_mode
 @torch.no_grad()
 def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
-                     x: torch.Tensor, *, num_steps: int = 500, num_samples: int = 16,
-                     schedule: str | torch.Tensor = "sigmoid", leapfrog_steps: int = 5,
-                     step_size: float = 0.1, target_accept: float = 0.65,
+                     x: torch.Tensor, *, num_temperatures: int | None = None,
+                     num_samples: int = 16, schedule: str | torch.Tensor = "sigmoid",
+                     leapfrog_steps: int = 5, step_size: float = 0.1, target_accept: float = 0.65,
                      plate_name: str | None = None, seed: int | None = None,
                      memory_bytes: int | None = None, chunk_size: int | None = None,
                      idx: torch.Tensor | None = None, compile: bool | str = False,
-                     **model_kwargs: Any) -> AISEstimate:
+                     num_steps: int | None = None, **model_kwargs: Any) -> AISEstimate:
     """Per-datapoint AIS estimates of log p(x_n): K chains per datapoint, T temperatures.
 
     Args:
@@ -136,7 +137,8 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
             ``guide`` None anneals from the prior p(z) to p(z | x); a guide q(z | x) (same latent
             sites; gets ``idx`` when it accepts it) anneals from q(z | x) instead.
         x: [N, ...] the data; results follow its device.
-        num_steps: T, the number of temperatures after β_0 = 0 (one HMC transition each).
+        num_temperatures (old name ``num_steps``): T, the number of temperatures after β_0 = 0
+            (one HMC transition each); default 500.
         num_samples: K independent chains per datapoint.
         schedule: "sigmoid", "linear" or a [T + 1] tensor of β's (see ``schedule_betas``).
         leapfrog_steps: L leapfrog steps per HMC transition (≈ L gradient evaluations of the
@@ -169,6 +171,7 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
         ValueError naming the site: a discrete latent, a latent outside the data plate, a guide
         whose sites differ from the model's latents.
     """
+    num_steps = renamed("num_temperatures", num_temperatures, "num_steps", num_steps, 500)
     return _run_ais(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                     schedule=schedule, leapfrog_steps=leapfrog_steps, step_size=step_size,
                     target_accept=target_accept, plate_name=plate_name, seed=seed,
@@ -181,11 +184,12 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
 def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
          x: torch.Tensor | None = None, z: torch.Tensor | dict[str, torch.Tensor] | None = None,
          num_data: int | None = None, data_shape: Sequence[int] | None = None,
-         device: str | torch.device | None = None, num_steps: int = 500, num_samples: int = 16,
-         schedule: str | torch.Tensor = "sigmoid", leapfrog_steps: int = 5,
-         step_size: float = 0.1, target_accept: float = 0.65, plate_name: str | None = None,
-         seed: int | None = None, memory_bytes: int | None = None, chunk_size: int | None = None,
-         compile: bool | str = False, **model_kwargs: Any) -> BDMCResult:
+         device: str | torch.device | None = None, num_temperatures: int | None = None,
+         num_samples: int = 16, schedule: str | torch.Tensor = "sigmoid",
+         leapfrog_steps: int = 5, step_size: float = 0.1, target_accept: float = 0.65,
+         plate_name: str | None = None, seed: int | None = None, memory_bytes: int | None = None,
+         chunk_size: int | None = None, compile: bool | str = False,
+         num_steps: int | None = None, **model_kwargs: Any) -> BDMCResult:
     """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
     Reverse AIS needs an exact sample from p(z | x_n); two ways to have one:
@@ -197,8 +201,9 @@ def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
         site) drawn from the exact posterior, e.g. PPCA's ``exact_posterior``.
 
     Args:
-        model, guide, plate_name, schedule, num_steps (T), num_samples (K), leapfrog_steps,
-            step_size, target_accept, memory_bytes, chunk_size, compile, **model_kwargs: as in
+        model, guide, plate_name, schedule, num_temperatures (T; old name num_steps),
+            num_samples (K), leapfrog_steps, step_size, target_accept, memory_bytes,
+            chunk_size, compile, **model_kwargs: as in
             ``ais_log_marginal``; both directions use the same schedule, reversed.
         device: where simulated data go (default: CPU).
         seed: optional int; seeds the simulation and both runs.
@@ -206,6 +211,7 @@ def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
     Returns:
         ``BDMCResult``: lower [N], upper [N], gap [N], x, z, forward, reverse.
     """
+    num_steps = renamed("num_temperatures", num_temperatures, "num_steps", num_steps, 500)
     if z is None:
         if x is not None:
             raise ValueError("bdmc needs exact posterior samples z with x; pass both, or neither "

@@ -66,12 +66,14 @@ def accepts(fn, name):
 
 def log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
                  x: torch.Tensor | Sequence[torch.Tensor], *args: Any,
-                 method: str = "iwae", num_samples: int = 1000, plate_name: str | None = None,
-                 chunk_size: int | None = None, seed: int | None = None,
-                 idx: torch.Tensor | None = None, memory_bytes: int | None = None,
-                 globals: str | dict[str, torch.Tensor] | None = None, num_global_samples: int = 10,
-                 num_steps: int = 500, per_row: str | Sequence[str] | None = None,
-                 compile: bool | str = False, **model_kwargs: Any) -> torch.Tensor:
+                 method: str = "iwae", num_samples: int = 1000,
+                 plate_name: str | None = None, chunk_size: int | None = None,
+                 seed: int | None = None, idx: torch.Tensor | None = None,
+                 memory_bytes: int | None = None,
+                 globals: str | dict[str, torch.Tensor] | None = None,
+                 num_global_samples: int = 10, num_steps: int | None = None,
+                 per_row: str | Sequence[str] | None = None, compile: bool | str = False,
+                 num_temperatures: int | None = None, **model_kwargs: Any) -> torch.Tensor:
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
@@ -88,7 +90,8 @@ def log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
             "is" / "iwae": log (1/K) Σ_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x) (the same number);
             "elbo": (1/K) Σ_k log p(x, z_k) / q(z_k | x);
             "exact": log Σ_z p(x, z) by enumerating discrete latents (K is ignored);
-            "ais": annealed importance sampling, K chains of ``num_steps`` = T HMC transitions
+            "ais": annealed importance sampling, K chains of ``num_temperatures`` = T HMC
+            transitions (old name ``num_steps``; default 500)
             from q(z | x) (or the prior when ``guide`` is None) to the posterior: a tighter
             stochastic lower bound (``ppl_lvm.ais.ais_log_marginal``; ``ppl_lvm.ais.bdmc`` adds
             the upper bound on simulated data).
@@ -122,7 +125,7 @@ def log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
         model, guide, x, *args, method=method, num_samples=num_samples, plate_name=plate_name,
         chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
         num_global_samples=num_global_samples, num_steps=num_steps, per_row=per_row,
-        compile=compile,
+        compile=compile, num_temperatures=num_temperatures,
         **model_kwargs).log_px
 
 
@@ -198,9 +201,9 @@ def estimate_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] |
                           seed: int | None = None, idx: torch.Tensor | None = None,
                           memory_bytes: int | None = None,
                           globals: str | dict[str, torch.Tensor] | None = None,
-                          num_global_samples: int = 10, num_steps: int = 500,
+                          num_global_samples: int = 10, num_steps: int | None = None,
                           per_row: str | Sequence[str] | None = None, compile: bool | str = False,
-                          **model_kwargs: Any) -> LogMarginalEstimate:
+                          num_temperatures: int | None = None, **model_kwargs: Any) -> LogMarginalEstimate:
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
     ESS and Pareto k̂)."""
     x, args, per_row = _data_tuple(x, args, per_row)
@@ -214,7 +217,8 @@ def estimate_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] |
             raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
                              "not supported with it (fix them in the model)")
         _row_spec(model, x, args, model_kwargs, per_row)  # names an unknown per_row entry
-        return ais_log_marginal(model, guide, x, num_steps=num_steps, num_samples=num_samples,
+        return ais_log_marginal(model, guide, x, num_temperatures=num_temperatures,
+                                num_steps=num_steps, num_samples=num_samples,
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
                                 chunk_size=chunk_size, idx=idx, compile=compile, **model_kwargs)
     device = x.device
@@ -523,11 +527,6 @@ def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
 # traces -> per-datapoint log weights
 
 
-
-
-data_frame = program.frame_of  # the site's frame of the data plate (None outside it)
-
-
 def check_observed_support(trace, skip=()):
     """Observed values must lie in their distribution's support (e.g. binary pixels for a Bernoulli),
     except at the sites in ``skip`` (built with ``validate_args=False`` by the program)."""
@@ -739,7 +738,7 @@ class _Program:
     def _guide_rows(self, guide_trace):
         """The size of the guide's data plate (the rows its local sites were drawn for)."""
         for site in sample_sites(guide_trace).values():
-            frame = data_frame(site, self.plate_name)
+            frame = program.frame_of(site, self.plate_name)
             if frame is not None and not site["is_observed"]:
                 return program.plate_length(site, frame)
         return None
@@ -837,7 +836,7 @@ class _Program:
             if trace is None:
                 continue
             for name, site in sample_sites(trace).items():
-                if (data_frame(site, self.plate_name) is None and not site["is_observed"]
+                if (program.frame_of(site, self.plate_name) is None and not site["is_observed"]
                         and trace is traces[-1]):  # the model's (a guide has its own globals)
                     raise ValueError(f"site {name!r} is outside the data plate "
                                      f"{self.plate_name!r} (the program changed since it was read?)")

@@ -24,6 +24,7 @@ from torch.distributions import biject_to, constraints
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
+from ppl_lvm.optim import lr_factor
 from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.program import LOCAL_PREFIX
 
@@ -330,7 +331,7 @@ def refine(model: Callable[..., Any], x: torch.Tensor, loc: torch.Tensor, scale:
                               model_args=repeated_args, plate_name=plate_name, **kwargs)
             objective = log_p.sum() / num_particles + log_scale_t.sum(event_dims).sum()
             grad_loc, grad_log_scale = torch.autograd.grad(objective, params, create_graph=unroll)
-            step_size = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps)))
+            step_size = lr * lr_factor("cosine", t, steps)
             # natural gradient of a Normal (Fisher: 1/σ² for μ, 2 for log σ); clipped so a far too
             # wide start cannot overshoot: μ moves at most 2σ, log σ at most 1 per step
             variance = (2 * log_scale_t).exp().detach()

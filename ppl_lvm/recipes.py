@@ -26,7 +26,9 @@ from ppl_lvm.estimators import (SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, _seed_blo
                                 estimate_log_marginal)
 from ppl_lvm.guides import (LocalGuide, _LocalProblem, data_plate_name, local_convergence,
                             log_joint, solve_local)
+from ppl_lvm.optim import lr_factor
 from ppl_lvm.train import adam, bind_rows, svi_step
+from ppl_lvm.vocabulary import renamed
 
 def _fix_globals(model, structure, globals_guide, args, kwargs):
     """The model with its global latents held at ``globals_guide``'s median (or refused)."""
@@ -95,7 +97,7 @@ def infer_local(model: Callable[..., Any], x: torch.Tensor, *args: Any,
             site in its data plate (whatever their names). encoder: optional x -> (loc, scale) for
             a single latent site: rows start at the encoder's output (then q* is at least as good
             as the amortized q up to optimisation noise).
-        steps (or ``num_steps``, the package-wide name): the cap on steps per row; lr: Adam's
+        num_steps (old name ``steps``; not both): the cap on steps per row; lr: Adam's
             step size ("adam" only), decayed to lr / 100 along a cosine so the final φ is not
             jittered by gradient noise; batch_size: rows per step (default all).
         num_particles: samples per ELBO gradient (or give ``loss``, any Pyro ELBO, e.g. one with
@@ -108,8 +110,7 @@ def infer_local(model: Callable[..., Any], x: torch.Tensor, *args: Any,
         LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once),
         with ``convergence`` and ``converged`` set.
     """
-    steps = steps if num_steps is None else num_steps
-    steps = 200 if steps is None else steps
+    steps = renamed("num_steps", num_steps, "steps", steps, 200)
     structure = program.inspect_program(model, x, *args, allow_subsample=True, **model_kwargs)
     model = _fix_globals(model, structure, globals_guide, (x,) + args, model_kwargs)
     if site_shapes is None:
@@ -169,7 +170,7 @@ def infer_local(model: Callable[..., Any], x: torch.Tensor, *args: Any,
         bad = (~guide.converged).nonzero().flatten()
         warnings.warn(f"infer_local: φ of {bad.numel()}/{num_rows} rows did not converge within "
                       f"{steps} steps (rows {bad[:8].tolist()}{' ...' if bad.numel() > 8 else ''}; "
-                      f"{guide.convergence}); raise steps= or check the model", RuntimeWarning)
+                      f"{guide.convergence}); raise num_steps= or check the model", RuntimeWarning)
     return guide
 
 
@@ -199,7 +200,7 @@ def _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, 
             for p in frozen + module_params:
                 p.requires_grad_(False)
             for step in progress.chunks(steps, 1, "q(z | x) per row (Adam)", unit="step"):
-                optim.set_lr_factor(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+                optim.set_lr_factor(lr_factor("cosine", step, steps))
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):
                     idx = order[start:start + batch_size]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppl_lvm.models.vae import VAE
-from ppl_lvm.train import DivergenceError, bind_rows, fit
+from ppl_lvm.train import Checkpointing, DivergenceError, Evaluation, Schedule, bind_rows, fit
 
 
 def binary_data(num_data=120, data_dim=12, seed=0):
@@ -244,3 +244,37 @@ def test_nonfinite_rows_are_found_chunk_by_chunk():
         assert nonfinite_rows(x, limit=2, chunk_elements=chunk_elements) == [7, 8]
     with pytest.raises(ValueError, match=r"first bad rows: \[7, 8, 31, 49\]"):
         fit(lambda x: None, lambda x: None, x, epochs=0, progress=False)
+
+
+# fit's grouped options (Schedule, Checkpointing, Evaluation) mean exactly its flat keywords
+
+def grouped_data(num_data=40, data_dim=6):
+    gen = torch.Generator().manual_seed(0)
+    return (torch.rand(num_data, data_dim, generator=gen) < 0.3).float()
+
+
+def grouped_run(epochs=2, **options):
+    torch.manual_seed(0)
+    vae = VAE(6, z_dim=2, hidden_dim=8)
+    return fit(vae.model, vae.guide, grouped_data(), epochs=epochs, batch_size=10, progress=False,
+               **options)
+
+
+def test_grouped_options_take_the_same_steps_as_the_flat_keywords(tmp_path):
+    flat = grouped_run(lr=2e-2, lr_schedule="cosine", eval_data=grouped_data()[:8], eval_every=2,
+                       checkpoint_dir=tmp_path / "flat", checkpoint_every=3)
+    grouped = grouped_run(schedule=Schedule(lr=2e-2, lr_schedule="cosine"),
+                          evaluation=Evaluation(data=grouped_data()[:8], every=2),
+                          checkpointing=Checkpointing(directory=tmp_path / "grouped", every=3))
+    assert grouped.losses == flat.losses and len(flat.losses) == 8
+    assert grouped.eval_epochs == flat.eval_epochs == [2]
+    assert grouped.eval_elbos == flat.eval_elbos
+    assert (tmp_path / "grouped" / "checkpoint.pt").is_file()
+
+
+def test_a_group_and_its_keyword_must_agree():
+    with pytest.raises(ValueError, match="lr=0.5 and Schedule"):
+        grouped_run(lr=0.5, schedule=Schedule(lr=2e-2))
+    grouped_run(lr=2e-2, epochs=0, schedule=Schedule(lr=2e-2))  # the same value twice is fine
+    with pytest.raises(TypeError, match="Schedule"):
+        grouped_run(schedule={"lr": 2e-2})
