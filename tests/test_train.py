@@ -244,3 +244,31 @@ def test_nonfinite_rows_are_found_chunk_by_chunk():
         assert nonfinite_rows(x, limit=2, chunk_elements=chunk_elements) == [7, 8]
     with pytest.raises(ValueError, match=r"first bad rows: \[7, 8, 31, 49\]"):
         fit(lambda x: None, lambda x: None, x, epochs=0, progress=False)
+
+
+def test_lazy_adam_dense_step_is_torch_adam_fused_and_resumes_from_a_saved_state():
+    from ppl_lvm.train import LazyAdam
+
+    pyro.clear_param_store()
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(5, 3, generator=gen)
+    grads = [torch.randn(5, 3, generator=gen) for _ in range(4)]
+    reference = start.clone().requires_grad_()
+    torch_adam = torch.optim.Adam([reference], lr=0.1, foreach=False)  # Adam as torch writes it
+    param = pyro.param("w", start.clone()).unconstrained()
+    optim = LazyAdam(lr=0.1)
+    for grad in grads[:2]:
+        reference.grad, param.grad = grad.clone(), grad.clone()
+        torch_adam.step()
+        optim([param])
+    assert optim._dense[0.1].defaults["fused"]  # one fused pass per step on the CPU
+    assert torch.allclose(param, reference, atol=1e-6)
+    # a checkpoint's state (its step count a CPU tensor) picks up where it stopped
+    resumed = LazyAdam(lr=0.1)
+    resumed.set_state(optim.get_state())
+    for grad in grads[2:]:
+        reference.grad, param.grad = grad.clone(), grad.clone()
+        torch_adam.step()
+        resumed([param])
+    assert torch.allclose(param, reference, atol=1e-6)
+    pyro.clear_param_store()
