@@ -35,8 +35,9 @@ import time
 import torch
 
 from ppl_lvm.data import binarize, load_mnist
-from ppl_lvm.models.missing import (MaskedVAE, complete, imputation_scores, knn_imputation,
-                                    mcar, mean_imputation, mixture_completion, top_half)
+from ppl_lvm.completion import (complete, imputation_scores, knn_imputation, mean_imputation,
+                                mixture_completion)
+from ppl_lvm.models.missing import MaskedVAE, mcar, top_half
 from ppl_lvm.models.mog import MixtureOfGaussians, kmeans_init
 from ppl_lvm.train import fit
 

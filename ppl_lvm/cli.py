@@ -240,7 +240,11 @@ def check_identity(out, identity):
 
     path = out / runs.IDENTITY_NAME
     if not path.is_file():
-        return  # a run started before runs recorded their identity
+        if holds_run(out):
+            raise CLIError(f"--resume: {out} holds a run without {runs.IDENTITY_NAME} (started by "
+                           "an older ppl_lvm, or not by `ppl-lvm train`), so the options it ran "
+                           "under cannot be checked; train afresh with --overwrite")
+        return  # nothing trained there: resuming it fails on the missing checkpoint
     try:
         saved = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError, OSError) as error:
@@ -738,7 +742,7 @@ def compare(args):
     import json
 
     from ppl_lvm.estimators import estimate_log_marginal
-    from ppl_lvm.guides import amortization_gaps
+    from ppl_lvm.recipes import amortization_gaps
 
     rows, curves, per_row = [], {}, []
     for run in args.runs:
@@ -863,7 +867,7 @@ def run_bdmc(args):
 @program.in_evaluation_mode
 def gaps(args):
     """Approximation and amortization gaps (Cremer et al. 2018) of a trained run on held-out images."""
-    from ppl_lvm.guides import amortization_gaps
+    from ppl_lvm.recipes import amortization_gaps
 
     stamp = runs.run_stamp(args.run)
     vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
@@ -949,13 +953,14 @@ def complete(args):
     Metropolis-within-Gibbs chains propose z from q(z | x_obs and the current completion), a full
     image like those it was trained on (Rezende et al. 2014); a MaskedVAE proposes from q(z | x_obs).
     """
+    from ppl_lvm import completion
     from ppl_lvm.models import missing
 
     stamp = runs.run_stamp(args.run)
     module, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     if config.get("model") == "mog":
         raise CLIError(f"{args.run} is a mixture: its completions are exact (p(x_miss | x_obs) is "
-                       "a mixture of Gaussians), use ppl_lvm.models.missing.mixture_conditional; "
+                       "a mixture of Gaussians), use ppl_lvm.completion.mixture_conditional; "
                        "`complete` samples latent-variable models with a guide")
     # a model from a user's file is completed as it is: its guide fed the current completion
     proposal = "observed" if isinstance(module, missing.MaskedVAE) else "completed"
@@ -968,9 +973,9 @@ def complete(args):
     x = x_test[:args.n]
     mask = missing.make_mask(args.mask, x.shape[0], x.shape[1], rate=args.rate,
                              block_size=args.block_size, seed=args.seed, device=x.device)
-    result = missing.complete(module.model, module.guide, x, mask, num_samples=args.samples,
-                              method=args.method, num_particles=args.num_particles,
-                              num_steps=args.num_steps, proposal=proposal, seed=args.seed)
+    result = completion.complete(module.model, module.guide, x, mask, num_samples=args.samples,
+                                 method=args.method, num_particles=args.num_particles,
+                                 num_steps=args.num_steps, proposal=proposal, seed=args.seed)
     # each completion drawn as E[x_miss | z_s] beside the observed pixels: smoother to read than
     # the Bernoulli draws themselves (result.samples), which carry the same z_s
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
@@ -987,8 +992,8 @@ def complete(args):
         runs.write_into_run(args.run, stamp, write)
     else:
         write()
-    scores = missing.imputation_scores(x, mask, result.mean,
-                                       binary=bool(config["data"].get("binarize")))
+    scores = completion.imputation_scores(x, mask, result.mean,
+                                          binary=bool(config["data"].get("binarize")))
     logger.log(RESULT, f"completed {x.shape[0]} images ({args.mask}, {int((~mask).sum())} missing pixels) by "
           f"{args.method}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
           + f" of the posterior mean; wrote {out}")
@@ -1009,7 +1014,8 @@ def completion_path(out, run, mask):
 
 def add_complete_parser(commands):
     """`ppl-lvm complete RUN --mask top_half --n 16`: the ``complete`` subcommand."""
-    from ppl_lvm.models.missing import COMPLETION_METHODS, MASKS
+    from ppl_lvm.completion import COMPLETION_METHODS
+    from ppl_lvm.models.missing import MASKS
 
     p = commands.add_parser("complete", help="complete images with missing pixels (PNG grid)")
     p.add_argument("run", help="a folder written by `ppl-lvm train`")

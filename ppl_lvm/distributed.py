@@ -20,8 +20,7 @@ import torch.distributed as dist
 
 from ppl_lvm import atomic
 from ppl_lvm.checkpoint import unreadable
-
-LOCAL_PREFIX = "local$$$"
+from ppl_lvm.program import LOCAL_PREFIX  # noqa: F401  (public here too)
 
 
 # ----------------------------------------------------------------------------------------------

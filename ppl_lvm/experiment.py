@@ -13,13 +13,14 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ppl_lvm import atomic
-from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide, infer_local
+from ppl_lvm.guides import LocalGuide, SemiAmortizedGuide
 from ppl_lvm.models.missing import MASKS, MaskedVAE, make_mask
 from ppl_lvm.models.mog import COVARIANCES, MixtureOfGaussians
 from ppl_lvm.models.ppca import PPCA
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.program import inspect_program
+from ppl_lvm.recipes import infer_local
 
 BUILTIN = ("vae", "masked-vae", "ppca", "mog")
 GUIDES = ("amortized", "local", "semi-amortized")

@@ -19,6 +19,9 @@ from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 
 ROW_KEYWORDS = ("idx", "num_data")
+# per-datapoint φ_i tables (``ppl_lvm.guides.LocalGuide``) live in the param store under this
+# prefix: the trainer and the strategies that shard rows tell local parameters from global by it
+LOCAL_PREFIX = "local$$$"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pyro.poutine
 import torch
+from pyro.poutine.subsample_messenger import _Subsample
 
-from ppl_lvm import atomic, checkpoint
+from ppl_lvm import atomic, checkpoint, program
 from ppl_lvm import data as datasets
 from ppl_lvm import experiment
 from ppl_lvm.models.missing import MaskedVAE
@@ -257,15 +258,40 @@ def read_run_code(run_dir, trust_code=False):
     return source
 
 
+class _AtTheirCentres(pyro.poutine.messenger.Messenger):
+    """Sets every latent sample site to its distribution's mode or mean (no random draw), so that
+    a trace depends only on the program, its parameters and the rows: the same on every device up
+    to float error."""
+
+    def _pyro_sample(self, msg):
+        fn = msg["fn"]
+        if msg["is_observed"] or msg["value"] is not None or isinstance(fn, _Subsample):
+            return
+        for name in ("mode", "mean"):
+            try:
+                value = getattr(fn, name)
+            except (NotImplementedError, AttributeError, RuntimeError, ValueError):
+                continue
+            if torch.is_tensor(value) and bool(torch.isfinite(value).all()):
+                break
+        else:
+            raise ValueError(f"sample site {msg['name']!r} has no finite mode or mean")
+        msg["value"] = value.expand(fn.shape()) if value.shape != fn.shape() else value
+        msg["done"] = True
+
+
+FINGERPRINT_VERSION = 2
+
+
 def output_fingerprint(module, rows):
     """What a rebuilt model must reproduce: the mean of every sample site's distribution (the
-    decoder's outputs) in ``module.model``'s trace on ``rows``, z drawn under a fixed seed (a
-    model whose ``build`` draws random values, rebuilt without the run's seed, gives other
-    numbers). None when the model cannot be run on the rows alone."""
+    decoder's outputs) in ``module.model``'s trace on ``rows``, with every latent site at its
+    distribution's mode or mean and the networks in eval mode (no random draw, so the numbers
+    are the same on every device up to float error). A model whose ``build`` draws random values, rebuilt without the run's seed,
+    gives other numbers. None when the model cannot be run on the rows alone."""
     rows = rows[:3]
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
+        with torch.no_grad(), program.evaluation_mode(module.model), _AtTheirCentres():
             trace = pyro.poutine.trace(module.model).get_trace(rows)
             means = []
             for site in trace.nodes.values():
@@ -278,13 +304,17 @@ def output_fingerprint(module, rows):
                 means.append(float(torch.as_tensor(mean).double().sum()))
     except Exception:  # e.g. a model that needs more arguments: nothing to check
         return None
-    return {"rows": rows.detach().cpu(), "site_means": means, "device": rows.device.type}
+    return {"rows": rows.detach().cpu(), "site_means": means, "device": rows.device.type,
+            "version": FINGERPRINT_VERSION}
 
 
 def check_fingerprint(module, fingerprint, path, device):
-    """Refuse a rebuilt model whose outputs differ from those stored at train time."""
-    if not fingerprint or torch.device(device).type != fingerprint.get("device", "cpu"):
-        return  # another device draws another z: nothing comparable
+    """Refuse a rebuilt model whose outputs differ from those stored at train time (on any
+    device: the fingerprint draws nothing)."""
+    if not fingerprint:
+        return
+    if fingerprint.get("version", 1) < FINGERPRINT_VERSION:
+        return  # a fingerprint that drew its latents on its device: not comparable
     now = output_fingerprint(module, fingerprint["rows"].to(device))
     if now is None:
         return

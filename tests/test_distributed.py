@@ -5,6 +5,7 @@ write what they saw to files; the tests compare those with single-process runs d
 """
 import datetime
 import os
+import re
 import socket
 
 import pyro
@@ -131,6 +132,15 @@ def _scenarios(rank, out_dir):
                  seed=SEED, progress=False)
     seen["replay"] = snapshot()
     seen["replay_losses"] = result.losses
+
+    # the same run on the compiled path (each step's loss and gradients replayed from a graph;
+    # rank 1's empty last step takes its own shape)
+    tiny = Tiny()
+    result = fit(tiny.model, tiny.guide, gaussian_data(33), epochs=2, batch_size=8, optim=sgd(),
+                 seed=SEED, progress=False, compile=True, validate=False)
+    seen["replay_compiled"] = snapshot()
+    seen["replay_compiled_losses"] = result.losses
+    seen["compiled_summary"] = result.compiled
 
     # a VAE with Adam: global params must stay identical on both ranks
     torch.manual_seed(rank)  # different inits on purpose: fit must broadcast rank 0's
@@ -264,6 +274,21 @@ def test_several_uneven_steps_equal_one_process_on_global_batches(ranks):
     owned = [ddp.owned_rows(33, r, WORLD) for r in range(WORLD)]
     for seen, rows in zip((first, second), owned):
         torch.testing.assert_close(seen["replay"]["local$$$z_loc"][rows], single["local$$$z_loc"][rows])
+
+
+def test_the_compiled_path_under_torchrun_equals_eager(ranks):
+    """fit(compile=True) on 2 ranks: the graph replays the same per-rank loss and gradients as
+    eager Pyro, and the all-reduce and the φ rows follow, so every loss and parameter equals the
+    eager 2-rank run's (which equals one process on the global batches, test above)."""
+    for seen in ranks[0]:
+        assert seen["replay_compiled_losses"] == pytest.approx(seen["replay_losses"], rel=1e-5)
+        for name, value in seen["replay"].items():
+            torch.testing.assert_close(seen["replay_compiled"][name], value, atol=1e-5,
+                                       rtol=1e-5, msg=name)
+        # rank 0 takes 8, 8, 1 rows an epoch, rank 1 8, 8 and an empty step (no loss): each
+        # shape's first step is recorded (checked against eager), the others replay a graph
+        match = re.search(r"(\d+) steps on the graph, (\d+) eager", seen["compiled_summary"])
+        assert match and int(match.group(1)) >= 3, seen["compiled_summary"]
 
 
 def test_local_rows_never_change_on_the_other_rank(ranks):

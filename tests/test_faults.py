@@ -616,6 +616,40 @@ def test_a_rebuilt_model_that_differs_is_refused_by_its_fingerprint(file_run, ca
     assert len(err.splitlines()) == 1 and "does not reproduce its training-time outputs" in err
 
 
+def test_the_fingerprint_draws_nothing_so_it_holds_on_every_device(file_run):
+    """The fingerprint puts every latent at its distribution's mode (z = 0 for N(0, I)) and the
+    networks in eval mode: it does not depend on the RNG, so a run trained on one device is checked
+    on another (before, a run moved to another device was not checked at all). Right answer: the
+    numbers stored at train time, whatever the RNG's state (and on CUDA up to float error)."""
+    from ppl_lvm import runs
+
+    _, out = file_run
+    weights = torch.load(out / "model.pt", weights_only=True)
+    fingerprint = weights["fingerprint"]
+    assert fingerprint["version"] == runs.FINGERPRINT_VERSION
+    module = load_run(out, "cpu", trust_code=True)[0]
+    torch.manual_seed(123)
+    first = runs.output_fingerprint(module, fingerprint["rows"])
+    torch.manual_seed(456)
+    second = runs.output_fingerprint(module, fingerprint["rows"])
+    assert first["site_means"] == second["site_means"] == fingerprint["site_means"]
+    if torch.cuda.is_available():  # the same numbers from the GPU, up to float error
+        on_gpu = runs.output_fingerprint(module.to("cuda"), fingerprint["rows"].cuda())
+        assert on_gpu["site_means"] == pytest.approx(first["site_means"], rel=1e-4, abs=1e-3)
+
+
+def test_resume_refuses_a_run_without_identity(tmp_path, capsys):
+    """A run folder without identity.json (an older ppl_lvm's) cannot say what it ran under:
+    --resume refuses it in one line instead of continuing unchecked (before: it resumed under
+    whatever options were given)."""
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), *TINY, "--epochs", "1"]) == 0
+    (out / "identity.json").unlink()
+    assert main(["train", "vae", "--out", str(out), *TINY, "--epochs", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "identity.json" in err and "--overwrite" in err
+
+
 def test_a_symlinked_lock_or_model_copy_is_refused(file_run, tmp_path, capsys):
     source, out = file_run
     outside = tmp_path / "outside.txt"

@@ -8,8 +8,9 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 from ppl_lvm.data import binarize, load_digits
 from ppl_lvm.estimators import log_marginal
-from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, amortization_gaps,
-                            infer_local, log_joint, refine, score_function_infer)
+from ppl_lvm.guides import (AmortizedGuide, LocalGuide, SemiAmortizedGuide, log_joint, refine,
+                            score_function_infer)
+from ppl_lvm.recipes import amortization_gaps, infer_local
 from ppl_lvm.models.vae import VAE, Encoder
 from ppl_lvm.plate import data_plate
 from ppl_lvm.train import LOCAL_PREFIX, adam, bind_rows, fit, svi_step
@@ -535,3 +536,59 @@ def test_pooled_log_px_with_a_semi_amortized_guide_scores_each_draw_under_its_ow
                              num_samples=2000, elbo_samples=200)
     error = (gaps.log_px - closed_form.log_px(x)).mean().item()
     assert abs(error) < 4 * gaps.summary()["log_px_mc_stderr"] + 0.01
+
+
+def plates_of_equal_size_model(second):
+    """z_i ~ N(0, 1) in plate "rows" (dim -2), x_ij | z_i ~ N(z_i, 1) in a second plate ``second``
+    over the D columns (dim -1): with D equal to the batch, both plates are as long as the rows."""
+
+    def model(x):
+        with pyro.plate("rows", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))  # [B, 1]
+            with pyro.plate(second, x.shape[1], dim=-1):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    return model
+
+
+@pytest.mark.parametrize("second", ["features", "data"])
+def test_log_joint_reads_the_data_plate_where_another_plate_has_the_batchs_size(second):
+    # closed form: log p(x_i, z_i) = log N(z_i; 0, 1) + Σ_j log N(x_ij; z_i, 1)
+    from ppl_lvm.guides import data_plate_name
+
+    model = plates_of_equal_size_model(second)
+    x, z = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)), torch.randn(4, 1)
+    exact = (dist.Normal(0.0, 1.0).log_prob(z[:, 0])
+             + dist.Normal(z, 1.0).log_prob(x).sum(-1))
+    assert data_plate_name(model, x) == "rows"
+    torch.testing.assert_close(log_joint(model, {"z": z}, x, plate_name="rows"), exact)
+    # the size match alone cannot tell the plates apart: refused, or (a plate named "data") misread
+    if second == "data":
+        assert not torch.allclose(log_joint(model, {"z": z}, x), exact)
+    else:
+        with pytest.raises(ValueError, match="several plates"):
+            log_joint(model, {"z": z}, x)
+
+
+@pytest.mark.parametrize("second", ["features", "data"])
+def test_refine_and_the_semi_amortized_guide_reach_the_posterior_with_a_second_plate(second):
+    # N = 2 rows of D = 32 columns, 16 particles: the model sees 2 · 16 = 32 rows, as many as
+    # columns. Exact posterior: z_i | x_i ~ N(Σ_j x_ij / (D + 1), 1 / (D + 1)).
+    model = plates_of_equal_size_model(second)
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(1)) + 1.0
+    post_loc, post_scale = x.sum(-1, keepdim=True) / 33, torch.full((2, 1), 33 ** -0.5)
+
+    class Start(torch.nn.Module):
+        def forward(self, x):
+            return x.new_zeros(x.shape[0], 1), x.new_ones(x.shape[0], 1)
+
+    torch.manual_seed(0)
+    loc, scale = refine(model, x, *Start()(x), steps=200, num_particles=16)
+    torch.testing.assert_close(loc, post_loc, atol=0.02, rtol=0)
+    torch.testing.assert_close(scale, post_scale, atol=0.0, rtol=0.05)
+    guide = SemiAmortizedGuide(model, Start(), steps=200, num_particles=16, event_dim=1)
+    torch.manual_seed(0)
+    site = pyro.poutine.trace(guide).get_trace(x).nodes["z"]
+    assert guide.plate_name == "rows"
+    torch.testing.assert_close(site["fn"].base_dist.loc, post_loc, atol=0.02, rtol=0)
+    torch.testing.assert_close(site["fn"].base_dist.scale, post_scale, atol=0.0, rtol=0.05)

@@ -14,7 +14,8 @@ from torch.distributions import constraints
 from ppl_lvm import (AmortizedGuide, LocalGuide, amortization_gaps, estimate_log_marginal, fit,
                      infer_local, load_digits, log_marginal)
 from ppl_lvm.estimators import log_weights
-from ppl_lvm.models.missing import complete, top_half
+from ppl_lvm.completion import complete
+from ppl_lvm.models.missing import top_half
 from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.program import bind, inspect_program
 from tests.programs import gmm_tutorial, linear_gaussian, obs_mask, pyro_test_models

@@ -12,7 +12,7 @@ from torch.nn.functional import softplus
 
 from ppl_lvm import LocalGuide, estimate_log_marginal, fit, infer_local, log_marginal, program
 from ppl_lvm.ais import ais_log_marginal
-from ppl_lvm.models.missing import complete
+from ppl_lvm.completion import complete
 from ppl_lvm.train import read_structure
 from ppl_lvm import cli
 from tests.programs import linear_gaussian

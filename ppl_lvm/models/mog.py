@@ -1,10 +1,9 @@
 """The mixture of Gaussians, the shallow latent variable model of the lecture, as a Pyro program.
 
 z ~ Categorical(π),  x | z = k ~ N(μ_k, Σ_k);  clustering is the posterior p(z | x) (Bayes' rule).
-EM is the lecture's two-step procedure with the exact posterior as q: E-step q(z_i) = p(z_i | x_i)
-(the model's enumeration of z), M-step θ in closed form. Three ways to fit it by SVI: z summed out
-exactly (enumeration: gradient ascent on log p(x)), a per-datapoint q(z_i) = Cat(φ_i) trained by
-REINFORCE, and an amortized encoder q(z | x) = Cat(φ(x)).
+Its guides: the empty one (z enumerated: q(z_i) = p(z_i | x_i)), a per-datapoint q(z_i) = Cat(φ_i)
+for REINFORCE, and an amortized encoder q(z | x) = Cat(φ(x)); k-means++ gives a start. The
+procedures that fit it (EM, the three SVI fits, choosing K) are in ``ppl_lvm.mixtures``.
 """
 import math
 
@@ -328,113 +327,3 @@ class AmortizedCategoricalGuide(nn.Module):
             pyro.sample("z", dist.Categorical(logits=logits), infer=infer)
 
     guide = forward
-
-
-# ---- EM: the two-step procedure with q(z_i) = p(z_i | x_i) -----------------------------------------
-def precision_cholesky(mixture):
-    """Factors W of the precisions, Σ_k⁻¹ = W_k W_kᵀ (scikit-learn's ``precisions_cholesky_``):
-    [K, D] 1 / σ_k for "diag", [K, D, D] W_k = L_k⁻ᵀ for "full", [D, D] for "tied"."""
-    if mixture.covariance == "diag":
-        return (-mixture.log_scale).exp()
-    tril = _tril(mixture.raw_scale_tril)
-    eye = torch.eye(mixture.data_dim, dtype=tril.dtype, device=tril.device).expand_as(tril)
-    return torch.linalg.solve_triangular(tril, eye, upper=False).transpose(-1, -2)
-
-
-def gaussian_log_prob(x, means, precision_chol, covariance):
-    """log N(x_i | μ_k, Σ_k) [N, K] from the precisions' factors W (``precision_cholesky``), as
-    scikit-learn evaluates it: ‖(x_i - μ_k) W_k‖² by matrix products, no [N, K, D] tensor.
-
-    x: [N, D]; means: [K, D]. log det Σ_k^(-1/2) = Σ_d log W_k,dd.
-    """
-    num_data, data_dim = x.shape
-    if covariance == "diag":
-        precisions = precision_chol * precision_chol                       # [K, D]
-        log_det = precision_chol.log().sum(-1)
-        mahalanobis = ((means * means * precisions).sum(-1) - 2 * x @ (means * precisions).T
-                       + (x * x) @ precisions.T)                            # [N, K]
-    else:
-        chols = precision_chol.expand(len(means), data_dim, data_dim)
-        log_det = chols.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        mahalanobis = x.new_empty(num_data, len(means))
-        for k, (mean, chol) in enumerate(zip(means, chols)):  # one [N, D] x [D, D] product per k
-            y = x @ chol - mean @ chol
-            mahalanobis[:, k] = (y * y).sum(-1)
-    return -0.5 * (data_dim * math.log(2 * math.pi) + mahalanobis) + log_det
-
-
-def e_step(mixture, x):
-    """E-step: q(z_i) = p(z_i | x_i), the model's own enumeration of z (Bayes' rule, no guide).
-
-    x: [N, D]. Returns ``(log_likelihood, log_resp)``: exact log p(x_i) [N] and the log
-    responsibilities log p(z_i = k | x_i) [N, K]. At this q the ELBO equals log p(x): KL(q ‖ p(z | x)) = 0.
-    The densities are ``joint_log_prob``'s, evaluated from the precisions' factors as matrix
-    products (``gaussian_log_prob``).
-    """
-    joint = F.log_softmax(mixture.logits, -1) + gaussian_log_prob(
-        x, mixture.loc, precision_cholesky(mixture), mixture.covariance)    # [N, K]
-    log_likelihood = joint.logsumexp(-1)
-    return log_likelihood, joint - log_likelihood.unsqueeze(-1)
-
-
-def m_step(x, resp, covariance="diag", reg_covar=1e-6):
-    """M-step: θ = argmax Σ_i E_q(z_i)[log p(x_i, z_i; θ)] in closed form for Gaussian components.
-
-    x: [N, D]; resp: [N, K], q(z_i = k) (rows sum to 1). Returns a dict like ``kmeans_init``'s:
-    ``weights`` π [K], ``means`` μ [K, D] and ``covariances`` ([K, D] variances for "diag", [K, D, D]
-    "full", [D, D] "tied"), with ``reg_covar`` added to the diagonal. Same formulas as scikit-learn's
-    ``_estimate_gaussian_parameters`` (N_k = Σ_i q(z_i = k) + 10 eps keeps empty components finite).
-    """
-    if covariance not in COVARIANCES:
-        raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-    counts = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps                # N_k [K]
-    means = resp.T @ x / counts.unsqueeze(-1)                                # [K, D]
-    if covariance == "diag":
-        covariances = resp.T @ (x * x) / counts.unsqueeze(-1) - means ** 2 + reg_covar
-    else:
-        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-        if covariance == "full":
-            covariances = x.new_empty(len(means), x.shape[1], x.shape[1])
-            for k, mean in enumerate(means):  # one [D, N] x [N, D] product per component
-                diff = x - mean
-                covariances[k] = (resp[:, k, None] * diff).T @ diff
-            covariances = covariances / counts[:, None, None] + reg_covar * eye
-        else:
-            covariances = (x.T @ x - (counts.unsqueeze(-1) * means).T @ means) / counts.sum()
-            covariances = covariances + reg_covar * eye
-    return {"weights": counts / counts.sum(), "means": means, "covariances": covariances}
-
-
-def em_step(mixture, x, reg_covar=1e-6):
-    """One EM step in place: E-step at the current θ, then the M-step. x: [N, D].
-
-    Returns the exact mean log p(x_i) at the θ the step started from (nats; never lower after it).
-    """
-    with torch.no_grad():
-        log_likelihood, log_resp = e_step(mixture, x)
-        params = m_step(x.to(log_resp.dtype), log_resp.exp(), mixture.covariance, reg_covar)
-        covariances = params["covariances"]
-        error = ValueError(f"the M-step gave a covariance that is not positive definite; increase "
-                           f"reg_covar (now {reg_covar})")
-        if not torch.isfinite(covariances).all() or (mixture.covariance == "diag" and (covariances <= 0).any()):
-            raise error
-        try:
-            mixture.set_parameters(params["weights"], params["means"], covariances)
-        except torch.linalg.LinAlgError as cause:
-            raise error from cause
-    return log_likelihood.mean().item()
-
-
-def _fit_em(mixture, x, tol, max_iter, reg_covar):
-    """EM to scikit-learn's rule: stop once the mean log p(x_i) changes by less than ``tol`` between
-    iterations. Returns (mean log-likelihoods before each M-step, as sklearn's ``lower_bounds_``, converged)."""
-    log_likelihoods, previous = [], -math.inf
-    for _ in range(max_iter):
-        log_likelihoods.append(em_step(mixture, x, reg_covar))
-        if abs(log_likelihoods[-1] - previous) < tol:
-            return log_likelihoods, True
-        previous = log_likelihoods[-1]
-    return log_likelihoods, False
-
-
-# ---- fitting --------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
+from ppl_lvm.completion import (complete, imputation_scores, knn_imputation,
+                                log_marginal_observed, mean_imputation, mixture_conditional)
 from ppl_lvm.models.missing import (
-    MaskedVAE, bottom_half, check_missing, complete, fill_missing, imputation_scores,
-    knn_imputation, left_half, log_marginal_observed, make_mask, mcar, mean_imputation,
-    mixture_conditional, random_blocks, right_half, top_half)
+    MaskedVAE, bottom_half, check_missing, fill_missing, left_half, make_mask, mcar, random_blocks,
+    right_half, top_half)
 from ppl_lvm.models.ppca import PPCA
 from ppl_lvm.models.vae import VAE
 from ppl_lvm.plate import data_plate
@@ -358,7 +359,8 @@ def test_masked_mixture_learns_from_missing_pixels_and_matches_the_exact_conditi
     from pyro.infer import TraceEnum_ELBO
 
     from ppl_lvm.estimators import log_marginal
-    from ppl_lvm.models.missing import masked_mixture_model, mixture_completion
+    from ppl_lvm.completion import mixture_completion
+    from ppl_lvm.models.missing import masked_mixture_model
     from ppl_lvm.models.mog import MixtureOfGaussians
 
     mixture = MixtureOfGaussians(3, 5)
@@ -431,9 +433,9 @@ def test_cli_complete_writes_a_grid(tmp_path, capsys):
 
 
 def test_complete_in_row_chunks(monkeypatch):
-    import ppl_lvm.models.missing as missing
+    import ppl_lvm.completion as completion
 
-    monkeypatch.setattr(missing, "ROWS_PER_CALL", 40)  # 40 // 10 particles = 4 rows per call
+    monkeypatch.setattr(completion, "ROWS_PER_CALL", 40)  # 40 // 10 particles = 4 rows per call
     ppca = make_ppca()
     x = torch.randn(10, 6)
     mask = mcar(10, 6, 0.5, seed=2)

@@ -13,14 +13,11 @@ from ppl_lvm.models.mog import (
     CategoricalEncoder,
     LocalCategoricalGuide,
     MixtureOfGaussians,
-    e_step,
-    em_step,
     enumeration_guide,
     kmeans_init,
     kmeans_pp_centers,
-    m_step,
 )
-from ppl_lvm.mixtures import fit_mixture, select_components
+from ppl_lvm.mixtures import e_step, em_step, fit_mixture, m_step, select_components
 
 
 def two_component_problem():
@@ -440,7 +437,7 @@ def test_estimators_exact_log_marginal_is_the_closed_form(covariance):
 
 @pytest.mark.parametrize("covariance", ["diag", "full", "tied"])
 def test_em_densities_from_precision_factors_are_the_components_log_prob(covariance):
-    from ppl_lvm.models.mog import e_step, gaussian_log_prob, precision_cholesky
+    from ppl_lvm.mixtures import e_step, gaussian_log_prob, precision_cholesky
 
     torch.manual_seed(0)
     mixture = MixtureOfGaussians(3, 4, covariance).double()
@@ -454,3 +451,13 @@ def test_em_densities_from_precision_factors_are_the_components_log_prob(covaria
         log_likelihood, log_resp = e_step(mixture, x)
         assert torch.allclose(log_likelihood, mixture.log_prob(x), rtol=1e-10, atol=1e-10)
         assert torch.allclose(log_resp.exp(), mixture.predict_proba(x), atol=1e-10)
+
+
+def test_em_keeps_its_old_import_path():
+    # EM moved to ppl_lvm.mixtures (models/ holds models only); the old path gives the same objects
+    from ppl_lvm import mixtures
+    from ppl_lvm.models.mog import e_step, em_step, gaussian_log_prob, m_step, precision_cholesky
+
+    assert (e_step, em_step, m_step) == (mixtures.e_step, mixtures.em_step, mixtures.m_step)
+    assert (gaussian_log_prob, precision_cholesky) == (mixtures.gaussian_log_prob,
+                                                        mixtures.precision_cholesky)
