@@ -25,6 +25,7 @@ from ppl_lvm.particles import (
 )
 from ppl_lvm.program import frame_of as data_frame
 from ppl_lvm.program import inspect_program, names_keywords, plate_nesting, sample_sites
+from ppl_lvm.vocabulary import renamed
 
 SCHEDULES = ("sigmoid", "linear")
 # Wu et al.'s BDMC code: ε ← 1.02 ε above the target acceptance, ε / 1.02 below (their 0.98)
@@ -116,10 +117,10 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule="sigmoid",
-                     leapfrog_steps=5, step_size=0.1, target_accept=0.65, plate_name=None,
-                     seed=None, memory_bytes=None, chunk_size=None, idx=None, compile=False,
-                     **model_kwargs):
+def ais_log_marginal(model, guide, x, *, num_temperatures=None, num_samples=16,
+                     schedule="sigmoid", leapfrog_steps=5, step_size=0.1, target_accept=0.65,
+                     plate_name=None, seed=None, memory_bytes=None, chunk_size=None, idx=None,
+                     compile=False, num_steps=None, **model_kwargs):
     """Per-datapoint AIS estimates of log p(x_n): K chains per datapoint, T temperatures.
 
     Args:
@@ -128,7 +129,8 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
             ``guide`` None anneals from the prior p(z) to p(z | x); a guide q(z | x) (same latent
             sites; gets ``idx`` when it accepts it) anneals from q(z | x) instead.
         x: [N, ...] the data; results follow its device.
-        num_steps: T, the number of temperatures after β_0 = 0 (one HMC transition each).
+        num_temperatures (old name ``num_steps``): T, the number of temperatures after β_0 = 0
+            (one HMC transition each); default 500.
         num_samples: K independent chains per datapoint.
         schedule: "sigmoid", "linear" or a [T + 1] tensor of β's (see ``schedule_betas``).
         leapfrog_steps: L leapfrog steps per HMC transition (≈ L gradient evaluations of the
@@ -161,6 +163,7 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
         ValueError naming the site: a discrete latent, a latent outside the data plate, a guide
         whose sites differ from the model's latents.
     """
+    num_steps = renamed("num_temperatures", num_temperatures, "num_steps", num_steps, 500)
     return _run_ais(model, guide, x, num_steps=num_steps, num_samples=num_samples,
                     schedule=schedule, leapfrog_steps=leapfrog_steps, step_size=step_size,
                     target_accept=target_accept, plate_name=plate_name, seed=seed,
@@ -171,9 +174,9 @@ def ais_log_marginal(model, guide, x, *, num_steps=500, num_samples=16, schedule
 @program.in_evaluation_mode
 @torch.no_grad()
 def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, device=None,
-         num_steps=500, num_samples=16, schedule="sigmoid", leapfrog_steps=5, step_size=0.1,
-         target_accept=0.65, plate_name=None, seed=None, memory_bytes=None, chunk_size=None,
-         compile=False, **model_kwargs):
+         num_temperatures=None, num_samples=16, schedule="sigmoid", leapfrog_steps=5,
+         step_size=0.1, target_accept=0.65, plate_name=None, seed=None, memory_bytes=None,
+         chunk_size=None, compile=False, num_steps=None, **model_kwargs):
     """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
     Reverse AIS needs an exact sample from p(z | x_n); two ways to have one:
@@ -185,8 +188,9 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
         site) drawn from the exact posterior, e.g. PPCA's ``exact_posterior``.
 
     Args:
-        model, guide, plate_name, schedule, num_steps (T), num_samples (K), leapfrog_steps,
-            step_size, target_accept, memory_bytes, chunk_size, compile, **model_kwargs: as in
+        model, guide, plate_name, schedule, num_temperatures (T; old name num_steps),
+            num_samples (K), leapfrog_steps, step_size, target_accept, memory_bytes,
+            chunk_size, compile, **model_kwargs: as in
             ``ais_log_marginal``; both directions use the same schedule, reversed.
         device: where simulated data go (default: CPU).
         seed: optional int; seeds the simulation and both runs.
@@ -194,6 +198,7 @@ def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, d
     Returns:
         ``BDMCResult``: lower [N], upper [N], gap [N], x, z, forward, reverse.
     """
+    num_steps = renamed("num_temperatures", num_temperatures, "num_steps", num_steps, 500)
     if z is None:
         if x is not None:
             raise ValueError("bdmc needs exact posterior samples z with x; pass both, or neither "

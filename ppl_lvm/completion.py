@@ -25,6 +25,7 @@ from ppl_lvm import densities
 from ppl_lvm.estimators import log_marginal, plate_nesting, sample_sites
 from ppl_lvm.models.missing import check_missing, fill_missing
 from ppl_lvm.psis import pareto_khat
+from ppl_lvm.vocabulary import renamed
 
 COMPLETION_METHODS = ("auto", "sir", "mwg")
 # a row's SIR completion is trusted when its weights' Pareto k̂ is at most this (PSIS's rule);
@@ -262,8 +263,9 @@ def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def complete(model, guide, x, mask, num_samples=16, *, method="auto", num_particles=1000,
-             num_steps=200, proposal="observed", idx=None, seed=None):
+def complete(model, guide, x, mask, num_samples=None, *, method="auto", num_particles=1000,
+             num_steps=None, proposal="observed", idx=None, seed=None, num_completions=None,
+             num_sweeps=None):
     """Samples of the missing pixels from the posterior p(x_miss | x_obs), and its mean.
 
     Args:
@@ -274,7 +276,8 @@ def complete(model, guide, x, mask, num_samples=16, *, method="auto", num_partic
             mask applied per pixel to its observed site (``MaskObserved``). The guide gets
             ``mask=`` if it names it, else the zero-filled image.
         x: [N, D] images (NaN allowed where mask is False); mask: [N, D] bool, True = observed.
-        num_samples: S completions per image.
+        num_completions (old name ``num_samples``, also the fifth positional argument): S
+            completions per image, default 16.
         method: "auto" (default): SIR, checked row by row (Pareto k̂ of its weights); the rows
             where k̂ > 0.5 (or, with too few weights for a fit, ESS < K / 2) are completed by MwG
             with the "completed" proposal instead, and a warning names what is still untrusted
@@ -282,7 +285,8 @@ def complete(model, guide, x, mask, num_samples=16, *, method="auto", num_partic
             "sir": sampling-importance-resampling, z_k ~ q(z | x_obs) for k ≤ K
             (``num_particles``), w_k = p(x_obs, z_k) / q(z_k | x_obs), S indices resampled by w,
             then x_miss ~ p(x_miss | z); the mean is the self-normalised Σ_k w̃_k E[x | z_k].
-            "mwg": Metropolis-within-Gibbs, S chains of ``num_steps`` steps (see ``proposal``).
+            "mwg": Metropolis-within-Gibbs, S chains of ``num_sweeps`` sweeps (old name
+            ``num_steps``; default 200; see ``proposal``).
         proposal: for "mwg": "observed" (q(z | x_obs), an independence sampler) or "completed"
             (the encoder fed the current completion as if fully observed).
         idx: optional [N] row indices for a per-datapoint guide.
@@ -292,6 +296,8 @@ def complete(model, guide, x, mask, num_samples=16, *, method="auto", num_partic
         ``Completion`` (samples [S, N, D], mean [N, D], ESS, k̂ or acceptance, trusted). Warns
         (RuntimeWarning) when rows fail their health check.
     """
+    num_samples = renamed("num_completions", num_completions, "num_samples", num_samples, 16)
+    num_steps = renamed("num_sweeps", num_sweeps, "num_steps", num_steps, 200)
     check_missing(x, mask)
     if method not in COMPLETION_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {COMPLETION_METHODS}")

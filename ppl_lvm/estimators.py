@@ -62,7 +62,8 @@ def accepts(fn, name):
 
 def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                  chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                 num_global_samples=10, num_steps=500, per_row=None, compile=False,
+                 num_global_samples=10, num_steps=None, per_row=None, compile=False,
+                 num_temperatures=None,
                  **model_kwargs):
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
@@ -80,7 +81,8 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
             "is" / "iwae": log (1/K) Σ_k p(x, z_k) / q(z_k | x), z_k ~ q(z | x) (the same number);
             "elbo": (1/K) Σ_k log p(x, z_k) / q(z_k | x);
             "exact": log Σ_z p(x, z) by enumerating discrete latents (K is ignored);
-            "ais": annealed importance sampling, K chains of ``num_steps`` = T HMC transitions
+            "ais": annealed importance sampling, K chains of ``num_temperatures`` = T HMC
+            transitions (old name ``num_steps``; default 500)
             from q(z | x) (or the prior when ``guide`` is None) to the posterior: a tighter
             stochastic lower bound (``ppl_lvm.ais.ais_log_marginal``; ``ppl_lvm.ais.bdmc`` adds
             the upper bound on simulated data).
@@ -114,7 +116,7 @@ def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_
         model, guide, x, *args, method=method, num_samples=num_samples, plate_name=plate_name,
         chunk_size=chunk_size, seed=seed, idx=idx, memory_bytes=memory_bytes, globals=globals,
         num_global_samples=num_global_samples, num_steps=num_steps, per_row=per_row,
-        compile=compile,
+        compile=compile, num_temperatures=num_temperatures,
         **model_kwargs).log_px
 
 
@@ -185,7 +187,8 @@ def _score_subsampled(estimate, plate, model, guide, x, args, kwargs):
 @torch.no_grad()
 def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
                           chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                          num_global_samples=10, num_steps=500, per_row=None, compile=False,
+                          num_global_samples=10, num_steps=None, per_row=None, compile=False,
+                 num_temperatures=None,
                  **model_kwargs):
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
     ESS and Pareto k̂)."""
@@ -200,7 +203,8 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
             raise ValueError("method 'ais' anneals the per-datapoint latents only; globals= is "
                              "not supported with it (fix them in the model)")
         _row_spec(model, x, args, model_kwargs, per_row)  # names an unknown per_row entry
-        return ais_log_marginal(model, guide, x, num_steps=num_steps, num_samples=num_samples,
+        return ais_log_marginal(model, guide, x, num_temperatures=num_temperatures,
+                                num_steps=num_steps, num_samples=num_samples,
                                 plate_name=plate_name, seed=seed, memory_bytes=memory_bytes,
                                 chunk_size=chunk_size, idx=idx, compile=compile, **model_kwargs)
     device = x.device

@@ -23,6 +23,7 @@ from ppl_lvm.estimators import (SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, _seed_blo
 from ppl_lvm.guides import (LocalGuide, _LocalProblem, data_plate_name, local_convergence,
                             log_joint, solve_local)
 from ppl_lvm.train import adam, bind_rows, svi_step
+from ppl_lvm.vocabulary import renamed
 
 def _fix_globals(model, structure, globals_guide, args, kwargs):
     """The model with its global latents held at ``globals_guide``'s median (or refused)."""
@@ -85,7 +86,7 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=
             site in its data plate (whatever their names). encoder: optional x -> (loc, scale) for
             a single latent site: rows start at the encoder's output (then q* is at least as good
             as the amortized q up to optimisation noise).
-        steps (or ``num_steps``, the package-wide name): the cap on steps per row; lr: Adam's
+        num_steps (old name ``steps``; not both): the cap on steps per row; lr: Adam's
             step size ("adam" only), decayed to lr / 100 along a cosine so the final φ is not
             jittered by gradient noise; batch_size: rows per step (default all).
         num_particles: samples per ELBO gradient (or give ``loss``, any Pyro ELBO, e.g. one with
@@ -98,8 +99,7 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=
         LocalGuide over the M rows (call it with ``idx=torch.arange(M)`` or all rows at once),
         with ``convergence`` and ``converged`` set.
     """
-    steps = steps if num_steps is None else num_steps
-    steps = 200 if steps is None else steps
+    steps = renamed("num_steps", num_steps, "steps", steps, 200)
     structure = program.inspect_program(model, x, *args, allow_subsample=True, **model_kwargs)
     model = _fix_globals(model, structure, globals_guide, (x,) + args, model_kwargs)
     if site_shapes is None:
@@ -159,7 +159,7 @@ def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=
         bad = (~guide.converged).nonzero().flatten()
         warnings.warn(f"infer_local: φ of {bad.numel()}/{num_rows} rows did not converge within "
                       f"{steps} steps (rows {bad[:8].tolist()}{' ...' if bad.numel() > 8 else ''}; "
-                      f"{guide.convergence}); raise steps= or check the model", RuntimeWarning)
+                      f"{guide.convergence}); raise num_steps= or check the model", RuntimeWarning)
     return guide
 
 

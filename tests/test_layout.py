@@ -48,7 +48,7 @@ def graph():
 RANKS = {
     # 0: leaves that know nothing of the package: a program's structure, plates, numerics, I/O
     "ppl_lvm.program": 0, "ppl_lvm.plate": 0, "ppl_lvm.psis": 0, "ppl_lvm.atomic": 0,
-    "ppl_lvm.progress": 0, "ppl_lvm.threads": 0, "ppl_lvm.data": 0,
+    "ppl_lvm.progress": 0, "ppl_lvm.threads": 0, "ppl_lvm.data": 0, "ppl_lvm.vocabulary": 0,
     # 1: the density kernel and what stands on the program alone; models (programs, nothing else)
     "ppl_lvm.densities": 1, "ppl_lvm.compiled": 1, "ppl_lvm.particles": 1,
     "ppl_lvm.models": 1, "ppl_lvm.models.vae": 1, "ppl_lvm.models.ppca": 1,
