@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    num_images, num_steps = (50, 20) if args.quick else (200, 100)
+    num_images, num_temperatures = (50, 20) if args.quick else (200, 100)
     num_samples, leapfrog_steps = 8, 5
 
     x, _ = load_digits()
@@ -53,12 +53,13 @@ def main():
     vae.eval()
     held_out = x[-num_images:]
     print(f"VAE(64, z=10, hidden=200), {num_images} held-out digits, K={num_samples} chains, "
-          f"T={num_steps}, L={leapfrog_steps}; torch {torch.__version__}, pyro {pyro.__version__}, "
+          f"T={num_temperatures}, L={leapfrog_steps}; torch {torch.__version__}, pyro {pyro.__version__}, "
           f"{torch.get_num_threads()} thread(s)")
 
     def run(compile):
         start = time.process_time()
-        estimate = ais_log_marginal(vae.model, vae.guide, held_out, num_steps=num_steps,
+        estimate = ais_log_marginal(vae.model, vae.guide, held_out,
+                                    num_temperatures=num_temperatures,
                                     num_samples=num_samples, leapfrog_steps=leapfrog_steps,
                                     seed=0, compile=compile)
         return time.process_time() - start, estimate
