@@ -397,3 +397,68 @@ def check_epochs(state, path, epochs):
     if epochs < done:
         raise CheckpointError(f"checkpoint {path} has already done {done} epochs; --epochs {epochs} "
                               f"would resume nothing: pass --epochs {done} or more")
+
+
+CHECKPOINT_NAME = "checkpoint.pt"
+SHARD_NAME = "local-rank{rank}-of-{world}.pt"
+
+
+@dataclasses.dataclass
+class Checkpointing:
+    """fit's checkpoints, grouped (``fit(checkpointing=Checkpointing(...))``; the same as fit's
+    ``checkpoint_dir``, ``checkpoint_every`` and ``resume``): ``checkpoint.pt`` in ``directory``
+    at each epoch's end and every ``every`` steps; ``resume`` continues from it exactly."""
+
+    directory: object = None
+    every: int = None
+    resume: bool = False
+
+
+class Checkpointer:
+    """Writes and reads a run's checkpoint: ``checkpoint.pt`` (rank 0: global params, optimiser
+    state, RNG, progress) and, on several ranks, one shard of local rows per rank (written and
+    read by the strategy, ``ppl_lvm.distributed.DataParallel``). A checkpoint is written only
+    while ``guard`` (a ``DivergenceGuard``) finds the run healthy."""
+
+    def __init__(self, folder, optim, strategy, config, guard):
+        self.path = None if folder is None else Path(folder) / CHECKPOINT_NAME
+        self.optim, self.strategy, self.config, self.guard = optim, strategy, config, guard
+        self.shard = None if self.path is None or not strategy.active else (
+            self.path.parent / SHARD_NAME.format(rank=strategy.rank, world=strategy.world))
+        if self.path is not None and strategy.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        strategy.barrier()
+
+    def resume(self, register, device):
+        """Load the checkpoint into the param store and optimiser; returns (the saved result as a
+        dict of ``FitResult``'s fields, epoch, batch)."""
+        if self.path is None or not self.path.exists():
+            raise FileNotFoundError(f"resume=True but no checkpoint at {self.path}")
+        state = load_checkpoint(self.path, device)
+        check_resumable(state, self.path, self.config, self.strategy.world)
+        register()
+        load_params(state, device)
+        optim_state = state["optim"]
+        if self.shard is not None:
+            shard = self.strategy.load_shard(self.shard, self.config["num_data"], device)
+            if shard["progress"] != state["progress"]:
+                raise ValueError(f"{self.shard} (at {shard['progress']}) does not match "
+                                 f"{self.path} (at {state['progress']}); the run died while "
+                                 "checkpointing")
+            optim_state = {**optim_state, **shard["optim"]}
+            state["rng"] = shard["rng"]
+        self.optim.set_state(optim_state)
+        _set_rng_state(state["rng"])
+        progress = state["progress"]
+        return state["result"], progress["epoch"], progress["batch"]
+
+    def save(self, epoch, batch, result):
+        if self.path is None:
+            return
+        self.guard.check_state(self.optim, result.step, all_ranks=self.strategy.all_ranks)
+        if self.guard.suspicious():  # keep the last good one (the losses are the same on all ranks)
+            return
+        position = {**self.config, "epoch": epoch, "batch": batch}
+        if self.strategy.world > 1:
+            position["world_size"] = self.strategy.world
+        self.strategy.save_checkpoint(self.path, self.shard, self.optim, position, result)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ppl_lvm import atomic
-from ppl_lvm.checkpoint import unreadable
+from ppl_lvm.checkpoint import _rng_state, save_checkpoint, unreadable
 from ppl_lvm.program import LOCAL_PREFIX  # noqa: F401  (public here too)
 
 
@@ -434,3 +434,101 @@ def log_marginal(model, guide, x, *, idx=None, seed=None, **kwargs):
     else:
         values = x.new_zeros(0)
     return gather_rows(values.to(x.device), rows, num_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# strategies: how fit spreads its work over one process or several
+
+
+class SingleProcess:
+    """How ``fit`` spreads its work: on one process every hook of the strategy does nothing."""
+
+    active, rank, world = False, 0, 1
+    grad_hook = local_hook = None
+    all_ranks = None  # DivergenceGuard.check_state's vote across ranks: none on one process
+
+    def __init__(self, device):
+        self.device = device
+
+    def batches(self, num_data, epoch, seed, batch_size):
+        return rank_batches(num_data, epoch, seed, 0, 1, batch_size)
+
+    def owned(self, num_data):
+        return torch.arange(num_data, device=self.device)
+
+    def set_weight(self, weight):
+        pass
+
+    def mean(self, value, weight):
+        return value
+
+    def all_true(self, flag):
+        return flag
+
+    def barrier(self):
+        pass
+
+    def start(self, register):
+        pass
+
+    def save_checkpoint(self, path, shard, optim, position, result):
+        save_checkpoint(path, optim, position, result)
+
+    def load_shard(self, shard, num_data, device):
+        return load_shard(shard, num_data, device)
+
+
+class DataParallel(SingleProcess):
+    """Data-parallel SVI over torch.distributed's ranks (this module's docstring)."""
+
+    active = True
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.rank, self.world = rank(), world_size()
+        self.grad_hook = GradAllReduce()
+        self.local_hook = self.grad_hook.scale_local
+        self.all_ranks = self.all_true
+
+    def batches(self, num_data, epoch, seed, batch_size):
+        return rank_batches(num_data, epoch, seed, self.rank, self.world, batch_size)
+
+    def owned(self, num_data):
+        return owned_rows(num_data, self.rank, self.world).to(self.device)
+
+    def set_weight(self, weight):
+        self.grad_hook.weight = weight
+
+    def mean(self, value, weight):
+        return allreduce_mean(value, weight, self.device)
+
+    def all_true(self, flag):
+        return all_true(flag, self.device)
+
+    def barrier(self):
+        barrier()
+
+    def start(self, register):
+        # every rank creates every param, then takes rank 0's values
+        register()
+        broadcast_params()
+
+    def save_checkpoint(self, path, shard, optim, position, result):
+        """Each rank writes its shard of local rows; rank 0 then writes the global params."""
+        save_shard(shard, optim, position, self.owned(position["num_data"]), _rng_state())
+        barrier()
+        if self.rank == 0:
+            save_checkpoint(path, optim, position, result, keep=lambda name: not is_local(name))
+        barrier()
+
+
+def strategy_for(distributed, device):
+    """fit's strategy for ``distributed`` (None: data-parallel when a group of several ranks runs;
+    True: also join torchrun's group; False: one process) and the device it runs on."""
+    if distributed:
+        init(device=device)
+    if active() if distributed in (None, True) else False:
+        if device.type == "cuda" and device.index is None:
+            device = local_device()
+        return DataParallel(device), device
+    return SingleProcess(device), device

@@ -507,11 +507,6 @@ def _check_inputs(guide, x, method, num_samples, chunk_size, idx, globals=None,
 # traces -> per-datapoint log weights
 
 
-
-
-data_frame = program.frame_of  # the site's frame of the data plate (None outside it)
-
-
 def check_observed_support(trace, skip=()):
     """Observed values must lie in their distribution's support (e.g. binary pixels for a Bernoulli),
     except at the sites in ``skip`` (built with ``validate_args=False`` by the program)."""
@@ -723,7 +718,7 @@ class _Program:
     def _guide_rows(self, guide_trace):
         """The size of the guide's data plate (the rows its local sites were drawn for)."""
         for site in sample_sites(guide_trace).values():
-            frame = data_frame(site, self.plate_name)
+            frame = program.frame_of(site, self.plate_name)
             if frame is not None and not site["is_observed"]:
                 return program.plate_length(site, frame)
         return None
@@ -821,7 +816,7 @@ class _Program:
             if trace is None:
                 continue
             for name, site in sample_sites(trace).items():
-                if (data_frame(site, self.plate_name) is None and not site["is_observed"]
+                if (program.frame_of(site, self.plate_name) is None and not site["is_observed"]
                         and trace is traces[-1]):  # the model's (a guide has its own globals)
                     raise ValueError(f"site {name!r} is outside the data plate "
                                      f"{self.plate_name!r} (the program changed since it was read?)")

@@ -20,6 +20,7 @@ from torch.distributions import biject_to, constraints
 from torch.nn import functional as F
 
 from ppl_lvm.plate import data_plate
+from ppl_lvm.optim import lr_factor
 from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.program import LOCAL_PREFIX
 
@@ -312,7 +313,7 @@ def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z",
                               model_args=repeated_args, plate_name=plate_name, **kwargs)
             objective = log_p.sum() / num_particles + log_scale_t.sum(event_dims).sum()
             grad_loc, grad_log_scale = torch.autograd.grad(objective, params, create_graph=unroll)
-            step_size = lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t / steps)))
+            step_size = lr * lr_factor("cosine", t, steps)
             # natural gradient of a Normal (Fisher: 1/σ² for μ, 2 for log σ); clipped so a far too
             # wide start cannot overshoot: μ moves at most 2σ, log σ at most 1 per step
             variance = (2 * log_scale_t).exp().detach()

@@ -22,6 +22,7 @@ from ppl_lvm.estimators import (SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, _seed_blo
                                 estimate_log_marginal)
 from ppl_lvm.guides import (LocalGuide, _LocalProblem, data_plate_name, local_convergence,
                             log_joint, solve_local)
+from ppl_lvm.optim import lr_factor
 from ppl_lvm.train import adam, bind_rows, svi_step
 from ppl_lvm.vocabulary import renamed
 
@@ -189,7 +190,7 @@ def _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, 
             for p in frozen + module_params:
                 p.requires_grad_(False)
             for step in progress.chunks(steps, 1, "q(z | x) per row (Adam)", unit="step"):
-                optim.set_lr_factor(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+                optim.set_lr_factor(lr_factor("cosine", step, steps))
                 order = torch.randperm(num_rows, generator=generator).to(x.device)
                 for start in range(0, num_rows, batch_size):
                     idx = order[start:start + batch_size]

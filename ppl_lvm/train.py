@@ -7,7 +7,6 @@ the optimiser's state, every RNG's state and the step.
 """
 import contextlib
 import dataclasses
-import math
 import time
 import warnings
 from pathlib import Path
@@ -20,15 +19,20 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
+from ppl_lvm import checks
 from ppl_lvm import compiled as compiling
 from ppl_lvm import distributed as ddp
 from ppl_lvm import densities, program
 from ppl_lvm.checkpoint import (  # noqa: F401  (re-exported: public names)
-    DivergenceError, DivergenceGuard, _rng_state, _set_rng_state, check_resumable, data_fingerprint,
-    load_checkpoint, load_params, params_finite, save_checkpoint)
+    CHECKPOINT_NAME, SHARD_NAME, Checkpointer, Checkpointing, DivergenceError, DivergenceGuard,
+    _rng_state, _set_rng_state, check_resumable, data_fingerprint, load_checkpoint, load_params,
+    params_finite, save_checkpoint)
+from ppl_lvm.checks import (  # noqa: F401  (re-exported: they lived here)
+    FitValidationError, as_batch_tuple, check_autoguide_rows, check_guide_rows, check_loss_rows,
+    check_program_values, nonfinite_rows, read_structure, take_rows)
+from ppl_lvm.optim import (  # noqa: F401  (re-exported: they lived here)
+    LR_SCHEDULES, LazyAdam, Schedule, adam, is_local_param, lr_factor, set_lr_factor)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-SHARD_NAME = "local-rank{rank}-of-{world}.pt"
 # per-datapoint φ_i tables (ppl_lvm.guides.LocalGuide) live in the param store under this prefix
 LOCAL_PREFIX = ddp.LOCAL_PREFIX
 
@@ -59,12 +63,6 @@ class FitResult:
     compiled: str = None  # with fit(compile=...): graphs, compile time, steps on each path
 
 
-def accepts(fn, name):
-    """Whether callable ``fn`` names keyword ``name`` explicitly (``**kwargs`` does not count:
-    an autoguide that forwards its keywords to the model must not be given ``idx``)."""
-    return program.names_keywords(fn, name)
-
-
 def bind_rows(fn, idx, num_data, plate_name=None):
     """``fn`` for one minibatch: given ``idx``/``num_data`` if it names them, else its sites in the
     data plate (``plate_name``; by default the plate as long as the minibatch) scaled by N / B.
@@ -75,64 +73,6 @@ def bind_rows(fn, idx, num_data, plate_name=None):
     return program.bind(fn, idx, num_data, plate_name)
 
 
-def as_batch_tuple(data, device):
-    """``data`` (a tensor [N, ...] or a tuple of them) as a tuple of tensors on ``device``."""
-    tensors = tuple(data) if isinstance(data, (tuple, list)) else (data,)
-    if not tensors or not all(torch.is_tensor(t) for t in tensors):
-        raise TypeError("data must be a tensor [N, ...] or a tuple of tensors sharing N")
-    if any(t.dim() == 0 for t in tensors):
-        raise ValueError(f"data needs a first dim N (rows); got shapes {[tuple(t.shape) for t in tensors]}")
-    num_data = tensors[0].shape[0]
-    for t in tensors:
-        if t.dim() == 0 or t.shape[0] != num_data:
-            raise ValueError(f"all data tensors must share their first dim N={num_data}; "
-                             f"got shapes {[tuple(t.shape) for t in tensors]}")
-    if num_data == 0:
-        raise ValueError("data is empty (N = 0)")
-    for i, t in enumerate(tensors[1:], 1):  # e.g. labels: NaN there is bad data, not a divergence
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            rows = (~torch.isfinite(t)).reshape(num_data, -1).any(-1).nonzero()[:5, 0].tolist()
-            raise ValueError(f"data[{i}] (shape {tuple(t.shape)}) contains NaN or inf (first bad "
-                             f"rows: {rows})")
-    first = tensors[0]
-    # (x, mask) with mask True = observed: NaN where a value is missing is how missing data
-    # arrives; the model must keep it out of the likelihood (ppl_lvm.models.missing)
-    mask = tensors[1] if len(tensors) > 1 and tensors[1].dtype == torch.bool and (
-        tensors[1].shape == first.shape) else None
-    rows = nonfinite_rows(first, mask) if first.is_floating_point() else []
-    if rows:
-        raise ValueError(f"data contains NaN or inf (first bad rows: {rows}); mask missing "
-                         "values instead of passing them to the likelihood")
-    return tuple(t.to(device) for t in tensors)
-
-
-def nonfinite_rows(x, mask=None, limit=5, chunk_elements=1 << 20):
-    """The first ``limit`` rows of ``x`` [N, ...] holding NaN or inf (where ``mask`` is True, if
-    given), checked ``chunk_elements`` at a time: the check never holds a mask of all of x
-    (``torch.isfinite`` also makes a float temporary of its input's size: [100,000, 784] peaked
-    526 MB above the data in one piece, 164 MB in chunks of 2^24 elements, ~10 MB in 2^20)."""
-    rows_per_chunk = max(1, chunk_elements // max(1, x[0].numel()))
-    found = []
-    for start in range(0, x.shape[0], rows_per_chunk):
-        bad = ~torch.isfinite(x[start:start + rows_per_chunk])
-        if mask is not None:
-            bad &= mask[start:start + rows_per_chunk]
-        if bad.any():
-            rows = bad.reshape(len(bad), -1).any(-1).nonzero()[:limit - len(found), 0] + start
-            found += rows.tolist()
-            if len(found) >= limit:
-                break
-    return found
-
-
-def take_rows(tensors, idx, transform=None):
-    """The minibatch ``tuple(t[idx] for t in tensors)``, passed through ``transform`` if given."""
-    batch = tuple(t[idx] for t in tensors)
-    if transform is None:
-        return batch
-    return tuple(transform(*batch)) if len(batch) > 1 else (transform(*batch),)
-
-
 def _owners(*fns):
     """nn.Modules whose bound methods are ``fns`` (e.g. ``vae.model``): fit moves them to the device."""
     modules = []
@@ -141,17 +81,6 @@ def _owners(*fns):
         if isinstance(owner, torch.nn.Module) and all(owner is not m for m in modules):
             modules.append(owner)
     return modules
-
-
-def _check_devices(device):
-    store = pyro.get_param_store()
-    for name in store.keys():
-        value = store.get_param(name)
-        if value.device.type != device.type:
-            raise RuntimeError(
-                f"device mismatch: parameter {name!r} lives on {value.device} but fit runs on "
-                f"{device}; create parameters on x.device (e.g. x.new_zeros(...)) or move the "
-                "module that owns it with .to(device)")
 
 
 def register_params(model, guide, batch, loss=None, kwargs=None):
@@ -191,120 +120,6 @@ def _clear_grads(params):
         param.grad = None
 
 
-def is_local_param(name):
-    """Whether param store entry ``name`` is a per-datapoint φ table (not a global θ)."""
-    return name.startswith(LOCAL_PREFIX)
-
-
-class LazyAdam:
-    """fit's default optimiser: Adam for θ, lazy (sparse) Adam at ``local_lr`` for local φ tables.
-
-    Called like a ``pyro.optim.PyroOptim`` (``optim(params)`` steps exactly the params given, e.g.
-    only φ or only θ) with the same per-parameter-name ``get_state``/``set_state`` for checkpoints.
-    Dense parameters share one multi-tensor ``torch.optim.Adam`` (one call per step, not one per
-    parameter); a parameter with sparse gradients (a per-datapoint table [N, ...]) gets
-    ``torch.optim.SparseAdam``, which reads and writes only the rows in the batch: a step costs
-    the same for any N and rows outside the batch never drift, momentum included.
-    The dense Adam is torch's fused kernel (one pass over each parameter and its moments) where
-    the parameters' device and dtype have one: measured on a 784-400-20 VAE, one CPU thread, it
-    steps in ~0.75 ms where the multi-tensor and per-parameter loops take 2-10 ms.
-    """
-
-    fused = True  # the dense Adam's fused kernel where supported (else the multi-tensor one)
-
-    def __init__(self, lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
-        self.lr, self.local_lr, self.betas, self.eps = lr, local_lr, tuple(betas), eps
-        self._dense = {}    # lr -> torch.optim.Adam over every dense param with that lr
-        self._sparse = {}   # param -> torch.optim.SparseAdam
-        self._known = set()
-        self._waiting = {}  # param name -> saved state, consumed when the param first shows up
-
-    def _add(self, param):
-        name = pyro.get_param_store().param_name(param) or ""
-        lr = self.local_lr if name.startswith(LOCAL_PREFIX) else self.lr
-        saved = self._waiting.pop(name, None)
-        if param.grad is not None and param.grad.is_sparse:
-            optimizer = self._sparse[param] = torch.optim.SparseAdam(
-                [param], lr=lr, betas=self.betas, eps=self.eps)
-        else:
-            if lr not in self._dense:
-                self._dense[lr] = _dense_adam(param, lr, self.betas, self.eps, self.fused)
-            else:
-                self._dense[lr].param_groups[0]["params"].append(param)
-            optimizer = self._dense[lr]
-        if saved is not None:
-            optimizer.state[param] = {key: value.clone() if torch.is_tensor(value) else value
-                                      for key, value in saved.items()}
-            step = optimizer.state[param].get("step")
-            if optimizer.defaults.get("fused") and torch.is_tensor(step):
-                # the fused kernel keeps the step count beside the parameter, in float32
-                optimizer.state[param]["step"] = step.to(param.device, torch.float32)
-        self._known.add(param)
-
-    def __call__(self, params):
-        params = [p for p in params if p.grad is not None]
-        for param in params:
-            if param not in self._known:
-                self._add(param)
-        given = set(params)
-        for param, optimizer in self._sparse.items():
-            if param in given:
-                optimizer.step()
-        for optimizer in self._dense.values():
-            group = optimizer.param_groups[0]["params"]
-            # params not given this step are held fixed: Adam skips those without a gradient
-            held = [(p, p.grad) for p in group if p not in given and p.grad is not None]
-            for p, _ in held:
-                p.grad = None
-            if len(held) < len(group):
-                optimizer.step()
-            for p, grad in held:
-                p.grad = grad
-
-    def set_lr_factor(self, factor):
-        """Multiply every step size by ``factor`` (relative to the initial lr), e.g. for a decay."""
-        for optimizer in self._optimizers():
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-                group["lr"] = group["initial_lr"] * factor
-
-    def _optimizers(self):
-        yield from self._dense.values()
-        yield from self._sparse.values()
-
-    def get_state(self):
-        """{param name: its Adam state (step, exp_avg, exp_avg_sq)}, like ``PyroOptim.get_state``."""
-        store = pyro.get_param_store()
-        state = dict(self._waiting)
-        for optimizer in self._optimizers():
-            for param, param_state in optimizer.state.items():
-                name = store.param_name(param)
-                if name is not None and param_state:
-                    state[name] = {key: value.clone() if torch.is_tensor(value) else value
-                                   for key, value in param_state.items()}
-        return state
-
-    def set_state(self, state):
-        """Load ``get_state()``'s dict; each entry is used when its parameter is first stepped."""
-        self._waiting.update(state)
-
-
-def _dense_adam(param, lr, betas, eps, fused):
-    """torch's Adam over ``param`` (more join it later): fused where its device and dtype allow."""
-    if fused:
-        try:
-            return torch.optim.Adam([param], lr=lr, betas=betas, eps=eps, fused=True)
-        except (RuntimeError, ValueError):
-            pass  # no fused kernel for this device or dtype
-    return torch.optim.Adam([param], lr=lr, betas=betas, eps=eps, foreach=True)
-
-
-def adam(lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
-    """fit's default optimiser (a ``LazyAdam``): Adam at ``lr`` for θ, lazy Adam at ``local_lr``
-    for per-datapoint φ tables (params named with ``LOCAL_PREFIX``)."""
-    return LazyAdam(lr, local_lr, betas, eps)
-
-
 def torch_item(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
@@ -341,162 +156,6 @@ def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwa
     return -total / num_data
 
 
-class FitValidationError(ValueError):
-    """A distribution's parameter or an observed value left its support (named by site and epoch)."""
-
-
-def check_program_values(model, guide, batch, kwargs, epoch):
-    """Trace model and guide on one batch with Pyro's validation on: every distribution's
-    parameters and every observed value must satisfy their constraints. A failure names the site.
-
-    ``fit`` runs this at every epoch end, so a run whose validation is off after the first epoch
-    still stops, naming the site, when e.g. a probability built in the model leaves [0, 1].
-    """
-    def traces():
-        with torch.no_grad(), program.sandbox(batch[0].device):
-            guide_trace, model_trace = densities.trace_pair(model, guide, batch, kwargs)
-            densities.evaluate_sites(model_trace)  # validation checks each log-density
-        return guide_trace, model_trace
-
-    try:
-        with pyro.validation_enabled(True):
-            traces()
-    except ValueError as error:
-        with pyro.validation_enabled(False):
-            found = traces()
-        for role, trace in zip(("guide", "model"), found):
-            for name, site in program.sample_sites(trace).items():
-                problem = program.invalid_values(site, respect_user=False)
-                if problem:
-                    raise FitValidationError(
-                        f"after epoch {epoch}, {role} site {name!r}: {problem}") from error
-        raise FitValidationError(f"after epoch {epoch}, Pyro's validation failed on one batch: "
-                                 f"{str(error).strip().splitlines()[0]}") from error
-
-
-class _SingleProcess:
-    """How ``fit`` spreads its work: on one process every hook of the strategy does nothing."""
-
-    active, rank, world = False, 0, 1
-    grad_hook = local_hook = None
-
-    def __init__(self, device):
-        self.device = device
-
-    def batches(self, num_data, epoch, seed, batch_size):
-        return ddp.rank_batches(num_data, epoch, seed, 0, 1, batch_size)
-
-    def owned(self, num_data):
-        return torch.arange(num_data, device=self.device)
-
-    def set_weight(self, weight):
-        pass
-
-    def mean(self, value, weight):
-        return value
-
-    def all_true(self, flag):
-        return flag
-
-    def barrier(self):
-        pass
-
-    def start(self, register):
-        pass
-
-
-class _DataParallel(_SingleProcess):
-    """Data-parallel SVI over torch.distributed's ranks (see ``ppl_lvm.distributed``)."""
-
-    active = True
-
-    def __init__(self, device):
-        super().__init__(device)
-        self.rank, self.world = ddp.rank(), ddp.world_size()
-        self.grad_hook = ddp.GradAllReduce()
-        self.local_hook = self.grad_hook.scale_local
-
-    def batches(self, num_data, epoch, seed, batch_size):
-        return ddp.rank_batches(num_data, epoch, seed, self.rank, self.world, batch_size)
-
-    def owned(self, num_data):
-        return ddp.owned_rows(num_data, self.rank, self.world).to(self.device)
-
-    def set_weight(self, weight):
-        self.grad_hook.weight = weight
-
-    def mean(self, value, weight):
-        return ddp.allreduce_mean(value, weight, self.device)
-
-    def all_true(self, flag):
-        return ddp.all_true(flag, self.device)
-
-    def barrier(self):
-        ddp.barrier()
-
-    def start(self, register):
-        # every rank creates every param, then takes rank 0's values
-        register()
-        ddp.broadcast_params()
-
-
-class _Checkpointer:
-    """Writes and reads a run's checkpoint: ``checkpoint.pt`` (rank 0: global params, optimiser
-    state, RNG, progress) and, on several ranks, one shard of local rows per rank."""
-
-    def __init__(self, folder, optim, strategy, config, guard):
-        self.path = None if folder is None else Path(folder) / CHECKPOINT_NAME
-        self.optim, self.strategy, self.config, self.guard = optim, strategy, config, guard
-        self.shard = None if self.path is None or not strategy.active else (
-            self.path.parent / SHARD_NAME.format(rank=strategy.rank, world=strategy.world))
-        if self.path is not None and strategy.rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        strategy.barrier()
-
-    def resume(self, register, device):
-        """Load the checkpoint into the param store and optimiser; returns (result, epoch, batch)."""
-        if self.path is None or not self.path.exists():
-            raise FileNotFoundError(f"resume=True but no checkpoint at {self.path}")
-        state = load_checkpoint(self.path, device)
-        check_resumable(state, self.path, self.config, self.strategy.world)
-        register()
-        load_params(state, device)
-        optim_state = state["optim"]
-        if self.shard is not None:
-            shard = ddp.load_shard(self.shard, self.config["num_data"], device)
-            if shard["progress"] != state["progress"]:
-                raise ValueError(f"{self.shard} (at {shard['progress']}) does not match "
-                                 f"{self.path} (at {state['progress']}); the run died while "
-                                 "checkpointing")
-            optim_state = {**optim_state, **shard["optim"]}
-            state["rng"] = shard["rng"]
-        self.optim.set_state(optim_state)
-        _set_rng_state(state["rng"])
-        progress = state["progress"]
-        return FitResult(**state["result"]), progress["epoch"], progress["batch"]
-
-    def save(self, epoch, batch, result):
-        if self.path is None:
-            return
-        self.guard.check_state(self.optim, result.step, all_ranks=(
-            self.strategy.all_true if self.strategy.active else None))
-        if self.guard.suspicious():  # keep the last good one (the losses are the same on all ranks)
-            return
-        position = {**self.config, "epoch": epoch, "batch": batch}
-        if self.strategy.world > 1:
-            position["world_size"] = self.strategy.world
-        if not self.strategy.active:
-            save_checkpoint(self.path, self.optim, position, result)
-            return
-        ddp.save_shard(self.shard, self.optim, position, self.strategy.owned(
-            self.config["num_data"]), _rng_state())
-        ddp.barrier()
-        if self.strategy.rank == 0:
-            save_checkpoint(self.path, self.optim, position, result,
-                            keep=lambda name: not ddp.is_local(name))
-        ddp.barrier()
-
-
 def take_step(model, guide, optim, loss, batch, kwargs, inner_steps, strategy, weight,
               inner_tol=None):
     """One minibatch of SVI: a joint step on θ and φ, or (``inner_steps`` = S > 0) the lecture's
@@ -527,68 +186,6 @@ def take_step(model, guide, optim, loss, batch, kwargs, inner_steps, strategy, w
     return strategy.mean(value, weight), before
 
 
-LR_SCHEDULES = ("constant", "cosine", "exponential")
-
-
-def lr_factor(schedule, step, total_steps):
-    """The step-size multiplier at ``step`` of ``total_steps`` (0-based): "constant" 1; "cosine"
-    from 1 down to 0.01 along half a cosine; "exponential" from 1 down to 0.01 geometrically; a
-    callable ``schedule(step, total_steps) -> factor``. Decaying steps let SVI converge instead of
-    stalling at the gradient-noise floor (Robbins-Monro)."""
-    if schedule is None or schedule == "constant":
-        return 1.0
-    t = min(step / max(total_steps, 1), 1.0)
-    if schedule == "cosine":
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
-    if schedule == "exponential":
-        return 0.01 ** t
-    return float(schedule(step, total_steps))
-
-
-def set_lr_factor(optim, factor):
-    """Multiply every step size of ``optim`` (a ``LazyAdam`` or a ``pyro.optim.PyroOptim``) by
-    ``factor`` relative to its initial one."""
-    if hasattr(optim, "set_lr_factor"):
-        optim.set_lr_factor(factor)
-        return
-    for torch_optim in getattr(optim, "optim_objs", {}).values():
-        for group in torch_optim.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * factor
-
-
-@contextlib.contextmanager
-def _first_step_checks(first, tensors):
-    """On the first step: a guide without a site for one of the model's latent sites is an error
-    before training, not Pyro's warning after it; integer or bool data that the model cannot
-    take is named as the data's dtype."""
-    import warnings
-
-    if not first:
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="Found vars in model but not guide")
-        try:
-            yield
-        except UserWarning as warning:
-            sites = str(warning).partition("guide:")[2].strip() or str(warning)
-            raise ValueError(f"the guide has no sample site for the model's latent site(s) "
-                             f"{sites}: every latent site of the model needs one in the guide (or "
-                             "enumeration, with TraceEnum_ELBO)") from None
-        except (RuntimeError, NotImplementedError) as error:
-            raise _dtype_error(tensors, error) from error
-
-
-def _dtype_error(tensors, error):
-    """``error`` itself, or for integer or bool data a ValueError naming the data's dtype."""
-    dtype = tensors[0].dtype
-    if dtype.is_floating_point or not any(w in str(error) for w in ("type", "Long", "Bool", "Int")):
-        return error
-    return ValueError(f"data is {dtype}, and the model failed on it "
-                      f"({str(error).strip().splitlines()[0][:160]}): pass floats, e.g. x.float()")
-
-
 @contextlib.contextmanager
 def _own_rng(device, seed):
     """Run the block on torch's RNG seeded with ``seed`` and restore the caller's stream after."""
@@ -599,143 +196,13 @@ def _own_rng(device, seed):
         yield
 
 
-def _check_types(**values):
-    """Integers must be ints (not bools, not floats); lr a finite real > 0."""
-    for name, value in values.items():
-        if name == "lr":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    0 <= value < math.inf):
-                raise ValueError(f"lr must be a finite number > 0, got {value!r}")
-        elif (value is not None or name != "checkpoint_every") and (
-                isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-
-
-def _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
-                    checkpoint_dir, eval_every, lr_schedule, inner_tol):
-    if not (lr_schedule is None or callable(lr_schedule) or lr_schedule in LR_SCHEDULES):
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, a callable(step, "
-                         f"total_steps) or None; got {lr_schedule!r}")
-    if inner_tol is not None and not inner_tol >= 0:
-        raise ValueError(f"inner_tol must be >= 0 or None, got {inner_tol!r}")
-    if epochs < 0 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
-        raise ValueError(f"need epochs >= 0, batch_size >= 1 and checkpoint_every >= 1; got "
-                         f"{epochs}, {batch_size}, {checkpoint_every}")
-    if inner_steps < 0:
-        raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
-    if not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every must be an integer >= 1, got {eval_every!r}")
-    if validate not in (True, False, "first_epoch"):
-        raise ValueError(f"validate must be True, False or 'first_epoch', got {validate!r}")
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-
-
-def check_autoguide_rows(guide, structure, batch_size, num_data):
-    """Refuse minibatches for an autoguide that holds per-row parameters of local latent sites.
-
-    Such a guide (``AutoNormal`` on ``pyro.plate("data", len(x))``) makes one parameter per row of
-    the first batch it sees and has no way to know which rows a minibatch holds. Checked after the
-    first step, from the prototype trace the autoguide made (tracing its model beforehand would run
-    the user's ``init_loc_fn`` an extra time).
-    """
-    from pyro.infer.autoguide import AutoGuide, AutoGuideList
-
-    if batch_size >= num_data or not structure.local_latents:
-        return
-    parts = list(guide) if isinstance(guide, AutoGuideList) else [guide]
-    for part in parts:
-        prototype = getattr(part, "prototype_trace", None)
-        if not isinstance(part, AutoGuide) or program.takes_rows(part) or prototype is None:
-            continue
-        local = [n for n in structure.local_latents if n in prototype.nodes]
-        if local:
-            part.prototype_trace = None  # set up afresh on its next call (e.g. a full-batch fit)
-            raise ValueError(
-                f"the guide {type(part).__name__} holds per-row parameters for the local latent "
-                f"sites {local} of the data plate {structure.plate_name!r}, so it cannot follow "
-                f"minibatches (batch_size={batch_size} < N={num_data}): train with "
-                f"batch_size={num_data} (full batch), or use an amortized guide or "
-                "ppl_lvm.LocalGuide for the local sites")
-
-
-def check_loss_rows(loss, model, guide, batch_size, num_data):
-    """Refuse a torch.jit-traced ELBO (``JitTrace_ELBO``...) for a program that takes the rows'
-    indices: the trace freezes the first batch's ``idx``, so a per-datapoint guide's later
-    minibatches would read and update the first batch's φ rows only."""
-    if batch_size < num_data and type(loss).__name__.startswith("Jit") and (
-            program.takes_rows(model) or program.takes_rows(guide)):
-        raise ValueError(f"{type(loss).__name__} freezes the first minibatch's row indices (idx), "
-                         "so a per-datapoint guide would only ever update those rows: use its "
-                         "non-Jit ELBO (e.g. Trace_ELBO), fit(compile=True), or a full batch")
-
-
-def read_structure(model, tensors, transform, kwargs, plate_name=None):
-    """The program's structure (``ppl_lvm.program.inspect_program``), read from its traces on its
-    first three (transformed) rows, or on all rows where the program refuses so few (an author's
-    own shape check, a plate that subsamples itself: ``pyro.plate("data", N, subsample_size=B)``)."""
-    num_data = len(tensors[0])
-    rows = torch.arange(min(num_data, 3), device=tensors[0].device)
-    try:
-        return program.inspect_program(model, *take_rows(tensors, rows, transform),
-                                       plate_name=plate_name, allow_subsample=True,
-                                       **_kwargs_of(kwargs, rows))
-    except Exception as error:
-        if num_data <= 3 or "plates found" in str(error):  # the package's own finding: final
-            raise
-    rows = torch.arange(num_data, device=tensors[0].device)
-    return program.inspect_program(model, *take_rows(tensors, rows, transform),
-                                   plate_name=plate_name, allow_subsample=True,
-                                   **_kwargs_of(kwargs, rows))
-
-
-def _kwargs_of(kwargs, rows):
-    """The model's keywords for ``rows``: ``kwargs(rows)`` (fit's per-row slicing) or a dict."""
-    return kwargs(rows) if callable(kwargs) else kwargs
-
-
-def check_guide_rows(guide, tensors, kwargs, transform, batch_size, num_data):
-    """Refuse minibatches for a guide that holds a parameter with one row per datapoint (e.g.
-    ``pyro.param("alpha_q", torch.ones(x.size(0), k))`` as in Pyro's ``sparse_gamma_def.py``):
-    indexed by position, it would give each minibatch the rows of another. Read from the params the
-    guide creates on 2 and 3 rows in a sandbox (on all rows if the guide refuses so few); a guide
-    that names ``idx`` finds its own rows, and autoguides are checked by ``check_autoguide_rows``.
-    """
-    from pyro.nn import PyroModule
-
-    if batch_size >= num_data or program.takes_rows(guide) or isinstance(
-            getattr(guide, "__self__", guide), PyroModule):  # PyroParams live on the module
-        return
-    sizes = (2, 3) if num_data >= 3 else (1, 2)
-    try:
-        shapes = {}
-        for n in sizes:
-            rows = torch.arange(n, device=tensors[0].device)
-            shapes[n] = program.params_of(guide, *take_rows(tensors, rows, transform),
-                                          **_kwargs_of(kwargs, rows))
-    except Exception:  # the author's own checks (e.g. assert x.shape[0] == N): probe all rows
-        try:
-            rows = torch.arange(num_data, device=tensors[0].device)
-            shapes = {num_data: program.params_of(guide, *take_rows(tensors, rows, transform),
-                                                  **_kwargs_of(kwargs, rows))}
-        except Exception:
-            return  # the first step will say what is wrong
-    found = program.per_row_params(shapes, num_data)
-    if found:
-        name, shape = next(iter(found.items()))
-        raise ValueError(
-            f"the guide's parameter {name!r} (shape {list(shape)} for {max(shapes)} rows) holds "
-            f"one row per datapoint, so it cannot follow minibatches (batch_size={batch_size} < "
-            f"N={num_data}): train with batch_size={num_data} (full batch; rows keep their "
-            "order), or use ppl_lvm.LocalGuide or an amortized guide for the local sites")
-
-
 def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
         device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
         checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, per_row=(),
         transform=None,
         callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
-        plate_name=None, lr_schedule=None, inner_tol=None, compile=False):
+        plate_name=None, lr_schedule=None, inner_tol=None, compile=False, schedule=None,
+        checkpointing=None, evaluation=None):
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:
@@ -803,179 +270,245 @@ def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, l
             Steps run eagerly while Pyro's validation is on (the first epoch by default).
             ``result.compiled`` says what happened.
 
+        schedule, checkpointing, evaluation: the same options grouped, as a ``Schedule`` (lr,
+            local_lr, lr_schedule, inner_steps, inner_tol), a ``Checkpointing`` (directory =
+            checkpoint_dir, every = checkpoint_every, resume) and an ``Evaluation`` (data =
+            eval_data, every = eval_every); a group given with one of its keywords also set to
+            another value is an error.
+
     Returns:
         FitResult (the same on every rank). Raises DivergenceError when the loss becomes non-finite.
     """
-    _check_types(epochs=epochs, batch_size=batch_size, seed=seed, eval_every=eval_every,
-                 checkpoint_every=checkpoint_every, inner_steps=inner_steps)
-    if optim is None:
-        _check_types(lr=lr)
-    _check_fit_args(epochs, batch_size, checkpoint_every, inner_steps, validate, resume,
-                    checkpoint_dir, eval_every, lr_schedule, inner_tol)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but CUDA is not available")
-    if distributed:
-        ddp.init(device=device)
-    if (ddp.active() if distributed in (None, True) else False):
-        if device.type == "cuda" and device.index is None:
-            device = ddp.local_device()
-        strategy = _DataParallel(device)
-    else:
-        strategy = _SingleProcess(device)
-    tensors = as_batch_tuple(data, device)
-    eval_tensors = None if eval_data is None else as_batch_tuple(eval_data, device)
-    if eval_tensors is not None and [t.shape[1:] for t in eval_tensors] != [
-            t.shape[1:] for t in tensors]:
-        raise ValueError(f"eval_data has shapes {[tuple(t.shape) for t in eval_tensors]} but data "
-                         f"has {[tuple(t.shape) for t in tensors]}: rows must match after N")
-    num_data = tensors[0].shape[0]
-    model_kwargs = dict(model_kwargs or {})
-    per_row = (per_row,) if isinstance(per_row, str) else tuple(per_row or ())
-    for name in per_row:
-        value = model_kwargs.get(name)
-        if name not in model_kwargs:
-            raise ValueError(f"per_row names {name!r}, which is not among model_kwargs "
-                             f"{sorted(model_kwargs)}")
-        if not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != num_data:
-            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(f"per-row keyword {name!r} must be a tensor with the data's "
-                             f"{num_data} rows first, got {shape}")
-        model_kwargs[name] = value.to(device)
-    if per_row and eval_data is not None:
-        raise ValueError(f"eval_data with per-row keywords {list(per_row)}: their rows are the "
-                         "training data's; pass eval_data as a tuple (x, y) holding its own")
-
-    def row_kwargs(idx):
-        """model_kwargs with the per-row ones restricted to the rows ``idx``."""
-        if not per_row:
-            return model_kwargs
-        return {k: (v[idx] if k in per_row else v) for k, v in model_kwargs.items()}
-
-    for module in _owners(model, guide):
-        module.to(device)
-    if clear_params:
-        pyro.clear_param_store()
-    loss = loss or Trace_ELBO()
-    check_loss_rows(loss, model, guide, batch_size, num_data)
-    loss = compiling.compile_loss(loss, compile, epochs * ddp.steps_per_epoch(
-        num_data, batch_size, strategy.world))
-    optim_given = optim
-    optim = optim or adam(lr, local_lr)
-
-    try:
-        structure = read_structure(model, tensors, transform, row_kwargs, plate_name)
-    except (RuntimeError, NotImplementedError) as error:
-        raise _dtype_error(tensors, error) from error
-    own_subsample = structure.subsample_size
-    if own_subsample:  # the model subsamples its own plate: Pyro's SVI, all rows at every step
-        if strategy.active:
-            raise ValueError(f"the data plate {structure.plate_name!r} subsamples itself "
-                             f"(subsample_size={own_subsample}); distributed fit needs the rows "
-                             "passed to the model: remove subsample_size and set batch_size")
-        batch_size = num_data
-
-    check_guide_rows(guide, tensors, row_kwargs, transform, batch_size, num_data)
-
-    def bound(idx):
-        return (bind_rows(model, idx, num_data, structure.plate_name),
-                bind_rows(guide, idx, num_data, structure.plate_name))
-
-    owned = strategy.owned(num_data)
-
-    def register():
-        register_params(*bound(owned[:2]), take_rows(tensors, owned[:2], transform), loss,
-                        row_kwargs(owned[:2]))
-
-    guard = DivergenceGuard(None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME)
-    checkpointer = _Checkpointer(checkpoint_dir, optim, strategy,
-                                 {"num_data": num_data, "batch_size": batch_size, "seed": seed,
-                                  "data": data_fingerprint(tensors), "lr": lr}, guard)
-    # a different stream of z per rank; the shuffles come from their own generators
-    pyro.set_rng_seed(seed + 100_003 * strategy.rank)
-    strategy.start(register)
-    result, start_epoch, start_batch = FitResult(checkpoint=None if checkpointer.path is None
-                                                 else str(checkpointer.path)), 0, 0
-    if resume:
-        result, start_epoch, start_batch = checkpointer.resume(register, device)
-        guard.resume(result.losses)
-
-    steps_per_epoch = -(-num_data // own_subsample) if own_subsample else ddp.steps_per_epoch(
-        num_data, batch_size, strategy.world)
-    start_time = time.perf_counter() - result.wall_time
-    bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch + start_batch,
-               disable=not progress or strategy.rank != 0, desc="fit", unit="step", leave=False,
-               mininterval=1.0)
+    schedule = _grouped(schedule, Schedule, lr=lr, local_lr=local_lr, lr_schedule=lr_schedule,
+                        inner_steps=inner_steps, inner_tol=inner_tol)
+    checkpointing = _grouped(checkpointing, Checkpointing, directory=checkpoint_dir,
+                             every=checkpoint_every, resume=resume)
+    evaluation = _grouped(evaluation, Evaluation, data=eval_data, every=eval_every)
+    run = _Run(model, guide, data, epochs, batch_size, optim, loss, device, seed, schedule,
+               checkpointing, evaluation, clear_params, model_kwargs, per_row, transform,
+               distributed, validate, plate_name, compile)
+    result, bar = run.result, run.progress_bar(progress)
     validating = pyro.infer.util.is_validation_enabled()
     try:
-        for epoch in range(start_epoch, epochs):
-            batches = strategy.batches(num_data, epoch, seed, batch_size)
-            if own_subsample:
-                batches = batches * steps_per_epoch
-            first = start_batch if epoch == start_epoch else 0
-            epoch_losses = result.losses[len(result.losses) - first:] if first else []
+        for epoch in range(run.start_epoch, epochs):
             pyro.enable_validation(validating and (validate is True or (
                 validate == "first_epoch" and epoch == 0)))
-            for b in range(first, steps_per_epoch):
-                idx, weight = batches[b]
-                idx = idx.to(device)
-                batch = take_rows(tensors, idx, transform)
-                if lr_schedule is not None:  # a function of the step: a resumed run continues it
-                    set_lr_factor(optim, lr_factor(lr_schedule, result.step,
-                                                   epochs * steps_per_epoch))
-                try:
-                    with _first_step_checks(result.step == 0, tensors):
-                        value, before = take_step(*bound(idx), optim, loss, batch, row_kwargs(idx),
-                                                  inner_steps, strategy, weight, inner_tol)
-                except ValueError as error:  # Pyro's validation meeting NaN: say where it diverged
-                    raise guard.step_error(error)
-                result.step += 1
-                if before is not None:
-                    result.inner_gains.append((before - value) / num_data)
-                value = value / num_data
-                guard.check_loss(value, result.step, epoch + 1, b + 1)
-                if result.step == 1:
-                    _check_devices(device)
-                    if optim_given is None and lr == 0 and (local_lr == 0 or not any(
-                            is_local_param(n) for n in pyro.get_param_store().keys())):
-                        raise ValueError(f"lr={lr!r} trains nothing: θ stays fixed and there is "
-                                         "no per-datapoint φ table for local_lr to train; give "
-                                         "lr > 0")
-                    check_autoguide_rows(guide, structure, batch_size, num_data)
-                result.losses.append(value)
-                epoch_losses.append(value)
+            epoch_losses = run.losses_so_far(epoch)
+            for b, (idx, weight) in run.batches(epoch):
+                epoch_losses.append(run.step(idx, weight, epoch, b))
                 bar.update(1)
-                if checkpoint_every and result.step % checkpoint_every == 0 and b + 1 < steps_per_epoch:
-                    checkpointer.save(epoch, b + 1, result)
+                if checkpointing.every and result.step % checkpointing.every == 0 and (
+                        b + 1 < run.steps_per_epoch):
+                    run.checkpointer.save(epoch, b + 1, result)
             result.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
             bar.set_postfix(epoch=epoch + 1, loss=f"{result.epoch_losses[-1]:.3f}", refresh=False)
-            # a non-finite parameter is a divergence (said as such) before it is a bad value
-            guard.check_state(optim, result.step, all_ranks=(
-                strategy.all_true if strategy.active else None))
-            if len(idx):
-                check_program_values(*bound(idx), batch, row_kwargs(idx), epoch + 1)
-            if eval_tensors is not None and (epoch + 1) % eval_every == 0:
-                result.eval_epochs.append(epoch + 1)
-                with _own_rng(device, seed + epoch):  # not the training stream: the trained
-                    # weights are the same whatever eval_every says
-                    result.eval_elbos.append(evaluate_elbo(
-                        model, guide, eval_tensors, model_kwargs=model_kwargs,
-                        distributed=strategy.active, plate_name=structure.plate_name,
-                        batch_size=len(eval_tensors[0]) if own_subsample else 512))
-            result.wall_time = time.perf_counter() - start_time
-            checkpointer.save(epoch + 1, 0, result)
+            run.end_epoch(epoch)
+            result.wall_time = time.perf_counter() - run.start_time
+            run.checkpointer.save(epoch + 1, 0, result)
             if callback is not None and callback(epoch + 1, result):
                 break
     finally:
         pyro.enable_validation(validating)
         bar.close()
-        result.compiled = getattr(loss, "summary", lambda: None)()
-    if checkpointer.path is None:  # never return a NaN parameter, checkpoint or not
-        guard.check_state(optim, result.step, all_ranks=(
-            strategy.all_true if strategy.active else None))
-    _finish_local(guide, model, tensors, model_kwargs, transform, strategy, result)
-    result.wall_time = time.perf_counter() - start_time
-    return result
+        result.compiled = getattr(run.loss, "summary", lambda: None)()
+    return run.finish()
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """fit's held-out evaluation, grouped (``fit(evaluation=Evaluation(...))``; the same as fit's
+    ``eval_data`` and ``eval_every``): the ELBO per datapoint of ``data`` every ``every`` epochs."""
+
+    data: object = None
+    every: int = 1
+
+
+def _grouped(group, kind, **keywords):
+    """``group`` (a ``kind`` or None) with fit's own ``keywords`` for its fields: without a group,
+    the keywords; with one, the group, where a keyword away from its default must agree with it."""
+    if group is None:
+        return kind(**keywords)
+    if not isinstance(group, kind):
+        raise TypeError(f"expected a ppl_lvm {kind.__name__} or None, got {type(group).__name__}")
+    default = kind()
+    for name, value in keywords.items():
+        if not _same(value, getattr(default, name)) and not _same(value, getattr(group, name)):
+            raise ValueError(f"{name}={value!r} and {kind.__name__}({name}="
+                             f"{getattr(group, name)!r}) disagree: give it once")
+    return group
+
+
+def _same(a, b):
+    plain = (int, float, str, bool, Path, type(None))
+    return a is b or (isinstance(a, plain) and isinstance(b, plain) and a == b)
+
+
+class _Run:
+    """One call of ``fit``, set up and checked: the data on its device, the strategy, the loss,
+    the optimiser, the checkpointer and divergence guard, and the result so far. ``fit``'s loop
+    calls ``step`` per minibatch and ``end_epoch`` per epoch."""
+
+    def __init__(self, model, guide, data, epochs, batch_size, optim, loss, device, seed,
+                 schedule, checkpointing, evaluation, clear_params, model_kwargs, per_row,
+                 transform, distributed, validate, plate_name, compile):
+        checks.check_types(epochs=epochs, batch_size=batch_size, seed=seed,
+                           eval_every=evaluation.every, checkpoint_every=checkpointing.every,
+                           inner_steps=schedule.inner_steps)
+        if optim is None:
+            checks.check_types(lr=schedule.lr)
+        checks.check_fit_args(epochs, batch_size, checkpointing.every, schedule.inner_steps,
+                              validate, checkpointing.resume, checkpointing.directory,
+                              evaluation.every, schedule.lr_schedule, schedule.inner_tol)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for but CUDA is not available")
+        self.strategy, self.device = strategy, device = ddp.strategy_for(distributed, device)
+        self.tensors = tensors = as_batch_tuple(data, device)
+        self.eval_tensors = None if evaluation.data is None else as_batch_tuple(evaluation.data,
+                                                                                device)
+        checks.check_eval_data(self.eval_tensors, tensors)
+        self.num_data = num_data = tensors[0].shape[0]
+        self.model_kwargs, self.per_row = checks.per_row_kwargs(model_kwargs, per_row, num_data,
+                                                                device, evaluation.data)
+        for module in _owners(model, guide):
+            module.to(device)
+        if clear_params:
+            pyro.clear_param_store()
+        loss = loss or Trace_ELBO()
+        checks.check_loss_rows(loss, model, guide, batch_size, num_data)
+        self.loss = compiling.compile_loss(loss, compile, epochs * ddp.steps_per_epoch(
+            num_data, batch_size, strategy.world))
+        self.optim_given, self.optim = optim, optim or adam(schedule.lr, schedule.local_lr)
+        try:
+            self.structure = read_structure(model, tensors, transform, self.row_kwargs, plate_name)
+        except (RuntimeError, NotImplementedError) as error:
+            raise checks.dtype_error(tensors, error) from error
+        self.own_subsample = self.structure.subsample_size
+        if self.own_subsample:  # the model subsamples its own plate: Pyro's SVI, all rows at every step
+            if strategy.active:
+                raise ValueError(f"the data plate {self.structure.plate_name!r} subsamples itself "
+                                 f"(subsample_size={self.own_subsample}); distributed fit needs "
+                                 "the rows passed to the model: remove subsample_size and set "
+                                 "batch_size")
+            batch_size = num_data
+        checks.check_guide_rows(guide, tensors, self.row_kwargs, transform, batch_size, num_data)
+        self.model, self.guide, self.transform, self.batch_size = model, guide, transform, batch_size
+        self.epochs, self.seed, self.schedule, self.evaluation = epochs, seed, schedule, evaluation
+        self._start(checkpointing)
+
+    def _start(self, checkpointing):
+        """Create the params (or load them from the checkpoint) and seed the run."""
+        strategy, directory = self.strategy, checkpointing.directory
+        self.owned = strategy.owned(self.num_data)
+        self.guard = DivergenceGuard(None if directory is None else Path(directory) / CHECKPOINT_NAME)
+        self.checkpointer = Checkpointer(directory, self.optim, strategy, {
+            "num_data": self.num_data, "batch_size": self.batch_size, "seed": self.seed,
+            "data": data_fingerprint(self.tensors), "lr": self.schedule.lr}, self.guard)
+        # a different stream of z per rank; the shuffles come from their own generators
+        pyro.set_rng_seed(self.seed + 100_003 * strategy.rank)
+        strategy.start(self.register)
+        path = self.checkpointer.path
+        self.result = FitResult(checkpoint=None if path is None else str(path))
+        self.start_epoch, self.start_batch = 0, 0
+        if checkpointing.resume:
+            saved, self.start_epoch, self.start_batch = self.checkpointer.resume(self.register,
+                                                                                 self.device)
+            self.result = FitResult(**saved)
+            self.guard.resume(self.result.losses)
+        self.steps_per_epoch = -(-self.num_data // self.own_subsample) if self.own_subsample \
+            else ddp.steps_per_epoch(self.num_data, self.batch_size, strategy.world)
+        self.start_time = time.perf_counter() - self.result.wall_time
+
+    def row_kwargs(self, idx):
+        """model_kwargs with the per-row ones restricted to the rows ``idx``."""
+        if not self.per_row:
+            return self.model_kwargs
+        return {k: (v[idx] if k in self.per_row else v) for k, v in self.model_kwargs.items()}
+
+    def bound(self, idx):
+        return (bind_rows(self.model, idx, self.num_data, self.structure.plate_name),
+                bind_rows(self.guide, idx, self.num_data, self.structure.plate_name))
+
+    def register(self):
+        rows = self.owned[:2]
+        register_params(*self.bound(rows), take_rows(self.tensors, rows, self.transform),
+                        self.loss, self.row_kwargs(rows))
+
+    def progress_bar(self, progress):
+        return tqdm(total=self.epochs * self.steps_per_epoch,
+                    initial=self.start_epoch * self.steps_per_epoch + self.start_batch,
+                    disable=not progress or self.strategy.rank != 0, desc="fit", unit="step",
+                    leave=False, mininterval=1.0)
+
+    def first_batch(self, epoch):
+        return self.start_batch if epoch == self.start_epoch else 0
+
+    def losses_so_far(self, epoch):
+        """The step losses of ``epoch`` taken before a resume (a new list)."""
+        first, losses = self.first_batch(epoch), self.result.losses
+        return losses[len(losses) - first:] if first else []
+
+    def batches(self, epoch):
+        """(b, (rows [B], weight)) for the steps of ``epoch`` still to take."""
+        batches = self.strategy.batches(self.num_data, epoch, self.seed, self.batch_size)
+        if self.own_subsample:
+            batches = batches * self.steps_per_epoch
+        for b in range(self.first_batch(epoch), self.steps_per_epoch):
+            yield b, batches[b]
+
+    def step(self, idx, weight, epoch, b):
+        """One minibatch's step (step b of ``epoch``, 0-based); returns its loss per datapoint."""
+        result, schedule, num_data = self.result, self.schedule, self.num_data
+        idx = idx.to(self.device)
+        batch = take_rows(self.tensors, idx, self.transform)
+        if schedule.lr_schedule is not None:  # a function of the step: a resumed run continues it
+            set_lr_factor(self.optim, lr_factor(schedule.lr_schedule, result.step,
+                                                self.epochs * self.steps_per_epoch))
+        try:
+            with checks.first_step_checks(result.step == 0, self.tensors):
+                value, before = take_step(*self.bound(idx), self.optim, self.loss, batch,
+                                          self.row_kwargs(idx), schedule.inner_steps,
+                                          self.strategy, weight, schedule.inner_tol)
+        except ValueError as error:  # Pyro's validation meeting NaN: say where it diverged
+            raise self.guard.step_error(error)
+        result.step += 1
+        if before is not None:
+            result.inner_gains.append((before - value) / num_data)
+        value = value / num_data
+        self.guard.check_loss(value, result.step, epoch + 1, b + 1)
+        if result.step == 1:
+            checks.check_devices(self.device)
+            checks.check_trains_something(self.optim_given, schedule.lr, schedule.local_lr)
+            checks.check_autoguide_rows(self.guide, self.structure, self.batch_size, num_data)
+        result.losses.append(value)
+        self.last = idx, batch
+        return value
+
+    def end_epoch(self, epoch):
+        """The epoch's checks (parameters finite, values in their supports) and evaluation."""
+        # a non-finite parameter is a divergence (said as such) before it is a bad value
+        self.guard.check_state(self.optim, self.result.step, all_ranks=self.strategy.all_ranks)
+        idx, batch = self.last
+        if len(idx):
+            check_program_values(*self.bound(idx), batch, self.row_kwargs(idx), epoch + 1)
+        if self.eval_tensors is not None and (epoch + 1) % self.evaluation.every == 0:
+            self.result.eval_epochs.append(epoch + 1)
+            with _own_rng(self.device, self.seed + epoch):  # not the training stream: the
+                # trained weights are the same whatever eval_every says
+                self.result.eval_elbos.append(evaluate_elbo(
+                    self.model, self.guide, self.eval_tensors, model_kwargs=self.model_kwargs,
+                    distributed=self.strategy.active, plate_name=self.structure.plate_name,
+                    batch_size=len(self.eval_tensors[0]) if self.own_subsample else 512))
+
+    def finish(self):
+        """The final checks and the per-datapoint guide's finish; returns the result."""
+        result = self.result
+        if self.checkpointer.path is None:  # never return a NaN parameter, checkpoint or not
+            self.guard.check_state(self.optim, result.step, all_ranks=self.strategy.all_ranks)
+        _finish_local(self.guide, self.model, self.tensors, self.model_kwargs, self.transform,
+                      self.strategy, result)
+        result.wall_time = time.perf_counter() - self.start_time
+        return result
 
 
 def _finish_local(guide, model, tensors, model_kwargs, transform, strategy, result):

@@ -53,12 +53,13 @@ RANKS = {
     "ppl_lvm.densities": 1, "ppl_lvm.compiled": 1, "ppl_lvm.particles": 1,
     "ppl_lvm.models": 1, "ppl_lvm.models.vae": 1, "ppl_lvm.models.ppca": 1,
     "ppl_lvm.models.mog": 1, "ppl_lvm.models.missing": 1,
+    "ppl_lvm.optim": 1,  # Adam and the one step-size schedule: fit's, and refine's (rank 2)
     # 2: guide kinds, losses, estimators of log p(x), AIS, completion: all on the kernel
     "ppl_lvm.guides": 2, "ppl_lvm.objectives": 2, "ppl_lvm.estimators": 2, "ppl_lvm.ais": 2,
     "ppl_lvm.completion": 2,
     # 3: what trains: fit and its pieces, and the recipes that call it
     "ppl_lvm.checkpoint": 3, "ppl_lvm.distributed": 3, "ppl_lvm.train": 3,
-    "ppl_lvm.recipes": 3, "ppl_lvm.mixtures": 3,
+    "ppl_lvm.recipes": 3, "ppl_lvm.mixtures": 3, "ppl_lvm.checks": 3,
     # 4: the fronts: experiments, run folders, figures, the command line, the public API
     "ppl_lvm.experiment": 4, "ppl_lvm.runs": 4, "ppl_lvm.plots": 4, "ppl_lvm.cli": 4,
     "ppl_lvm.__main__": 4, "ppl_lvm": 4,

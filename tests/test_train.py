@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ppl_lvm.models.vae import VAE
-from ppl_lvm.train import DivergenceError, bind_rows, fit
+from ppl_lvm.train import Checkpointing, DivergenceError, Evaluation, Schedule, bind_rows, fit
 
 
 def binary_data(num_data=120, data_dim=12, seed=0):
@@ -246,29 +246,35 @@ def test_nonfinite_rows_are_found_chunk_by_chunk():
         fit(lambda x: None, lambda x: None, x, epochs=0, progress=False)
 
 
-def test_lazy_adam_dense_step_is_torch_adam_fused_and_resumes_from_a_saved_state():
-    from ppl_lvm.train import LazyAdam
+# fit's grouped options (Schedule, Checkpointing, Evaluation) mean exactly its flat keywords
 
-    pyro.clear_param_store()
+def grouped_data(num_data=40, data_dim=6):
     gen = torch.Generator().manual_seed(0)
-    start = torch.randn(5, 3, generator=gen)
-    grads = [torch.randn(5, 3, generator=gen) for _ in range(4)]
-    reference = start.clone().requires_grad_()
-    torch_adam = torch.optim.Adam([reference], lr=0.1, foreach=False)  # Adam as torch writes it
-    param = pyro.param("w", start.clone()).unconstrained()
-    optim = LazyAdam(lr=0.1)
-    for grad in grads[:2]:
-        reference.grad, param.grad = grad.clone(), grad.clone()
-        torch_adam.step()
-        optim([param])
-    assert optim._dense[0.1].defaults["fused"]  # one fused pass per step on the CPU
-    assert torch.allclose(param, reference, atol=1e-6)
-    # a checkpoint's state (its step count a CPU tensor) picks up where it stopped
-    resumed = LazyAdam(lr=0.1)
-    resumed.set_state(optim.get_state())
-    for grad in grads[2:]:
-        reference.grad, param.grad = grad.clone(), grad.clone()
-        torch_adam.step()
-        resumed([param])
-    assert torch.allclose(param, reference, atol=1e-6)
-    pyro.clear_param_store()
+    return (torch.rand(num_data, data_dim, generator=gen) < 0.3).float()
+
+
+def grouped_run(epochs=2, **options):
+    torch.manual_seed(0)
+    vae = VAE(6, z_dim=2, hidden_dim=8)
+    return fit(vae.model, vae.guide, grouped_data(), epochs=epochs, batch_size=10, progress=False,
+               **options)
+
+
+def test_grouped_options_take_the_same_steps_as_the_flat_keywords(tmp_path):
+    flat = grouped_run(lr=2e-2, lr_schedule="cosine", eval_data=grouped_data()[:8], eval_every=2,
+                       checkpoint_dir=tmp_path / "flat", checkpoint_every=3)
+    grouped = grouped_run(schedule=Schedule(lr=2e-2, lr_schedule="cosine"),
+                          evaluation=Evaluation(data=grouped_data()[:8], every=2),
+                          checkpointing=Checkpointing(directory=tmp_path / "grouped", every=3))
+    assert grouped.losses == flat.losses and len(flat.losses) == 8
+    assert grouped.eval_epochs == flat.eval_epochs == [2]
+    assert grouped.eval_elbos == flat.eval_elbos
+    assert (tmp_path / "grouped" / "checkpoint.pt").is_file()
+
+
+def test_a_group_and_its_keyword_must_agree():
+    with pytest.raises(ValueError, match="lr=0.5 and Schedule"):
+        grouped_run(lr=0.5, schedule=Schedule(lr=2e-2))
+    grouped_run(lr=2e-2, epochs=0, schedule=Schedule(lr=2e-2))  # the same value twice is fine
+    with pytest.raises(TypeError, match="Schedule"):
+        grouped_run(schedule={"lr": 2e-2})
