@@ -6,6 +6,7 @@ written where at level RESULT, progress at INFO (`--quiet` hides it and the bars
 DEBUG).
 """
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -128,10 +129,8 @@ def add_train_options(parser, epochs, demo=False):
     add("--hidden-dim", type=positive_int, default=400, help="hidden units of the MLPs")
     add("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
         help="p(x | z): Bernoulli (data binarized) or Gaussian")
-    add("--guide", default="amortized", choices=list(experiment.GUIDES),
-        help="amortized: the model's encoder q(z | x); local: one φ_i per training row "
-             "(non-amortized SVI); semi-amortized: the encoder's output refined by --semi-steps "
-             "steps")
+    add("--guide", default="amortized", choices=list(experiment.GUIDE_KINDS),
+        help="; ".join(f"{name}: {kind.help}" for name, kind in experiment.GUIDE_KINDS.items()))
     add("--semi-steps", type=positive_int, default=5,
         help="refinement steps of --guide semi-amortized")
     add("--local-lr", type=positive_float, default=1e-2, help="step size of the per-datapoint φ tables")
@@ -162,7 +161,7 @@ def add_train_options(parser, epochs, demo=False):
     add("--checkpoint-every", type=positive_int, default=None,
         help="also checkpoint every N steps (always at each epoch's end)")
     add("--seed", type=int, default=0, help="seed of the split, the initial weights and SVI")
-    add("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add("--device", **DEVICE_OPTION)
     add("--resume", action="store_true",
         help="continue from OUT/checkpoint.pt: the same options and model file (refused "
              "otherwise), the run's own copy of the code")
@@ -195,6 +194,13 @@ def add_common_options(parser, config=True):
         group.add_argument("--print-config", action="store_true",
                            help="print this command's full resolved configuration as TOML (which "
                                 "--config reads back) and stop")
+
+
+DEVICE_OPTION = {"default": "cpu", "choices": ["cpu", "cuda"], "help": "where tensors live"}
+
+
+def add_device_option(parser):
+    parser.add_argument("--device", **DEVICE_OPTION)
 
 
 def add_trust_option(parser):
@@ -452,13 +458,13 @@ def check_combination(args):
         raise CLIError("--missing trains the model of missing pixels: use `train masked-vae`")
     if args.model == "masked-vae" and not args.missing:
         raise CLIError("masked-vae needs --missing (e.g. top_half or mcar:0.5)")
-    if args.inner_steps and args.guide != "local":
-        raise CLIError("--inner-steps steps the per-datapoint φ_i first: use it with --guide local")
-    if args.guide == "semi-amortized" and args.model != "vae":
-        raise CLIError(f"--guide semi-amortized refines the output of an encoder of x alone: "
+    kind = experiment.guide_kind(args.guide)
+    if args.inner_steps and not kind.per_datapoint:
+        local = " or ".join(n for n, k in experiment.GUIDE_KINDS.items() if k.per_datapoint)
+        raise CLIError(f"--inner-steps steps the per-datapoint φ_i first: use it with --guide {local}")
+    if kind.needs_encoder and args.model != "vae":
+        raise CLIError(f"--guide {args.guide} refines the output of an encoder of x alone: "
                        f"`train vae` has one, {args.model} does not")
-    if args.objective == "iwae" and args.guide == "local" and args.num_particles > 1:
-        pass
     if args.dreg and args.objective != "iwae":
         raise CLIError("--dreg goes with --objective iwae")
     if args.inner_tol is not None and not args.inner_steps:
@@ -502,7 +508,8 @@ def train_in(args, out, data_config, x_train, x_test):
     log = out / "metrics.jsonl" if ddp.is_main() else None
     record = epoch_log(log, args, steps_per_epoch=-(-len(x_train) // args.batch_size))
 
-    eval_data = None if args.guide == "local" else (test_data if len(test_data) > 1 else x_test)
+    eval_data = None if experiment.guide_kind(args.guide).per_datapoint else (
+        test_data if len(test_data) > 1 else x_test)
     result = fit(module.model, guide, data if len(data) > 1 else x_train, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
                  progress=bars.enabled(), eval_data=eval_data, eval_every=args.eval_every,
@@ -631,8 +638,6 @@ def run_guide(module, config, x_test, local_steps=300):
     the amortized guide; for a per-datapoint run, φ fitted to the held-out rows with the model
     frozen (``infer_local``); the semi-amortized guide rebuilt; the held-out masks of a run
     trained with missing pixels."""
-    from ppl_lvm.guides import SemiAmortizedGuide
-
     options = config.get("cli", {})
     kind = options.get("guide", "amortized")
     kwargs = {}
@@ -640,9 +645,8 @@ def run_guide(module, config, x_test, local_steps=300):
         kwargs["mask"] = experiment.parse_missing(options["missing"], len(x_test),
                                                   x_test.shape[1], options.get("seed", 0) + 1,
                                                   x_test.device)
-    if kind == "semi-amortized":
-        return SemiAmortizedGuide(module.model, module.encoder,
-                                  steps=options.get("semi_steps", 5)), kwargs, ""
+    if kind in experiment.GUIDE_KINDS and not experiment.guide_kind(kind).per_datapoint:
+        return experiment.make_guide(kind, module, len(x_test), (x_test,), options), kwargs, ""
     guide, extra, note = experiment.held_out_guide(kind, module, module.model,
                                                    getattr(module, "guide", None), x_test, kwargs,
                                                    steps=local_steps)
@@ -650,6 +654,36 @@ def run_guide(module, config, x_test, local_steps=300):
 
 
 AIS_CHAINS = 16  # evaluate --method ais's default K, as ais_log_marginal's
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """An estimator of log p(x) that ``evaluate --method`` offers.
+
+    help: its line in ``--help`` (none: not described there). num_samples: -K's default.
+    num_steps: it anneals over -T temperatures, each an HMC transition (5 leapfrog steps and an
+    acceptance test per chain). khat: its weights are importance weights whose Pareto k̂ says
+    whether to trust them. estimate: ``estimate(model, guide, x, method=, num_samples=, seed=,
+    **options) -> LogMarginalEstimate``; None: ``ppl_lvm.estimators.estimate_log_marginal``.
+    """
+
+    help: str = ""
+    num_samples: int = 1000
+    num_steps: bool = False
+    khat: bool = True
+    estimate: object = None
+
+
+# the estimators of `evaluate --method`: a new one is a file with its estimate function and
+# one entry here
+METHODS = {
+    "iwae": Method("the importance-weighted bound with q(z | x)"),
+    "elbo": Method("Jensen's bound"),
+    "prior": Method("naive Monte Carlo with z ~ p(z)"),
+    "is": Method(),
+    "ais": Method("annealed importance sampling from q(z | x), K chains of T HMC steps (a "
+                  "tighter lower bound)", num_samples=AIS_CHAINS, num_steps=True, khat=False),
+}
 
 
 @program.in_evaluation_mode
@@ -663,14 +697,15 @@ def evaluate(args):
     if args.n is not None:
         x_test = x_test[:args.n]
     start = time.perf_counter()
+    spec = METHODS[args.method]
     if args.num_samples is None:
-        args.num_samples = AIS_CHAINS if args.method == "ais" else 1000
+        args.num_samples = spec.num_samples
     logger.info(f"{args.run}: log p(x) by {args.method}, K={args.num_samples}"
-                + (f", T={args.num_steps}" if args.method == "ais" else "")
+                + (f", T={args.num_steps}" if spec.num_steps else "")
                 + f", on {len(x_test)} held-out images" + (
                     f" ({len(x_test) * args.num_samples * args.num_steps * 6:,} model gradient "
                     "evaluations: 5 leapfrog steps and an acceptance test per temperature and "
-                    "chain; --n takes fewer images)" if args.method == "ais" else ""))
+                    "chain; --n takes fewer images)" if spec.num_steps else ""))
     guide, options, note = run_guide(vae, config, x_test)
     options.update(method=args.method, num_samples=args.num_samples, seed=args.seed)
     if config.get("model") == "mog":  # the assignment is discrete: log p(x) exactly
@@ -680,9 +715,11 @@ def evaluate(args):
                            "--method out")
         options["method"], note = "exact", " (a mixture: exact, by enumeration)"
     method = options["method"]
-    if args.method == "ais":
+    if spec.num_steps:
         options["num_steps"] = args.num_steps
-    if ddp.active():  # rows split across ranks, gathered back in order
+    if spec.estimate is not None and method != "exact":
+        estimate = spec.estimate(vae.model, guide, x_test, **options)
+    elif ddp.active():  # rows split across ranks, gathered back in order
         log_px = ddp.log_marginal(vae.model, guide, x_test, **options)
         estimate = LogMarginalEstimate(log_px, torch.full_like(log_px, float("nan")),
                                        args.method, args.num_samples)
@@ -690,22 +727,29 @@ def evaluate(args):
         estimate = estimate_log_marginal(vae.model, guide, x_test, **options)
     seconds = time.perf_counter() - start
     unreliable = None if estimate.khat is None else int(estimate.unreliable.sum())
+    # two errors of two kinds: the sampler's (a rerun with another seed moves the mean by about
+    # mc_stderr) and the rows' (another draw of held-out rows: stderr = sd / √N)
     result = {"method": method, "num_samples": args.num_samples, "num_images": len(x_test),
               "mean": estimate.mean, "stderr": estimate.stderr,
+              "mc_stderr": estimate.mean_mc_stderr,
+              "sd": estimate.log_px.std().item() if len(x_test) > 1 else 0.0,
               "median_ess": estimate.ess.median().item(), "wall_time_s": seconds,
               "khat_above_0.7": unreliable}
-    if args.method == "ais":
+    if spec.num_steps:
         result["num_steps"] = args.num_steps
     if ddp.is_main():
         ess = "" if method == "exact" or ddp.active() else f"; median ESS {result['median_ess']:.1f}"
-        if unreliable is not None and args.method != "ais" and args.num_samples >= 25:
+        if unreliable is not None and spec.khat and args.num_samples >= 25:
             ess += f"; Pareto k̂ > 0.7 (not to be trusted) for {unreliable} images"
-        steps = f", T={args.num_steps}" if args.method == "ais" else ""
+        steps = f", T={args.num_steps}" if spec.num_steps else ""
         samples = "" if method == "exact" else f", K={args.num_samples}{steps}"
-        logger.log(RESULT, f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f} ± "
-              f"{estimate.stderr:.2f} nats/image ({len(x_test)} images{ess}; {seconds:.1f} s){note}")
+        mc = result["mc_stderr"]
+        mc = "" if mc is None else " (exact)" if method == "exact" else f" ± {mc:.2g} (Monte Carlo)"
+        logger.log(RESULT, f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f}{mc} "
+              f"nats/image; over {len(x_test)} images: s.e. {estimate.stderr:.2f}, sd "
+              f"{result['sd']:.2f} ({seconds:.1f} s{ess}){note}")
         name = f"evaluate_{args.method}_K{args.num_samples}" + (
-            f"_T{args.num_steps}" if args.method == "ais" else "")
+            f"_T{args.num_steps}" if spec.num_steps else "")
         path = Path(args.run) / f"{name}.json"
         runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, result))
         logger.log(RESULT, f"wrote {path}")
@@ -718,7 +762,7 @@ def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None)
     mean: mean_n (log_px_n - baseline_n); stderr: the paired standard error std_n(d_n) / √N (the
     rows' own variation cancels: far smaller than the unpaired sqrt(s_a² + s_b²)); mc_stderr: the
     Monte Carlo part, sqrt(Σ_n (e_n² + e'_n²)) / N from each estimate's own error; within_noise:
-    |mean| < 2 × stderr (the difference is not distinguishable from the rows' and samplers'
+    |mean| ≤ 2 × stderr (the difference is not distinguishable from the rows' and samplers'
     noise at about 95 %)."""
     diff = (log_px.double() - baseline.double())
     count = diff.numel()
@@ -730,7 +774,7 @@ def paired_difference(log_px, baseline, mc_stderr=None, baseline_mc_stderr=None)
         mc = math.sqrt((mc_stderr.double() ** 2 + baseline_mc_stderr.double() ** 2).sum().item()) / count
     mean = diff.mean().item()
     return {"mean": mean, "stderr": stderr, "unpaired_stderr": unpaired, "mc_stderr": mc,
-            "within_noise": abs(mean) < 2 * stderr}
+            "within_noise": abs(mean) <= 2 * stderr}  # <=: a run against itself is within noise
 
 
 @program.in_evaluation_mode
@@ -751,7 +795,7 @@ def compare(args):
         module, config = load_run(run, args.device, args.trust_code)
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         _, x_test = run_data(config["data"], args.device)
-        x_test = x_test[:args.n]
+        num_heldout, x_test = len(x_test), x_test[:args.n]
         guide, kwargs, note = run_guide(module, config, x_test, local_steps=args.local_steps)
         method = "exact" if config.get("model") == "mog" else None
         elbo = estimate_log_marginal(module.model, guide, x_test, method=method or "elbo",
@@ -761,11 +805,14 @@ def compare(args):
         per_row.append((x_test, iwae))
         row = {"run": str(run), "model": config.get("model"),
                "guide": config.get("cli", {}).get("guide", "amortized"),
-               "heldout_elbo": elbo.mean, "heldout_log_px": iwae.mean,
+               "num_rows": len(x_test), "num_heldout": num_heldout, "method": method or "iwae",
+               "heldout_elbo": elbo.mean, "heldout_elbo_mc_stderr": elbo.mean_mc_stderr,
+               "heldout_log_px": iwae.mean,
                "log_px_stderr": iwae.stderr, "log_px_mc_stderr": iwae.mean_mc_stderr,
                "train_time_s": metrics.get("train_time_s", metrics.get("wall_time_s")),
                "num_parameters": metrics.get("num_parameters"), "note": note.strip()}
-        if args.gaps and method is None and row["guide"] == "amortized" and not kwargs:
+        if args.gaps and method is None and experiment.guide_kind(row["guide"]).amortized and (
+                not kwargs):
             encoder = experiment.gap_encoder(module, module.guide, x_test)
             gaps = amortization_gaps(module.model, module.guide, x_test, encoder=encoder,
                                      num_samples=args.num_samples, local_steps=args.local_steps,
@@ -779,14 +826,24 @@ def compare(args):
         log = Path(run) / "metrics.jsonl"
         if log.is_file():
             curves[str(run)] = [json.loads(line) for line in log.read_text().splitlines() if line]
+    # the rows are said: a mean over the first n rows is not `evaluate`'s mean over all of them
+    # (a mixture's per-row log p(x) can have a tail of rows far below the rest)
+    logger.log(RESULT, "on the first " + ", ".join(sorted({f"{r['num_rows']} of {r['num_heldout']}"
+                                                          for r in rows}))
+               + " held-out rows (`ppl-lvm evaluate RUN --n N` scores the same rows); ± s.e. over "
+               "the rows, then the Monte Carlo s.e. of the mean"
+               + ("; a mixture's ELBO and log p(x) are exact (enumerated)"
+                  if any(r["method"] == "exact" for r in rows) else ""))
     header = (f"| run | model | guide | held-out ELBO | log p(x), IWAE-{args.num_samples} | "
-              "approx. gap | amort. gap | train s | parameters |")
+              "MC s.e. | approx. gap | amort. gap | train s | parameters |")
     logger.log(RESULT, header)
-    logger.log(RESULT, "|" + "---|" * 9)
+    logger.log(RESULT, "|" + "---|" * 10)
     for r in rows:
         gap = lambda key: f"{r[key]:.2f}" if key in r else "—"  # noqa: E731
+        mc = "—" if r["log_px_mc_stderr"] is None else f"{r['log_px_mc_stderr']:.2g}"
         logger.log(RESULT, f"| {r['run']} | {r['model']} | {r['guide']} | {r['heldout_elbo']:.2f} | "
-              f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {gap('approximation_gap')} | "
+              f"{r['heldout_log_px']:.2f} ± {r['log_px_stderr']:.2f} | {mc} | "
+              f"{gap('approximation_gap')} | "
               f"{gap('amortization_gap')} | {r['train_time_s']:.1f} | {r['num_parameters']} |")
     _print_paired(rows, per_row)
     png, table = compare_paths(args.out)
@@ -852,12 +909,19 @@ def run_bdmc(args):
                   device=args.device, num_steps=args.num_steps, num_samples=args.num_samples,
                   seed=args.seed)
     seconds = time.perf_counter() - start
+    lower_mc, upper_mc = result.forward.mean_mc_stderr, result.reverse.mean_mc_stderr
     summary = {"num_images": args.n, "num_steps": args.num_steps, "num_samples": args.num_samples,
                "lower": result.lower.mean().item(), "upper": result.upper.mean().item(),
-               "gap": result.gap.mean().item(), "wall_time_s": seconds}
+               "gap": result.gap.mean().item(), "wall_time_s": seconds,
+               # the chains' own error of each mean (delta method on the weights); the two
+               # directions draw independent chains, so the gap's adds in quadrature
+               "lower_mc_stderr": lower_mc, "upper_mc_stderr": upper_mc,
+               "gap_mc_stderr": math.sqrt(lower_mc ** 2 + upper_mc ** 2),
+               "gap_sd": result.gap.std().item() if args.n > 1 else 0.0}
     logger.log(RESULT, f"BDMC on {args.n} simulated images, T={args.num_steps}, K={args.num_samples}: "
-          f"{summary['lower']:.2f} <= log p(x) <= {summary['upper']:.2f} nats/image "
-          f"(gap {summary['gap']:.2f}; {seconds:.1f} s)")
+          f"{summary['lower']:.2f} (± {lower_mc:.2g} MC) <= log p(x) <= {summary['upper']:.2f} "
+          f"(± {upper_mc:.2g} MC) nats/image (gap {summary['gap']:.2f} ± "
+          f"{summary['gap_mc_stderr']:.2g} MC, sd over images {summary['gap_sd']:.2f}; {seconds:.1f} s)")
     path = Path(args.run) / f"bdmc_T{args.num_steps}_K{args.num_samples}.json"
     runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, summary))
     logger.log(RESULT, f"wrote {path}")
@@ -872,7 +936,7 @@ def gaps(args):
     stamp = runs.run_stamp(args.run)
     vae, config = load_run(args.run, args.device, getattr(args, "trust_code", False))
     kind = config.get("cli", {}).get("guide", "amortized")
-    if kind == "local" or config.get("model") == "mog":
+    if experiment.guide_kind(kind).per_datapoint or config.get("model") == "mog":
         what = "a mixture (its posterior is exact)" if config.get("model") == "mog" else \
             f"--guide {kind}: its encoder was never trained as q(z | x)"
         raise CLIError(f"gaps measures the amortization gap of a run's encoder; {args.run} was "
@@ -907,7 +971,7 @@ def add_gaps_parser(commands):
                    help="optimisation steps of each image's own q* (decoder frozen)")
     p.add_argument("--local-lr", type=positive_float, default=1e-2, help="step size of q*'s steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples and q*'s start")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_device_option(p)
     add_common_options(p)
     add_trust_option(p)
     p.set_defaults(func=gaps)
@@ -1030,7 +1094,7 @@ def add_complete_parser(commands):
     p.add_argument("--block-size", type=positive_int, default=14, help="side for --mask blocks")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask and the samplers")
     p.add_argument("--out", default=None, help="PNG path (default RUN/completions_MASK.png)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_device_option(p)
     add_common_options(p)
     add_trust_option(p)
     p.set_defaults(func=complete)
@@ -1081,19 +1145,18 @@ def build_parser():
 
     p = commands.add_parser("evaluate", help="held-out log p(x) estimates for a trained run")
     p.add_argument("run", help="a folder written by `ppl-lvm train`")
-    p.add_argument("--method", default="iwae", choices=["iwae", "elbo", "prior", "is", "ais"],
-                   help="iwae: the importance-weighted bound with q(z | x); elbo: Jensen's bound; "
-                        "prior: naive Monte Carlo with z ~ p(z); ais: annealed importance sampling "
-                        "from q(z | x), K chains of T HMC steps (a tighter lower bound)")
+    p.add_argument("--method", default="iwae", choices=list(METHODS),
+                   help="; ".join(f"{name}: {m.help}" for name, m in METHODS.items() if m.help))
     p.add_argument("-K", "--num-samples", type=positive_int, default=None,
-                   help="importance samples per image (default: 1000), or AIS chains per image "
-                        f"(default: {AIS_CHAINS}, each as costly as T importance samples)")
+                   help=f"importance samples per image (default: {METHODS['iwae'].num_samples}), "
+                        f"or AIS chains per image (default: {METHODS['ais'].num_samples}, each as "
+                        "costly as T importance samples)")
     p.add_argument("-T", "--num-steps", type=positive_int, default=500,
                    help="AIS temperatures (HMC transitions) per chain, for --method ais")
     p.add_argument("--n", type=positive_int, default=None,
                    help="only the first n held-out images (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_device_option(p)
     add_common_options(p)
     add_trust_option(p)
     p.set_defaults(func=evaluate)
@@ -1111,7 +1174,7 @@ def build_parser():
                    help="optimisation steps of each row's own q* (gaps, per-datapoint runs)")
     p.add_argument("--out", default="compare.png", help="the PNG to write (and a .json beside it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_device_option(p)
     add_common_options(p)
     add_trust_option(p)
     p.set_defaults(func=compare)
@@ -1124,7 +1187,7 @@ def build_parser():
                    help="AIS temperatures (HMC transitions) per chain, each direction")
     p.add_argument("-K", "--num-samples", type=positive_int, default=4, help="chains per image")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the chains")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where tensors live")
+    add_device_option(p)
     add_common_options(p)
     add_trust_option(p)
     p.set_defaults(func=run_bdmc)

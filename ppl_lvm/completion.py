@@ -426,7 +426,8 @@ class MixtureConditional:
     samples: torch.Tensor = None
 
 
-def mixture_conditional(weights, means, covs, x, mask, num_samples=0, generator=None):
+def mixture_conditional(weights, means, covs, x, mask, num_samples=None, generator=None, *,
+                        num_completions=None):
     """The exact completion of a mixture of Gaussians given the observed dims of each row.
 
     With c ~ Cat(π), x | c ~ N(μ_c, Σ_c): p(c | x_o) ∝ π_c N(x_o; μ_{c,o}, Σ_{c,oo}) and
@@ -439,12 +440,13 @@ def mixture_conditional(weights, means, covs, x, mask, num_samples=0, generator=
         means: [C, D] μ_c.
         covs: [C, D, D] full covariances Σ_c, or [C, D] diagonal variances.
         x: [N, D] (NaN allowed where mask is False); mask: [N, D] bool, True = observed.
-        num_samples: S ≥ 0 draws of the completion.
+        num_completions (old name ``num_samples``): S ≥ 0 draws of the completion (default 0).
         generator: optional torch.Generator for the draws.
 
     Returns:
         ``MixtureConditional``. Full covariances are solved once per distinct mask pattern.
     """
+    num_samples = renamed("num_completions", num_completions, "num_samples", num_samples, 0)
     check_missing(x, mask)
     num_rows, dim = x.shape
     num_components = weights.shape[0]
@@ -496,11 +498,14 @@ def mixture_conditional(weights, means, covs, x, mask, num_samples=0, generator=
     return MixtureConditional(responsibilities, component_means, mean, log_px, samples)
 
 
-def mixture_completion(mixture, x, mask, num_samples=0, generator=None):
+def mixture_completion(mixture, x, mask, num_samples=None, generator=None, *,
+                       num_completions=None):
     """``mixture_conditional`` with the π, μ, Σ of a ``MixtureOfGaussians`` (ppl_lvm.models.mog).
 
-    x: [N, D] (NaN allowed where missing); mask: [N, D] bool. Returns ``MixtureConditional``.
+    x: [N, D] (NaN allowed where missing); mask: [N, D] bool; num_completions (old name
+    ``num_samples``): S draws. Returns ``MixtureConditional``.
     """
+    num_samples = renamed("num_completions", num_completions, "num_samples", num_samples, 0)
     with torch.no_grad():
         covs = (mixture.log_scale.exp() ** 2 if mixture.covariance == "diag"
                 else mixture.covariance_matrix)

@@ -28,6 +28,7 @@ from ppl_lvm.program import plate_nesting, sample_sites  # noqa: F401  (public h
 from ppl_lvm.particles import (  # noqa: F401  (public here too)
     _ACTIVATION_FACTOR, _MODEL_ERRORS, _PARTICLE_PLATE, CPU_MEMORY_BYTES, DEFAULT_MEMORY_BYTES,
     SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, LogMarginalEstimate, _plan, _RunningWeights,
+    noise_from_cpu,
     _seed_block, default_memory_bytes, trace_bytes, vectorize,
 )
 
@@ -220,7 +221,8 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
     call = (model, guide, x, method, num_samples, plate_name, chunk_size, seed, idx, memory_bytes,
             model_kwargs, globals, num_global_samples, args, per_row, compile)
     if seed is not None:  # a seeded call leaves the global RNG as it found it
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                noise_from_cpu(device):
             return _estimate(*call)
     return _estimate(*call)
 
@@ -242,7 +244,8 @@ def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=Non
     keep_freed_memory(x.device)
     idx = torch.arange(x.shape[0], device=x.device) if idx is None else idx.to(x.device)
     with torch.no_grad(), torch.random.fork_rng(
-            devices=[x.device] if x.device.type == "cuda" and seed is not None else []):
+            devices=[x.device] if x.device.type == "cuda" and seed is not None else []), \
+            noise_from_cpu(x.device if seed is not None else "cpu"):
         prog = compiled.compile_weights(
             _Program(model, guide, x, method, plate_name, idx, kwargs, globals, rest, per_row),
             compile, num_samples)
@@ -284,7 +287,8 @@ def joint_log_marginal(model, guide, x, *args, method="iwae", num_samples=100, s
         raise ValueError(f"method {method!r} needs a guide; use method='prior' without one")
     device = x.device if torch.is_tensor(x) else torch.device("cpu")
     data = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            noise_from_cpu(device if seed is not None else "cpu"):
         if seed is not None:
             torch.manual_seed(int(seed))
         enumerated, nesting = _enumerated_sites(model, guide, data + args, model_kwargs)

@@ -4,6 +4,7 @@ schedule — the one code path that ``ppl-lvm train`` and a Python user share. A
 comes from a file: ``path/to/file.py:build`` where ``build(data_dim, **options)`` returns an
 object with ``model`` and ``guide`` (an ``nn.Module`` such as ``VAE``, or any object).
 """
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -22,8 +23,6 @@ from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.program import inspect_program
 from ppl_lvm.recipes import infer_local
 
-BUILTIN = ("vae", "masked-vae", "ppca", "mog")
-GUIDES = ("amortized", "local", "semi-amortized")
 OBJECTIVES = ("elbo", "iwae")
 USER_FILE = "user_model.py"  # the run folder's copy of a user's model file
 
@@ -36,21 +35,37 @@ def ppca(data_dim, z_dim=20, **_):
     return module
 
 
+def _vae(data_dim, options):
+    return VAE(data_dim, z_dim=options["z_dim"], hidden_dim=options["hidden_dim"],
+               likelihood=options["likelihood"])
+
+
+def _masked_vae(data_dim, options):
+    return MaskedVAE(data_dim, z_dim=options["z_dim"], hidden_dim=options["hidden_dim"],
+                     likelihood=options["likelihood"])
+
+
+def _ppca(data_dim, options):
+    return ppca(data_dim, z_dim=options["z_dim"])
+
+
+def _mog(data_dim, options):
+    if options.get("covariance", "diag") not in COVARIANCES:
+        raise ValueError(f"--covariance must be one of {COVARIANCES}")
+    return MixtureOfGaussians(options["components"], data_dim, options.get("covariance", "diag"))
+
+
+# the model kinds `ppl-lvm train MODEL` builds: name -> build(data_dim, options) -> module
+MODELS = {"vae": _vae, "masked-vae": _masked_vae, "ppca": _ppca, "mog": _mog}
+BUILTIN = tuple(MODELS)
+
+
 def builtin_module(name, data_dim, options):
     """The package's model ``name`` for rows of ``data_dim`` values, from the CLI's options."""
-    if name == "vae":
-        return VAE(data_dim, z_dim=options["z_dim"], hidden_dim=options["hidden_dim"],
-                   likelihood=options["likelihood"])
-    if name == "masked-vae":
-        return MaskedVAE(data_dim, z_dim=options["z_dim"], hidden_dim=options["hidden_dim"],
-                         likelihood=options["likelihood"])
-    if name == "ppca":
-        return ppca(data_dim, z_dim=options["z_dim"])
-    if name == "mog":
-        if options.get("covariance", "diag") not in COVARIANCES:
-            raise ValueError(f"--covariance must be one of {COVARIANCES}")
-        return MixtureOfGaussians(options["components"], data_dim, options.get("covariance", "diag"))
-    raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN} or path/to/file.py:build")
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {BUILTIN} or "
+                         "path/to/file.py:build")
+    return MODELS[name](data_dim, options)
 
 
 def read_model_file(path):
@@ -129,23 +144,68 @@ def is_builtin(name):
     return name in BUILTIN
 
 
+@dataclasses.dataclass(frozen=True)
+class GuideKind:
+    """A guide kind ``ppl-lvm train --guide`` offers: ``build(module, num_data, data, options)``
+    returns the guide for ``module``'s model; ``help`` is its line in ``--help``.
+
+    per_datapoint: it holds one φ_i per training row, so held-out rows get their own φ fitted with
+        the model frozen (``infer_local``), there is no held-out ELBO during training, no gaps of
+        an encoder, and ``--inner-steps`` applies. amortized: q(z | x) is the model's encoder
+        itself (``compare --gaps`` measures its amortization gap). needs_encoder: it refines an
+        encoder of x alone (``train vae`` only).
+    """
+
+    build: object
+    help: str
+    per_datapoint: bool = False
+    amortized: bool = False
+    needs_encoder: bool = False
+
+
+def _amortized(module, num_data, data, options):
+    return getattr(module, "guide", None)  # a mixture scored exactly has none
+
+
+def _local(module, num_data, data, options):
+    structure = inspect_program(module.model, *data)
+    shapes = {n: structure.event_shapes[n] for n in structure.local_latents}
+    return LocalGuide(num_data, shapes, plate_name=structure.plate_name)
+
+
+def _semi_amortized(module, num_data, data, options):
+    encoder = getattr(module, "encoder", None)
+    if encoder is None:
+        raise ValueError("--guide semi-amortized refines an encoder's output: the model has "
+                         "no .encoder")
+    return SemiAmortizedGuide(module.model, encoder, steps=options.get("semi_steps", 5))
+
+
+# the guide kinds: a new one is a guide class (its own file) and one entry here
+GUIDE_KINDS = {
+    "amortized": GuideKind(_amortized, "the model's encoder q(z | x)", amortized=True),
+    "local": GuideKind(_local, "one φ_i per training row (non-amortized SVI)",
+                       per_datapoint=True),
+    "semi-amortized": GuideKind(_semi_amortized, "the encoder's output refined by --semi-steps "
+                                "steps", needs_encoder=True),
+}
+GUIDES = tuple(GUIDE_KINDS)
+
+
+def guide_kind(kind):
+    """The ``GuideKind`` named ``kind`` (a run written before a kind was renamed reads as
+    amortized, as it always did)."""
+    return GUIDE_KINDS.get(kind, GUIDE_KINDS["amortized"])
+
+
 def make_guide(kind, module, num_data, data, options):
-    """The guide of ``kind`` for ``module``'s model: its own amortized guide, a per-datapoint
-    ``LocalGuide`` over the model's local latent sites (read from its trace), or the amortized
-    guide refined by S steps (``SemiAmortizedGuide``, needs ``module.encoder``)."""
-    if kind == "amortized":
-        return module.guide
-    if kind == "local":
-        structure = inspect_program(module.model, *data)
-        shapes = {n: structure.event_shapes[n] for n in structure.local_latents}
-        return LocalGuide(num_data, shapes, plate_name=structure.plate_name)
-    if kind == "semi-amortized":
-        encoder = getattr(module, "encoder", None)
-        if encoder is None:
-            raise ValueError("--guide semi-amortized refines an encoder's output: the model has "
-                             "no .encoder")
-        return SemiAmortizedGuide(module.model, encoder, steps=options.get("semi_steps", 5))
-    raise ValueError(f"unknown guide {kind!r}; choose one of {GUIDES}")
+    """The guide of ``kind`` (one of ``GUIDE_KINDS``) for ``module``'s model: its own amortized
+    guide, a per-datapoint ``LocalGuide`` over the model's local latent sites (read from its
+    trace), or the amortized guide refined by S steps (``SemiAmortizedGuide``, needs
+    ``module.encoder``)."""
+    if kind not in GUIDE_KINDS:
+        raise ValueError(f"unknown guide {kind!r}; choose one of {GUIDES}")
+    return GUIDE_KINDS[kind].build(module, num_data, data, options)
 
 
 def make_loss(objective, num_particles=1, dreg=False):
@@ -187,7 +247,7 @@ def held_out_guide(kind, module, model, guide, x_test, data_kwargs, steps=300, l
     """The guide to score held-out rows with: a per-datapoint guide has no φ for them, so they
     are fitted with the model frozen (``infer_local``); returns (guide, keywords for the
     estimators, a note for the user)."""
-    if kind != "local":
+    if not guide_kind(kind).per_datapoint:
         return guide, {}, ""
     pyro.set_rng_seed(0)
     fitted = infer_local(model, x_test, num_steps=steps, lr=lr, name="held_out", **data_kwargs)

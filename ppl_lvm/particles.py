@@ -5,12 +5,17 @@ The pieces every estimator of log p(x) shares (importance sampling here and in
 ``ppl_lvm.estimators``, AIS in ``ppl_lvm.ais``): one place, below both, so neither imports the other
 in a circle.
 """
+import contextlib
 import dataclasses
 import math
 
 import numpy as np
 import pyro
 import torch
+import torch.distributions.lowrank_multivariate_normal
+import torch.distributions.multivariate_normal
+import torch.distributions.normal
+import torch.distributions.studentT
 
 from ppl_lvm.program import sample_sites
 from ppl_lvm.psis import pareto_khat, tail_size
@@ -132,6 +137,47 @@ def _seed_block(seed, block, particle_block):
     if seed is not None:
         state = np.random.SeedSequence([int(seed), block, particle_block]).generate_state(2)
         torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# the modules whose rsample draws ε ~ N(0, I) through torch.distributions.utils._standard_normal,
+# each under its own name: Normal (and so LogNormal, Pyro's Normal and its autoguides),
+# MultivariateNormal, LowRankMultivariateNormal, StudentT
+_NORMAL_MODULES = (torch.distributions.normal, torch.distributions.multivariate_normal,
+                   torch.distributions.lowrank_multivariate_normal, torch.distributions.studentT)
+_standard_normal = torch.distributions.utils._standard_normal
+
+
+def _standard_normal_from_cpu(shape, dtype, device):
+    """ε ~ N(0, I) [*shape] drawn by the CPU's generator, then moved to ``device``: the numbers a
+    CPU run draws, on any device."""
+    if torch._C._get_tracing_state():
+        return _standard_normal(shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device="cpu").normal_().to(device)
+
+
+@contextlib.contextmanager
+def noise_from_cpu(device):
+    """Within: reparameterised Normal-family draws on ``device`` take their ε from the CPU's
+    generator (seeded by ``_seed_block``, as on the CPU), so that a seeded estimate on a GPU uses
+    the noise of the same estimate on the CPU and the two agree up to float error.
+
+    A no-op on the CPU (its draws are already those). Not routed, and so still drawn by the
+    device's own generator: sites sampled by other distributions (Bernoulli, Categorical, Gamma,
+    ...), and the CPU-drawn Normal noise of a guide that samples such a site before a Normal one
+    then follows another stream on the CPU than on the device: only guides whose latents are all
+    Normal-family (a VAE's, a ``LocalGuide``, Normal autoguides) give device-independent answers.
+    Re-entrant; the patch of torch's Normal modules is undone on exit.
+    """
+    if torch.device(device).type == "cpu" or _NORMAL_MODULES[0]._standard_normal is not _standard_normal:
+        yield
+        return
+    for module in _NORMAL_MODULES:
+        module._standard_normal = _standard_normal_from_cpu
+    try:
+        yield
+    finally:
+        for module in _NORMAL_MODULES:
+            module._standard_normal = _standard_normal
 
 
 class _RunningWeights:

@@ -39,6 +39,7 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert iwae["mean"] > elbo["mean"] - 3 * elbo["stderr"]  # the IWAE bound is the tighter one
     assert 1 <= iwae["median_ess"] <= 200
     assert iwae["khat_above_0.7"] is not None and 0 <= iwae["khat_above_0.7"] <= 50
+    check_monte_carlo_error(out, capsys)
 
     # annealed importance sampling: a lower bound at least as tight as IWAE-200 here
     assert main(["evaluate", str(out), "--method", "ais", "-K", "2", "-T", "30", "--n", "50"]) == 0
@@ -51,6 +52,9 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     sandwich = json.loads((out / "bdmc_T30_K2.json").read_text())
     assert sandwich["lower"] <= sandwich["upper"] + 1.0 and sandwich["gap"] == pytest.approx(
         sandwich["upper"] - sandwich["lower"], abs=1e-4)
+    assert sandwich["lower_mc_stderr"] > 0 and sandwich["upper_mc_stderr"] > 0
+    assert sandwich["gap_mc_stderr"] == pytest.approx(math.hypot(sandwich["lower_mc_stderr"],
+                                                                 sandwich["upper_mc_stderr"]))
 
     # resuming a finished run for more epochs continues from its checkpoint
     more = list(TINY)
@@ -62,6 +66,32 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     wider = [a if a != "16" else "8" for a in more]
     assert main(["train", "vae", "--out", str(out), *wider, "--resume"]) == 2
     assert "--hidden-dim 16 -> 8" in capsys.readouterr().err
+
+
+def check_monte_carlo_error(out, capsys):
+    """Issue 19: `evaluate` prints and writes the Monte Carlo standard error of its mean beside the
+    spread over rows. It is the estimator's own (``mean_mc_stderr``), and it says what it claims:
+    the means of reruns with 8 other seeds on the same rows (Python API) scatter by about that
+    much (their sd within a factor 2.5 of it)."""
+    import statistics
+
+    from ppl_lvm import estimate_log_marginal
+    from ppl_lvm.runs import load_run, run_data
+
+    assert main(["evaluate", str(out), "-K", "10", "--n", "30"]) == 0
+    printed = capsys.readouterr().out
+    first = json.loads((out / "evaluate_iwae_K10.json").read_text())
+    assert (f"{first['mean']:.2f} ± {first['mc_stderr']:.2g} (Monte Carlo) nats/image; over 30 "
+            f"images: s.e. {first['stderr']:.2f}, sd {first['sd']:.2f}") in printed
+    module, config = load_run(out)
+    x = run_data(config["data"])[1][:30]
+    estimates = [estimate_log_marginal(module.model, module.guide, x, method="iwae",
+                                       num_samples=10, seed=seed) for seed in range(9)]
+    assert first["mean"] == pytest.approx(estimates[0].mean, rel=1e-5)
+    assert first["mc_stderr"] == pytest.approx(estimates[0].mean_mc_stderr, rel=1e-4)
+    assert first["sd"] == pytest.approx(estimates[0].log_px.std().item(), rel=1e-4)
+    scatter = statistics.stdev([e.mean for e in estimates[1:]])
+    assert first["mc_stderr"] / 2.5 < scatter < 2.5 * first["mc_stderr"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -264,6 +294,10 @@ def test_compare_reports_what_evaluate_and_the_runs_say(tmp_path, capsys):
     assert paired["mean"] == pytest.approx(rows[1]["heldout_log_px"] - rows[0]["heldout_log_px"],
                                            abs=1e-4)
     assert "paired s.e." in printed and f"{paired['mean']:+.3f} | {paired['stderr']:.3f}" in printed
+    for row in rows:  # the Monte Carlo error of each mean beside the spread over rows
+        assert row["log_px_mc_stderr"] > 0 and row["heldout_elbo_mc_stderr"] > 0
+        assert f"± {row['log_px_stderr']:.2f} | {row['log_px_mc_stderr']:.2g} |" in printed
+    assert rows[0]["num_rows"] == 20 and "on the first 20 of 359 held-out rows" in printed
 
 
 def test_progress_of_a_long_run_writes_little_into_a_log(tmp_path):
@@ -310,7 +344,8 @@ def test_evaluate_fits_held_out_phi_of_a_per_datapoint_run_as_the_python_api_doe
     assert result["mean"] == pytest.approx(estimate.mean, abs=1e-4)
     assert result["stderr"] == pytest.approx(estimate.stderr, abs=1e-4) and result["stderr"] > 0
     assert result["median_ess"] == pytest.approx(estimate.ess.median().item(), abs=1e-3)
-    assert f"{result['mean']:.2f} ± {result['stderr']:.2f}" in printed and "median ESS" in printed
+    assert f"{result['mean']:.2f} ± {result['mc_stderr']:.2g} (Monte Carlo)" in printed
+    assert f"s.e. {result['stderr']:.2f}, sd {result['sd']:.2f}" in printed and "median ESS" in printed
 
 
 def test_tensorboard_is_optional(tmp_path, capsys):
@@ -612,3 +647,73 @@ def test_evaluate_defaults_k_per_method(tmp_path, capsys):
     assert (out / "evaluate_ais_K16_T3.json").is_file()
     assert main(["evaluate", str(out), "--method", "elbo", "--n", "4"]) == 0
     assert "by elbo, K=1000" in capsys.readouterr().out
+
+
+def test_compare_and_evaluate_give_a_mixtures_exact_log_px_on_the_same_rows(tmp_path, capsys):
+    """Issue 19 (the `compare` +29 against `evaluate` -141 report): on a mixture both commands
+    print the same quantity, the mean over rows of the exact log p(x_n), enumerated; they differed
+    only in their rows (compare: the first --n 200; evaluate: all 359), and a Gaussian mixture on
+    binary pixels has a tail of held-out rows far below the rest (a variance at its floor on a
+    pixel constant in training), so a mean over a subset can even have the other sign. Both equal
+    the closed form log Σ_k π_k N(x_n; μ_k, Σ_k) on their own rows; compare says which rows."""
+    from ppl_lvm.runs import load_run, run_data
+
+    out = tmp_path / "mog"
+    assert main(["train", "mog", "--components", "3", "--out", str(out), *SMALL]) == 0
+    module, config = load_run(out)
+    x = run_data(config["data"])[1].double()
+    with torch.no_grad():  # the closed form, by enumerating the assignment in float64
+        weights = module.weights.double()
+        log_px = torch.stack([
+            weights[k].log() + torch.distributions.MultivariateNormal(
+                module.loc[k].double(), module.covariance_matrix[k].double()).log_prob(x)
+            for k in range(3)], -1).logsumexp(-1)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--n", "40"]) == 0
+    first = json.loads((out / "evaluate_iwae_K1000.json").read_text())
+    assert main(["evaluate", str(out)]) == 0
+    every = json.loads((out / "evaluate_iwae_K1000.json").read_text())
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(out), "--n", "40", "--out", str(png)]) == 0
+    printed = capsys.readouterr().out
+    row = json.loads(png.with_suffix(".json").read_text())[0]
+    assert first["mean"] == pytest.approx(log_px[:40].mean().item(), rel=1e-5)
+    assert every["mean"] == pytest.approx(log_px.mean().item(), rel=1e-5)
+    assert every["num_images"] == 359 and first["mc_stderr"] == every["mc_stderr"] == 0
+    for value in (row["heldout_elbo"], row["heldout_log_px"]):  # exact q: ELBO = log p(x)
+        assert value == pytest.approx(first["mean"], rel=1e-6)
+    assert row["method"] == "exact" and row["num_rows"] == 40 and row["num_heldout"] == 359
+    assert "on the first 40 of 359 held-out rows" in printed and "exact (enumerated)" in printed
+
+
+def test_a_new_estimator_and_guide_kind_are_one_registry_entry_each(tmp_path, capsys, monkeypatch):
+    """The README's contributor recipe: an estimate function plus one entry in ``cli.METHODS``,
+    a guide builder plus one entry in ``experiment.GUIDE_KINDS``; choices, help and every branch
+    follow the entries."""
+    from ppl_lvm import cli, experiment
+    from ppl_lvm.estimators import estimate_log_marginal
+
+    built = []
+
+    def my_guide(module, num_data, data, options):  # the amortized guide, counted
+        built.append(num_data)
+        return module.guide
+
+    def my_estimate(model, guide, x, *, method, **options):  # IWAE under another name
+        return estimate_log_marginal(model, guide, x, method="iwae", **options)
+
+    monkeypatch.setitem(cli.METHODS, "mine", cli.Method("IWAE again", num_samples=7,
+                                                        estimate=my_estimate))
+    monkeypatch.setitem(experiment.GUIDE_KINDS, "mine",
+                        experiment.GuideKind(my_guide, "the encoder, counted", amortized=True))
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    assert "mine: IWAE again" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")
+    out = tmp_path / "run"
+    assert main(["train", "vae", "--out", str(out), "--guide", "mine", *TINY]) == 0
+    assert built == [1438]  # train built the guide from the entry, once, for the training rows
+    assert main(["evaluate", str(out), "--method", "mine", "--n", "20"]) == 0
+    assert main(["evaluate", str(out), "--method", "iwae", "-K", "7", "--n", "20"]) == 0
+    mine = json.loads((out / "evaluate_mine_K7.json").read_text())  # -K's default from the entry
+    iwae = json.loads((out / "evaluate_iwae_K7.json").read_text())
+    assert mine["mean"] == iwae["mean"] and mine["num_samples"] == 7

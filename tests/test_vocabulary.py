@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ppl_lvm.ais import ais_log_marginal, bdmc
-from ppl_lvm.completion import complete
+from ppl_lvm.completion import complete, mixture_completion, mixture_conditional
 from ppl_lvm.estimators import estimate_log_marginal
 from ppl_lvm.models.missing import top_half
+from ppl_lvm.models.mog import MixtureOfGaussians
 from ppl_lvm.models.ppca import PPCA
 from ppl_lvm.recipes import infer_local
 from ppl_lvm.vocabulary import renamed
@@ -68,3 +69,17 @@ def test_infer_local_steps_by_either_name_not_both():
     model, x = ppca()
     with pytest.raises(TypeError, match="num_steps= and steps="):
         infer_local(model.model, x, steps=5, num_steps=5)
+
+
+def test_the_exact_mixture_conditionals_completions_by_either_name():
+    mixture = MixtureOfGaussians(2, 3)
+    x, mask = torch.randn(4, 3), torch.tensor([[True, False, True]] * 4)
+    old = mixture_completion(mixture, x, mask, 5, torch.Generator().manual_seed(0))
+    new = mixture_completion(mixture, x, mask, num_completions=5,
+                             generator=torch.Generator().manual_seed(0))
+    assert new.samples.shape == (5, 4, 3)
+    torch.testing.assert_close(new.samples, old.samples, rtol=0, atol=0)
+    assert mixture_completion(mixture, x, mask).samples is None  # the default: no draws
+    with pytest.raises(TypeError, match="num_completions= and num_samples="):
+        mixture_conditional(mixture.weights, mixture.loc, mixture.log_scale.exp() ** 2, x, mask,
+                            num_samples=2, num_completions=2)
