@@ -148,7 +148,7 @@ def add_train_options(parser, epochs, demo=False):
     add("--missing", default=None,
         help="train with missing pixels (masked-vae): top_half, bottom_half, left_half, "
              "right_half, blocks or mcar:RATE")
-    add("--components", type=positive_int, default=10, help="mog: K components")
+    add("--components", type=positive_int, default=10, help="mog: number of mixture components")
     add("--covariance", default="diag", choices=["diag", "full", "tied"],
         help="mog: covariance of each component")
     add("--mog-method", default="em", choices=["em", "enum", "reinforce", "amortized"],
@@ -1085,11 +1085,13 @@ def add_complete_parser(commands):
     p.add_argument("run", help="a folder written by `ppl-lvm train`")
     p.add_argument("--mask", default="top_half", choices=MASKS, help="which pixels are missing")
     p.add_argument("--n", type=positive_int, default=16, help="the first n held-out images")
-    p.add_argument("--samples", type=positive_int, default=4, help="completions per image")
+    p.add_argument("--num-completions", "--samples", dest="samples", type=positive_int, default=4,
+                   help="completions per image")
     p.add_argument("--method", default="mwg", choices=COMPLETION_METHODS,
                    help="sampling-importance-resampling or Metropolis-within-Gibbs")
     p.add_argument("--num-particles", type=positive_int, default=1000, help="K for SIR")
-    p.add_argument("--num-steps", type=positive_int, default=200, help="MwG steps")
+    p.add_argument("--num-sweeps", "--num-steps", dest="num_steps", type=positive_int, default=200,
+                   help="Metropolis-within-Gibbs sweeps, for --method mwg")
     p.add_argument("--rate", type=float, default=0.5, help="missing rate for --mask mcar")
     p.add_argument("--block-size", type=positive_int, default=14, help="side for --mask blocks")
     p.add_argument("--seed", type=int, default=0, help="seed of the mask and the samplers")
@@ -1151,8 +1153,8 @@ def build_parser():
                    help=f"importance samples per image (default: {METHODS['iwae'].num_samples}), "
                         f"or AIS chains per image (default: {METHODS['ais'].num_samples}, each as "
                         "costly as T importance samples)")
-    p.add_argument("-T", "--num-steps", type=positive_int, default=500,
-                   help="AIS temperatures (HMC transitions) per chain, for --method ais")
+    p.add_argument("-T", "--num-temperatures", "--num-steps", dest="num_steps", type=positive_int,
+                   default=500, help="AIS temperatures (HMC transitions) per chain, for --method ais")
     p.add_argument("--n", type=positive_int, default=None,
                    help="only the first n held-out images (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
@@ -1183,8 +1185,8 @@ def build_parser():
                                          "on images simulated from a trained run")
     p.add_argument("run", help="a folder written by `ppl-lvm train`")
     p.add_argument("--n", type=positive_int, default=50, help="images to simulate")
-    p.add_argument("-T", "--num-steps", type=positive_int, default=500,
-                   help="AIS temperatures (HMC transitions) per chain, each direction")
+    p.add_argument("-T", "--num-temperatures", "--num-steps", dest="num_steps", type=positive_int,
+                   default=500, help="AIS temperatures (HMC transitions) per chain, each direction")
     p.add_argument("-K", "--num-samples", type=positive_int, default=4, help="chains per image")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the chains")
     add_device_option(p)

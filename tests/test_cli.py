@@ -717,3 +717,23 @@ def test_a_new_estimator_and_guide_kind_are_one_registry_entry_each(tmp_path, ca
     mine = json.loads((out / "evaluate_mine_K7.json").read_text())  # -K's default from the entry
     iwae = json.loads((out / "evaluate_iwae_K7.json").read_text())
     assert mine["mean"] == iwae["mean"] and mine["num_samples"] == 7
+
+
+@pytest.mark.parametrize("command, new, old, dest, value", [
+    (["evaluate", "runs/x", "--method", "ais"], "--num-temperatures", "--num-steps", "num_steps", 7),
+    (["bdmc", "runs/x"], "--num-temperatures", "--num-steps", "num_steps", 7),
+    (["complete", "runs/x"], "--num-sweeps", "--num-steps", "num_steps", 7),
+    (["complete", "runs/x"], "--num-completions", "--samples", "samples", 3),
+])
+def test_the_command_line_speaks_the_vocabulary_and_keeps_old_flags(command, new, old, dest,
+                                                                   value):
+    """One word per idea (README, Vocabulary): T is --num-temperatures, MwG's sweeps are
+    --num-sweeps, completions --num-completions; the older flags give the same setting. K is
+    never the number of mixture components in the help."""
+    from ppl_lvm.cli import build_parser, parse, subparser
+
+    parser = build_parser()
+    assert getattr(parse(parser, [*command, new, str(value)]), dest) == value
+    assert getattr(parse(build_parser(), [*command, old, str(value)]), dest) == value
+    train_help = " ".join(subparser(build_parser(), "train").format_help().split())
+    assert "number of mixture components" in train_help and "K components" not in train_help
