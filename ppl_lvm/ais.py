@@ -24,7 +24,7 @@ from torch.distributions import biject_to
 
 from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.particles import (
-    DEFAULT_MEMORY_BYTES, SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, trace_bytes,
+    SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, default_memory_bytes, trace_bytes,
     vectorize,
 )
 from ppl_lvm.program import frame_of as data_frame
@@ -151,7 +151,9 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
         seed: optional int. Rows are drawn in blocks of ``SEED_BLOCK_ROWS``, each block's
             randomness from its own stream seeded by (seed, block), so the answer does not
             depend on chunk_size or memory_bytes. Without a seed the global RNG is used.
-        memory_bytes: rough budget per vectorised call (default 1 GiB), with the backward pass.
+        memory_bytes: rough budget per vectorised call, with the backward pass (default: the
+            estimators' one default, ``particles.default_memory_bytes``: 64 MiB on the CPU,
+            1 GiB on a GPU; the seeded answer does not depend on it).
         chunk_size: rows per vectorised call (all K chains of a row are always in one call);
             None picks it from ``memory_bytes``.
         idx: optional [N] long, the rows' indices, for a per-datapoint guide.
@@ -345,7 +347,7 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
         betas = betas.flip(0)
     if idx is None:
         idx = torch.arange(num_rows, device=device)
-    memory_bytes = DEFAULT_MEMORY_BYTES if memory_bytes is None else int(memory_bytes)
+    memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
     if plate_name is None:  # the plate over the rows, whatever its name (ppl_lvm.program)
         plate_name = inspect_program(model, x, **model_kwargs).plate_name
     with _forked_rng(device, seed is not None):

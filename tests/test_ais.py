@@ -502,3 +502,20 @@ def test_ais_estimates_carry_their_monte_carlo_error():
     assert (prior.mc_stderr > 0).all()
     assert torch.allclose(prior.mc_stderr.double(), expected, atol=1e-5)
     assert prior.mean_mc_stderr > 0
+
+
+def test_ais_takes_the_estimators_one_memory_default(ppca, monkeypatch):
+    """One memory default for every estimator (issue 21): AIS, like log_marginal, plans its calls
+    with particles.default_memory_bytes(device) (before: 1 GiB for AIS, 64 MiB for IWAE on the
+    CPU). With the CPU default cut to the bytes of one row's chains, AIS takes one row per call,
+    exactly as memory_bytes=that budget does."""
+    from ppl_lvm import particles
+
+    model, x = ppca
+    explicit = ais_log_marginal(model.model, None, x[:5], num_steps=3, num_samples=2, seed=0,
+                                memory_bytes=1)
+    assert explicit.rows_per_call == 1
+    monkeypatch.setattr(particles, "CPU_MEMORY_BYTES", 1)
+    default = ais_log_marginal(model.model, None, x[:5], num_steps=3, num_samples=2, seed=0)
+    assert default.rows_per_call == 1
+    assert torch.equal(default.log_px, explicit.log_px)
