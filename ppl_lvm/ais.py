@@ -8,9 +8,13 @@ it gives a stochastic upper bound: the BDMC sandwich (Grosse et al. 2015; Wu et 
 Works for any Pyro program whose continuous latents live in the data plate: latents are read from
 a trace, moved to unconstrained space, and each energy is one vectorised trace over K × n chains.
 """
+from __future__ import annotations
+
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pyro
@@ -47,11 +51,11 @@ class AISEstimate(LogMarginalEstimate):
         each path (``ppl_lvm.compiled.CompiledDensity.summary``); None when it ran eagerly.
     """
 
-    num_steps: int = None
-    log_weights: torch.Tensor = None
-    acceptance: torch.Tensor = None
-    step_size: torch.Tensor = None
-    compiled: str = None
+    num_steps: int | None = None
+    log_weights: torch.Tensor | None = None
+    acceptance: torch.Tensor | None = None
+    step_size: torch.Tensor | None = None
+    compiled: str | None = None
 
     def __repr__(self):
         return (f"AISEstimate(K={self.num_samples}, T={self.num_steps}, N={self.log_px.numel()}, "
@@ -74,12 +78,12 @@ class BDMCResult:
     lower: torch.Tensor
     upper: torch.Tensor
     x: torch.Tensor
-    z: dict
+    z: dict[str, torch.Tensor]
     forward: AISEstimate
     reverse: AISEstimate
 
     @property
-    def gap(self):
+    def gap(self) -> torch.Tensor:
         """[N] upper - lower: a bound on each estimate's error (≥ 0 in expectation)."""
         return self.upper - self.lower
 
@@ -117,10 +121,16 @@ def schedule_betas(num_steps, schedule="sigmoid", *, delta=4.0, dtype=torch.floa
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def ais_log_marginal(model, guide, x, *args, num_temperatures=None, num_samples=16,
-                     schedule="sigmoid", leapfrog_steps=5, step_size=0.1, target_accept=0.65,
-                     plate_name=None, seed=None, memory_bytes=None, chunk_size=None, idx=None,
-                     compile=False, num_steps=None, per_row=None, **model_kwargs):
+def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
+                     x: torch.Tensor, *args: Any, num_temperatures: int | None = None,
+                     num_samples: int = 16, schedule: str | torch.Tensor = "sigmoid",
+                     leapfrog_steps: int = 5, step_size: float = 0.1, target_accept: float = 0.65,
+                     plate_name: str | None = None, seed: int | None = None,
+                     memory_bytes: int | None = None, chunk_size: int | None = None,
+                     idx: torch.Tensor | None = None, compile: bool | str = False,
+                     num_steps: int | None = None,
+                     per_row: int | str | tuple[int | str, ...] | None = None,
+                     **model_kwargs: Any) -> AISEstimate:
     """Per-datapoint AIS estimates of log p(x_n): K chains per datapoint, T temperatures.
 
     Args:
@@ -235,10 +245,17 @@ def _with_positional(model, args, model_kwargs):
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def bdmc(model, guide=None, *, x=None, z=None, num_data=None, data_shape=None, device=None,
-         num_temperatures=None, num_samples=16, schedule="sigmoid", leapfrog_steps=5,
-         step_size=0.1, target_accept=0.65, plate_name=None, seed=None, memory_bytes=None,
-         chunk_size=None, compile=False, num_steps=None, per_row=None, **model_kwargs):
+def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
+         x: torch.Tensor | None = None, z: torch.Tensor | dict[str, torch.Tensor] | None = None,
+         num_data: int | None = None, data_shape: Sequence[int] | None = None,
+         device: str | torch.device | None = None, num_temperatures: int | None = None,
+         num_samples: int = 16, schedule: str | torch.Tensor = "sigmoid",
+         leapfrog_steps: int = 5, step_size: float = 0.1, target_accept: float = 0.65,
+         plate_name: str | None = None, seed: int | None = None, memory_bytes: int | None = None,
+         chunk_size: int | None = None, compile: bool | str = False,
+         num_steps: int | None = None,
+         per_row: int | str | tuple[int | str, ...] | None = None,
+         **model_kwargs: Any) -> BDMCResult:
     """Bidirectional Monte Carlo: forward AIS (a lower bound), reverse AIS (an upper) on log p(x_n).
 
     Reverse AIS needs an exact sample from p(z | x_n); two ways to have one:

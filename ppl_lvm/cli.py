@@ -1045,12 +1045,11 @@ def complete(args):
     shown = torch.where(mask, x, result.sample_means).clamp(0, 1)
     out = completion_path(args.out, args.run, args.mask)
     out.parent.mkdir(parents=True, exist_ok=True)
-    labels = ["original", "observed"] + [f"sample {i + 1}" for i in range(args.samples)]
     def write():
-        plots.image_grid([x, x, *shown], out, row_labels=labels,
-                         missing=[None, mask] + [None] * args.samples,
-                         title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
-                               f"({args.method}); missing pixels in {plots.MISSING_NAME}")
+        plots.completion_grid(x, mask, shown, out,
+                              labels=[f"sample {i + 1}" for i in range(args.samples)],
+                              title=f"{args.mask}: completions E[x_miss | z_s], z_s ~ p(z | x_obs) "
+                                    f"({args.method})")
 
     if args.out is None:  # into the run: only if it is still the run that was loaded
         runs.write_into_run(args.run, stamp, write)

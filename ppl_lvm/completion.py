@@ -7,10 +7,14 @@ model by sampling-importance-resampling with the guide as proposal, or by Metrop
 ``log_marginal_observed`` is log p(x_obs); ``imputation_scores``, ``mean_imputation`` and
 ``knn_imputation`` are the yardsticks. Masks and the masked models are in ``ppl_lvm.models.missing``.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyro
@@ -37,7 +41,8 @@ ACCEPTANCE_TRUSTED = 0.05
 ROWS_PER_CALL = 1 << 17
 
 
-def log_marginal_observed(model, guide, x, mask, **kwargs):
+def log_marginal_observed(model: Callable[..., Any], guide: Callable[..., Any] | None,
+                          x: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """log p(x_obs) per datapoint by importance weighting with the guide (IWAE by default).
 
     The estimator of ``ppl_lvm.estimators.log_marginal`` applied to the masked model: weights
@@ -73,14 +78,14 @@ class Completion:
     samples: torch.Tensor
     mean: torch.Tensor
     method: str
-    sample_means: torch.Tensor = None
-    ess: torch.Tensor = None
-    acceptance: torch.Tensor = None
-    log_weights: torch.Tensor = None
-    khat: torch.Tensor = None
-    trusted: torch.Tensor = None
+    sample_means: torch.Tensor | None = None
+    ess: torch.Tensor | None = None
+    acceptance: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
+    khat: torch.Tensor | None = None
+    trusted: torch.Tensor | None = None
 
-    def most_probable(self):
+    def most_probable(self) -> torch.Tensor:
         """Per-pixel most probable completion of binary pixels: 1{P(x_d = 1 | x_obs) > 1/2}, [N, D]."""
         return (self.mean > 0.5).to(self.mean.dtype)
 
@@ -263,9 +268,11 @@ def _mwg(masked, model, guide, x, mask, num_samples, num_steps, proposal, idx):
 
 @program.in_evaluation_mode
 @torch.no_grad()
-def complete(model, guide, x, mask, num_samples=None, *, method="auto", num_particles=1000,
-             num_steps=None, proposal="observed", idx=None, seed=None, num_completions=None,
-             num_sweeps=None):
+def complete(model: Callable[..., Any], guide: Callable[..., Any] | None, x: torch.Tensor,
+             mask: torch.Tensor, num_samples: int | None = None, *, method: str = "auto",
+             num_particles: int = 1000, num_steps: int | None = None, proposal: str = "observed",
+             idx: torch.Tensor | None = None, seed: int | None = None,
+             num_completions: int | None = None, num_sweeps: int | None = None) -> Completion:
     """Samples of the missing pixels from the posterior p(x_miss | x_obs), and its mean.
 
     Args:
@@ -498,8 +505,10 @@ def mixture_conditional(weights, means, covs, x, mask, num_samples=None, generat
     return MixtureConditional(responsibilities, component_means, mean, log_px, samples)
 
 
-def mixture_completion(mixture, x, mask, num_samples=None, generator=None, *,
-                       num_completions=None):
+def mixture_completion(mixture: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                       num_samples: int | None = None,
+                       generator: torch.Generator | None = None, *,
+                       num_completions: int | None = None) -> MixtureConditional:
     """``mixture_conditional`` with the π, μ, Σ of a ``MixtureOfGaussians`` (ppl_lvm.models.mog).
 
     x: [N, D] (NaN allowed where missing); mask: [N, D] bool; num_completions (old name
@@ -534,7 +543,8 @@ def _diagonal_conditional(log_weights, means, variances, x, mask, num_samples, g
 # imputation quality and the baselines
 
 
-def imputation_scores(x, mask, imputed, binary=True, eps=1e-6):
+def imputation_scores(x: torch.Tensor, mask: torch.Tensor, imputed: torch.Tensor,
+                      binary: bool = True, eps: float = 1e-6) -> dict[str, float]:
     """How well ``imputed`` predicts the missing pixels of ``x`` (missing pixels only).
 
     x: [N, D] true values; mask: [N, D] bool (True = observed, so scored where False); imputed:

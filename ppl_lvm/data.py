@@ -122,7 +122,7 @@ def _check_dtype(dtype):
 # readers
 
 
-def read_idx(file, magic=None):
+def read_idx(file: str | os.PathLike, magic: int | None = None) -> np.ndarray:
     """Read one IDX file (the MNIST format), plain or gzipped.
 
     Gzip is detected by the magic bytes 1f 8b, so the file's suffix does not matter. The header is a

@@ -7,6 +7,8 @@ All of them read off one matrix, ``log_weights`` [K, N]: IWAE is its log-mean-ex
 its mean. The weights are built site by site from the traces (``ppl_lvm.program`` says which plate
 runs over the rows and which sites are local), vectorised over K, chunked over datapoints.
 """
+from __future__ import annotations
+
 import ctypes
 import dataclasses
 import functools
@@ -14,6 +16,8 @@ import inspect
 import math
 import sys
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro
 import pyro.poutine as poutine
@@ -61,11 +65,16 @@ def accepts(fn, name):
 
 
 
-def log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
-                 chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                 num_global_samples=10, num_steps=None, per_row=None, compile=False,
-                 num_temperatures=None,
-                 **model_kwargs):
+def log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
+                 x: torch.Tensor | Sequence[torch.Tensor], *args: Any,
+                 method: str = "iwae", num_samples: int = 1000,
+                 plate_name: str | None = None, chunk_size: int | None = None,
+                 seed: int | None = None, idx: torch.Tensor | None = None,
+                 memory_bytes: int | None = None,
+                 globals: str | dict[str, torch.Tensor] | None = None,
+                 num_global_samples: int = 10, num_steps: int | None = None,
+                 per_row: str | Sequence[str] | None = None, compile: bool | str = False,
+                 num_temperatures: int | None = None, **model_kwargs: Any) -> torch.Tensor:
     """Per-datapoint estimates of log p(x_n): the IWAE / importance-sampling estimator by default.
 
     Args:
@@ -186,11 +195,16 @@ def _score_subsampled(estimate, plate, model, guide, x, args, kwargs):
 @_rows_of_a_subsampling_model
 @program.in_evaluation_mode
 @torch.no_grad()
-def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=1000, plate_name=None,
-                          chunk_size=None, seed=None, idx=None, memory_bytes=None, globals=None,
-                          num_global_samples=10, num_steps=None, per_row=None, compile=False,
-                 num_temperatures=None,
-                 **model_kwargs):
+def estimate_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
+                          x: torch.Tensor | Sequence[torch.Tensor], *args: Any,
+                          method: str = "iwae", num_samples: int = 1000,
+                          plate_name: str | None = None, chunk_size: int | None = None,
+                          seed: int | None = None, idx: torch.Tensor | None = None,
+                          memory_bytes: int | None = None,
+                          globals: str | dict[str, torch.Tensor] | None = None,
+                          num_global_samples: int = 10, num_steps: int | None = None,
+                          per_row: str | Sequence[str] | None = None, compile: bool | str = False,
+                          num_temperatures: int | None = None, **model_kwargs: Any) -> LogMarginalEstimate:
     """``log_marginal`` returning a ``LogMarginalEstimate`` (per-datapoint values, mean, stderr,
     ESS and Pareto k̂)."""
     x, args, per_row = _data_tuple(x, args, per_row)
@@ -226,8 +240,12 @@ def estimate_log_marginal(model, guide, x, *args, method="iwae", num_samples=100
 
 
 @program.in_evaluation_mode
-def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=None, idx=None,
-                memory_bytes=None, globals=None, per_row=None, compile=False, **kwargs):
+def log_weights(model: Callable[..., Any], guide: Callable[..., Any] | None, *args: Any,
+                num_samples: int = 1000, plate_name: str | None = None, seed: int | None = None,
+                idx: torch.Tensor | None = None, memory_bytes: int | None = None,
+                globals: str | dict[str, torch.Tensor] | None = None,
+                per_row: str | Sequence[str] | None = None, compile: bool | str = False,
+                **kwargs: Any) -> torch.Tensor:
     """The importance log weights log w_{k,n} = log p(x_n, z_k) - log q(z_k | x_n): [K, N].
 
     z_k ~ q(z | x_n) (the guide; ``guide=None``: the prior, so w = p(x_n | z_k)). Every estimator of
@@ -263,8 +281,10 @@ def log_weights(model, guide, *args, num_samples=1000, plate_name=None, seed=Non
 
 
 @torch.no_grad()
-def joint_log_marginal(model, guide, x, *args, method="iwae", num_samples=100, seed=None,
-                       **model_kwargs):
+def joint_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
+                       x: torch.Tensor | Sequence[torch.Tensor], *args: Any, method: str = "iwae",
+                       num_samples: int = 100, seed: int | None = None,
+                       **model_kwargs: Any) -> torch.Tensor:
     """The whole-data bound on log p(x_1..N): a 0-dim tensor (nats, for all rows together).
 
     For guides whose density is joint over rows (AutoDiagonalNormal, AutoMultivariateNormal,

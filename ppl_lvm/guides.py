@@ -8,9 +8,13 @@
   Recipes that train a guide (``infer_local``, ``amortization_gaps``) are in ``ppl_lvm.recipes``.
 - ``score_function_infer``: REINFORCE with a baseline for discrete (non-reparameterisable) sites.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -83,9 +87,13 @@ class LocalGuide:
     (may be omitted only when B == N).
     """
 
-    def __init__(self, num_data, site_shapes, init_loc=0.0, init_scale=1.0, name="phi",
-                 plate_name="data", plate_dim=None, event_dims=None, inner_plates=None,
-                 refine_after_fit=True, supports=None):
+    def __init__(self, num_data: int, site_shapes: dict[str, int | Sequence[int]],
+                 init_loc: float = 0.0, init_scale: float = 1.0, name: str = "phi",
+                 plate_name: str = "data", plate_dim: int | None = None,
+                 event_dims: dict[str, int] | None = None,
+                 inner_plates: dict[str, Sequence[tuple[str, int, int]]] | None = None,
+                 refine_after_fit: bool = True,
+                 supports: dict[str, constraints.Constraint] | None = None) -> None:
         if num_data < 1:
             raise ValueError(f"num_data must be >= 1, got {num_data}")
         if not site_shapes:
@@ -115,7 +123,9 @@ class LocalGuide:
         self.refine_after_fit = bool(refine_after_fit)
         self.convergence = self.converged = None
 
-    def after_fit(self, model, data, model_kwargs=None, tol=1e-3, max_steps=200, seed=0):
+    def after_fit(self, model: Callable[..., Any], data: Sequence[torch.Tensor],
+                  model_kwargs: dict[str, Any] | None = None, tol: float = 1e-3,
+                  max_steps: int = 200, seed: int = 0) -> LocalConvergence | None:
         """Called by ``fit`` at its end with the training rows ``data`` (a tuple of tensors [N, ...],
         as the model takes them): q* of every row by ``solve_local`` (``refine_after_fit``) or
         only a measurement (``local_convergence``). Sets and returns ``self.convergence``."""
@@ -144,7 +154,7 @@ class LocalGuide:
             table[:, scale_cols] = math.log(self.init_scale)
         return table
 
-    def table(self, device=None):
+    def table(self, device: str | torch.device | None = None) -> torch.Tensor:
         """The φ table [N, width] from the param store (created at the initial values if absent)."""
         device = device or torch.device("cpu")
         return pyro.param(self.param_name, lambda: self._initial_table(device))
@@ -184,13 +194,13 @@ class LocalGuide:
                     pyro.sample(site, q.to_event(self.event_dims[site]))
 
     @torch.no_grad()
-    def loc(self, site=None):
+    def loc(self, site: str | None = None) -> torch.Tensor:
         """μ_i of ``site`` for all rows: [N, *shape] (a copy)."""
         site = self._site(site)
         return self.table()[:, self._slices[site][0]].reshape(self.num_data, *self.site_shapes[site]).clone()
 
     @torch.no_grad()
-    def scale(self, site=None):
+    def scale(self, site: str | None = None) -> torch.Tensor:
         """σ_i of ``site`` for all rows: [N, *shape]."""
         site = self._site(site)
         return self.table()[:, self._slices[site][1]].reshape(self.num_data, *self.site_shapes[site]).exp()
@@ -205,7 +215,8 @@ class LocalGuide:
         return site
 
     @torch.no_grad()
-    def initialize(self, loc, scale, site=None, rows=None):
+    def initialize(self, loc: torch.Tensor, scale: torch.Tensor, site: str | None = None,
+                   rows: torch.Tensor | slice | None = None) -> LocalGuide:
         """Set μ_i, σ_i of ``rows`` (default: all) to loc, scale [R, *shape] (e.g. an encoder's)."""
         site = self._site(site)
         shape = self.site_shapes[site]
@@ -228,7 +239,8 @@ class AmortizedGuide:
         name: the encoder's name in the param store.
     """
 
-    def __init__(self, encoder, site="z", event_dim=1, name="encoder"):
+    def __init__(self, encoder: torch.nn.Module, site: str = "z", event_dim: int = 1,
+                 name: str = "encoder") -> None:
         self.encoder, self.site, self.event_dim, self.name = encoder, site, event_dim, name
 
     def __call__(self, x, *args, idx=None, num_data=None, **kwargs):
@@ -238,8 +250,10 @@ class AmortizedGuide:
             pyro.sample(self.site, dist.Normal(loc, scale).to_event(self.event_dim))
 
 
-def log_joint(model, values, x, idx=None, num_data=None, model_args=(), plate_name=None,
-              **kwargs):
+def log_joint(model: Callable[..., Any], values: dict[str, torch.Tensor], x: torch.Tensor,
+              idx: torch.Tensor | None = None, num_data: int | None = None,
+              model_args: Sequence[Any] = (), plate_name: str | None = None,
+              **kwargs: Any) -> torch.Tensor:
     """log p_θ(x_i, z_i) per datapoint, z given by ``values`` {site: [B, ...]}: returns [B].
 
     Unscaled by N / B (but masks apply), through the density kernel (``ppl_lvm.densities``).
@@ -268,7 +282,8 @@ def log_joint(model, values, x, idx=None, num_data=None, model_args=(), plate_na
     return rows + terms.global_total / batch_size
 
 
-def data_plate_name(model, x, model_args=(), **kwargs):
+def data_plate_name(model: Callable[..., Any], x: torch.Tensor, model_args: Sequence[Any] = (),
+                    **kwargs: Any) -> str:
     """The name of ``model``'s data plate, read from its structure (``program.inspect_program``:
     the plate whose size follows the rows, probed on 2 and 3 of them) rather than by a size match
     on one trace, which a second plate as long as the batch would fool. x: [B, ...]."""
@@ -276,8 +291,11 @@ def data_plate_name(model, x, model_args=(), **kwargs):
                                    **kwargs).plate_name
 
 
-def refine(model, x, loc, scale, *, steps=10, lr=0.2, num_particles=8, site="z", idx=None,
-           num_data=None, unroll=False, model_args=(), plate_name=None, **kwargs):
+def refine(model: Callable[..., Any], x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+           *, steps: int = 10, lr: float = 0.2, num_particles: int = 8, site: str = "z",
+           idx: torch.Tensor | None = None, num_data: int | None = None, unroll: bool = False,
+           model_args: Sequence[Any] = (), plate_name: str | None = None,
+           **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Raise ELBO(μ, σ) = E_q[log p(x, z)] + H[q] per datapoint by ``steps`` SGD steps on (μ, log σ).
 
     loc, scale: [B, *shape] the starting φ (e.g. an encoder's output). Each step averages
@@ -351,7 +369,7 @@ class LocalConvergence:
     tol: float
 
     @property
-    def fraction(self):
+    def fraction(self) -> float:
         """The fraction of rows that converged (a float)."""
         return self.converged.float().mean().item()
 
@@ -434,8 +452,10 @@ class _LocalProblem:
                              grad_log_scale.abs() / 2).amax(-1)
 
 
-def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_particles=32,
-                seed=0, rows_per_call=None, **model_kwargs):
+def solve_local(model: Callable[..., Any], guide: LocalGuide, x: torch.Tensor, *args: Any,
+                rows: torch.Tensor | None = None, max_steps: int = 200, tol: float = 1e-3,
+                num_particles: int = 32, seed: int = 0, rows_per_call: int | None = None,
+                **model_kwargs: Any) -> LocalConvergence:
     """Fit the Normal φ_i of ``guide`` (a ``LocalGuide``) for ``rows`` with θ fixed, each row until
     its natural-gradient residual is below ``tol`` (or ``max_steps``): the mean-field q*.
 
@@ -526,8 +546,10 @@ def solve_local(model, guide, x, *args, rows=None, max_steps=200, tol=1e-3, num_
                             torch.cat(out["steps"]), torch.cat(out["elbo"]), tol)
 
 
-def local_convergence(model, guide, x, *args, rows=None, tol=1e-3, num_particles=64, seed=0,
-                      **model_kwargs):
+def local_convergence(model: Callable[..., Any], guide: LocalGuide, x: torch.Tensor,
+                      *args: Any, rows: torch.Tensor | None = None, tol: float = 1e-3,
+                      num_particles: int = 64, seed: int = 0,
+                      **model_kwargs: Any) -> LocalConvergence:
     """Measure (without changing) how converged a ``LocalGuide``'s φ_i are on x's rows: the
     natural-gradient residual of each row's ELBO from ``num_particles`` fresh antithetic whitened
     points (exact for a Gaussian posterior). Returns ``LocalConvergence`` (num_steps 0)."""
@@ -573,8 +595,10 @@ class SemiAmortizedGuide:
             (default: read from the model's structure at the first call, ``data_plate_name``).
     """
 
-    def __init__(self, model, encoder, steps=10, lr=0.2, num_particles=8, site="z", event_dim=1,
-                 unroll=False, name="encoder", plate_name=None):
+    def __init__(self, model: Callable[..., Any], encoder: torch.nn.Module, steps: int = 10,
+                 lr: float = 0.2, num_particles: int = 8, site: str = "z", event_dim: int = 1,
+                 unroll: bool = False, name: str = "encoder",
+                 plate_name: str | None = None) -> None:
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.model, self.encoder, self.steps, self.lr = model, encoder, steps, lr

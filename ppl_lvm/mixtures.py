@@ -2,9 +2,13 @@
 with the exact posterior as q, the default), SVI with the assignment enumerated, REINFORCE with a
 per-datapoint guide, or an amortized encoder; and choosing K by held-out log-likelihood.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
 import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro
 import pyro.optim
@@ -147,11 +151,11 @@ class MixtureFit:
     epochs: int
     converged: bool
     wall_time: float
-    init_labels: torch.Tensor = None
-    method: str = None
+    init_labels: torch.Tensor | None = None
+    method: str | None = None
 
 
-def relative_tolerance(rtol, window):
+def relative_tolerance(rtol: float, window: int) -> Callable[[int, Any], bool]:
     """A ``fit`` callback: stop when the mean loss of the last ``window`` epochs improves on the
     previous window's by at most ``rtol`` times its magnitude (windows average out SGD noise)."""
 
@@ -166,10 +170,15 @@ def relative_tolerance(rtol, window):
     return stop
 
 
-def fit_mixture(x, num_components, method="em", covariance="diag", *, tol=1e-3, max_iter=100,
-                reg_covar=1e-6, dtype=None, rtol=1e-6, window=None, max_epochs=3000, lr=0.05,
-                lr_decay=None, batch_size=None, seed=0, device="cpu", init_params=None, estimator="enum",
-                hidden_dim=64, guide_lr=None, track_log_likelihood=False, progress=False):
+def fit_mixture(x: torch.Tensor, num_components: int, method: str = "em",
+                covariance: str = "diag", *, tol: float = 1e-3, max_iter: int = 100,
+                reg_covar: float = 1e-6, dtype: torch.dtype | None = None, rtol: float = 1e-6,
+                window: int | None = None, max_epochs: int = 3000, lr: float = 0.05,
+                lr_decay: float | None = None, batch_size: int | None = None, seed: int = 0,
+                device: str | torch.device = "cpu",
+                init_params: dict[str, torch.Tensor] | None = None, estimator: str = "enum",
+                hidden_dim: int = 64, guide_lr: float | None = None,
+                track_log_likelihood: bool = False, progress: bool = False) -> MixtureFit:
     """Fit a K-component mixture of Gaussians to x [N, D] by EM or SVI, from a seeded k-means++ start.
 
     Args:
@@ -302,7 +311,9 @@ def _pretrain_encoder(encoder, x, log_resp, seed, steps=200, lr=1e-2):
         optimizer.step()
 
 
-def select_components(x_train, x_test, ks, covariance="diag", method="em", seed=0, **fit_kwargs):
+def select_components(x_train: torch.Tensor, x_test: torch.Tensor, ks: Sequence[int],
+                      covariance: str = "diag", method: str = "em", seed: int = 0,
+                      **fit_kwargs: Any) -> list[dict[str, float]]:
     """Model selection over K: one fit per K, its held-out log-likelihood per point and BIC.
 
     x_train [N, D], x_test [M, D]; ks: the K values to try. Returns a list of dicts with keys

@@ -1,8 +1,12 @@
 """Training objectives beyond Pyro's own: the importance-weighted bound (IWAE), optionally with the
 doubly-reparameterised gradient (DReG), as a loss per datapoint that minibatches estimate unbiasedly.
 """
+from __future__ import annotations
+
 import math
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pyro.poutine as poutine
 import torch
@@ -39,7 +43,8 @@ class IWAE_ELBO(ELBO):
     whole minibatch. tests/test_estimators.py shows both.
     """
 
-    def __init__(self, num_particles=10, dreg=False, plate_name=None, max_plate_nesting=None):
+    def __init__(self, num_particles: int = 10, dreg: bool = False, plate_name: str | None = None,
+                 max_plate_nesting: int | None = None) -> None:
         if int(num_particles) != num_particles or num_particles < 1:
             raise ValueError(f"num_particles (K) must be an integer ≥ 1, got {num_particles!r}")
         super().__init__(num_particles=int(num_particles))
@@ -149,20 +154,23 @@ class IWAE_ELBO(ELBO):
                              "annealing one term has no per-datapoint importance-weighted meaning")
         return high
 
-    def differentiable_loss(self, model, guide, *args, **kwargs):
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any],
+                            *args: Any, **kwargs: Any) -> torch.Tensor:
         """-Σ_n s · IWAE_K(x_n), differentiable (its gradient is DReG's when dreg=True)."""
         bound, surrogate, scale = self._surrogate(model, guide, args, kwargs)
         loss = -scale * bound.sum()
         surrogate_loss = -scale * surrogate.sum()
         return loss.detach() + surrogate_loss - surrogate_loss.detach()
 
-    def loss(self, model, guide, *args, **kwargs):
+    def loss(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+             **kwargs: Any) -> float:
         """-Σ_n s · IWAE_K(x_n) as a float."""
         with torch.no_grad():
             bound, _, scale = self._surrogate(model, guide, args, kwargs, gradient=False)
         return -scale * bound.sum().item()
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any], *args: Any,
+                       **kwargs: Any) -> float:
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.item()

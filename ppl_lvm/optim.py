@@ -22,11 +22,16 @@ class LazyAdam:
 
     Called like a ``pyro.optim.PyroOptim`` (``optim(params)`` steps exactly the params given, e.g.
     only φ or only θ) with the same per-parameter-name ``get_state``/``set_state`` for checkpoints.
-    Dense parameters share one multi-tensor ``torch.optim.Adam`` (one call per step, not one per
-    parameter); a parameter with sparse gradients (a per-datapoint table [N, ...]) gets
-    ``torch.optim.SparseAdam``, which reads and writes only the rows in the batch: a step costs
-    the same for any N and rows outside the batch never drift, momentum included.
+    Dense parameters share one ``torch.optim.Adam`` (one call per step, not one per parameter),
+    torch's fused kernel where the parameters' device and dtype have one (one pass over each
+    parameter and its moments: measured on a 784-400-20 VAE, one CPU thread, ~0.75 ms a step
+    where the multi-tensor and per-parameter loops took 2-10 ms); a parameter with sparse
+    gradients (a per-datapoint table [N, ...]) gets ``torch.optim.SparseAdam``, which reads and
+    writes only the rows in the batch: a step costs the same for any N and rows outside the batch
+    never drift, momentum included.
     """
+
+    fused = True  # the dense Adam's fused kernel where supported (else the multi-tensor one)
 
     def __init__(self, lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):
         self.lr, self.local_lr, self.betas, self.eps = lr, local_lr, tuple(betas), eps
@@ -44,14 +49,17 @@ class LazyAdam:
                 [param], lr=lr, betas=self.betas, eps=self.eps)
         else:
             if lr not in self._dense:
-                self._dense[lr] = torch.optim.Adam([param], lr=lr, betas=self.betas, eps=self.eps,
-                                                   foreach=True)
+                self._dense[lr] = _dense_adam(param, lr, self.betas, self.eps, self.fused)
             else:
                 self._dense[lr].param_groups[0]["params"].append(param)
             optimizer = self._dense[lr]
         if saved is not None:
             optimizer.state[param] = {key: value.clone() if torch.is_tensor(value) else value
                                       for key, value in saved.items()}
+            step = optimizer.state[param].get("step")
+            if optimizer.defaults.get("fused") and torch.is_tensor(step):
+                # the fused kernel keeps the step count beside the parameter, in float32
+                optimizer.state[param]["step"] = step.to(param.device, torch.float32)
         self._known.add(param)
 
     def __call__(self, params):
@@ -100,6 +108,16 @@ class LazyAdam:
     def set_state(self, state):
         """Load ``get_state()``'s dict; each entry is used when its parameter is first stepped."""
         self._waiting.update(state)
+
+
+def _dense_adam(param, lr, betas, eps, fused):
+    """torch's Adam over ``param`` (more join it later): fused where its device and dtype allow."""
+    if fused:
+        try:
+            return torch.optim.Adam([param], lr=lr, betas=betas, eps=eps, fused=True)
+        except (RuntimeError, ValueError):
+            pass  # no fused kernel for this device or dtype
+    return torch.optim.Adam([param], lr=lr, betas=betas, eps=eps, foreach=True)
 
 
 def adam(lr=1e-3, local_lr=1e-2, betas=(0.9, 0.999), eps=1e-8):

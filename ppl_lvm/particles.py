@@ -5,6 +5,8 @@ The pieces every estimator of log p(x) shares (importance sampling here and in
 ``ppl_lvm.estimators``, AIS in ``ppl_lvm.ais``): one place, below both, so neither imports the other
 in a circle.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import math
@@ -67,15 +69,15 @@ class LogMarginalEstimate:
     ess: torch.Tensor
     method: str
     num_samples: int
-    rows_per_call: int = None
-    particles_per_call: int = None
+    rows_per_call: int | None = None
+    particles_per_call: int | None = None
     vectorized: bool = True
-    globals: str = None
-    khat: torch.Tensor = None
-    mc_stderr: torch.Tensor = None
+    globals: str | None = None
+    khat: torch.Tensor | None = None
+    mc_stderr: torch.Tensor | None = None
 
     @property
-    def unreliable(self):
+    def unreliable(self) -> torch.Tensor:
         """[N] bool: Pareto k̂ > 0.7, where the importance-weighted estimate cannot be trusted
         (Vehtari et al.). Where k̂ could not be fitted (NaN for "exact", inf for K < ~25) this
         says nothing: False."""
@@ -84,18 +86,18 @@ class LogMarginalEstimate:
         return torch.isfinite(self.khat) & (self.khat > 0.7)  # inf: no tail to tell from
 
     @property
-    def mean(self):
+    def mean(self) -> float:
         """The mean of log p(x) over datapoints (a float)."""
         return self.log_px.mean().item()
 
     @property
-    def stderr(self):
+    def stderr(self) -> float:
         """Standard error of ``mean`` over datapoints: std(log p(x_n)) / √N (0 for N = 1)."""
         n = self.log_px.numel()
         return self.log_px.std().item() / math.sqrt(n) if n > 1 else 0.0
 
     @property
-    def mean_mc_stderr(self):
+    def mean_mc_stderr(self) -> float | None:
         """The Monte Carlo standard error of ``mean`` (rows are estimated independently):
         sqrt(Σ_n mc_stderr_n²) / N; None where the estimator gave none."""
         if self.mc_stderr is None:

@@ -5,11 +5,14 @@ when it trains on minibatches: ``idx`` [B] (the rows' indices in the full data s
 per-datapoint guide can read its own φ_i) and ``num_data`` (N, the full data set's size, so the
 ELBO of a minibatch is scaled by N / B). All local sites live inside ``pyro.plate("data")``.
 """
+from __future__ import annotations
+
 import pyro
 import torch
 
 
-def data_plate(x, idx=None, num_data=None, name="data", dim=None):
+def data_plate(x: torch.Tensor, idx: torch.Tensor | None = None, num_data: int | None = None,
+               name: str = "data", dim: int | None = None) -> pyro.plate:
     """The plate over datapoints, subsampled and scaled when ``fit`` trains on minibatches.
 
     Args:

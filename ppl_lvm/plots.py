@@ -66,6 +66,29 @@ def image_grid(rows: Sequence[torch.Tensor] | torch.Tensor, path: str | Path | N
     return fig
 
 
+def completion_grid(x: torch.Tensor, mask: torch.Tensor, completions: Sequence[torch.Tensor],
+                    path: str | Path | None = None, labels: Sequence[str] | None = None,
+                    title: str | None = None) -> Figure:
+    """Every completion figure: the originals, the observed pixels with the missing ones in
+    ``MISSING_COLOR`` (one colour in every figure), then one row per completion.
+
+    Args:
+        x: [M, D] originals; mask: [M, D] bool, True = observed.
+        completions: rows of [M, D] values in [0, 1] (samples, posterior means, E[x | z_s]).
+        labels: one name per completion row ("original" and "observed" come first).
+        title: the figure's title; every completion figure names the missing colour after it.
+    Returns:
+        the matplotlib Figure (saved as a PNG at ``path`` when given).
+    """
+    completions = list(completions)
+    names = ["original", "observed"] + list(labels or [f"completion {i + 1}"
+                                                        for i in range(len(completions))])
+    legend = f"missing pixels in {MISSING_NAME}"
+    return image_grid([x, x, *completions], path, row_labels=names,
+                      title=f"{title}; {legend}" if title else legend,
+                      missing=[None, mask] + [None] * len(completions))
+
+
 def _pixels(image, side, cmap, mask=None):
     """[side, side] values, or with a mask [side, side, 3] colours, missing ones MISSING_COLOR."""
     values = image.reshape(side, side).clamp(0, 1).numpy()

@@ -5,6 +5,8 @@ each datapoint (Zhang & Stephens 2009, with the weakly informative prior of arvi
 k̂ estimates how many moments the weights have (1 / k̂): k̂ < 0.5 the estimate is reliable, 0.5–0.7
 it converges slowly, k̂ > 0.7 the IS / IWAE estimate of log p(x) is not to be trusted.
 """
+from __future__ import annotations
+
 import math
 
 import torch
@@ -23,7 +25,7 @@ def tail_size(num_samples):
 
 
 @torch.no_grad()
-def pareto_khat(log_weights, num_samples=None):
+def pareto_khat(log_weights: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
     """Per-datapoint Pareto k̂ of importance weights, by arviz's rule (``arviz.psislw``, r_eff = 1).
 
     Args:

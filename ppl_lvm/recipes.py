@@ -8,9 +8,13 @@ amortization gap (Cremer, Li & Duvenaud 2018).
 The guide kinds and the per-row solver these stand on live in ``ppl_lvm.guides``; the optimiser
 and the SVI step in ``ppl_lvm.train``.
 """
+from __future__ import annotations
+
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -60,9 +64,15 @@ def _site_layout(model, structure, args, kwargs, site_shapes):
 
 
 @program.in_evaluation_mode
-def infer_local(model, x, *args, site_shapes=None, encoder=None, steps=None, lr=1e-2,
-                batch_size=None, num_particles=None, loss=None, name="new", seed=0,
-                globals_guide=None, num_steps=None, method=None, tol=1e-3, **model_kwargs):
+def infer_local(model: Callable[..., Any], x: torch.Tensor, *args: Any,
+                site_shapes: dict[str, int | Sequence[int]] | None = None,
+                encoder: torch.nn.Module | None = None, steps: int | None = None,
+                lr: float = 1e-2, batch_size: int | None = None,
+                num_particles: int | None = None, loss: pyro.infer.ELBO | None = None,
+                name: str = "new", seed: int = 0,
+                globals_guide: Callable[..., Any] | None = None, num_steps: int | None = None,
+                method: str | None = None, tol: float = 1e-3,
+                **model_kwargs: Any) -> LocalGuide:
     """Fit per-datapoint φ_i for rows ``x`` with θ fixed: q*(z_i) = argmax ELBO_i (the decoder frozen).
 
     A ``LocalGuide`` fitted on training rows has no φ for new rows; this fits them. Every parameter
@@ -241,11 +251,11 @@ class Gaps:
     elbo_optimal: torch.Tensor
     elbo_amortized: torch.Tensor
     num_samples: int
-    log_px_stderr: torch.Tensor = None
-    elbo_optimal_stderr: torch.Tensor = None
-    elbo_amortized_stderr: torch.Tensor = None
-    optimal_converged: torch.Tensor = None
-    proposal: str = None
+    log_px_stderr: torch.Tensor | None = None
+    elbo_optimal_stderr: torch.Tensor | None = None
+    elbo_amortized_stderr: torch.Tensor | None = None
+    optimal_converged: torch.Tensor | None = None
+    proposal: str | None = None
 
     def _rows(self):
         if self.optimal_converged is None:
@@ -263,42 +273,42 @@ class Gaps:
         return total.sum().sqrt().item() / max(int(rows.sum()), 1)
 
     @property
-    def approximation_gap(self):
+    def approximation_gap(self) -> float:
         """mean over datapoints of log p(x) - ELBO(q*) (a float, nats)."""
         return self._mean(self.log_px - self.elbo_optimal)
 
     @property
-    def amortization_gap(self):
+    def amortization_gap(self) -> float:
         """mean over datapoints of ELBO(q*) - ELBO(q_amortized) (a float, nats)."""
         return self._mean(self.elbo_optimal - self.elbo_amortized)
 
     @property
-    def inference_gap(self):
+    def inference_gap(self) -> float:
         """mean of log p(x) - ELBO(q_amortized): the sum of the two gaps."""
         return self._mean(self.log_px - self.elbo_amortized)
 
     @property
-    def approximation_gap_mc_stderr(self):
+    def approximation_gap_mc_stderr(self) -> float:
         """Monte Carlo standard error of ``approximation_gap`` (a float)."""
         return self._mc(self.log_px_stderr, self.elbo_optimal_stderr)
 
     @property
-    def amortization_gap_mc_stderr(self):
+    def amortization_gap_mc_stderr(self) -> float:
         """Monte Carlo standard error of ``amortization_gap`` (a float)."""
         return self._mc(self.elbo_optimal_stderr, self.elbo_amortized_stderr)
 
     @property
-    def negative_amortization_gap(self):
+    def negative_amortization_gap(self) -> bool:
         """True when the amortization gap is below zero by more than 3 Monte Carlo standard
         errors: impossible if q_amortized is in q*'s family and q* converged, so either q* has
         not reached its optimum or the amortized q is outside the mean-field family."""
         return self.amortization_gap < -3 * self.amortization_gap_mc_stderr
 
-    def stderr(self, values):
+    def stderr(self, values: torch.Tensor) -> float:
         values = values[self._rows()]
         return values.std().item() / math.sqrt(values.numel()) if values.numel() > 1 else 0.0
 
-    def summary(self):
+    def summary(self) -> dict[str, Any]:
         """A dict of floats: the three means, the two gaps and their standard errors (over
         datapoints: ``*_stderr``; Monte Carlo: ``*_mc_stderr``) and the checks."""
         rows = self._rows()
@@ -459,9 +469,13 @@ def _pooled_log_px(model, guide, optimal, x, kwargs, num_samples, seed, sources)
 
 
 @program.in_evaluation_mode
-def amortization_gaps(model, guide, x, *args, encoder=None, site_shapes=None, num_samples=5000,
-                      elbo_samples=1000, local_steps=None, local_lr=1e-2, proposal="pooled",
-                      seed=0, tol=1e-3, **model_kwargs):
+def amortization_gaps(model: Callable[..., Any], guide: Callable[..., Any], x: torch.Tensor,
+                      *args: Any, encoder: torch.nn.Module | None = None,
+                      site_shapes: dict[str, int | Sequence[int]] | None = None,
+                      num_samples: int = 5000, elbo_samples: int = 1000,
+                      local_steps: int | None = None, local_lr: float = 1e-2,
+                      proposal: str = "pooled", seed: int = 0, tol: float = 1e-3,
+                      **model_kwargs: Any) -> Gaps:
     """Approximation and amortization gaps of a trained model on (held-out) rows x.
 
     Args:

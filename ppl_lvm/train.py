@@ -5,11 +5,16 @@ alike) so local sites are scaled by N / B and per-datapoint guides can find thei
 optimiser step on -ELBO. Checkpoints hold everything needed to continue bit for bit: the param store,
 the optimiser's state, every RNG's state and the step.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
+import os
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import pyro
 import pyro.optim
@@ -57,10 +62,10 @@ class FitResult:
     eval_elbos: list = dataclasses.field(default_factory=list)
     step: int = 0
     wall_time: float = 0.0
-    checkpoint: str = None
+    checkpoint: str | None = None
     inner_gains: list = dataclasses.field(default_factory=list)
     local_convergence: object = None
-    compiled: str = None  # with fit(compile=...): graphs, compile time, steps on each path
+    compiled: str | None = None  # with fit(compile=...): graphs, compile time, steps on each path
 
 
 def bind_rows(fn, idx, num_data, plate_name=None):
@@ -125,8 +130,10 @@ def torch_item(value):
 
 
 @program.in_evaluation_mode
-def evaluate_elbo(model, guide, data, num_particles=1, batch_size=512, model_kwargs=None,
-                  distributed=False, plate_name=None):
+def evaluate_elbo(model: Callable[..., Any], guide: Callable[..., Any] | None,
+                  data: torch.Tensor | Sequence[torch.Tensor], num_particles: int = 1,
+                  batch_size: int = 512, model_kwargs: dict[str, Any] | None = None,
+                  distributed: bool = False, plate_name: str | None = None) -> float:
     """The ELBO per datapoint (nats) of ``data`` [N, ...] (or a tuple), averaged over
     ``num_particles`` draws of z per datapoint; no step is taken.
 
@@ -196,13 +203,22 @@ def _own_rng(device, seed):
         yield
 
 
-def fit(model, guide, data, *, epochs=10, batch_size=128, lr=1e-3, optim=None, loss=None,
-        device="cpu", seed=0, progress=True, eval_data=None, eval_every=1, checkpoint_dir=None,
-        checkpoint_every=None, resume=False, clear_params=True, model_kwargs=None, per_row=(),
-        transform=None,
-        callback=None, inner_steps=0, local_lr=1e-2, distributed=None, validate="first_epoch",
-        plate_name=None, lr_schedule=None, inner_tol=None, compile=False, schedule=None,
-        checkpointing=None, evaluation=None):
+def fit(model: Callable[..., Any], guide: Callable[..., Any],
+        data: torch.Tensor | Sequence[torch.Tensor], *, epochs: int = 10, batch_size: int = 128,
+        lr: float = 1e-3, optim: pyro.optim.PyroOptim | LazyAdam | None = None,
+        loss: pyro.infer.ELBO | None = None, device: str | torch.device = "cpu", seed: int = 0,
+        progress: bool = True, eval_data: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        eval_every: int = 1, checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None, resume: bool = False, clear_params: bool = True,
+        model_kwargs: dict[str, Any] | None = None, per_row: str | Sequence[str] = (),
+        transform: Callable[..., Any] | None = None,
+        callback: Callable[[int, FitResult], bool | None] | None = None, inner_steps: int = 0,
+        local_lr: float = 1e-2, distributed: bool | None = None,
+        validate: bool | Literal["first_epoch"] = "first_epoch", plate_name: str | None = None,
+        lr_schedule: str | Callable[[int, int], float] | None = None,
+        inner_tol: float | None = None, compile: bool | str = False,
+        schedule: Schedule | None = None, checkpointing: Checkpointing | None = None,
+        evaluation: Evaluation | None = None) -> FitResult:
     """Fit ``model``/``guide`` to ``data`` by SVI on minibatches.
 
     Args:

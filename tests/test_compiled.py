@@ -238,7 +238,8 @@ def test_compiled_ais_equals_eager_on_a_tiny_vae_chunk_by_chunk():
     # from q(z | x) in chunks of 20 rows (20 + 20 + 10: two chunk shapes, each with a split and a
     # joint graph), and from the prior in one chunk
     for guide_, chunk_size, expected in ((guide, 20, "4 graph(s)"), (None, 50, "2 graph(s)")):
-        common = dict(num_steps=4, num_samples=3, leapfrog_steps=2, chunk_size=chunk_size, seed=5)
+        common = dict(num_temperatures=4, num_samples=3, leapfrog_steps=2, chunk_size=chunk_size,
+                      seed=5)
         eager = ais_log_marginal(model, guide_, x, **common)
         graph = ais_log_marginal(model, guide_, x, compile=True, **common)
         assert torch.allclose(graph.log_px, eager.log_px, rtol=1e-5, atol=1e-5)
@@ -254,7 +255,7 @@ def test_compiled_ais_on_a_linear_gaussian_matches_eager_and_the_closed_form():
     from ppl_lvm.estimators import estimate_log_marginal
 
     x = closed_form.make_data(30)
-    common = dict(method="ais", num_steps=30, num_samples=4, seed=0)
+    common = dict(method="ais", num_temperatures=30, num_samples=4, seed=0)
     eager = estimate_log_marginal(closed_form.model, closed_form.amortized_guide, x, **common)
     graph = estimate_log_marginal(closed_form.model, closed_form.amortized_guide, x,
                                   compile=True, **common)
@@ -276,10 +277,11 @@ def test_compiled_ais_of_a_data_dependent_program_runs_eagerly_with_one_line():
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     x = torch.randn(12)
-    eager = ais_log_marginal(model, None, x, num_steps=3, num_samples=2, seed=1)
+    eager = ais_log_marginal(model, None, x, num_temperatures=3, num_samples=2, seed=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graph = ais_log_marginal(model, None, x, num_steps=3, num_samples=2, seed=1, compile=True)
+        graph = ais_log_marginal(model, None, x, num_temperatures=3, num_samples=2, seed=1,
+                                 compile=True)
     lines = [str(w.message) for w in caught if "compile" in str(w.message)]
     assert len(lines) == 1 and "data-dependent control flow" in lines[0] and "\n" not in lines[0]
     assert torch.equal(graph.log_px, eager.log_px) and "0 graph(s)" in graph.compiled

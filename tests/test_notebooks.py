@@ -45,3 +45,34 @@ def test_notebook_runs_small(name, monkeypatch, tmp_path):
     text = "".join(o.get("text", "") for o in outputs)
     for pattern in EXPECTED[name]:
         assert re.search(pattern, text), pattern
+
+
+def test_completion_figures_in_the_committed_notebooks_paint_missing_pixels_in_the_one_colour():
+    """Every figure a notebook draws of a completion goes through ``plots.completion_grid``, and
+    its committed picture (from the full run) has pixels of exactly ``plots.MISSING_COLOR``."""
+    import base64
+    import io
+    import json
+
+    import matplotlib.image
+    import numpy as np
+
+    from ppl_lvm import plots
+
+    colour = np.asarray(plots.MISSING_COLOR)
+    drawn = 0
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] != "code" or not re.search(r"(\bcomplete|_completion)\(", source):
+                continue
+            assert "image_grid(" not in source and "imshow(" not in source, (
+                f"{path.name}: draw completions with plots.completion_grid")
+            pictures = [output["data"]["image/png"] for output in cell.get("outputs", [])
+                        if "image/png" in output.get("data", {})]
+            assert ("completion_grid(" in source) <= bool(pictures), f"{path.name}: no figure"
+            for picture in pictures:
+                pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(picture)))[..., :3]
+                assert (np.abs(pixels - colour).max(-1) <= 1 / 255).sum() > 0, path.name
+                drawn += 1
+    assert drawn >= 3  # notebook 01's and notebook 05's completions

@@ -36,3 +36,32 @@ def test_compare_keeps_held_out_and_training_elbo_apart_with_integer_epochs():
     for axis in (held_out, training):
         locator = axis.xaxis.get_major_locator()
         assert isinstance(locator, MaxNLocator) and locator._integer
+
+
+def test_a_saved_completion_figure_paints_exactly_the_missing_pixels_in_the_missing_colour(tmp_path):
+    """Read the PNG back: at the centre of every pixel of the "observed" row, a missing pixel is
+    MISSING_COLOR (to the PNG's 8 bits) and an observed one its own grey; other rows have no mask."""
+    import matplotlib.image
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 16, generator=generator) * 0.5  # greys far from the orange
+    mask = torch.rand(2, 16, generator=generator) > 0.5
+    path = tmp_path / "completions.png"
+    fig = plots.completion_grid(x, mask, [x.flip(-1)], path, labels=["sample 1"], title="t")
+    assert plots.MISSING_NAME in fig._suptitle.get_text()
+    picture = matplotlib.image.imread(path)[..., :3]  # [H, W, 3] floats in [0, 1]
+    height = picture.shape[0]
+    expected = np.round(np.asarray(plots.MISSING_COLOR) * 255) / 255
+    axes = np.asarray(fig.axes).reshape(3, 2)  # rows: original, observed, sample 1
+    for row in range(3):
+        for column in range(2):
+            to_pixels = axes[row, column].transData
+            for d in range(16):
+                i, j = divmod(d, 4)
+                px, py = to_pixels.transform((j, i))
+                colour = picture[height - 1 - int(round(py)), int(round(px))]
+                image = x[column] if row < 2 else x[column].flip(-1)
+                if row == 1 and not mask[column, d]:
+                    assert np.allclose(colour, expected, atol=1 / 255)
+                else:
+                    assert np.allclose(colour, [float(image[d])] * 3, atol=1.5 / 255)

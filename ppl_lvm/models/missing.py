@@ -7,7 +7,10 @@ of missing pixels are masked out of log p(x | z)); the amortized encoder sees th
 and the mask (MIWAE, Mattei & Frellsen 2019). Completion (draws of x_miss from p(x_miss | x_obs)),
 the imputation baselines and their scores are in ``ppl_lvm.completion``.
 """
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -167,22 +170,23 @@ class MaskedVAE(VAE):
     Sites: "z" [B, Z] and "x" [B, D] (event dim 1, masked per pixel), in plate "data".
     """
 
-    def __init__(self, data_dim, z_dim=20, hidden_dim=400, likelihood="bernoulli",
-                 encoder_sees_mask=True):
+    def __init__(self, data_dim: int, z_dim: int = 20, hidden_dim: int | tuple[int, ...] = 400,
+                 likelihood: str = "bernoulli", encoder_sees_mask: bool = True) -> None:
         super().__init__(data_dim, z_dim, hidden_dim, likelihood)
         self.encoder_sees_mask = encoder_sees_mask
         if encoder_sees_mask:
             self.encoder = Encoder(data_dim, z_dim, hidden_dim, input_dim=2 * data_dim)
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return dict(super().config(), encoder_sees_mask=self.encoder_sees_mask)
 
-    def encoder_input(self, x, mask):
+    def encoder_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, D] or [B, 2D]: the zero-filled image (and the mask as a second channel)."""
         x = fill_missing(x, mask)
         return torch.cat([x, mask.to(x.dtype)], -1) if self.encoder_sees_mask else x
 
-    def model(self, x, mask, idx=None, num_data=None):
+    def model(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor | None = None,
+              num_data: int | None = None) -> None:
         """p_θ(x_obs, z).  x: [B, D] (anything, even NaN, where mask is False); mask: [B, D] bool."""
         check_missing(x, mask)
         pyro.module("decoder", self.decoder)
@@ -193,7 +197,8 @@ class MaskedVAE(VAE):
             # .mask before .to_event: a per-pixel mask, and log p(x | z) stays one number per row
             pyro.sample("x", self.decoder(z).mask(mask).to_event(1), obs=x)
 
-    def guide(self, x, mask, idx=None, num_data=None):
+    def guide(self, x: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor | None = None,
+              num_data: int | None = None) -> None:
         """q_φ(z | x_obs) = N(μ_φ(x̃, m), diag σ²_φ(x̃, m)), x̃ the zero-filled image, m the mask."""
         check_missing(x, mask)
         pyro.module("encoder", self.encoder)
@@ -202,7 +207,7 @@ class MaskedVAE(VAE):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
-    def reconstruct(self, x, mask=None):
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """E[x | z = μ_φ(x_obs)]: x [B, D] -> [B, D] (mask defaults to all observed)."""
         mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
         loc, _ = self.encoder(self.encoder_input(x, mask))

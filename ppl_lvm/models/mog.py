@@ -5,7 +5,10 @@ Its guides: the empty one (z enumerated: q(z_i) = p(z_i | x_i)), a per-datapoint
 for REINFORCE, and an amortized encoder q(z | x) = Cat(φ(x)); k-means++ gives a start. The
 procedures that fit it (EM, the three SVI fits, choosing K) are in ``ppl_lvm.mixtures``.
 """
+from __future__ import annotations
+
 import math
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -62,7 +65,8 @@ class MixtureOfGaussians(nn.Module):
     [K, D] (diag) or ``raw_scale_tril`` [K, D, D] (full) / [D, D] (tied).
     """
 
-    def __init__(self, num_components, data_dim, covariance="diag", device=None):
+    def __init__(self, num_components: int, data_dim: int, covariance: str = "diag",
+                 device: str | torch.device | None = None) -> None:
         super().__init__()
         if int(num_components) != num_components or num_components < 1:
             raise ValueError(f"num_components K must be an integer >= 1, got {num_components}")
@@ -82,30 +86,30 @@ class MixtureOfGaussians(nn.Module):
         else:
             self.raw_scale_tril = nn.Parameter(torch.zeros(D, D, device=device))
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         return dict(num_components=self.num_components, data_dim=self.data_dim,
                     covariance=self.covariance)
 
     # ---- parameters as the lecture writes them -------------------------------------------------
     @property
-    def weights(self):
+    def weights(self) -> torch.Tensor:
         """π [K], on the simplex."""
         return F.softmax(self.logits, -1)
 
     @property
-    def scale_tril(self):
+    def scale_tril(self) -> torch.Tensor:
         """L_k [K, D, D] with Σ_k = L_k L_kᵀ (diagonal for "diag")."""
         if self.covariance == "diag":
             return torch.diag_embed(self.log_scale.exp())
         return _tril(self.raw_scale_tril).expand(self.num_components, self.data_dim, self.data_dim)
 
     @property
-    def covariance_matrix(self):
+    def covariance_matrix(self) -> torch.Tensor:
         """Σ_k [K, D, D], positive definite."""
         tril = self.scale_tril
         return tril @ tril.transpose(-1, -2)
 
-    def component(self, z=None):
+    def component(self, z: torch.Tensor | None = None) -> dist.TorchDistribution:
         """p(x | z): a distribution with event shape [D] and batch shape z.shape (or [K] if z is None)."""
         index = slice(None) if z is None else z
         if self.covariance == "diag":
@@ -116,7 +120,8 @@ class MixtureOfGaussians(nn.Module):
         return dist.MultivariateNormal(self.loc[index], scale_tril=tril)
 
     # ---- the Pyro model ---------------------------------------------------------------------------
-    def model(self, x, idx=None, num_data=None):
+    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None,
+              num_data: int | None = None) -> None:
         """z_i ~ Cat(π), x_i | z_i ~ N(μ_{z_i}, Σ_{z_i}) for the rows x [B, D] (plate "data", dim -1).
 
         z is marked for parallel enumeration: ``TraceEnum_ELBO`` with an empty guide sums it out
@@ -128,24 +133,25 @@ class MixtureOfGaussians(nn.Module):
             pyro.sample("x", self.component(z), obs=x)
 
     # ---- exact inference --------------------------------------------------------------------------
-    def joint_log_prob(self, x):
+    def joint_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x_i, z_i = k) = log π_k + log N(x_i | μ_k, Σ_k): x [N, D] -> [N, K]."""
         check_data(x, self.data_dim)
         return F.log_softmax(self.logits, -1) + self.component().log_prob(x.unsqueeze(-2))
 
-    def log_prob(self, x):
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x_i) = logsumexp_k log p(x_i, z_i = k): x [N, D] -> [N] (nats)."""
         return self.joint_log_prob(x).logsumexp(-1)
 
-    def predict_proba(self, x):
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Responsibilities p(z_i = k | x_i) by Bayes' rule: x [N, D] -> [N, K], rows sum to 1."""
         return F.softmax(self.joint_log_prob(x), -1)
 
-    def cluster(self, x):
+    def cluster(self, x: torch.Tensor) -> torch.Tensor:
         """The MAP cluster argmax_k p(z_i = k | x_i): x [N, D] -> [N] long."""
         return self.joint_log_prob(x).argmax(-1)
 
-    def sample(self, num_samples, generator=None, return_z=False):
+    def sample(self, num_samples: int, generator: torch.Generator | None = None,
+               return_z: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Ancestral sampling z ~ Cat(π), x ~ N(μ_z, Σ_z): returns x [n, D] (and z [n] if return_z)."""
         with torch.no_grad():
             z = torch.multinomial(self.weights, num_samples, replacement=True, generator=generator)
@@ -154,19 +160,20 @@ class MixtureOfGaussians(nn.Module):
             x = self.loc[z] + (self.scale_tril[z] @ noise.unsqueeze(-1)).squeeze(-1)
         return (x, z) if return_z else x
 
-    def num_parameters(self):
+    def num_parameters(self) -> int:
         """Free parameters: (K - 1) weights + K D means + covariance parameters (as scikit-learn)."""
         K, D = self.num_components, self.data_dim
         cov = {"diag": K * D, "full": K * D * (D + 1) // 2, "tied": D * (D + 1) // 2}[self.covariance]
         return K - 1 + K * D + cov
 
-    def bic(self, x):
+    def bic(self, x: torch.Tensor) -> float:
         """Bayesian information criterion -2 Σ_i log p(x_i) + p log N (lower is better); x [N, D]."""
         with torch.no_grad():
             return (-2 * self.log_prob(x).sum() + self.num_parameters() * math.log(x.shape[0])).item()
 
     # ---- initialisation ---------------------------------------------------------------------------
-    def init_kmeans_pp(self, x, seed=0, num_iters=20, reg_covar=1e-6):
+    def init_kmeans_pp(self, x: torch.Tensor, seed: int = 0, num_iters: int = 20,
+                       reg_covar: float = 1e-6) -> torch.Tensor:
         """Set π, μ, Σ from k-means (k-means++ seeding, then Lloyd): the hard-assignment M-step.
 
         x: [N, D]. Returns the cluster labels [N] (long). Deterministic given ``seed``.
@@ -177,7 +184,8 @@ class MixtureOfGaussians(nn.Module):
         self.set_parameters(params["weights"], params["means"], params["covariances"])
         return params["labels"]
 
-    def set_parameters(self, weights, means, covariances):
+    def set_parameters(self, weights: torch.Tensor, means: torch.Tensor,
+                       covariances: torch.Tensor) -> None:
         """Set π [K], μ [K, D] and Σ ([K, D] variances for "diag", [K, D, D] for "full", [D, D] "tied").
 
         The values are moved to the parameters' device and dtype before the log and the Cholesky.

@@ -3,6 +3,10 @@
 z ~ N(0, I),  x | z ~ Bernoulli(logits_θ(z))  or  N(μ_θ(z), diag σ²_θ(z)),
 and the amortized guide q_φ(z | x) = N(μ_φ(x), diag σ²_φ(x)) given by one MLP encoder.
 """
+from __future__ import annotations
+
+from typing import Any
+
 import pyro
 import pyro.distributions as dist
 import pyro.infer.util
@@ -93,7 +97,8 @@ class VAE(nn.Module):
     Sites: "z" [B, Z] (event dim 1) and "x" [B, D] (event dim 1), both in plate "data".
     """
 
-    def __init__(self, data_dim, z_dim=20, hidden_dim=400, likelihood="bernoulli"):
+    def __init__(self, data_dim: int, z_dim: int = 20, hidden_dim: int | tuple[int, ...] = 400,
+                 likelihood: str = "bernoulli") -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
@@ -105,12 +110,13 @@ class VAE(nn.Module):
         self.decoder = decoder(data_dim, z_dim, hidden_dim)
         self.encoder = Encoder(data_dim, z_dim, hidden_dim)
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         """The constructor's arguments, enough to rebuild this VAE (checkpoints store it)."""
         return dict(data_dim=self.data_dim, z_dim=self.z_dim, hidden_dim=self.hidden_dim,
                     likelihood=self.likelihood)
 
-    def model(self, x, idx=None, num_data=None):
+    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None,
+              num_data: int | None = None) -> None:
         """p_θ(x, z) = p(z) p_θ(x | z).  x: [B, D]; idx: optional [B] row indices; num_data: N."""
         pyro.module("decoder", self.decoder)
         if pyro.infer.util.is_validation_enabled():
@@ -120,7 +126,8 @@ class VAE(nn.Module):
             z = pyro.sample("z", dist.Normal(z_loc, 1.0).to_event(1))
             pyro.sample("x", self.decoder(z).to_event(1), obs=x)
 
-    def guide(self, x, idx=None, num_data=None):
+    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None,
+              num_data: int | None = None) -> None:
         """q_φ(z | x) = N(μ_φ(x), diag σ²_φ(x)), amortized by the encoder.  x: [B, D]."""
         pyro.module("encoder", self.encoder)
         with data_plate(x, idx, num_data):
@@ -128,13 +135,13 @@ class VAE(nn.Module):
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
-    def reconstruct(self, x):
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The decoder's mean at the encoder's mean code: x [B, D] -> [B, D]."""
         loc, _ = self.encoder(x)
         return self.decoder(loc).mean
 
     @torch.no_grad()
-    def sample(self, num_samples, generator=None):
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Ancestral samples' means E[x | z], z ~ p(z): returns [num_samples, D]."""
         device = next(self.parameters()).device
         z = torch.randn(num_samples, self.z_dim, device=device, generator=generator)
