@@ -1,27 +1,35 @@
 """ppl_lvm: latent-variable models as Pyro programs, trained by SVI and measured by importance weighting."""
+from ppl_lvm.ais import ais_log_marginal, bdmc
+from ppl_lvm.completion import complete
+from ppl_lvm.data import binarize, load_digits, load_mnist, split_rows, train_test_split
 from ppl_lvm.estimators import (LogMarginalEstimate, estimate_log_marginal, joint_log_marginal,
                                 log_marginal, log_weights)
-from ppl_lvm.objectives import IWAE_ELBO
-from ppl_lvm.data import binarize, load_digits, load_mnist, split_rows, train_test_split
 from ppl_lvm.guides import AmortizedGuide, LocalGuide, SemiAmortizedGuide
-from ppl_lvm.recipes import amortization_gaps, infer_local
-from ppl_lvm.completion import complete
-from ppl_lvm.models.missing import MaskedVAE
 from ppl_lvm.mixtures import fit_mixture, select_components
+from ppl_lvm.models.missing import MaskedVAE
 from ppl_lvm.models.mog import MixtureOfGaussians
 from ppl_lvm.models.vae import VAE
+from ppl_lvm.objectives import IWAE_ELBO
 from ppl_lvm.plate import data_plate
-from ppl_lvm.train import DivergenceError, FitResult, fit
+from ppl_lvm.psis import pareto_khat
+from ppl_lvm.recipes import amortization_gaps, infer_local
+from ppl_lvm.train import (Checkpointing, DivergenceError, Evaluation, FitResult, Schedule,
+                           fit)
 
-__all__ = ["AmortizedGuide", "LocalGuide", "SemiAmortizedGuide", "amortization_gaps", "infer_local",
-           "VAE", "DivergenceError", "FitResult", "IWAE_ELBO", "LogMarginalEstimate", "binarize",
-           "data_plate", "estimate_log_marginal", "fit", "load_digits", "load_mnist",
-           "log_marginal", "log_weights", "joint_log_marginal", "split_rows", "train_test_split", "MixtureOfGaussians", "fit_mixture",
-           "select_components"]
-__all__ += ["MaskedVAE", "complete"]
-from ppl_lvm.ais import ais_log_marginal, bdmc  # noqa: E402
-from ppl_lvm.psis import pareto_khat  # noqa: E402
-__all__ += ["ais_log_marginal", "bdmc", "pareto_khat"]
+__all__ = [
+    # models and guides
+    "VAE", "MaskedVAE", "MixtureOfGaussians", "AmortizedGuide", "LocalGuide",
+    "SemiAmortizedGuide", "data_plate",
+    # training (fit's grouped options: Schedule, Checkpointing, Evaluation) and recipes
+    "fit", "FitResult", "DivergenceError", "Schedule", "Checkpointing", "Evaluation",
+    "IWAE_ELBO", "infer_local", "amortization_gaps", "fit_mixture", "select_components",
+    # estimates
+    "log_marginal", "estimate_log_marginal", "log_weights", "joint_log_marginal",
+    "LogMarginalEstimate", "ais_log_marginal", "bdmc", "pareto_khat", "complete",
+    # data
+    "load_digits", "load_mnist", "binarize", "split_rows", "train_test_split",
+]
+
 # old import paths: what trains a guide lived in ppl_lvm.guides before ppl_lvm.recipes, completion
 # in ppl_lvm.models.missing before ppl_lvm.completion, EM in ppl_lvm.models.mog before
 # ppl_lvm.mixtures; the old modules cannot import the new ones
