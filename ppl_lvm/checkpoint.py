@@ -433,7 +433,8 @@ class Checkpointer:
         """Load the checkpoint into the param store and optimiser; returns (the saved result as a
         dict of ``FitResult``'s fields, epoch, batch)."""
         if self.path is None or not self.path.exists():
-            raise FileNotFoundError(f"resume=True but no checkpoint at {self.path}")
+            raise FileNotFoundError(f"resume=True (--resume) but no checkpoint at {self.path}: "
+                                    "nothing to continue; start the run without it")
         state = load_checkpoint(self.path, device)
         check_resumable(state, self.path, self.config, self.strategy.world)
         register()

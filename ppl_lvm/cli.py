@@ -995,8 +995,10 @@ def demo(args):
                                 out=None))
     out = args.out
     logger.log(RESULT, f"demo done in {time.perf_counter() - start:.0f} s: held-out ELBO {metrics['heldout_elbo']:.2f}, "
-          f"log p(x) by IWAE-{args.demo_samples} {estimate['mean']:.2f} ± {estimate['stderr']:.2f} "
-          f"nats/image (median ESS {estimate['median_ess']:.1f}); pictures in {out}/\n"
+          f"log p(x) by IWAE-{args.demo_samples} {estimate['mean']:.2f}"
+          + ("" if estimate["mc_stderr"] is None else f" ± {estimate['mc_stderr']:.3f} (Monte Carlo)")
+          + " nats/image, s.e. over images "
+          f"{estimate['stderr']:.2f} (median ESS {estimate['median_ess']:.1f}); pictures in {out}/\n"
           "next, try:\n"
           f"  ppl-lvm evaluate {out} -K 5000                      # a tighter log p(x)\n"
           f"  ppl-lvm train vae --guide local --inner-steps 5 --lr-schedule cosine --epochs 20 "

@@ -369,7 +369,8 @@ def test_demo_prints_what_its_run_folder_holds(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     estimate = json.loads((out / "evaluate_iwae_K5.json").read_text())
     assert f"held-out ELBO {metrics['heldout_elbo']:.2f}" in printed
-    assert f"IWAE-5 {estimate['mean']:.2f} ± {estimate['stderr']:.2f}" in printed
+    assert (f"IWAE-5 {estimate['mean']:.2f} ± {estimate['mc_stderr']:.3f} (Monte Carlo) "
+            f"nats/image, s.e. over images {estimate['stderr']:.2f}") in printed
     assert f"median ESS {estimate['median_ess']:.1f}" in printed
     for name in ("samples.png", "reconstructions.png", "training_curve.png",
                  "completions_top_half.png"):
