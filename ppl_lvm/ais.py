@@ -24,8 +24,8 @@ from torch.distributions import biject_to
 
 from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.particles import (
-    SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, default_memory_bytes, trace_bytes,
-    vectorize,
+    SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, default_memory_bytes, seed_all,
+    trace_bytes, vectorize,
 )
 from ppl_lvm.program import frame_of as data_frame
 from ppl_lvm.program import inspect_program, names_keywords, plate_nesting, sample_sites
@@ -321,7 +321,7 @@ def simulate(model, num_data, data_shape, *, plate_name=None, device=None, seed=
     template = torch.zeros((int(num_data),) + tuple(data_shape), device=device)
     with _forked_rng(template.device, seed is not None):
         if seed is not None:
-            torch.manual_seed(_block_seed(seed, 1 << 20))
+            seed_all(_block_seed(seed, 1 << 20))
         trace = poutine.trace(model).get_trace(template, **model_kwargs)
         names = [name for name, site in sample_sites(trace).items()
                  if site["is_observed"] and site["value"] is template]
@@ -640,7 +640,7 @@ class _Target:
         for block_seed, block_rows, within in noise.block_rows():
             block_rows = slice(block_rows.start, min(block_rows.stop, self.x.shape[0]))
             if block_seed is not None:
-                torch.manual_seed(block_seed)
+                seed_all(block_seed)
             x, kwargs, guide_kwargs = self.args(block_rows)
             program = self.guide if self.guide is not None else self.model
             call_kwargs = guide_kwargs if self.guide is not None else kwargs

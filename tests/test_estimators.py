@@ -856,3 +856,23 @@ def test_a_seeded_estimate_is_the_same_on_cpu_and_cuda():
     on_cuda = estimate_log_marginal(vae.model, vae.guide, x.cuda(), num_samples=300, seed=0)
     assert torch.allclose(on_cuda.log_px.cpu(), on_cpu.log_px, rtol=1e-4, atol=0)
     assert torch.allclose(on_cuda.mc_stderr.cpu(), on_cpu.mc_stderr, rtol=1e-3, atol=1e-6)
+
+
+def test_seed_blocks_seed_the_generators_as_torch_manual_seed_does():
+    """particles.seed_all (each 32-row seed block's seeding) skips torch.manual_seed's lazy
+    seeding of absent accelerators, which recorded a Python stack per call (a K = 1 estimate on
+    500 rows: 26.9 -> 21.3 ms): the CPU generator, and so every seeded answer, is unchanged."""
+    from ppl_lvm.particles import seed_all
+
+    seed = (1 << 40) + 12345
+    seed_all(seed)
+    ours = (torch.rand(5), torch.randn(3, dtype=torch.float64), torch.randint(0, 10**6, (4,)))
+    torch.manual_seed(seed)
+    reference = (torch.rand(5), torch.randn(3, dtype=torch.float64), torch.randint(0, 10**6, (4,)))
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    if torch.cuda.is_available():
+        seed_all(seed)
+        ours = torch.rand(5, device="cuda")
+        torch.manual_seed(seed)
+        assert torch.equal(ours, torch.rand(5, device="cuda"))
