@@ -748,8 +748,10 @@ def evaluate(args):
         logger.log(RESULT, f"held-out log p(x) by {method}{samples}: {estimate.mean:.2f}{mc} "
               f"nats/image; over {len(x_test)} images: s.e. {estimate.stderr:.2f}, sd "
               f"{result['sd']:.2f} ({seconds:.1f} s{ess}){note}")
-        name = f"evaluate_{args.method}_K{args.num_samples}" + (
-            f"_T{args.num_steps}" if spec.num_steps else "")
+        # the file names what was computed: a mixture's exact log p(x) draws no samples
+        name = "evaluate_exact" if method == "exact" else (
+            f"evaluate_{args.method}_K{args.num_samples}"
+            + (f"_T{args.num_steps}" if spec.num_steps else ""))
         path = Path(args.run) / f"{name}.json"
         runs.write_into_run(args.run, stamp, lambda: atomic.write_json(path, result))
         logger.log(RESULT, f"wrote {path}")

@@ -51,7 +51,7 @@ RUN_PATTERNS = (CONFIG_NAME, WEIGHTS_NAME, IDENTITY_NAME, METRICS_NAME, "checkpo
 _RUN_NAMES = re.compile(
     r"(config\.json|model\.pt|metrics\.json|metrics\.jsonl|identity\.json|checkpoint\.pt"
     r"|local-rank\d+-of-\d+\.pt|reconstructions\.png|samples\.png|training_curve\.png"
-    r"|completions_[a-z_]+\.png|evaluate_[a-z]+_K\d+(_T\d+)?\.json|gaps\.json"
+    r"|completions_[a-z_]+\.png|evaluate_exact\.json|evaluate_[a-z]+_K\d+(_T\d+)?\.json|gaps\.json"
     r"|user_model\.py|bdmc_T\d+_K\d+\.json)")
 
 
