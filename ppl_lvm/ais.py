@@ -203,16 +203,8 @@ def _rows_of(model_kwargs, args, per_row, num_rows, caller="ais_log_marginal"):
     kwargs = RowKwargs(model_kwargs)
     positional = list(model_kwargs)[:len(args)]
     declared = set()
-    entries = () if per_row is None else (
-        (per_row,) if isinstance(per_row, (str, int)) else tuple(per_row))
-    for entry in entries:
-        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
-            raise ValueError(f"per_row entries are positions (int) of the arguments after x or "
-                             f"keyword names (str), got {entry!r}")
+    for entry in program.per_row_entries(per_row, len(positional)):
         if isinstance(entry, int):
-            if not 0 <= entry < len(positional):
-                raise ValueError(f"per_row names position {entry}, but only {len(positional)} "
-                                 "arguments follow x")
             entry = positional[entry]
         if entry not in kwargs:
             raise ValueError(f"per_row names {entry!r}, which is not among the model's arguments "

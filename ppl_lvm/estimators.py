@@ -63,8 +63,6 @@ def accepts(fn, name):
     return program.names_keywords(fn, name)
 
 
-
-
 def log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
                  x: torch.Tensor | Sequence[torch.Tensor], *args: Any,
                  method: str = "iwae", num_samples: int = 1000,
@@ -428,17 +426,9 @@ def _row_spec(model, x, rest, kwargs, per_row):
     num_rows = x.shape[0]
     _refuse_keyword_only(model)
     names = _positional_names(model, 1 + len(rest))
-    declared = () if per_row is None else (
-        (per_row,) if isinstance(per_row, (str, int)) else tuple(per_row))
     row_args, row_kwargs = {0}, set()
-    for entry in declared:
-        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
-            raise ValueError(f"per_row entries are positions (int) of the arguments after x or "
-                             f"keyword names (str), got {entry!r}")
+    for entry in program.per_row_entries(per_row, len(rest)):
         if isinstance(entry, int):
-            if not 0 <= entry < len(rest):
-                raise ValueError(f"per_row names position {entry}, but only {len(rest)} "
-                                 "arguments follow x")
             value, label, target = rest[entry], names[entry + 1], row_args
             target.add(entry + 1)
         else:

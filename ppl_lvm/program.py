@@ -56,6 +56,22 @@ def _names_keywords(fn, names):
         inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) for name in names)
 
 
+def per_row_entries(per_row, num_positional):
+    """``per_row`` (None, one entry or several) as a tuple of entries, each a position (int) among
+    the ``num_positional`` arguments after x or a keyword name (str); anything else is refused in
+    one line. The one reading of ``per_row`` for the estimators and AIS."""
+    entries = () if per_row is None else (
+        (per_row,) if isinstance(per_row, (str, int)) else tuple(per_row))
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise ValueError(f"per_row entries are positions (int) of the arguments after x or "
+                             f"keyword names (str), got {entry!r}")
+        if isinstance(entry, int) and not 0 <= entry < num_positional:
+            raise ValueError(f"per_row names position {entry}, but only {num_positional} "
+                             "arguments follow x")
+    return entries
+
+
 def args_as_keywords(fn, args):
     """The model's further positional arguments ``args`` (after x) as keywords, by the names in
     ``fn``'s signature: for the entry points that pass them by keyword (AIS), so that every entry
