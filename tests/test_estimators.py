@@ -6,6 +6,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from ppl_lvm import estimators
 from ppl_lvm.estimators import (
     METHODS, SEED_BLOCK_ROWS, IWAE_ELBO, _plan, _RunningWeights, estimate_log_marginal,
     log_marginal,
@@ -360,6 +361,24 @@ def test_clear_errors(ppca):
                         obs=x)
     with pytest.raises(ValueError, match=r"\['shift'\] are outside the data plate"):
         log_marginal(global_latent, None, x, method="prior")
+
+
+def test_data_check_refuses_nan_and_inf_by_row_and_passes_huge_finite_values(ppca):
+    """The NaN/inf test on x is one sum, then the exact test: a sum that overflows on finite
+    values (3e38 × 40 rows) must not be taken for a non-finite value."""
+    model, x = ppca
+    huge = torch.full_like(x, 3e38)
+    assert torch.isinf(huge.sum()) and torch.isfinite(huge).all()
+    assert estimators._check_inputs(model.guide, huge, "iwae", 5, None, None) == 5
+    for bad_value in (float("inf"), -float("inf"), float("nan")):
+        bad = x.clone()
+        bad[7, 2] = bad_value
+        with pytest.raises(ValueError, match=r"NaN or inf in 1 rows \(first: \[7\]\)"):
+            estimators._check_inputs(model.guide, bad, "iwae", 5, None, None)
+    both = x.clone()
+    both[4, 0], both[9, 1] = float("inf"), -float("inf")  # their sum is NaN: still caught
+    with pytest.raises(ValueError, match=r"in 2 rows \(first: \[4, 9\]\)"):
+        estimators._check_inputs(model.guide, both, "iwae", 5, None, None)
 
 
 def test_observed_values_outside_the_support_are_refused_in_every_chunk():
