@@ -112,7 +112,9 @@ def log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None,
         compile: record each chunk's log weights once as a graph and replay it for the other
             chunks of that shape (``ppl_lvm.compiled.CompiledWeights``; checked against eager on
             its first chunk, eager with one warning line when it cannot be recorded): False,
-            True or "auto" (on a GPU for K ≥ ``compiled.AUTO_MIN_SAMPLES``). With method="ais"
+            True, "inductor" (the graph also through ``torch.compile``: fused kernels, after
+            seconds of compiling per chunk shape; for long runs) or "auto" (on a GPU for
+            K ≥ ``compiled.AUTO_MIN_SAMPLES``). With method="ais"
             it records the annealed log-density and its gradient instead (``ais_log_marginal``'s
             ``compile``).
         **model_kwargs: passed to model and guide; tensors whose first dim is N are sliced with x.

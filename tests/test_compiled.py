@@ -192,6 +192,44 @@ def test_compiled_log_weights_equal_eager_chunk_by_chunk(monkeypatch):
     assert weights.shape == (4, 70)
 
 
+@pytest.mark.slow
+def test_inductor_log_weights_equal_eager_chunk_by_chunk(monkeypatch):
+    """log_marginal(compile="inductor"): the recorded graph through torch.compile, checked against
+    eager on its first chunk; the seeded answer is eager's up to float rounding (same draws)."""
+    from ppl_lvm import compiled
+    from ppl_lvm.estimators import estimate_log_marginal
+
+    made = []
+    original = compiled.compile_weights
+    monkeypatch.setattr(compiled, "compile_weights",
+                        lambda *a: made.append(original(*a)) or made[-1])
+    x = binary_data(num_data=70)
+    model, guide = vae_pair()
+    eager = estimate_log_marginal(model, guide, x, num_samples=7, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = estimate_log_marginal(model, guide, x, num_samples=7, seed=3, compile="inductor")
+    assert not [w for w in caught if "compile:" in str(w.message)]  # no fallback to eager
+    assert made[-1].inductor and made[-1].reason is None
+    assert made[-1].steps == {"graph": 1, "eager": 2}
+    assert torch.allclose(graph.log_px, eager.log_px, rtol=1e-6, atol=1e-5)
+
+
+def test_compile_modes_of_the_estimators_pick_their_backend():
+    from ppl_lvm import compiled
+    from ppl_lvm.estimators import _Program
+
+    x = binary_data(num_data=10)
+    model, guide = vae_pair()
+    prog = _Program(model, guide, x, "iwae", None, None, {})
+    assert compiled.compile_weights(prog, False, 1000) is prog
+    assert compiled.compile_weights(prog, "auto", 1000) is prog  # eager on the CPU
+    assert not compiled.compile_weights(prog, True, 10).inductor
+    assert compiled.compile_weights(prog, "inductor", 10).inductor
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compiled.compile_weights(prog, "fast", 10)
+
+
 def test_compiled_log_weights_still_check_the_data_support():
     from ppl_lvm.estimators import log_marginal
 
