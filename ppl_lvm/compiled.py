@@ -505,7 +505,9 @@ class CompiledWeights:
     def _inductor(self, recorded, rng, names, tensors, expected):
         """The recorded graph through ``torch.compile``, checked against eager from ``rng``."""
         store = pyro.get_param_store()
-        function = torch.compile(recorded, dynamic=False)
+        # its forward, not the module: torch.compile of a module warns under the global forward
+        # pre-hook of program.evaluation_mode (the graph calls no module)
+        function = torch.compile(recorded.forward, dynamic=False)
         torch.set_rng_state(rng)
         try:
             with torch.no_grad(), _same_draws(True):
