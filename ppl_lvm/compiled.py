@@ -381,6 +381,12 @@ def compile_loss(loss, compile=True, total_steps=None):
 # estimators: the log weights of one chunk of rows, log w [K, n], as a recorded graph
 
 
+# log-weight graphs kept for later calls (the recording, and inductor's compiling, are paid once
+# per program and chunk shape in a process); each call checks one against eager on its first chunk
+_SHARED_GRAPHS = {}
+_SHARED_SIZE = 8
+
+
 class CompiledWeights:
     """An estimator's program (``ppl_lvm.estimators``' ``_Program``) whose ``log_weights(rows, K)``
     replays a graph recorded per chunk shape: the guide's draws, the model replayed on them and
@@ -390,6 +396,12 @@ class CompiledWeights:
     The first chunk of each shape runs eagerly and the graph is checked against it from the same
     RNG state; the observed values' support check is recorded too (a chunk that fails it runs
     eagerly, which raises the usual error). Everything else is the wrapped program's.
+
+    Graphs outlive the call: a later call on the same program and shapes takes the graph an
+    earlier call recorded, after checking it against eager on its own first chunk of that shape
+    (the same check as a fresh recording; a program that changed in a way no key can see, such as
+    a tensor or flag it closes over, fails it and is recorded afresh). Only the recording is
+    saved, not the eager first chunk.
 
     backend: "fx" replays the graph as Python over aten ops; "inductor" also passes it to
     ``torch.compile`` (fused kernels; random draws still from torch's generator, so a seeded
@@ -441,6 +453,13 @@ class CompiledWeights:
         if graph is None:
             if len(self.graphs) >= self.max_graphs:
                 return self._eager(rows, num_particles)
+            shared = self._shared_key(key)
+            graph = _SHARED_GRAPHS.get(shared) if shared is not None else None
+            if graph is not None:
+                checked = self._check(graph, rows, num_particles, tensors)
+                if checked is not None:
+                    self.graphs[key] = graph
+                    return checked
             return self._record(key, rows, num_particles, tensors, rebuild)
         store = pyro.get_param_store()
         params = [store._params[name] for name in graph.names]
@@ -450,6 +469,41 @@ class CompiledWeights:
             return self._eager(rows, num_particles)
         self.steps["graph"] += 1
         return log_weights
+
+    def _shared_key(self, key):
+        """The key of this chunk shape's graph among the calls of this process: the program
+        (model, guide, method, shapes: ``estimators._probe_key``), the chunk's signature and K,
+        the param store's names, shapes and dtypes, and the backend; None: not shared."""
+        probe_key = getattr(self.prog, "probe_key", None)
+        if probe_key is None:
+            return None
+        store = pyro.get_param_store()
+        params = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in store._params.items())
+        return (probe_key, key, params, self.inductor)
+
+    def _check(self, graph, rows, num_particles, tensors):
+        """A graph recorded by an earlier call, on this call's first chunk of its shape: eager's
+        log weights [K, n] when the graph gives the same from the same RNG state, else None with
+        the RNG as it was (the program changed in a way the key cannot see: a tensor, flag or
+        network it closes over; it is then recorded afresh)."""
+        rng = torch.get_rng_state()
+        expected = self._eager(rows, num_particles)
+        after = torch.get_rng_state()
+        store = pyro.get_param_store()
+        torch.set_rng_state(rng)
+        try:
+            with torch.no_grad(), _same_draws(self.inductor):
+                actual, inside = graph.module([store._params[n] for n in graph.names], tensors)
+            same = bool(inside) and actual.shape == expected.shape and torch.allclose(
+                actual, expected, rtol=self.rtol, atol=self.atol)
+        except Exception:  # noqa: BLE001 (a graph that no longer runs is recorded afresh)
+            same = False
+        if not same:  # back to rng: the recording's eager run draws this chunk's numbers again
+            torch.set_rng_state(rng)
+            return None
+        torch.set_rng_state(after)
+        self.steps["checked"] = self.steps.get("checked", 0) + 1
+        return expected
 
     def _record(self, key, rows, num_particles, tensors, rebuild):
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -499,6 +553,12 @@ class CompiledWeights:
             torch.set_rng_state(after)
             self.compile_time += time.perf_counter() - start
         self.graphs[key] = _Recorded(recorded, names)
+        shared = self._shared_key(key)
+        if shared is not None:
+            _SHARED_GRAPHS.pop(shared, None)
+            if len(_SHARED_GRAPHS) >= _SHARED_SIZE:
+                _SHARED_GRAPHS.pop(next(iter(_SHARED_GRAPHS)))
+            _SHARED_GRAPHS[shared] = self.graphs[key]
         return expected
 
 
@@ -574,8 +634,9 @@ def compile_weights(prog, compile=True, num_samples=None):
     "inductor": the graph also through ``torch.compile``, or "auto": on a GPU for
     K = ``num_samples`` ≥ ``AUTO_MIN_SAMPLES``), else ``prog`` itself.
 
-    On a CPU a chunk's arithmetic outweighs Pyro's per-chunk Python work, and a graph is recorded
-    afresh per call and chunk shape, so "auto" leaves the CPU eager (measured: no gain at K ≤ 1000).
+    On a CPU a chunk's arithmetic outweighs Pyro's per-chunk Python work, and each call runs its
+    first chunk of each shape eagerly (and records it, the first time in a process), so "auto"
+    leaves the CPU eager (measured: no gain at K ≤ 1000 for the fx graph).
     """
     if compile not in MODES and compile is not None:
         raise ValueError(f"compile must be one of {MODES}, got {compile!r}")

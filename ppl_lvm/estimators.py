@@ -618,6 +618,7 @@ class _Program:
         self.num_rows = x.shape[0]
         key = None if globals is not None else _probe_key(model, guide, x, method, plate_name,
                                                             self.rest, model_kwargs, per_row)
+        self.probe_key = key  # also keys the compiled graphs shared across calls
         known = _PROBES.get(key) if key is not None else None
         if known is not None and (not known["row_bound"] or known["num_rows"] == self.num_rows):
             # read before for this pair and these shapes: the probes' traces are skipped (a fixed

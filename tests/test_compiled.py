@@ -221,13 +221,46 @@ def test_compile_modes_of_the_estimators_pick_their_backend():
 
     x = binary_data(num_data=10)
     model, guide = vae_pair()
-    prog = _Program(model, guide, x, "iwae", None, None, {})
+    prog = _Program(model, guide, x, "iwae", None, torch.arange(10), {})
     assert compiled.compile_weights(prog, False, 1000) is prog
     assert compiled.compile_weights(prog, "auto", 1000) is prog  # eager on the CPU
     assert not compiled.compile_weights(prog, True, 10).inductor
     assert compiled.compile_weights(prog, "inductor", 10).inductor
     with pytest.raises(ValueError, match="compile must be one of"):
         compiled.compile_weights(prog, "fast", 10)
+
+
+def test_compiled_log_weights_are_reused_across_calls_and_checked_on_each(monkeypatch):
+    """A later call takes the graph an earlier call recorded (no recording), after checking it on
+    its first chunk; a tensor the program closes over that changed between calls fails that check
+    and the graph is recorded afresh. The right answer at each step: z ~ N(0, 1),
+    x | z ~ N(z + shift, 1) and the exact posterior as guide give log N(x; shift, 2) for any K."""
+    from ppl_lvm import compiled
+    from ppl_lvm.estimators import estimate_log_marginal
+
+    shift = {"value": torch.tensor(0.0)}
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0]), 1.0))
+            pyro.sample("x", dist.Normal(z + shift["value"], 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal((x - shift["value"]) / 2, 0.5 ** 0.5))
+
+    recorded = []
+    original = compiled.CompiledWeights._record
+    monkeypatch.setattr(compiled.CompiledWeights, "_record",
+                        lambda self, *a: recorded.append(a[1]) or original(self, *a))
+    x = torch.linspace(-2.0, 3.0, 70)
+    for value, records in ((0.0, 2), (0.0, 0), (1.5, 2)):
+        shift["value"] = torch.tensor(value)
+        truth = dist.Normal(value, 2.0 ** 0.5).log_prob(x)
+        recorded.clear()
+        estimate = estimate_log_marginal(model, guide, x, num_samples=5, seed=1, compile=True)
+        assert len(recorded) == records  # 70 rows = 32 + 32 + 6: two chunk shapes
+        assert torch.allclose(estimate.log_px, truth, atol=1e-5)
 
 
 def test_compiled_log_weights_still_check_the_data_support():
