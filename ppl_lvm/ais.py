@@ -24,8 +24,8 @@ from torch.distributions import biject_to
 
 from ppl_lvm import compiled, densities, program, progress
 from ppl_lvm.particles import (
-    SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, default_memory_bytes, seed_all,
-    trace_bytes, vectorize,
+    SEED_BLOCK_ROWS, LogMarginalEstimate, _RunningWeights, default_memory_bytes, noise_from_cpu,
+    seed_all, trace_bytes, vectorize,
 )
 from ppl_lvm.program import frame_of as data_frame
 from ppl_lvm.program import inspect_program, names_keywords, plate_nesting, sample_sites
@@ -153,7 +153,9 @@ def ais_log_marginal(model: Callable[..., Any], guide: Callable[..., Any] | None
         plate_name: the plate over datapoints.
         seed: optional int. Rows are drawn in blocks of ``SEED_BLOCK_ROWS``, each block's
             randomness from its own stream seeded by (seed, block), so the answer does not
-            depend on chunk_size or memory_bytes. Without a seed the global RNG is used.
+            depend on chunk_size or memory_bytes; every stream is the CPU's generator (draws
+            moved to x's device: ``particles.noise_from_cpu``), so it does not depend on the
+            device either, up to float error. Without a seed the global RNG is used.
         memory_bytes: rough budget per vectorised call, with the backward pass (default: the
             estimators' one default, ``particles.default_memory_bytes``: 64 MiB on the CPU,
             1 GiB on a GPU; the seeded answer does not depend on it).
@@ -264,7 +266,8 @@ def bdmc(model: Callable[..., Any], guide: Callable[..., Any] | None = None, *,
             chunk_size, compile, per_row, **model_kwargs: as in
             ``ais_log_marginal``; both directions use the same schedule, reversed.
         device: where simulated data go (default: CPU).
-        seed: optional int; seeds the simulation and both runs.
+        seed: optional int; seeds the simulation and both runs (from the CPU's generator on
+            any device, as ``ais_log_marginal``).
 
     Returns:
         ``BDMCResult``: lower [N], upper [N], gap [N], x, z, forward, reverse.
@@ -311,7 +314,8 @@ def simulate(model, num_data, data_shape, *, plate_name=None, device=None, seed=
     must be the only observed site, and the model must use x only as that site's ``obs``.
     """
     template = torch.zeros((int(num_data),) + tuple(data_shape), device=device)
-    with _forked_rng(template.device, seed is not None):
+    with _forked_rng(template.device, seed is not None), noise_from_cpu(
+            template.device if seed is not None else "cpu"):
         if seed is not None:
             seed_all(_block_seed(seed, 1 << 20))
         trace = poutine.trace(model).get_trace(template, **model_kwargs)
@@ -409,7 +413,10 @@ def _run_ais(model, guide, x, *, num_steps, num_samples, schedule, leapfrog_step
     memory_bytes = default_memory_bytes(device) if memory_bytes is None else int(memory_bytes)
     if plate_name is None:  # the plate over the rows, whatever its name (ppl_lvm.program)
         plate_name = inspect_program(model, x, **model_kwargs).plate_name
-    with _forked_rng(device, seed is not None):
+    # seeded, the f_0 draws (guide or prior, seeded per block by seed_all) come from the CPU's
+    # generator on any device, as the HMC noise does (_Noise)
+    with _forked_rng(device, seed is not None), noise_from_cpu(device if seed is not None
+                                                               else "cpu"):
         target = _Target(model, guide, x, plate_name, idx.to(device), model_kwargs)
         target.loop = loop_chains
         # T - 1 transitions of L gradients each, and the first state's
@@ -480,7 +487,8 @@ def _block_seed(seed, block):
 
 class _Noise:
     """Randomness for rows [start, stop): per seed block of SEED_BLOCK_ROWS rows, each block's draws
-    from its own stream and sliced to the rows of this call (so chunking cannot change them)."""
+    from its own stream and sliced to the rows of this call (so chunking cannot change them).
+    Seeded, the streams are CPU generators whatever the device (the draws are moved to it)."""
 
     def __init__(self, seed, rows, device):
         self.rows, self.device, self.seed = rows, device, seed
@@ -490,7 +498,9 @@ class _Noise:
         first, last = rows.start // SEED_BLOCK_ROWS, (rows.stop - 1) // SEED_BLOCK_ROWS
         self.blocks = []
         for block in range(first, last + 1):
-            generator = torch.Generator(device=device)
+            # the CPU's generator on every device, its draws moved to the device: a seeded answer
+            # is then the same on a GPU as on the CPU (up to float error)
+            generator = torch.Generator()
             generator.manual_seed(_block_seed(seed, block))
             lo, hi = block * SEED_BLOCK_ROWS, (block + 1) * SEED_BLOCK_ROWS
             self.blocks.append((block, generator, max(lo, rows.start) - lo,
@@ -506,9 +516,9 @@ class _Noise:
         for _, generator, lo, hi in self.blocks:
             block_shape = list(shape)
             block_shape[data_dim] = SEED_BLOCK_ROWS
-            part = sampler(block_shape, generator=generator, dtype=dtype, device=self.device)
+            part = sampler(block_shape, generator=generator, dtype=dtype)
             parts.append(part.narrow(data_dim, lo, hi - lo))
-        return torch.cat(parts, data_dim)
+        return torch.cat(parts, data_dim).to(self.device)
 
     def block_rows(self):
         """(block seed, rows of the whole block, slice of this call's rows within them) per block;

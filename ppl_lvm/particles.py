@@ -183,29 +183,83 @@ def _standard_normal_from_cpu(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device="cpu").normal_().to(device)
 
 
+# torch's samplers that distributions call by name (``torch.bernoulli(...)`` is looked up at each
+# call, so a patch of the attribute reaches them): Bernoulli, Categorical and OneHotCategorical
+# (multinomial), Uniform (rand), Normal.sample (normal), Gamma, Chi2 (_standard_gamma), Dirichlet
+# and Beta (_sample_dirichlet), Poisson, Binomial; and rand/randn/randint/randperm called
+# directly (the estimators' uniform proposal, a subsampling plate's randperm)
+_SAMPLERS = ("bernoulli", "multinomial", "normal", "rand", "randn", "randint", "randperm",
+             "_standard_gamma", "_sample_dirichlet", "poisson", "binomial")
+_TORCH_SAMPLERS = {name: getattr(torch, name) for name in _SAMPLERS}
+
+
+def _draw_on_cpu(sampler, args, kwargs):
+    """``sampler(*args, **kwargs)`` drawn by the CPU's generator (its tensor arguments moved to the
+    CPU, a ``device=`` replaced by the CPU) and moved to the device it would have drawn on."""
+    if (kwargs.get("generator") is not None or kwargs.get("out") is not None
+            or torch._C._get_tracing_state()):
+        return sampler(*args, **kwargs)  # an explicit generator or output decides the device
+    tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
+    device = kwargs.get("device")
+    if device is None:
+        device = tensors[0].device if tensors else torch.get_default_device()
+    args = tuple(a.cpu() if torch.is_tensor(a) else a for a in args)
+    kwargs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    if not tensors or "device" in kwargs:
+        kwargs["device"] = "cpu"
+    return sampler(*args, **kwargs).to(device)
+
+
+def _sampler_from_cpu(name):
+    sampler = _TORCH_SAMPLERS[name]
+
+    @functools.wraps(sampler)
+    def from_cpu(*args, **kwargs):
+        return _draw_on_cpu(sampler, args, kwargs)
+    return from_cpu
+
+
+_SAMPLERS_FROM_CPU = {name: _sampler_from_cpu(name) for name in _SAMPLERS}
+
+
 @contextlib.contextmanager
 def noise_from_cpu(device):
-    """Within: reparameterised Normal-family draws on ``device`` take their ε from the CPU's
-    generator (seeded by ``_seed_block``, as on the CPU), so that a seeded estimate on a GPU uses
-    the noise of the same estimate on the CPU and the two agree up to float error.
+    """Within: seeded draws on ``device`` come from the CPU's generator (seeded by
+    ``_seed_block``, as on the CPU) and are moved there, so that a seeded estimate on a GPU uses
+    the noise of the same estimate on the CPU and the two agree up to float error (a discrete draw
+    may still differ where a probability computed on the device differs in its last bit).
 
-    A no-op on the CPU (its draws are already those). Not routed, and so still drawn by the
-    device's own generator: sites sampled by other distributions (Bernoulli, Categorical, Gamma,
-    ...), and the CPU-drawn Normal noise of a guide that samples such a site before a Normal one
-    then follows another stream on the CPU than on the device: only guides whose latents are all
-    Normal-family (a VAE's, a ``LocalGuide``, Normal autoguides) give device-independent answers.
-    Re-entrant; the patch of torch's Normal modules is undone on exit.
+    Routed (each draws exactly the numbers, in the order, of a CPU run): the reparameterised
+    Normal family (Normal, LogNormal, HalfNormal, MultivariateNormal, LowRankMultivariateNormal,
+    StudentT's normal part, Pyro's Normal autoguides) through ``_standard_normal``; and every
+    call of ``torch.bernoulli``, ``multinomial``, ``normal``, ``rand``, ``randn``, ``randint``,
+    ``randperm``, ``_standard_gamma``, ``_sample_dirichlet``, ``poisson`` and ``binomial`` without
+    an explicit ``generator=`` or ``out=``: Bernoulli, Categorical, OneHotCategorical, Uniform,
+    Normal.sample, Gamma, Chi2, StudentT, Dirichlet, Beta, Poisson, Binomial, the estimators'
+    uniform proposal (``torch.randint``) and a subsampling plate (``torch.randperm``). Not routed
+    (still drawn by the device's own generator, so such a site makes a seeded answer
+    device-dependent, and every draw after it on another stream): samplers that fill a tensor in
+    place (Exponential, Laplace, Geometric, Cauchy, Gumbel: ``exponential_``, ``uniform_``,
+    ``cauchy_``), relaxed (Gumbel-softmax) distributions, and anything drawn with its own device
+    generator or under JIT tracing.
+
+    A no-op on the CPU (its draws are already those, at no cost). Re-entrant; the patches of
+    torch's Normal modules and samplers are undone on exit.
     """
     if torch.device(device).type == "cpu" or _NORMAL_MODULES[0]._standard_normal is not _standard_normal:
         yield
         return
     for module in _NORMAL_MODULES:
         module._standard_normal = _standard_normal_from_cpu
+    for name, sampler in _SAMPLERS_FROM_CPU.items():
+        setattr(torch, name, sampler)
     try:
         yield
     finally:
         for module in _NORMAL_MODULES:
             module._standard_normal = _standard_normal
+        for name, sampler in _TORCH_SAMPLERS.items():
+            setattr(torch, name, sampler)
 
 
 class _RunningWeights:

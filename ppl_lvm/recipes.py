@@ -27,6 +27,7 @@ from ppl_lvm.estimators import (SEED_BLOCK_PARTICLES, SEED_BLOCK_ROWS, _seed_blo
 from ppl_lvm.guides import (LocalGuide, _LocalProblem, data_plate_name, local_convergence,
                             log_joint, solve_local)
 from ppl_lvm.optim import lr_factor
+from ppl_lvm.particles import noise_from_cpu
 from ppl_lvm.train import adam, bind_rows, svi_step
 from ppl_lvm.vocabulary import renamed
 
@@ -193,7 +194,8 @@ def _adam_local(model, guide, structure, x, args, model_kwargs, encoder, steps, 
     module_params = [p for m in modules for p in m.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
-    with warnings.catch_warnings():
+    # the ELBO's draws from the CPU's generator on any device: the same φ on a GPU as on the CPU
+    with warnings.catch_warnings(), noise_from_cpu(x.device):
         # pyro.module warns about the parameters frozen here
         warnings.filterwarnings("ignore", message=".*not registered in the param store")
         try:
@@ -450,7 +452,7 @@ def _pooled_log_px(model, guide, optimal, x, kwargs, num_samples, seed, sources)
     per_source = -(-num_samples // len(sources))
     log_px, stderr = [], []
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), noise_from_cpu(x.device):
         for block, start in enumerate(range(0, num_rows, SEED_BLOCK_ROWS)):
             rows = slice(start, min(start + SEED_BLOCK_ROWS, num_rows))
             parts = []
@@ -495,7 +497,9 @@ def amortization_gaps(model: Callable[..., Any], guide: Callable[..., Any], x: t
             than the poorer proposal by more than log 2 in variance terms; "optimal" or
             "amortized": that proposal alone; "best" (the earlier default, kept for old calls):
             the larger of the two single-proposal estimates per row, biased upward.
-        seed: seeds q*'s solver and the estimators; tol: q*'s convergence tolerance.
+        seed: seeds q*'s solver and the estimators (every draw from the CPU's generator,
+            moved to x's device: the same gaps on a GPU up to float error); tol: q*'s
+            convergence tolerance.
 
     Returns:
         ``Gaps`` (per datapoint values and their Monte Carlo errors; ``summary()``,
