@@ -28,6 +28,7 @@ from ppl_lvm import program, progress
 from ppl_lvm import densities
 from ppl_lvm.estimators import log_marginal, plate_nesting, sample_sites
 from ppl_lvm.models.missing import check_missing, fill_missing
+from ppl_lvm.particles import noise_from_cpu
 from ppl_lvm.psis import pareto_khat
 from ppl_lvm.vocabulary import renamed
 
@@ -297,7 +298,8 @@ def complete(model: Callable[..., Any], guide: Callable[..., Any] | None, x: tor
         proposal: for "mwg": "observed" (q(z | x_obs), an independence sampler) or "completed"
             (the encoder fed the current completion as if fully observed).
         idx: optional [N] row indices for a per-datapoint guide.
-        seed: optional int; the same seed gives the same completions.
+        seed: optional int; the same seed gives the same completions (on any device: the draws
+            come from the CPU's generator, ``particles.noise_from_cpu``).
 
     Returns:
         ``Completion`` (samples [S, N, D], mean [N, D], ESS, k̂ or acceptance, trusted). Warns
@@ -315,7 +317,9 @@ def complete(model: Callable[..., Any], guide: Callable[..., Any] | None, x: tor
     x = fill_missing(x, mask)
     masked = _read_masked(model, guide, x, mask)
     rng = torch.random.fork_rng() if seed is not None else contextlib.nullcontext()
-    with rng:
+    # seeded, every draw comes from the CPU's generator on any device: the same completions on a
+    # GPU as on the CPU (up to float error)
+    with rng, noise_from_cpu(x.device if seed is not None else "cpu"):
         if seed is not None:
             pyro.set_rng_seed(seed)
         if method == "mwg":
@@ -448,7 +452,7 @@ def mixture_conditional(weights, means, covs, x, mask, num_samples=None, generat
         covs: [C, D, D] full covariances Σ_c, or [C, D] diagonal variances.
         x: [N, D] (NaN allowed where mask is False); mask: [N, D] bool, True = observed.
         num_completions (old name ``num_samples``): S ≥ 0 draws of the completion (default 0).
-        generator: optional torch.Generator for the draws.
+        generator: optional torch.Generator for the draws (a CPU one serves data on any device).
 
     Returns:
         ``MixtureConditional``. Full covariances are solved once per distinct mask pattern.
@@ -494,8 +498,7 @@ def mixture_conditional(weights, means, covs, x, mask, num_samples=None, generat
     mean = (responsibilities[..., None] * component_means).sum(1)
     samples = None
     if num_samples:
-        c = torch.multinomial(responsibilities, num_samples, replacement=True,
-                              generator=generator).T  # [S, N]
+        c = _components(responsibilities, num_samples, generator)  # [S, N]
         samples = component_means[torch.arange(num_rows), c]  # [S, N, D]
         for rows, miss, cond_chol in factors:
             noise = torch.randn(num_samples, rows.numel(), miss.numel(), 1, generator=generator,
@@ -522,6 +525,14 @@ def mixture_completion(mixture: torch.nn.Module, x: torch.Tensor, mask: torch.Te
                                    generator)
 
 
+def _components(responsibilities, num_samples, generator):
+    """c_s ~ Categorical(r_n): [S, N] on the responsibilities' device, drawn on the generator's
+    (a CPU generator with GPU data draws the CPU's numbers, as the Normal noise beside it does)."""
+    on = responsibilities.device if generator is None else generator.device
+    return torch.multinomial(responsibilities.to(on), num_samples, replacement=True,
+                             generator=generator).T.to(responsibilities.device)
+
+
 def _diagonal_conditional(log_weights, means, variances, x, mask, num_samples, generator):
     scales = variances.sqrt()
     log_prob = dist.Normal(means, scales).log_prob(x[:, None, :])  # [N, C, D]
@@ -532,8 +543,7 @@ def _diagonal_conditional(log_weights, means, variances, x, mask, num_samples, g
     mean = (responsibilities[..., None] * component_means).sum(1)
     samples = None
     if num_samples:
-        c = torch.multinomial(responsibilities, num_samples, replacement=True,
-                              generator=generator).T  # [S, N]
+        c = _components(responsibilities, num_samples, generator)  # [S, N]
         noise = torch.randn((num_samples,) + x.shape, generator=generator, dtype=x.dtype).to(x.device)
         samples = torch.where(mask, x, means[c] + scales[c] * noise)
     return MixtureConditional(responsibilities, component_means, mean, log_px, samples)

@@ -189,7 +189,8 @@ def _standard_normal_from_cpu(shape, dtype, device):
 # and Beta (_sample_dirichlet), Poisson, Binomial; and rand/randn/randint/randperm called
 # directly (the estimators' uniform proposal, a subsampling plate's randperm)
 _SAMPLERS = ("bernoulli", "multinomial", "normal", "rand", "randn", "randint", "randperm",
-             "_standard_gamma", "_sample_dirichlet", "poisson", "binomial")
+             "rand_like", "randn_like", "_standard_gamma", "_sample_dirichlet", "poisson",
+             "binomial")
 _TORCH_SAMPLERS = {name: getattr(torch, name) for name in _SAMPLERS}
 
 
@@ -203,6 +204,8 @@ def _draw_on_cpu(sampler, args, kwargs):
     device = kwargs.get("device")
     if device is None:
         device = tensors[0].device if tensors else torch.get_default_device()
+    if sampler.__name__.endswith("_like"):  # only its shape, dtype and strides count
+        args = (torch.empty_like(args[0], device="cpu"),) + tuple(args[1:])
     args = tuple(a.cpu() if torch.is_tensor(a) else a for a in args)
     kwargs = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kwargs.items()}
     if not tensors or "device" in kwargs:
@@ -233,10 +236,11 @@ def noise_from_cpu(device):
     Normal family (Normal, LogNormal, HalfNormal, MultivariateNormal, LowRankMultivariateNormal,
     StudentT's normal part, Pyro's Normal autoguides) through ``_standard_normal``; and every
     call of ``torch.bernoulli``, ``multinomial``, ``normal``, ``rand``, ``randn``, ``randint``,
-    ``randperm``, ``_standard_gamma``, ``_sample_dirichlet``, ``poisson`` and ``binomial`` without
-    an explicit ``generator=`` or ``out=``: Bernoulli, Categorical, OneHotCategorical, Uniform,
-    Normal.sample, Gamma, Chi2, StudentT, Dirichlet, Beta, Poisson, Binomial, the estimators'
-    uniform proposal (``torch.randint``) and a subsampling plate (``torch.randperm``). Not routed
+    ``randperm``, ``rand_like``, ``randn_like``, ``_standard_gamma``, ``_sample_dirichlet``,
+    ``poisson`` and ``binomial`` without an explicit ``generator=`` or ``out=``: Bernoulli,
+    Categorical, OneHotCategorical, Uniform, Normal.sample, Gamma, Chi2, StudentT, Dirichlet, Beta,
+    Poisson, Binomial, the estimators' uniform proposal (``torch.randint``), a subsampling plate
+    (``torch.randperm``) and completion's Metropolis draws (``torch.rand_like``). Not routed
     (still drawn by the device's own generator, so such a site makes a seeded answer
     device-dependent, and every draw after it on another stream): samplers that fill a tensor in
     place (Exponential, Laplace, Geometric, Cauchy, Gumbel: ``exponential_``, ``uniform_``,

@@ -6,6 +6,7 @@ sampler; the CUDA comparisons run where there is a GPU."""
 import collections
 import contextlib
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -14,7 +15,9 @@ import torch
 
 import ppl_lvm.particles as particles
 from ppl_lvm.ais import SEED_BLOCK_ROWS, _block_seed, _Noise, ais_log_marginal, bdmc
+from ppl_lvm.completion import complete, mixture_completion
 from ppl_lvm.estimators import estimate_log_marginal
+from ppl_lvm.models.mog import MixtureOfGaussians
 from ppl_lvm.models.ppca import PPCA
 from ppl_lvm.particles import noise_from_cpu
 from ppl_lvm.plate import data_plate
@@ -124,7 +127,7 @@ def ppca(device="cpu", dtype=torch.float64):
 
 
 def test_samplers_on_another_device_draw_the_cpus_numbers_and_are_restored_on_exit():
-    """rand, randn, randint, randperm and Uniform's rsample on the "meta" device advance the CPU's
+    """rand, randn, randint, randperm, rand_like, randn_like and Uniform's rsample on the "meta" device advance the CPU's
     generator exactly as the same draws on the CPU do; Bernoulli, OneHotCategorical, Gamma,
     Dirichlet and Normal.sample through the route give the CPU's numbers; torch's samplers are
     torch's own again after the block (and never patched for the CPU)."""
@@ -132,6 +135,7 @@ def test_samplers_on_another_device_draw_the_cpus_numbers_and_are_restored_on_ex
         zeros = torch.zeros(4, 3, device=device)
         return (torch.rand(5, 2, device=device), torch.randn(3, device=device),
                 torch.randint(7, (6,), device=device), torch.randperm(9, device=device),
+                torch.rand_like(zeros), torch.randn_like(zeros, dtype=torch.float64),
                 dist.Uniform(zeros - 1, zeros + 2, validate_args=False).rsample())
 
     def valued():
@@ -253,6 +257,28 @@ def test_amortization_gaps_and_infer_local_draw_through_the_cpu_route(routed):
     assert routed["_standard_normal"] >= 5, routed  # the ELBO's ε, at each of the 5 steps
 
 
+def test_completions_draw_through_the_cpu_route(routed):
+    """complete (SIR and Metropolis-within-Gibbs, its accept draws by torch.rand_like): the same
+    completions through the forced route, every kind of draw routed."""
+    model, x = ppca(dtype=torch.float32)
+    mask = torch.tensor([True, False, True, True, False]).expand(x.shape)
+    for method, route in (("sir", "multinomial"), ("mwg", "rand_like")):
+        plain = completions(model, x, mask, method)
+        routed.clear()
+        with noise_from_cpu("meta"):
+            through_route = completions(model, x, mask, method)
+        assert torch.equal(through_route, plain), method
+        assert routed[route] > 0 and routed["_standard_normal"] > 0, (method, routed)
+        assert torch.equal(plain[:, mask], x.expand_as(plain)[:, mask])  # observed cells kept
+
+
+def completions(model, x, mask, method):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the health check of a short run
+        return complete(model.model, model.guide, x, mask, num_completions=3, method=method,
+                        num_sweeps=4, num_particles=16, seed=0).samples
+
+
 # ----------------------------------------------------------------------------------------------
 # CPU against CUDA (skipped without a GPU)
 
@@ -319,3 +345,27 @@ def test_seeded_amortization_gaps_are_the_same_on_cpu_and_cuda():
     """amortization_gaps on the linear-Gaussian program in float64: log p(x), ELBO(q*) and
     ELBO(q amortized) per row the same on the CPU and CUDA up to float error."""
     assert torch.allclose(gaps_estimates("cuda"), gaps_estimates("cpu"), rtol=1e-4, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_seeded_completions_are_the_same_on_cpu_and_cuda():
+    """complete (SIR and MwG) on PPCA in float64, and a mixture's exact conditional drawn with a
+    CPU generator: the same completions on the CPU and CUDA up to float error."""
+    mask = torch.tensor([True, False, True, True, False])
+    for method in ("sir", "mwg"):
+        on_device = {}
+        for device in ("cuda", "cpu"):
+            pyro.clear_param_store()
+            model, x = ppca(device)
+            on_device[device] = completions(model, x, mask.to(device).expand(x.shape),
+                                            method).cpu()
+        assert torch.allclose(on_device["cuda"], on_device["cpu"], rtol=1e-4, atol=1e-6), method
+    mixture = MixtureOfGaussians(2, 3)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[True, False, True]] * 4)
+    on_cpu = mixture_completion(mixture, x, mask, num_completions=5,
+                                generator=torch.Generator().manual_seed(0)).samples
+    on_cuda = mixture_completion(mixture.cuda(), x.cuda(), mask.cuda(), num_completions=5,
+                                 generator=torch.Generator().manual_seed(0)).samples
+    assert torch.allclose(on_cuda.cpu(), on_cpu, rtol=1e-4, atol=1e-6)
