@@ -398,8 +398,9 @@ def binarize(x: torch.Tensor, method: str = "threshold", threshold: float = 0.5,
         method: "threshold" gives 1 where x > ``threshold``; "stochastic" draws x_b ~ Bernoulli(x),
             fresh each call (redraw per epoch, as NumPyro's VAE example does).
         threshold: the cut for "threshold".
-        seed: for "stochastic": an int makes the draw reproducible (a generator on x's device, so
-            the same seed gives different draws on CPU and CUDA); None uses torch's global RNG.
+        seed: for "stochastic": an int makes the draw reproducible and the same on every device
+            (drawn by a CPU generator, on a CPU copy of x, then moved to x's device); None uses
+            torch's global RNG on x's device.
 
     Returns:
         [...] tensor of x's shape, dtype and device, with values in {0, 1}.
@@ -410,11 +411,10 @@ def binarize(x: torch.Tensor, method: str = "threshold", threshold: float = 0.5,
     if method == "threshold":
         return (x > threshold).to(x.dtype)
     if method == "stochastic":
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(int(seed))
-        return torch.bernoulli(x, generator=generator)
+        if seed is None:
+            return torch.bernoulli(x)
+        generator = torch.Generator().manual_seed(int(seed))
+        return torch.bernoulli(x.cpu(), generator=generator).to(x.device)
     raise ValueError(f"unknown binarize method {method!r}; use 'threshold' or 'stochastic'")
 
 

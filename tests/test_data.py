@@ -261,6 +261,8 @@ def test_loaders_on_cuda(tmp_path, mnist_arrays):
     assert x.is_cuda and y.is_cuda
     binary = binarize(x, "stochastic", seed=0)
     assert binary.is_cuda and torch.equal(binary, binarize(x, "stochastic", seed=0))
+    # the same seed, the same pixels on the CPU and the GPU
+    assert torch.equal(binary.cpu(), binarize(x.cpu(), "stochastic", seed=0))
     (x_train, y_train), _ = train_test_split(x, y)
     assert x_train.is_cuda and y_train.is_cuda
 
