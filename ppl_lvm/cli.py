@@ -717,6 +717,9 @@ def evaluate(args):
     method = options["method"]
     if spec.num_steps:
         options["num_steps"] = args.num_steps
+    compile_mode = COMPILE_MODES[getattr(args, "compile", "off")]
+    if compile_mode and method != "exact":
+        options["compile"] = compile_mode
     if spec.estimate is not None and method != "exact":
         estimate = spec.estimate(vae.model, guide, x_test, **options)
     elif ddp.active():  # rows split across ranks, gathered back in order
@@ -737,6 +740,11 @@ def evaluate(args):
               "khat_above_0.7": unreliable}
     if spec.num_steps:
         result["num_steps"] = args.num_steps
+    compiled_line = getattr(estimate, "compiled", None)
+    if compiled_line:
+        result["compiled"] = compiled_line
+        if ddp.is_main():
+            logger.info(compiled_line)
     if ddp.is_main():
         ess = "" if method == "exact" or ddp.active() else f"; median ESS {result['median_ess']:.1f}"
         if unreliable is not None and spec.khat and args.num_samples >= 25:
@@ -1161,6 +1169,12 @@ def build_parser():
     p.add_argument("--n", type=positive_int, default=None,
                    help="only the first n held-out images (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    p.add_argument("--compile", default="off", choices=list(COMPILE_MODES),
+                   help="record each chunk's log weights once as a static graph and replay it "
+                        "(checked against eager Pyro on its first chunk; see ppl_lvm.compiled); "
+                        "auto: on a GPU at large K; inductor: also torch.compile it (seconds "
+                        "per chunk shape: for large K); the seeded answer is eager's up to float "
+                        "rounding")
     add_device_option(p)
     add_common_options(p)
     add_trust_option(p)

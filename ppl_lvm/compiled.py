@@ -418,12 +418,24 @@ class CompiledWeights:
         self.graphs = {}
         self.reason = None
         self.compile_time = 0.0
+        self.recorded = 0
         self.steps = {"graph": 0, "eager": 0}
 
     def __getattr__(self, name):
         if name == "prog":
             raise AttributeError(name)
         return getattr(self.prog, name)
+
+    def summary(self):
+        """One line: graphs recorded (and the time it took), taken from an earlier call, chunks
+        on a graph and eager, or why the call ran eagerly."""
+        backend = "inductor" if self.inductor else "fx"
+        if self.reason is not None:
+            return f"compiled log weights ({backend}): ran eagerly: {self.reason}"
+        return (f"compiled log weights ({backend}): {self.recorded} graph(s) recorded in "
+                f"{self.compile_time:.1f} s, {self.steps.get('checked', 0)} taken from an "
+                f"earlier call (checked on this call's first chunk); {self.steps['graph']} "
+                f"chunk(s) on a graph, {self.steps['eager']} eager")
 
     def _chunk(self, rows):
         prog = self.prog
@@ -553,6 +565,7 @@ class CompiledWeights:
             torch.set_rng_state(after)
             self.compile_time += time.perf_counter() - start
         self.graphs[key] = _Recorded(recorded, names)
+        self.recorded += 1
         shared = self._shared_key(key)
         if shared is not None:
             _SHARED_GRAPHS.pop(shared, None)

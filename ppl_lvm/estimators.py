@@ -398,9 +398,10 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
         khat.append(totals.khat())
         mc_stderr.append(totals.elbo_stderr() if method == "elbo" else totals.stderr())
     label = globals if isinstance(globals, str) else "given" if isinstance(globals, dict) else None
+    summary = prog.summary() if isinstance(prog, compiled.CompiledWeights) else None
     return LogMarginalEstimate(torch.cat(log_px), torch.cat(ess), method, num_samples,
                                rows_per_call, particles_per_call, prog.vectorized, label,
-                               torch.cat(khat), torch.cat(mc_stderr))
+                               torch.cat(khat), torch.cat(mc_stderr), summary)
 
 
 # ----------------------------------------------------------------------------------------------

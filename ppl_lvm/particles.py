@@ -64,6 +64,9 @@ class LogMarginalEstimate:
         0.5-0.7 slow convergence, above 0.7 the estimate cannot be trusted (``unreliable``);
         inf where no tail can be fitted (K < ~25, or 4 or fewer weights above the cutoff: tied
         or constant weights, as arviz).
+    compiled: under ``compile=``, one line on the compiled path (graphs recorded and the time it
+        took, graphs taken from an earlier call, chunks on a graph and eager, or why it ran
+        eagerly); None without.
     """
 
     log_px: torch.Tensor
@@ -76,6 +79,7 @@ class LogMarginalEstimate:
     globals: str | None = None
     khat: torch.Tensor | None = None
     mc_stderr: torch.Tensor | None = None
+    compiled: str | None = None
 
     @property
     def unreliable(self) -> torch.Tensor:

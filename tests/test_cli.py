@@ -41,6 +41,13 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert 1 <= iwae["median_ess"] <= 200
     assert iwae["khat_above_0.7"] is not None and 0 <= iwae["khat_above_0.7"] <= 50
     check_monte_carlo_error(out, capsys)
+    # --compile: the same seeded numbers from a recorded graph, and a line on what it did
+    assert main(["evaluate", str(out), "--method", "iwae", "-K", "200", "--n", "50",
+                 "--compile", "on"]) == 0
+    assert "compiled log weights (fx)" in capsys.readouterr().out
+    graph = json.loads((out / "evaluate_iwae_K200.json").read_text())
+    assert graph["mean"] == pytest.approx(iwae["mean"], abs=1e-4)
+    assert "graph(s) recorded" in graph["compiled"] and "iwae" not in graph["compiled"]
 
     # annealed importance sampling: a lower bound at least as tight as IWAE-200 here
     assert main(["evaluate", str(out), "--method", "ais", "-K", "2", "-T", "30", "--n", "50"]) == 0

@@ -260,6 +260,8 @@ def test_compiled_log_weights_are_reused_across_calls_and_checked_on_each(monkey
         recorded.clear()
         estimate = estimate_log_marginal(model, guide, x, num_samples=5, seed=1, compile=True)
         assert len(recorded) == records  # 70 rows = 32 + 32 + 6: two chunk shapes
+        assert f"{records} graph(s) recorded" in estimate.compiled
+        assert f"{2 - records} taken from an earlier call" in estimate.compiled
         assert torch.allclose(estimate.log_px, truth, atol=1e-5)
 
 
