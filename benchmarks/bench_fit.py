@@ -19,30 +19,28 @@ Each contender's epoch-end times are kept: "whole" is the whole run, "last epoch
 alone (steady state: compiling and validation are behind it).
 Prints ratios to the hand-written loop and exits 1 when a goal is missed (``--no-check``: 0).
 
-Last run (2026-12-06; ``--epochs 20 --rounds 3 --objectives elbo``; CPU, 1 thread, a 2-core machine
-with one other job; torch 2.13, pyro 1.9.2, numpyro 0.22):
+Last run (2026-12-06; ``--epochs 20 --rounds 3 --objectives elbo``; CPU, 1 thread (NumPyro's XLA
+too), a 2-core machine; torch 2.13, pyro 1.9.2, numpyro 0.22):
 
 | contender | whole run s | / hand | last epoch s | / hand |
 |---|---|---|---|---|
-| ppl_lvm | 7.05 | 1.04x | 0.403 | 1.20x |
-| compiled | 6.98 | 1.03x | 0.299 | 0.89x |
-| hand | 6.75 | 1.00x | 0.336 | 1.00x |
-| hand-fused | 6.52 | 0.97x | 0.288 | 0.86x |
-| pyro | 9.00 | 1.33x | 0.426 | 1.27x |
-| numpyro | 9.66 | 1.43x | 0.300 | 0.89x |
+| ppl_lvm | 7.39 | 1.25x | 0.333 | 1.14x |
+| compiled | 6.46 | 1.09x | 0.288 | 0.99x |
+| hand | 5.92 | 1.00x | 0.292 | 1.00x |
+| hand-fused | 5.64 | 0.95x | 0.291 | 1.00x |
+| pyro | 8.59 | 1.45x | 0.400 | 1.37x |
+| numpyro | 6.33 | 1.07x | 0.159 | 0.55x |
 
-The compiled fit's steady state equals NumPyro's jit (0.89×) and the hand-written loop with a fused
-Adam (0.86×); its whole run, recording and the validated first epoch included, is 1.03×. An earlier
-run the same day, with a heavier second job, gave 0.81× (ppl_lvm) and 0.79× (compiled) for the whole
-run: read ratios from one run only.
-
-    python benchmarks/bench_fit.py                 # 3 epochs, 3 rounds, 1 thread
-    python benchmarks/bench_fit.py --quick         # 1 epoch, 1 round, 1,000 images
-    python benchmarks/bench_fit.py --device cuda   # on a GPU
+Three runs that day spread widely (another job on the second core in the first two; NumPyro's XLA
+on both cores in them): whole run 1.04-1.25x (ppl_lvm) and 0.79-1.09x (compiled), last epoch
+0.52-0.99x (compiled). NumPyro's jit-compiled step, its kernels fused by XLA, runs about half a
+hand-written PyTorch step on one thread; the compiled fit replays Pyro's graph op by op (about a
+hand-written step; ``compile="inductor"`` fuses it: 0.81x in ``bench_svi_step.py``).
 """
 import argparse
 import functools
 import math
+import os
 import statistics
 import sys
 import time
@@ -206,6 +204,9 @@ def main(argv=None):
     parser.add_argument("--objectives", default=None, help="e.g. elbo,iwae5 (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.threads == 1:  # NumPyro's XLA on one thread too, as torch here (else all cores)
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
     epochs, rounds, num_images = (1, 1, 1000) if args.quick else (args.epochs, args.rounds, 4000)
     device = torch.device(args.device)
     x, _ = load_mnist(device=device)
