@@ -121,10 +121,7 @@ def add_train_options(parser, epochs, demo=False):
     add("--lr-schedule", default="constant", choices=["constant", "cosine", "exponential"],
         help="decay every step size to 1/100 by the last step (non-amortized SVI needs it to "
              "converge)")
-    add("--compile", default="off", choices=list(COMPILE_MODES),
-        help="record each SVI step once as a static graph and replay it (checked against eager "
-             "Pyro on its first batch; see ppl_lvm.compiled); auto: for long runs only; "
-             "inductor: also torch.compile it")
+    add_compile_option(add, "each SVI step")
     add("--z-dim", type=positive_int, default=20, help="size of the latent z")
     add("--hidden-dim", type=positive_int, default=400, help="hidden units of the MLPs")
     add("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
@@ -201,6 +198,15 @@ DEVICE_OPTION = {"default": "cpu", "choices": ["cpu", "cuda"], "help": "where te
 
 def add_device_option(parser):
     parser.add_argument("--device", **DEVICE_OPTION)
+
+
+def add_compile_option(add, what):
+    """``--compile off|on|auto|inductor`` through ``add`` (a parser's ``add_argument``): ``what``
+    is recorded once as a static graph and replayed (``ppl_lvm.compiled``)."""
+    add("--compile", default="off", choices=list(COMPILE_MODES),
+        help=f"record {what} once as a static graph and replay it (checked against eager "
+             "Pyro on its first use; see ppl_lvm.compiled); auto: where it pays; inductor: also "
+             "torch.compile it (seconds per shape: for long runs)")
 
 
 def add_trust_option(parser):
@@ -917,8 +923,11 @@ def run_bdmc(args):
     start = time.perf_counter()
     result = bdmc(module.model, module.guide, num_data=args.n, data_shape=(data_dim,),
                   device=args.device, num_steps=args.num_steps, num_samples=args.num_samples,
-                  seed=args.seed)
+                  seed=args.seed, compile=COMPILE_MODES[getattr(args, "compile", "off")])
     seconds = time.perf_counter() - start
+    for direction in (result.forward, result.reverse):
+        if getattr(direction, "compiled", None):
+            logger.info(direction.compiled)
     lower_mc, upper_mc = result.forward.mean_mc_stderr, result.reverse.mean_mc_stderr
     summary = {"num_images": args.n, "num_steps": args.num_steps, "num_samples": args.num_samples,
                "lower": result.lower.mean().item(), "upper": result.upper.mean().item(),
@@ -1169,12 +1178,7 @@ def build_parser():
     p.add_argument("--n", type=positive_int, default=None,
                    help="only the first n held-out images (default: all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    p.add_argument("--compile", default="off", choices=list(COMPILE_MODES),
-                   help="record each chunk's log weights once as a static graph and replay it "
-                        "(checked against eager Pyro on its first chunk; see ppl_lvm.compiled); "
-                        "auto: on a GPU at large K; inductor: also torch.compile it (seconds "
-                        "per chunk shape: for large K); the seeded answer is eager's up to float "
-                        "rounding")
+    add_compile_option(p.add_argument, "each chunk's log weights (with --method ais: the annealed density)")
     add_device_option(p)
     add_common_options(p)
     add_trust_option(p)
@@ -1206,6 +1210,7 @@ def build_parser():
                    default=500, help="AIS temperatures (HMC transitions) per chain, each direction")
     p.add_argument("-K", "--num-samples", type=positive_int, default=4, help="chains per image")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the chains")
+    add_compile_option(p.add_argument, "the annealed log-density and its gradient")
     add_device_option(p)
     add_common_options(p)
     add_trust_option(p)

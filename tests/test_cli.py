@@ -63,6 +63,12 @@ def test_train_then_evaluate_end_to_end(tmp_path, capsys):
     assert sandwich["lower_mc_stderr"] > 0 and sandwich["upper_mc_stderr"] > 0
     assert sandwich["gap_mc_stderr"] == pytest.approx(math.hypot(sandwich["lower_mc_stderr"],
                                                                  sandwich["upper_mc_stderr"]))
+    # --compile: the annealed density from a recorded graph, the same seeded bounds
+    assert main(["bdmc", str(out), "--n", "20", "-T", "30", "-K", "2", "--compile", "on"]) == 0
+    assert "compiled density" in capsys.readouterr().out
+    graph = json.loads((out / "bdmc_T30_K2.json").read_text())
+    assert graph["lower"] == pytest.approx(sandwich["lower"], abs=1e-3)
+    assert graph["upper"] == pytest.approx(sandwich["upper"], abs=1e-3)
 
     # resuming a finished run for more epochs continues from its checkpoint
     more = list(TINY)
