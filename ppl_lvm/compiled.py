@@ -475,7 +475,11 @@ class CompiledWeights:
         return self.prog.log_weights(rows, num_particles)
 
     def log_weights(self, rows, num_particles):
-        if self.reason is not None or not getattr(self.prog, "vectorized", False):
+        if self.reason is None and not getattr(self.prog, "vectorized", False):
+            self.reason = ("the model/guide could not be vectorised over particles: its loop "
+                           "over particles runs eagerly")
+            warnings.warn(f"compile: log weights run eagerly: {self.reason}", stacklevel=4)
+        if self.reason is not None:
             return self._eager(rows, num_particles)
         args, kwargs, idx = self._chunk(rows)
         tensors, rebuild = _flatten((args, kwargs, idx))

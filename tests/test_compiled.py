@@ -358,3 +358,47 @@ def test_compiled_ais_of_a_data_dependent_program_runs_eagerly_with_one_line():
     lines = [str(w.message) for w in caught if "compile" in str(w.message)]
     assert len(lines) == 1 and "data-dependent control flow" in lines[0] and "\n" not in lines[0]
     assert torch.equal(graph.log_px, eager.log_px) and "0 graph(s)" in graph.compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# programs we did not write (tests/programs), on the compiled estimators
+
+
+def test_compiled_log_weights_on_real_pyro_programs_follow_eager_or_say_why_not():
+    """Pyro programs as their authors wrote them, through log_marginal(compile=True). Where the
+    graph can follow the program the seeded answer is eager's (and, for the linear-Gaussian model
+    scored by its exact posterior, the closed form log p(x)); ProdLDA reads
+    int(docs.sum(-1).max()), a tensor as a Python number, which no graph can hold: it runs
+    eagerly, and says why, with eager's answer."""
+    from ppl_lvm import load_digits
+    from ppl_lvm.estimators import estimate_log_marginal
+    from tests.programs import linear_gaussian
+    from tests.programs.prodlda import ProdLDA
+    from tests.programs.vae_example import VAE as ExampleVAE
+
+    pyro.clear_param_store()
+    x = linear_gaussian.make_data()  # data plate at dim -2, its own site names
+    graph = estimate_log_marginal(linear_gaussian.model, linear_gaussian.exact_guide, x,
+                                  num_samples=5, seed=0, compile=True)
+    assert "graph(s) recorded" in graph.compiled and "ran eagerly" not in graph.compiled
+    assert torch.allclose(graph.log_px, linear_gaussian.log_px(x), atol=1e-4)
+
+    torch.manual_seed(0)  # Pyro's VAE example: grey levels under Bernoulli(validate_args=False)
+    vae = ExampleVAE(z_dim=2, hidden_dim=8)
+    grey = load_digits()[0][:72].repeat(1, 13)[:, :784]  # seed blocks of 32 + 32 + 8 rows
+    eager = estimate_log_marginal(vae.model, vae.guide, grey, num_samples=9, seed=1)
+    graph = estimate_log_marginal(vae.model, vae.guide, grey, num_samples=9, seed=1, compile=True)
+    assert "ran eagerly" not in graph.compiled and "1 chunk(s) on a graph" in graph.compiled
+    assert torch.allclose(graph.log_px, eager.log_px, rtol=1e-5, atol=1e-4)
+
+    torch.manual_seed(0)  # ProdLDA (BatchNorm and Dropout, scored in eval mode)
+    docs = torch.distributions.Multinomial(20, torch.softmax(torch.randn(12), 0)).sample((30,))
+    lda = ProdLDA(vocab_size=12, num_topics=3, hidden=16, dropout=0.2)
+    eager = estimate_log_marginal(lda.model, lda.guide, docs, num_samples=20, seed=0)
+    with pytest.warns(UserWarning, match="compile: log weights run eagerly: the model/guide "
+                                         "could not be vectorised"):
+        graph = estimate_log_marginal(lda.model, lda.guide, docs, num_samples=20, seed=0,
+                                      compile=True)
+    assert graph.compiled.startswith("compiled log weights (fx): ran eagerly: the model/guide "
+                                     "could not be vectorised")
+    assert torch.equal(graph.log_px, eager.log_px)
