@@ -83,6 +83,21 @@ def _tracing():
         fx_config.do_not_emit_stack_traces, fake_tensor.traceback = saved
 
 
+def _rng_state():
+    """The generators' states that a recorded step draws from: the CPU's and, where CUDA is in
+    use, every CUDA device's (a graph on a GPU draws from its generator: its check against eager
+    must start both from the same state)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda else None
+
+
+def _set_rng_state(state):
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 _RECORDING = program.RECORDING  # the flag lives in the leaf, for the density kernel to read
 is_recording = program.is_recording
 
@@ -342,18 +357,18 @@ class CompiledELBO:
 
     def _record(self, signature, program_key, model, guide, args, kwargs):
         """Take this step eagerly, record its graph, check that the graph reproduces it."""
-        rng = torch.get_rng_state()
+        rng = _rng_state()
         with poutine.trace(param_only=True) as captured:
             value = self._eager(model, guide, args, kwargs)
         names = list(captured.trace.nodes)
         params = _store_tensors(names)
         expected = [None if p.grad is None else p.grad.clone() for p in params]
-        after = torch.get_rng_state()
+        after = _rng_state()
         start = time.perf_counter()
         try:
-            torch.set_rng_state(rng)
+            _set_rng_state(rng)
             graph = _Graph(self.elbo, model, guide, args, kwargs, names, self.backend)
-            torch.set_rng_state(rng)
+            _set_rng_state(rng)
             loss, grads = graph(params, list(_unbind(model)[1]) + list(_unbind(guide)[1]),
                                 list(args))
             value_ok = abs(float(loss) - float(value)) <= self.rtol * abs(float(value)) + self.atol
@@ -368,7 +383,7 @@ class CompiledELBO:
             self.graphs[program_key] = str(error)  # the next shape would fail alike
             return value
         finally:
-            torch.set_rng_state(after)
+            _set_rng_state(after)
             self.compile_time += time.perf_counter() - start
         self.graphs[signature] = graph
         return value
@@ -521,11 +536,11 @@ class CompiledWeights:
         log weights [K, n] when the graph gives the same from the same RNG state, else None with
         the RNG as it was (the program changed in a way the key cannot see: a tensor, flag or
         network it closes over; it is then recorded afresh)."""
-        rng = torch.get_rng_state()
+        rng = _rng_state()
         expected = self._eager(rows, num_particles)
-        after = torch.get_rng_state()
+        after = _rng_state()
         store = pyro.get_param_store()
-        torch.set_rng_state(rng)
+        _set_rng_state(rng)
         try:
             with torch.no_grad(), _same_draws(self.inductor):
                 actual, inside = graph.module([store._params[n] for n in graph.names], tensors)
@@ -534,18 +549,18 @@ class CompiledWeights:
         except Exception:  # noqa: BLE001 (a graph that no longer runs is recorded afresh)
             same = False
         if not same:  # back to rng: the recording's eager run draws this chunk's numbers again
-            torch.set_rng_state(rng)
+            _set_rng_state(rng)
             return None
-        torch.set_rng_state(after)
+        _set_rng_state(after)
         self.steps["checked"] = self.steps.get("checked", 0) + 1
         return expected
 
     def _record(self, key, rows, num_particles, tensors, rebuild):
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        rng = torch.get_rng_state()
+        rng = _rng_state()
         expected = self._eager(rows, num_particles)
-        after = torch.get_rng_state()
+        after = _rng_state()
         start = time.perf_counter()
         store = pyro.get_param_store()
         names = list(store.keys())
@@ -565,13 +580,13 @@ class CompiledWeights:
             return log_weights, inside
 
         try:
-            torch.set_rng_state(rng)
+            _set_rng_state(rng)
             try:
                 with _tracing():
                     recorded = make_fx(chunk_weights)([store._params[n] for n in names], tensors)
             except Exception as error:  # noqa: BLE001 (any failure to record means: run eagerly)
                 raise NotCompilable(_why(error))
-            torch.set_rng_state(rng)
+            _set_rng_state(rng)
             with torch.no_grad():
                 actual, inside = recorded([store._params[n] for n in names], tensors)
             if not bool(inside) or actual.shape != expected.shape or not torch.allclose(
@@ -585,7 +600,7 @@ class CompiledWeights:
             warnings.warn(f"compile: log weights run eagerly: {error}", stacklevel=4)
             return expected
         finally:
-            torch.set_rng_state(after)
+            _set_rng_state(after)
             self.compile_time += time.perf_counter() - start
         self.graphs[key] = _Recorded(recorded, names)
         self.recorded += 1
@@ -597,14 +612,13 @@ class CompiledWeights:
             _SHARED_GRAPHS[shared] = self.graphs[key]
         return expected
 
-
     def _inductor(self, recorded, rng, names, tensors, expected):
         """The recorded graph through ``torch.compile``, checked against eager from ``rng``."""
         store = pyro.get_param_store()
         # its forward, not the module: torch.compile of a module warns under the global forward
         # pre-hook of program.evaluation_mode (the graph calls no module)
         function = torch.compile(recorded.forward, dynamic=False)
-        torch.set_rng_state(rng)
+        _set_rng_state(rng)
         try:
             with torch.no_grad(), _same_draws(True):
                 actual, inside = function([store._params[n] for n in names], tensors)

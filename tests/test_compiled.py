@@ -424,3 +424,33 @@ def test_compiled_fit_of_pyro_examples_vae_follows_eager():
     assert graph.losses == pytest.approx(results[False].losses, rel=1e-5)
     for name, value in tables[False].items():
         assert torch.allclose(tables[True][name], value, rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.cuda
+def test_compiled_paths_on_cuda_follow_eager_without_falling_back():
+    """On a GPU a graph's random ops draw from the CUDA generator: the first-step / first-chunk
+    check must start the graph and eager from the same CUDA state (it restored the CPU's only, so
+    every check would fail and run eagerly). fit and log_marginal, seeded and not."""
+    x = binary_data().cuda()
+    results = {}
+    for compile in (False, True):
+        model, guide = vae_pair()
+        results[compile] = fit(model, guide, x, epochs=3, batch_size=16, lr=1e-2, progress=False,
+                               seed=2, device="cuda", compile=compile)
+    assert "2 graph(s)" in results[True].compiled and "eagerly" not in results[True].compiled
+    assert results[True].losses == pytest.approx(results[False].losses, rel=1e-4)
+
+    from ppl_lvm.estimators import estimate_log_marginal
+
+    model, guide = vae_pair()
+    for seed in (3, None):
+        torch.manual_seed(0)
+        eager = estimate_log_marginal(model, guide, x, num_samples=7, seed=seed, chunk_size=16)
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graph = estimate_log_marginal(model, guide, x, num_samples=7, seed=seed, compile=True,
+                                          chunk_size=16)
+        assert not [w for w in caught if "compile:" in str(w.message)]
+        assert graph.log_px.is_cuda and "ran eagerly" not in graph.compiled
+        assert torch.allclose(graph.log_px, eager.log_px, rtol=1e-5, atol=1e-4)
