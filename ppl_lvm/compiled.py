@@ -539,13 +539,8 @@ class CompiledWeights:
         rng = _rng_state()
         expected = self._eager(rows, num_particles)
         after = _rng_state()
-        store = pyro.get_param_store()
-        _set_rng_state(rng)
         try:
-            with torch.no_grad(), _same_draws(self.inductor):
-                actual, inside = graph.module([store._params[n] for n in graph.names], tensors)
-            same = bool(inside) and actual.shape == expected.shape and torch.allclose(
-                actual, expected, rtol=self.rtol, atol=self.atol)
+            same = self._replays(graph.module, graph.names, rng, tensors, expected, self.inductor)
         except Exception:  # noqa: BLE001 (a graph that no longer runs is recorded afresh)
             same = False
         if not same:  # back to rng: the recording's eager run draws this chunk's numbers again
@@ -554,6 +549,16 @@ class CompiledWeights:
         _set_rng_state(after)
         self.steps["checked"] = self.steps.get("checked", 0) + 1
         return expected
+
+    def _replays(self, function, names, rng, tensors, expected, inductor=False):
+        """Whether the graph ``function`` gives eager's log weights ``expected`` [K, n] (and
+        every observed value inside its support) when it draws from the RNG state ``rng``."""
+        store = pyro.get_param_store()
+        _set_rng_state(rng)
+        with torch.no_grad(), _same_draws(inductor):
+            actual, inside = function([store._params[n] for n in names], tensors)
+        return bool(inside) and actual.shape == expected.shape and torch.allclose(
+            actual, expected, rtol=self.rtol, atol=self.atol)
 
     def _record(self, key, rows, num_particles, tensors, rebuild):
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -586,11 +591,7 @@ class CompiledWeights:
                     recorded = make_fx(chunk_weights)([store._params[n] for n in names], tensors)
             except Exception as error:  # noqa: BLE001 (any failure to record means: run eagerly)
                 raise NotCompilable(_why(error))
-            _set_rng_state(rng)
-            with torch.no_grad():
-                actual, inside = recorded([store._params[n] for n in names], tensors)
-            if not bool(inside) or actual.shape != expected.shape or not torch.allclose(
-                    actual, expected, rtol=self.rtol, atol=self.atol):
+            if not self._replays(recorded, names, rng, tensors, expected):
                 raise NotCompilable("the recorded log weights disagree with eager Pyro on the "
                                     "first chunk")
             if self.inductor:
@@ -614,18 +615,15 @@ class CompiledWeights:
 
     def _inductor(self, recorded, rng, names, tensors, expected):
         """The recorded graph through ``torch.compile``, checked against eager from ``rng``."""
-        store = pyro.get_param_store()
         # its forward, not the module: torch.compile of a module warns under the global forward
         # pre-hook of program.evaluation_mode (the graph calls no module)
         function = torch.compile(recorded.forward, dynamic=False)
-        _set_rng_state(rng)
         try:
-            with torch.no_grad(), _same_draws(True):
-                actual, inside = function([store._params[n] for n in names], tensors)
+            same = self._replays(function, names, rng, tensors, expected, inductor=True)
         except Exception as error:  # noqa: BLE001 (a failed compile means: run eagerly)
             raise NotCompilable(f"torch.compile failed ({type(error).__name__}: "
                                 f"{(str(error).strip().splitlines() or [''])[0][:160]})")
-        if not bool(inside) or not torch.allclose(actual, expected, rtol=self.rtol, atol=self.atol):
+        if not same:
             raise NotCompilable("the inductor-compiled log weights disagree with eager Pyro on "
                                 "the first chunk")
         return function

@@ -379,7 +379,7 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             num_rows, num_samples, chunk_size, seed, memory_bytes, prog.bytes_per_unit,
             prog.row_bound or bool(prog.ambiguous and not chunk_size))
 
-    log_px, ess, khat, mc_stderr = [], [], [], []
+    log_px, ess, khat, mc_stderr, tops = [], [], [], [], []
     for block, start in enumerate(progress.chunks(num_rows, rows_per_call,
                                                   f"log p(x) by {method}")):
         rows = slice(start, min(start + rows_per_call, num_rows))
@@ -396,10 +396,10 @@ def _estimate(model, guide, x, method, num_samples, plate_name, chunk_size, seed
             totals.add(prog.log_weights(rows, count))
         log_px.append(totals.elbo() if method == "elbo" else totals.log_mean_weight())
         ess.append(totals.ess())
-        khat.append(totals.top)  # k̂ of every row at once, below (a fit per chunk cost ~1 ms)
+        tops.append(totals.top)  # k̂ of every row at once, below (a fit per chunk cost ~1 ms)
         mc_stderr.append(totals.elbo_stderr() if method == "elbo" else totals.stderr())
-    if method != "exact":
-        top = torch.cat(khat, 1)
+    if tops:
+        top = torch.cat(tops, 1)
         khat = [pareto_khat(top, num_samples=num_samples).to(top.dtype)]
     label = globals if isinstance(globals, str) else "given" if isinstance(globals, dict) else None
     summary = prog.summary() if isinstance(prog, compiled.CompiledWeights) else None

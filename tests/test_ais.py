@@ -19,11 +19,7 @@ from ppl_lvm.psis import pareto_khat, tail_size
 DATA_DIM, Z_DIM, NUM_DATA = 5, 2, 40
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -166,14 +166,21 @@ def test_jit_trace_elbo_refused_for_per_datapoint_guide():
             loss=JitTrace_ELBO())
 
 
-def test_compiled_log_weights_equal_eager_chunk_by_chunk(monkeypatch):
+@pytest.fixture
+def made(monkeypatch):
+    """The compiled programs that the estimators build during the test, in order."""
     from ppl_lvm import compiled
-    from ppl_lvm.estimators import estimate_log_marginal, log_weights
 
-    made = []
+    built = []
     original = compiled.compile_weights
     monkeypatch.setattr(compiled, "compile_weights",
-                        lambda *a: made.append(original(*a)) or made[-1])
+                        lambda *a: built.append(original(*a)) or built[-1])
+    return built
+
+
+def test_compiled_log_weights_equal_eager_chunk_by_chunk(made):
+    from ppl_lvm.estimators import estimate_log_marginal, log_weights
+
 
     x = binary_data(num_data=70)
     model, guide = vae_pair()
@@ -193,16 +200,11 @@ def test_compiled_log_weights_equal_eager_chunk_by_chunk(monkeypatch):
 
 
 @pytest.mark.slow
-def test_inductor_log_weights_equal_eager_chunk_by_chunk(monkeypatch):
+def test_inductor_log_weights_equal_eager_chunk_by_chunk(made):
     """log_marginal(compile="inductor"): the recorded graph through torch.compile, checked against
     eager on its first chunk; the seeded answer is eager's up to float rounding (same draws)."""
-    from ppl_lvm import compiled
     from ppl_lvm.estimators import estimate_log_marginal
 
-    made = []
-    original = compiled.compile_weights
-    monkeypatch.setattr(compiled, "compile_weights",
-                        lambda *a: made.append(original(*a)) or made[-1])
     x = binary_data(num_data=70)
     model, guide = vae_pair()
     eager = estimate_log_marginal(model, guide, x, num_samples=7, seed=3)

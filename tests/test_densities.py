@@ -34,11 +34,7 @@ PLATE_NAMES = ("data", "rows", "documents")
 CARDINALITY = {"bernoulli": 2, "categorical": 3}
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,11 +27,7 @@ from tests import closed_form
 MEANS = (0.0, 1.0, 2.0)  # x | z, c ~ N(2 z + MEANS[c], 1)
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 @pytest.fixture

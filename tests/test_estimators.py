@@ -17,11 +17,7 @@ from ppl_lvm.plate import data_plate
 DATA_DIM, Z_DIM, NUM_DATA = 5, 2, 40
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 @pytest.fixture

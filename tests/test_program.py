@@ -9,11 +9,7 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 from ppl_lvm.program import ScaleDataPlate, bind, inspect_program, names_keywords, takes_rows
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 def hierarchical(x, y):

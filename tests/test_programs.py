@@ -23,11 +23,7 @@ from tests.programs.ss_vae_m2 import SSVAE
 from tests.programs.vae_example import VAE as ExampleVAE
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 # ---------------------------------------------------------------------------------------------

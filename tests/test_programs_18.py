@@ -19,11 +19,7 @@ from tests.programs import linear_gaussian
 from tests.programs.prodlda import ProdLDA
 
 
-@pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_param_store")
 
 
 # ---------------------------------------------------------------------------------------------
